@@ -1,0 +1,30 @@
+# silt — the two commands a new user needs: `make run` and `make test`.
+CARGO ?= cargo
+SILT = $(CARGO) run --quiet --bin silt --
+# DataFusion plans recurse deeply in debug builds.
+export RUST_MIN_STACK ?= 16777216
+
+.PHONY: run test build fixtures fmt clean-lake bench
+
+## Run the reference pipeline on fixtures/landing into ./lake.
+run:
+	$(SILT) run
+	$(SILT) tables
+
+## Build and run every test (one integration test binary, tests/it).
+test:
+	$(CARGO) test --tests -- --test-threads=4
+
+build:
+	$(CARGO) build
+
+## Regenerate the reference landing files and their MANIFEST.json.
+fixtures:
+	python3 fixtures/make_landing.py
+
+fmt:
+	$(CARGO) fmt
+
+## Drop the local lake's data (keeps lake/README.md).
+clean-lake:
+	find lake -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

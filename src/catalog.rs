@@ -1,0 +1,276 @@
+//! Table names and where they live in the lake (DESIGN.md §3), the list of tables that exist,
+//! and the DataFusion catalog that lets SQL name them (`bronze.fees`, `quarantine.fees`,
+//! `_silt.ledger`). Tables are opened lazily, on first reference. It must not write tables.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::catalog::{SchemaProvider, TableProvider};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::DeltaTable;
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Layer {
+    Bronze,
+    Silver,
+    Gold,
+    Quarantine,
+    /// silt's own bookkeeping: ledger, runs, erasures, exports.
+    Silt,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 5] = [
+        Layer::Bronze,
+        Layer::Silver,
+        Layer::Gold,
+        Layer::Quarantine,
+        Layer::Silt,
+    ];
+
+    pub fn schema_name(self) -> &'static str {
+        match self {
+            Layer::Bronze => "bronze",
+            Layer::Silver => "silver",
+            Layer::Gold => "gold",
+            Layer::Quarantine => "quarantine",
+            Layer::Silt => "_silt",
+        }
+    }
+
+    /// Directory under the lake root holding this layer's tables.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Layer::Bronze => "bronze",
+            Layer::Silver => "silver",
+            Layer::Gold => "gold",
+            Layer::Quarantine => "_silt/quarantine",
+            Layer::Silt => "_silt",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Layer> {
+        Layer::ALL.into_iter().find(|l| l.schema_name() == s)
+    }
+}
+
+/// A table of the lake, `layer.name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableRef {
+    pub layer: Layer,
+    pub name: String,
+}
+
+impl fmt::Display for TableRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.layer.schema_name(), self.name)
+    }
+}
+
+impl TableRef {
+    pub fn new(layer: Layer, name: impl Into<String>) -> Self {
+        TableRef {
+            layer,
+            name: name.into(),
+        }
+    }
+
+    pub fn bronze(name: &str) -> Self {
+        Self::new(Layer::Bronze, name)
+    }
+    pub fn quarantine(name: &str) -> Self {
+        Self::new(Layer::Quarantine, name)
+    }
+    pub fn ledger() -> Self {
+        Self::new(Layer::Silt, "ledger")
+    }
+
+    /// Parse `layer.name`.
+    pub fn parse(s: &str) -> Result<TableRef> {
+        let (l, n) = s.split_once('.').ok_or_else(|| {
+            Error::Usage(format!(
+                "'{s}' is not a table name: write layer.name, e.g. bronze.fees"
+            ))
+        })?;
+        let layer = Layer::parse(l).ok_or_else(|| {
+            Error::Usage(format!(
+                "'{l}' is not a layer: use bronze, silver, gold, quarantine or _silt"
+            ))
+        })?;
+        if n.is_empty() || n.contains('/') || n.contains('.') {
+            return Err(Error::Usage(format!("'{s}' is not a table name")));
+        }
+        Ok(TableRef::new(layer, n))
+    }
+
+    /// Path of the table relative to the lake root.
+    pub fn rel_path(&self) -> String {
+        format!("{}/{}", self.layer.dir(), self.name)
+    }
+}
+
+/// The lake's tables, for listing and for SQL.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    lake: Storage,
+}
+
+impl Catalog {
+    pub fn new(lake: Storage) -> Self {
+        Catalog { lake }
+    }
+
+    pub fn lake(&self) -> &Storage {
+        &self.lake
+    }
+
+    /// Every table that exists (has a Delta log), by layer then name.
+    pub async fn list(&self) -> Result<Vec<TableRef>> {
+        let mut out = Vec::new();
+        for layer in Layer::ALL {
+            for name in self.lake.list_dirs(layer.dir()).await? {
+                if layer == Layer::Silt && name == "quarantine" {
+                    continue;
+                }
+                let t = TableRef::new(layer, name);
+                if self
+                    .lake
+                    .list_dirs(&t.rel_path())
+                    .await?
+                    .iter()
+                    .any(|d| d == "_delta_log")
+                {
+                    out.push(t);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Open a table at its latest version; None when it does not exist.
+    pub async fn open(&self, t: &TableRef) -> Result<Option<DeltaTable>> {
+        let table = self.lake.delta_table(&t.rel_path()).await?;
+        Ok(table.version().is_some().then_some(table))
+    }
+
+    /// A DataFusion session in which every layer is a schema and every table a lazily opened
+    /// Delta table provider.
+    pub async fn session(&self) -> Result<SessionContext> {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("datafusion", "public");
+        let ctx = SessionContext::new_with_config(config);
+        let tables = self.list().await?;
+        let catalog = ctx
+            .catalog("datafusion")
+            .ok_or_else(|| Error::Runtime("DataFusion has no default catalog".into()))?;
+        for layer in Layer::ALL {
+            let names: BTreeMap<String, TableRef> = tables
+                .iter()
+                .filter(|t| t.layer == layer)
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect();
+            let provider = LayerSchema {
+                lake: self.lake.clone(),
+                tables: names,
+            };
+            catalog.register_schema(layer.schema_name(), Arc::new(provider))?;
+        }
+        Ok(ctx)
+    }
+}
+
+#[derive(Debug)]
+struct LayerSchema {
+    lake: Storage,
+    tables: BTreeMap<String, TableRef>,
+}
+
+#[async_trait]
+impl SchemaProvider for LayerSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.tables.keys().cloned().collect()
+    }
+
+    async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
+        let Some(t) = self.tables.get(name) else {
+            return Ok(None);
+        };
+        let table = self
+            .lake
+            .delta_table(&t.rel_path())
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        if table.version().is_none() {
+            return Ok(None);
+        }
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        Ok(Some(provider))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.tables.contains_key(name)
+    }
+}
+
+impl Catalog {
+    /// Read a whole (small) table: silt's bookkeeping tables only; data tables stream.
+    pub async fn read_small(&self, t: &TableRef) -> Result<Vec<arrow::record_batch::RecordBatch>> {
+        let Some(table) = self.open(t).await? else {
+            return Ok(Vec::new());
+        };
+        let ctx = SessionContext::new();
+        let provider = table.table_provider().await?;
+        let df = ctx.read_table(provider)?;
+        Ok(df.collect().await?)
+    }
+}
+
+/// One line of `silt tables`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableInfo {
+    pub table: String,
+    pub version: u64,
+    pub rows: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub partition_by: Vec<String>,
+}
+
+impl Catalog {
+    /// Version, rows, files, bytes and partitioning of every table, from the Delta log alone.
+    pub async fn describe_all(&self) -> Result<Vec<TableInfo>> {
+        let mut out = Vec::new();
+        for t in self.list().await? {
+            let Some(table) = self.open(&t).await? else {
+                continue;
+            };
+            let state = table
+                .snapshot()
+                .map_err(|e| Error::delta(t.to_string(), e))?;
+            let (mut rows, mut files, mut bytes) = (0u64, 0u64, 0u64);
+            for f in state.log_data().iter() {
+                files += 1;
+                bytes += f.size().max(0) as u64;
+                rows += f.num_records().unwrap_or(0) as u64;
+            }
+            out.push(TableInfo {
+                table: t.to_string(),
+                version: state.version(),
+                rows,
+                files,
+                bytes,
+                partition_by: state.metadata().partition_columns().to_vec(),
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,77 @@
+//! The command line, declared with clap derive. This is the only file that knows clap; it must
+//! not hold pipeline logic (the library does) nor decide exit codes (main.rs does).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "silt",
+    version,
+    about = "A local-first lakehouse: landing files to bronze, silver and gold Delta tables"
+)]
+pub struct Cli {
+    /// Project directory (holding silt.toml).
+    #[arg(long, global = true, env = "SILT_PROJECT", default_value = ".")]
+    pub project: PathBuf,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log more (-v info, -vv debug, -vvv trace) on stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new project in DIR: silt.toml, sql/ folders, an example source and model.
+    Init { dir: PathBuf },
+    /// Ingest new landing files into bronze tables, exactly once.
+    Ingest(IngestArgs),
+    /// Run the pipeline: ingest (models and tests come with `silt build`).
+    Run(IngestArgs),
+    /// Run one SQL statement over every table (bronze.x, silver.x, gold.x, quarantine.x, _silt.x).
+    Query {
+        sql: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// List tables with version, rows, files, bytes and partitioning.
+    Tables,
+    /// Landing sources.
+    Source {
+        #[command(subcommand)]
+        command: SourceCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Only these sources (repeatable).
+    #[arg(long = "source", short = 's')]
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SourceCommand {
+    /// Infer a contract from a sample landing file and write sql/bronze/NAME.toml for review.
+    New {
+        name: String,
+        /// A sample file: a path or a URL (file://, gs://).
+        #[arg(long)]
+        from: String,
+        /// Overwrite an existing sql/bronze/NAME.toml.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}

@@ -1,0 +1,599 @@
+//! Project configuration: `silt.toml` and the per-source contracts in `sql/bronze/*.toml`,
+//! with `SILT_*` environment overrides. It reads only project files (std::fs is fine here);
+//! it must not touch lake or landing data, and it must not build object stores (storage.rs does).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::contract::{Column, ColumnType};
+use crate::error::{Error, Result};
+
+pub const PROJECT_FILE: &str = "silt.toml";
+
+/// `silt.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectFile {
+    #[serde(default)]
+    pub project: ProjectSection,
+    #[serde(default)]
+    pub lake: RootSection,
+    #[serde(default)]
+    pub landing: RootSection,
+    #[serde(default)]
+    pub ingest: IngestSection,
+    #[serde(default)]
+    pub gcs: GcsSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectSection {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RootSection {
+    /// A URL (`file:///…`, `gs://bucket/prefix`) or a path relative to the project directory.
+    pub root: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    /// Landing files committed together in one Delta commit per table.
+    #[serde(default = "default_batch_files")]
+    pub batch_files: usize,
+    /// Upper bound on landing bytes held in memory for one commit.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: u64,
+    /// Target size of the Parquet files written to bronze.
+    #[serde(default = "default_target_file_size")]
+    pub target_file_size: u64,
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        IngestSection {
+            batch_files: default_batch_files(),
+            batch_bytes: default_batch_bytes(),
+            target_file_size: default_target_file_size(),
+        }
+    }
+}
+
+fn default_batch_files() -> usize {
+    256
+}
+fn default_batch_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_target_file_size() -> u64 {
+    128 * 1024 * 1024
+}
+
+/// Google Cloud Storage credentials; only read when a root is `gs://`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GcsSection {
+    /// Path to a service-account JSON key. GOOGLE_APPLICATION_CREDENTIALS wins over it.
+    pub service_account_key: Option<String>,
+}
+
+/// What to do with a column a file has but the contract does not declare.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnexpectedColumnPolicy {
+    /// The whole file is refused with an error naming the column; nothing of it is ingested.
+    RejectFile,
+    /// The column is dropped (a warning says so).
+    Ignore,
+    /// Rows carrying a value in the column go to quarantine.
+    #[default]
+    Quarantine,
+}
+
+/// What to do when a file at an already-ingested path has different content.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangedFilePolicy {
+    /// Ingest it as a new file (its rows are appended), and say so.
+    #[default]
+    Ingest,
+    /// Replace the rows the earlier version of the file produced, atomically.
+    Replace,
+    /// Leave it, and say so.
+    Skip,
+    /// Refuse it with an error (exit 2) until the user decides.
+    Error,
+}
+
+/// What to do with a file whose content equals a file already ingested under another path.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicateFilePolicy {
+    #[default]
+    Skip,
+    Ingest,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Csv,
+    /// One JSON object per line.
+    Ndjson,
+    /// One top-level JSON array of objects.
+    JsonArray,
+    /// Either of the two JSON forms, told apart by the first byte.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParseOptions {
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+    #[serde(default = "default_quote")]
+    pub quote: char,
+    #[serde(default = "default_true")]
+    pub header: bool,
+    /// Field values read as NULL (CSV), compared after trimming.
+    #[serde(default = "default_null_values")]
+    pub null_values: Vec<String>,
+    /// chrono formats tried in order for `date` columns.
+    #[serde(default = "default_date_formats")]
+    pub date_formats: Vec<String>,
+    /// chrono formats tried in order for `timestamp` columns (RFC 3339 is always accepted).
+    #[serde(default)]
+    pub timestamp_formats: Vec<String>,
+    /// `utf-8` (invalid bytes quarantine the row) or any WHATWG label such as `windows-1252`.
+    #[serde(default = "default_encoding")]
+    pub encoding: String,
+    /// Trim spaces around unquoted CSV fields.
+    #[serde(default = "default_true")]
+    pub trim: bool,
+}
+
+impl Default for ParseOptions {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+fn default_delimiter() -> char {
+    ','
+}
+fn default_quote() -> char {
+    '"'
+}
+fn default_true() -> bool {
+    true
+}
+fn default_null_values() -> Vec<String> {
+    vec!["".into(), "NULL".into(), "null".into()]
+}
+fn default_date_formats() -> Vec<String> {
+    vec!["%Y-%m-%d".into()]
+}
+fn default_encoding() -> String {
+    "utf-8".into()
+}
+
+/// `partition_by = "region"` or `partition_by = "fee_date:month"` (a derived `fee_date_month`
+/// column, `YYYY-MM`), also `:day` and `:year`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionSpec {
+    pub source_column: String,
+    pub granularity: Option<Granularity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Year,
+    Month,
+    Day,
+}
+
+impl PartitionSpec {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let (col, gran) = match s.split_once(':') {
+            Some((c, g)) => (c.trim(), Some(g.trim())),
+            None => (s.trim(), None),
+        };
+        let granularity = match gran {
+            None => None,
+            Some("year") => Some(Granularity::Year),
+            Some("month") => Some(Granularity::Month),
+            Some("day") => Some(Granularity::Day),
+            Some(g) => {
+                return Err(format!(
+                    "unknown partition granularity '{g}': use year, month or day"
+                ));
+            }
+        };
+        if col.is_empty() {
+            return Err("partition_by names no column".into());
+        }
+        Ok(PartitionSpec {
+            source_column: col.to_string(),
+            granularity,
+        })
+    }
+
+    /// Name of the Delta partition column.
+    pub fn column_name(&self) -> String {
+        match self.granularity {
+            None => self.source_column.clone(),
+            Some(Granularity::Year) => format!("{}_year", self.source_column),
+            Some(Granularity::Month) => format!("{}_month", self.source_column),
+            Some(Granularity::Day) => format!("{}_day", self.source_column),
+        }
+    }
+}
+
+/// One `sql/bronze/<source>.toml`, as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Glob relative to the landing root, e.g. `fees/*.csv`.
+    pub glob: String,
+    pub format: Format,
+    #[serde(default)]
+    pub primary_key: Vec<String>,
+    #[serde(default)]
+    pub partition_by: Option<String>,
+    #[serde(default)]
+    pub subject_key: Option<String>,
+    #[serde(default)]
+    pub pii: Vec<String>,
+    #[serde(default)]
+    pub on_unexpected_column: UnexpectedColumnPolicy,
+    #[serde(default)]
+    pub on_changed_file: ChangedFilePolicy,
+    #[serde(default)]
+    pub on_duplicate_file: DuplicateFilePolicy,
+    #[serde(default)]
+    pub parse: ParseOptions,
+    pub columns: Vec<ColumnFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnFile {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    #[serde(default = "default_true")]
+    pub nullable: bool,
+    /// Name of the field in the landing file when it differs from `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A validated source: the contract every landing file of it must meet.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    /// Project-relative path of the toml, for messages.
+    pub file: String,
+    pub description: Option<String>,
+    pub glob: globset::GlobMatcher,
+    pub glob_text: String,
+    pub format: Format,
+    pub primary_key: Vec<String>,
+    pub partition: Option<PartitionSpec>,
+    pub subject_key: Option<String>,
+    pub pii: Vec<String>,
+    pub on_unexpected_column: UnexpectedColumnPolicy,
+    pub on_changed_file: ChangedFilePolicy,
+    pub on_duplicate_file: DuplicateFilePolicy,
+    pub parse: ParseOptions,
+    pub columns: Vec<Column>,
+}
+
+impl Source {
+    pub fn from_file(name: &str, file: &str, sf: SourceFile) -> Result<Source> {
+        let err = |m: String| Error::config(file, m);
+        if !is_identifier(name) {
+            return Err(err(format!(
+                "source name '{name}' must be lower-case letters, digits and '_', starting with a letter"
+            )));
+        }
+        let glob = globset::GlobBuilder::new(&sf.glob)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| err(format!("glob '{}': {e}", sf.glob)))?
+            .compile_matcher();
+        let mut columns = Vec::with_capacity(sf.columns.len());
+        for c in &sf.columns {
+            let ty = ColumnType::parse(&c.ty)
+                .map_err(|e| err(format!("column '{}': type '{}': {e}", c.name, c.ty)))?;
+            if c.name.starts_with('_') {
+                return Err(err(format!(
+                    "column '{}': names starting with '_' are reserved for silt's metadata columns",
+                    c.name
+                )));
+            }
+            if columns.iter().any(|x: &Column| x.name == c.name) {
+                return Err(err(format!("column '{}' is declared twice", c.name)));
+            }
+            columns.push(Column {
+                name: c.name.clone(),
+                source: c.source.clone().unwrap_or_else(|| c.name.clone()),
+                ty,
+                nullable: c.nullable,
+                description: c.description.clone(),
+            });
+        }
+        if columns.is_empty() {
+            return Err(err("the contract declares no columns ([[columns]])".into()));
+        }
+        let has = |n: &str| columns.iter().any(|c| c.name == n);
+        for k in &sf.primary_key {
+            if !has(k) {
+                return Err(err(format!(
+                    "primary_key column '{k}' is not a declared column"
+                )));
+            }
+        }
+        for p in &sf.pii {
+            if !has(p) {
+                return Err(err(format!("pii column '{p}' is not a declared column")));
+            }
+        }
+        if let Some(s) = &sf.subject_key
+            && !has(s)
+        {
+            return Err(err(format!("subject_key '{s}' is not a declared column")));
+        }
+        let partition = match &sf.partition_by {
+            None => None,
+            Some(p) => {
+                let spec =
+                    PartitionSpec::parse(p).map_err(|e| err(format!("partition_by: {e}")))?;
+                let col = columns
+                    .iter()
+                    .find(|c| c.name == spec.source_column)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "partition_by column '{}' is not a declared column",
+                            spec.source_column
+                        ))
+                    })?;
+                if spec.granularity.is_some()
+                    && !matches!(col.ty, ColumnType::Date | ColumnType::Timestamp)
+                {
+                    return Err(err(format!(
+                        "partition_by '{p}': a granularity needs a date or timestamp column, '{}' is {}",
+                        col.name, col.ty
+                    )));
+                }
+                // DESIGN.md §4.4: erased values must not survive in partition paths.
+                if sf.pii.contains(&spec.source_column)
+                    || sf.subject_key.as_deref() == Some(spec.source_column.as_str())
+                {
+                    return Err(err(format!(
+                        "partition_by '{p}': a table must not be partitioned by a PII column or the subject key (erased values would survive in file paths)"
+                    )));
+                }
+                Some(spec)
+            }
+        };
+        if sf.parse.delimiter.len_utf8() != 1 || sf.parse.quote.len_utf8() != 1 {
+            return Err(err(
+                "parse.delimiter and parse.quote must be single-byte characters".into(),
+            ));
+        }
+        if encoding_rs::Encoding::for_label(sf.parse.encoding.as_bytes()).is_none() {
+            return Err(err(format!(
+                "parse.encoding '{}' is not a known encoding label",
+                sf.parse.encoding
+            )));
+        }
+        Ok(Source {
+            name: name.to_string(),
+            file: file.to_string(),
+            description: sf.description,
+            glob,
+            glob_text: sf.glob,
+            format: sf.format,
+            primary_key: sf.primary_key,
+            partition,
+            subject_key: sf.subject_key,
+            pii: sf.pii,
+            on_unexpected_column: sf.on_unexpected_column,
+            on_changed_file: sf.on_changed_file,
+            on_duplicate_file: sf.on_duplicate_file,
+            parse: sf.parse,
+            columns,
+        })
+    }
+}
+
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// A loaded project: resolved roots plus all sources.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub dir: PathBuf,
+    pub file: ProjectFile,
+    pub lake_url: Url,
+    pub landing_url: Url,
+    pub sources: BTreeMap<String, Source>,
+}
+
+impl Project {
+    /// Load `dir/silt.toml` and `dir/sql/bronze/*.toml`, applying `SILT_*` overrides from `env`.
+    pub fn load(dir: &Path) -> Result<Project> {
+        Self::load_with_env(dir, &|k| std::env::var(k).ok())
+    }
+
+    pub fn load_with_env(dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Project> {
+        let path = dir.join(PROJECT_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::config(
+                path.display().to_string(),
+                format!("cannot read the project file ({e}); run `silt init` to create a project, or pass --project <dir>"),
+            )
+        })?;
+        let mut value: toml::Table = toml::from_str(&text)
+            .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+        apply_env_overrides(&mut value, env);
+        let file: ProjectFile = value.try_into().map_err(|e: toml::de::Error| {
+            Error::config(path.display().to_string(), e.to_string())
+        })?;
+        let dir = std::path::absolute(dir)
+            .map_err(|e| Error::config(dir.display().to_string(), e.to_string()))?;
+        let lake_url = resolve_root(&dir, file.lake.root.as_deref().unwrap_or("lake"))
+            .map_err(|m| Error::config(PROJECT_FILE, format!("lake.root: {m}")))?;
+        let landing_url = resolve_root(&dir, file.landing.root.as_deref().unwrap_or("landing"))
+            .map_err(|m| Error::config(PROJECT_FILE, format!("landing.root: {m}")))?;
+        let sources = load_sources(&dir)?;
+        Ok(Project {
+            dir,
+            file,
+            lake_url,
+            landing_url,
+            sources,
+        })
+    }
+
+    /// Sources selected by name; all when `names` is empty.
+    pub fn select_sources(&self, names: &[String]) -> Result<Vec<&Source>> {
+        if names.is_empty() {
+            return Ok(self.sources.values().collect());
+        }
+        names
+            .iter()
+            .map(|n| {
+                self.sources.get(n).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "no source '{n}': the project declares {}",
+                        self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+fn load_sources(dir: &Path) -> Result<BTreeMap<String, Source>> {
+    let bronze = dir.join("sql").join("bronze");
+    let mut sources = BTreeMap::new();
+    let entries = match std::fs::read_dir(&bronze) {
+        Ok(e) => e,
+        Err(_) => return Ok(sources),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let rel = p.strip_prefix(dir).unwrap_or(&p).display().to_string();
+        let name = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::config(&rel, e.to_string()))?;
+        let sf: SourceFile =
+            toml::from_str(&text).map_err(|e| Error::config(&rel, e.to_string()))?;
+        sources.insert(name.clone(), Source::from_file(&name, &rel, sf)?);
+    }
+    Ok(sources)
+}
+
+/// `SILT_<SECTION>_<KEY>` overrides `[section] key`; `SILT_LAKE` and `SILT_LANDING` are short
+/// for `SILT_LAKE_ROOT` and `SILT_LANDING_ROOT`. Values parse as TOML when they can (numbers,
+/// booleans), else they are strings.
+fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<String>) {
+    let sections: &[(&str, &[&str])] = &[
+        ("project", &["name"]),
+        ("lake", &["root"]),
+        ("landing", &["root"]),
+        (
+            "ingest",
+            &["batch_files", "batch_bytes", "target_file_size"],
+        ),
+        ("gcs", &["service_account_key"]),
+    ];
+    for (section, keys) in sections {
+        for key in *keys {
+            let var = format!("SILT_{}_{}", section.to_uppercase(), key.to_uppercase());
+            let mut v = env(&var);
+            if v.is_none() && *key == "root" {
+                v = env(&format!("SILT_{}", section.to_uppercase()));
+            }
+            let Some(v) = v else { continue };
+            let parsed = format!("x = {v}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("x"))
+                .unwrap_or(toml::Value::String(v));
+            let table = value
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            if let toml::Value::Table(t) = table {
+                t.insert(key.to_string(), parsed);
+            }
+        }
+    }
+}
+
+/// A root given as a URL stays one; a path becomes a `file://` URL, relative to the project.
+pub fn resolve_root(project_dir: &Path, root: &str) -> std::result::Result<Url, String> {
+    if root.contains("://") {
+        let mut url = Url::parse(root).map_err(|e| format!("'{root}' is not a valid URL: {e}"))?;
+        match url.scheme() {
+            "file" | "gs" | "memory" => {}
+            s => {
+                return Err(format!(
+                    "unsupported scheme '{s}' in '{root}': use file:// or gs://"
+                ));
+            }
+        }
+        if !url.path().ends_with('/') {
+            let p = format!("{}/", url.path());
+            url.set_path(&p);
+        }
+        return Ok(url);
+    }
+    let p = Path::new(root);
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        project_dir.join(p)
+    };
+    let abs = normalize_path(&abs);
+    Url::from_directory_path(&abs)
+        .map_err(|_| format!("'{}' is not a usable directory path", abs.display()))
+}
+
+fn normalize_path(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}

@@ -1,0 +1,39 @@
+//! Named crash points for the kill tests of DESIGN.md §4 (guarantees 1 and 2). When
+//! `SILT_FAILPOINT=<name>[#n]` is set, the n-th (default first) time the process reaches `<name>`
+//! it says so on stderr and stops there until killed, so a test can SIGKILL it at an exact
+//! step. Unset, it does nothing. It must not change behaviour in any other way.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Mutex;
+
+static HITS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+
+/// Mark a crash point.
+pub fn hit(name: &str) {
+    let Ok(spec) = std::env::var("SILT_FAILPOINT") else {
+        return;
+    };
+    let (want, nth) = match spec.split_once('#') {
+        Some((n, k)) => (n.to_string(), k.parse::<u32>().unwrap_or(1)),
+        None => (spec.clone(), 1),
+    };
+    if want != name {
+        return;
+    }
+    let count = {
+        let mut g = HITS.lock().unwrap_or_else(|e| e.into_inner());
+        let m = g.get_or_insert_with(HashMap::new);
+        let c = m.entry(name.to_string()).or_insert(0);
+        *c += 1;
+        *c
+    };
+    if count == nth {
+        let mut err = std::io::stderr();
+        let _ = writeln!(err, "silt: failpoint {name}#{nth} reached");
+        let _ = err.flush();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}

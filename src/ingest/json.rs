@@ -1,0 +1,337 @@
+//! JSON landing files (newline-delimited, or one top-level array) to an Arrow batch of good rows
+//! plus rejected records with reasons. Nested objects become structs and arrays lists, per the
+//! contract. A truncated document keeps every complete record and quarantines the rest.
+//! It must not do I/O or write tables.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema};
+use serde_json::Value;
+
+use super::{ParsedFile, Reject, escape_raw};
+use crate::config::{Format, Source, UnexpectedColumnPolicy};
+use crate::contract::{TemporalFormats, check_json};
+use crate::error::{Error, InputLocation, Result};
+
+struct RawRecord<'a> {
+    line: u64,
+    raw: &'a [u8],
+    value: std::result::Result<Value, String>,
+}
+
+/// Parse one JSON file (already UTF-8 where an encoding is declared, BOM removed).
+pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
+    let mut out = ParsedFile::default();
+    let first = data.iter().position(|b| !b.is_ascii_whitespace());
+    let Some(first) = first else {
+        out.warnings
+            .push(format!("{file}: empty file, nothing to ingest"));
+        return Ok(out);
+    };
+    let is_array = data[first] == b'[';
+    match (src.format, is_array) {
+        (Format::JsonArray, false) => {
+            return Err(Error::Input {
+                location: InputLocation {
+                    file: file.into(),
+                    line: line_of(data, first),
+                    column: None,
+                },
+                message: "expected a top-level JSON array ('[')".into(),
+                fix: format!(
+                    "set format = \"ndjson\" (or \"json\" to detect) in {}",
+                    src.file
+                ),
+            });
+        }
+        (Format::Ndjson, true) => {
+            return Err(Error::Input {
+                location: InputLocation {
+                    file: file.into(),
+                    line: line_of(data, first),
+                    column: None,
+                },
+                message: "expected one JSON object per line, found a top-level array".into(),
+                fix: format!(
+                    "set format = \"json_array\" (or \"json\" to detect) in {}",
+                    src.file
+                ),
+            });
+        }
+        _ => {}
+    }
+    let records = if is_array {
+        split_array(data, first, &mut out)
+    } else {
+        split_lines(data)
+    };
+
+    let fmts = TemporalFormats {
+        date: src.parse.date_formats.clone(),
+        timestamp: src.parse.timestamp_formats.clone(),
+    };
+    let mut good: Vec<Value> = Vec::new();
+    let mut ignored_warned = false;
+    for rec in records {
+        let obj = match rec.value {
+            Ok(Value::Object(m)) => m,
+            Ok(other) => {
+                out.rejects.push(Reject {
+                    line: rec.line,
+                    column: None,
+                    reason: format!("expected a JSON object, found {}", kind(&other)),
+                    raw: escape_raw(rec.raw),
+                });
+                continue;
+            }
+            Err(reason) => {
+                out.rejects.push(Reject {
+                    line: rec.line,
+                    column: None,
+                    reason,
+                    raw: escape_raw(rec.raw),
+                });
+                continue;
+            }
+        };
+        let mut unexpected: Vec<String> = obj
+            .keys()
+            .filter(|k| !src.columns.iter().any(|c| &c.source == *k))
+            .cloned()
+            .collect();
+        let mut normalized = serde_json::Map::with_capacity(src.columns.len());
+        let mut error: Option<(String, String)> = None;
+        for c in &src.columns {
+            let v = obj.get(&c.source);
+            if v.is_none() && !c.nullable {
+                error = Some((
+                    c.name.clone(),
+                    format!("required field '{}' is missing", c.source),
+                ));
+                break;
+            }
+            match check_json(
+                v.unwrap_or(&Value::Null),
+                c,
+                &c.name,
+                &fmts,
+                &mut unexpected,
+            ) {
+                Ok(nv) => {
+                    normalized.insert(c.name.clone(), nv);
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        if error.is_none() && !unexpected.is_empty() {
+            match src.on_unexpected_column {
+                UnexpectedColumnPolicy::RejectFile => {
+                    return Err(Error::Input {
+                        location: InputLocation {
+                            file: file.into(),
+                            line: rec.line,
+                            column: Some(unexpected[0].clone()),
+                        },
+                        message: format!(
+                            "field '{}' is not in the contract of source '{}'",
+                            unexpected[0], src.name
+                        ),
+                        fix: format!(
+                            "declare it in {}, or set on_unexpected_column = \"ignore\" or \"quarantine\"",
+                            src.file
+                        ),
+                    });
+                }
+                UnexpectedColumnPolicy::Quarantine => {
+                    error = Some((
+                        unexpected[0].clone(),
+                        format!(
+                            "unexpected field(s) {} not in the contract",
+                            unexpected
+                                .iter()
+                                .map(|u| format!("'{u}'"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+                UnexpectedColumnPolicy::Ignore => {
+                    if !ignored_warned {
+                        out.warnings.push(format!(
+                            "{file}: field(s) {} not in the contract; ignored",
+                            unexpected.join(", ")
+                        ));
+                        ignored_warned = true;
+                    }
+                }
+            }
+        }
+        match error {
+            Some((column, reason)) => out.rejects.push(Reject {
+                line: rec.line,
+                column: Some(column),
+                reason,
+                raw: escape_raw(rec.raw),
+            }),
+            None => {
+                good.push(Value::Object(normalized));
+                out.lines.push(rec.line as i64);
+            }
+        }
+    }
+    let schema = Arc::new(Schema::new(
+        src.columns
+            .iter()
+            .map(|c| c.to_arrow_field())
+            .collect::<Vec<Field>>(),
+    ));
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(good.len().max(1))
+        .build_decoder()?;
+    decoder.serialize(&good).map_err(|e| {
+        Error::Runtime(format!(
+            "{file}: building Arrow data from checked records failed: {e}"
+        ))
+    })?;
+    let batch = decoder
+        .flush()?
+        .unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema));
+    out.batch = Some(batch);
+    Ok(out)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn line_of(data: &[u8], pos: usize) -> u64 {
+    1 + data[..pos].iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+fn split_lines(data: &[u8]) -> Vec<RawRecord<'_>> {
+    let mut out = Vec::new();
+    for (i, raw) in data.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let value = serde_json::from_slice::<Value>(raw)
+            .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()));
+        out.push(RawRecord {
+            line: i as u64 + 1,
+            raw,
+            value,
+        });
+    }
+    out
+}
+
+/// Walk the elements of a top-level array. On a syntax error the rest of the document becomes
+/// one rejected record: nothing is dropped silently.
+fn split_array<'a>(data: &'a [u8], open: usize, out: &mut ParsedFile) -> Vec<RawRecord<'a>> {
+    let mut recs = Vec::new();
+    let mut pos = open + 1;
+    let mut line = line_of(data, open);
+    let mut counted_to = open;
+    let skip_ws = |pos: &mut usize| {
+        while *pos < data.len() && data[*pos].is_ascii_whitespace() {
+            *pos += 1;
+        }
+    };
+    let mut expect_element = true;
+    loop {
+        skip_ws(&mut pos);
+        line += data[counted_to..pos]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count() as u64;
+        counted_to = pos;
+        if pos >= data.len() {
+            recs.push(RawRecord {
+                line,
+                raw: &data[pos.min(data.len())..],
+                value: Err("truncated JSON document: the top-level array is not closed (no ']'); the file was probably cut short in transfer — re-deliver it".into()),
+            });
+            return recs;
+        }
+        match data[pos] {
+            b']' => {
+                if expect_element && !recs.is_empty() {
+                    out.warnings
+                        .push("trailing ',' before the closing ']'".into());
+                }
+                let mut end = pos + 1;
+                skip_ws(&mut end);
+                if end < data.len() {
+                    out.warnings.push(format!(
+                        "ignored {} trailing byte(s) after the closing ']'",
+                        data.len() - end
+                    ));
+                }
+                return recs;
+            }
+            b',' if !expect_element => {
+                pos += 1;
+                expect_element = true;
+                continue;
+            }
+            _ if expect_element => {}
+            other => {
+                recs.push(RawRecord {
+                    line,
+                    raw: &data[pos..],
+                    value: Err(format!(
+                        "malformed JSON array: expected ',' or ']' but found '{}'; the rest of the document could not be read",
+                        other as char
+                    )),
+                });
+                return recs;
+            }
+        }
+        let mut stream = serde_json::Deserializer::from_slice(&data[pos..]).into_iter::<Value>();
+        match stream.next() {
+            Some(Ok(v)) => {
+                let end = pos + stream.byte_offset();
+                recs.push(RawRecord {
+                    line,
+                    raw: &data[pos..end],
+                    value: Ok(v),
+                });
+                pos = end;
+                expect_element = false;
+            }
+            Some(Err(e)) => {
+                let (l, c) = (line + e.line() as u64 - 1, e.column());
+                let what = if e.is_eof() {
+                    "truncated JSON document: it ends inside a record; the file was probably cut short in transfer — re-deliver it"
+                } else {
+                    "malformed JSON: the rest of the document could not be read"
+                };
+                recs.push(RawRecord {
+                    line,
+                    raw: &data[pos..],
+                    value: Err(format!("{what} (error at line {l}, column {c}: {e})")),
+                });
+                return recs;
+            }
+            None => {
+                recs.push(RawRecord {
+                    line,
+                    raw: &data[pos..],
+                    value: Err("truncated JSON document: the top-level array is not closed".into()),
+                });
+                return recs;
+            }
+        }
+    }
+}

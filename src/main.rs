@@ -1,0 +1,211 @@
+//! The `silt` binary: parse the command line, call the library, print, and exit with the codes
+//! of DESIGN.md §4 (0 ok, 1 data tests failed, 2 usage/config, 3 runtime/storage). It must stay
+//! thin: no pipeline logic here.
+
+mod cli;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use cli::{Cli, Command, Format, SourceCommand};
+use silt::render::{OutputFormat, render, simple_table};
+use silt::{Error, Silt};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SILT_LOG")
+                .unwrap_or_else(|_| filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<Error>()
+                .map(|e| e.exit_code())
+                .unwrap_or(3);
+            eprintln!("error: {e:#}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Init { dir } => {
+            let written = silt::scaffold::init(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&written)?);
+            } else {
+                for w in written {
+                    println!("created {}", dir.join(w).display());
+                }
+                println!(
+                    "\nnext: cd {} && silt ingest && silt query \"select * from bronze.example\"",
+                    dir.display()
+                );
+            }
+        }
+        Command::Ingest(args) | Command::Run(args) => {
+            let silt = Silt::open(&cli.project)?;
+            ingest(&silt, args.sources, json).await?;
+        }
+        Command::Query { sql, format } => {
+            let silt = Silt::open(&cli.project)?;
+            let batches = silt::query::run(&silt.catalog, &sql).await?;
+            let format = if json {
+                OutputFormat::Json
+            } else {
+                match format {
+                    Format::Table => OutputFormat::Table,
+                    Format::Csv => OutputFormat::Csv,
+                    Format::Json => OutputFormat::Json,
+                }
+            };
+            write_stdout(&render(&batches, format)?)?;
+        }
+        Command::Tables => {
+            let silt = Silt::open(&cli.project)?;
+            let tables = silt.catalog.describe_all().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tables)?);
+            } else {
+                let rows = tables
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.table.clone(),
+                            t.version.to_string(),
+                            t.rows.to_string(),
+                            t.files.to_string(),
+                            t.bytes.to_string(),
+                            t.partition_by.join(", "),
+                        ]
+                    })
+                    .collect();
+                write_stdout(&simple_table(
+                    &["table", "version", "rows", "files", "bytes", "partition_by"],
+                    rows,
+                ))?;
+            }
+        }
+        Command::Source {
+            command: SourceCommand::New { name, from, force },
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            let r = silt::scaffold::source_new(&silt, &name, &from, force).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("wrote {} (glob {})", r.path, r.glob);
+                println!(
+                    "the sample parses under it: {} row(s) ok, {} quarantined",
+                    r.rows_ok, r.rows_quarantined
+                );
+                if let Some(n) = r.note {
+                    println!("note: {n}");
+                }
+                println!("review the contract, then run: silt ingest --source {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result<()> {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} ingest {bytes} read ({binary_bytes_per_sec}) {msg}",
+        )
+        .context("progress template")?,
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    let report = silt
+        .ingest()
+        .with_sources(sources)
+        .with_progress(pb.clone())
+        .execute()
+        .await;
+    pb.finish_and_clear();
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for s in &report.sources {
+            for w in &s.warnings {
+                eprintln!("warning: {}: {w}", s.source);
+            }
+        }
+        let rows = report
+            .sources
+            .iter()
+            .map(|s| {
+                vec![
+                    s.source.clone(),
+                    s.files_listed.to_string(),
+                    s.files_ingested.to_string(),
+                    s.files_already_ingested.to_string(),
+                    s.files_duplicate.to_string(),
+                    s.files_changed.to_string(),
+                    s.files_rejected.to_string(),
+                    s.rows.to_string(),
+                    s.quarantined.to_string(),
+                    s.bronze_version
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        write_stdout(&simple_table(
+            &[
+                "source",
+                "files",
+                "new",
+                "seen",
+                "duplicate",
+                "changed",
+                "rejected",
+                "rows",
+                "quarantined",
+                "bronze version",
+            ],
+            rows,
+        ))?;
+        println!("batch {} in {} ms", report.batch_id, report.elapsed_ms);
+    }
+    if !report.rejected.is_empty() {
+        return Err(Error::Rejected(report.rejected).into());
+    }
+    Ok(())
+}
+
+fn write_stdout(s: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}

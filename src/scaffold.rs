@@ -1,0 +1,688 @@
+//! `silt init` (a new project skeleton) and `silt source new` (a contract inferred from a sample
+//! landing file, written for review). It reads the sample through storage.rs like any landing
+//! data and writes only project files; it must not write the lake.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::{PROJECT_FILE, is_identifier};
+use crate::contract::{parse_date, parse_decimal, parse_timestamp};
+use crate::error::{Error, Result};
+
+const DATE_FORMATS: [&str; 4] = ["%Y-%m-%d", "%d/%m/%Y", "%m/%d/%Y", "%Y/%m/%d"];
+const TS_FORMATS: [&str; 2] = ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"];
+const PII_HINTS: [&str; 12] = [
+    "name", "email", "phone", "nino", "ssn", "birth", "dob", "address", "postcode", "iban",
+    "passport", "mobile",
+];
+
+/// Create a project in `dir`: silt.toml, sql/ folders, an example source, model and landing file.
+pub fn init(dir: &Path) -> Result<Vec<String>> {
+    if dir.join(PROJECT_FILE).exists() {
+        return Err(Error::Usage(format!(
+            "{} already holds a silt project ({PROJECT_FILE} exists)",
+            dir.display()
+        )));
+    }
+    let name = dir
+        .file_name()
+        .and_then(|s| s.to_str())
+        .map(|s| s.to_lowercase().replace(['-', ' '], "_"))
+        .unwrap_or_else(|| "my_project".into());
+    let files: Vec<(&str, String)> = vec![
+        (PROJECT_FILE, format!(
+r#"# silt project. Every value can be overridden by an environment variable SILT_<SECTION>_<KEY>;
+# SILT_LAKE and SILT_LANDING override the two roots.
+[project]
+name = "{name}"
+
+[lake]
+# Where bronze/silver/gold Delta tables live: a path (relative to this file) or a URL
+# such as gs://bucket/prefix.
+root = "lake"
+
+[landing]
+# Where CSV and JSON files arrive. Each source in sql/bronze/ matches files under it by glob.
+root = "landing"
+
+[ingest]
+# Files and bytes committed together per table.
+batch_files = 256
+batch_bytes = 536870912
+"#)),
+        ("sql/bronze/example.toml", r#"# A landing source: one bronze table, bronze.example. Edit the contract to fit your data,
+# or write a new one from a sample file: silt source new <name> --from <file>.
+description = "Example orders"
+glob = "example/*.csv"          # relative to the landing root
+format = "csv"                  # csv | ndjson | json_array | json
+primary_key = ["order_id"]
+partition_by = "order_date:month"
+subject_key = "customer_id"     # the data subject for GDPR erasure
+pii = ["customer_email"]        # no min/max statistics are kept for these
+on_unexpected_column = "quarantine"  # reject_file | ignore | quarantine
+on_changed_file = "ingest"      # ingest | replace | skip | error
+on_duplicate_file = "skip"      # skip | ingest
+
+[parse]
+delimiter = ","
+null_values = ["", "NULL"]
+date_formats = ["%Y-%m-%d"]
+
+[[columns]]
+name = "order_id"
+type = "int64"
+nullable = false
+
+[[columns]]
+name = "customer_id"
+type = "string"
+nullable = false
+
+[[columns]]
+name = "customer_email"
+type = "string"
+
+[[columns]]
+name = "order_date"
+type = "date"
+nullable = false
+
+[[columns]]
+name = "amount"
+type = "decimal(12,2)"
+nullable = false
+"#.to_string()),
+        ("sql/silver/example_orders.sql", "{{ config(materialized='table') }}\n\nselect order_id, customer_id, order_date, amount\nfrom {{ source('example') }}\n".to_string()),
+        ("sql/gold/.gitkeep", String::new()),
+        ("sql/tests/.gitkeep", String::new()),
+        ("landing/example/orders_2026_01.csv", "order_id,customer_id,customer_email,order_date,amount\n1,c1,ada@example.com,2026-01-03,120.00\n2,c2,bob@example.com,2026-01-05,80.50\n3,c1,ada@example.com,2026-01-09,-20.00\n".to_string()),
+        ("lake/README.md", "# lake/\n\nThe default local lake root: silt writes its Delta tables here (bronze/, silver/, gold/, _silt/).\nIts contents are not tracked by git. Point `SILT_LAKE` (or `[lake] root`) elsewhere to use another\nlocation, such as `gs://bucket/prefix`.\n".to_string()),
+        (".gitignore", "/lake/*\n!/lake/README.md\n".to_string()),
+    ];
+    let mut written = Vec::new();
+    for (rel, content) in files {
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::Runtime(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        std::fs::write(&p, content)
+            .map_err(|e| Error::Runtime(format!("cannot write {}: {e}", p.display())))?;
+        written.push(rel.to_string());
+    }
+    Ok(written)
+}
+
+/// An inferred column.
+#[derive(Debug, Clone, PartialEq)]
+enum Inferred {
+    Unknown,
+    Bool,
+    Int,
+    Decimal(u8),
+    Float,
+    Date(&'static str),
+    Timestamp,
+    String,
+    Struct(BTreeMap<String, (Inferred, bool)>),
+    List(Box<Inferred>),
+}
+
+impl Inferred {
+    fn type_text(&self) -> String {
+        match self {
+            Inferred::Unknown | Inferred::String => "string".into(),
+            Inferred::Bool => "bool".into(),
+            Inferred::Int => "int64".into(),
+            Inferred::Decimal(s) => format!("decimal(18,{s})"),
+            Inferred::Float => "float64".into(),
+            Inferred::Date(_) => "date".into(),
+            Inferred::Timestamp => "timestamp".into(),
+            Inferred::Struct(f) => format!(
+                "struct<{}>",
+                f.iter()
+                    .map(|(k, (t, nullable))| format!(
+                        "{k}: {}{}",
+                        t.type_text(),
+                        if *nullable { "" } else { " not null" }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Inferred::List(t) => format!("list<{}>", t.type_text()),
+        }
+    }
+}
+
+/// Narrowest type for a text value.
+fn infer_text(s: &str) -> Inferred {
+    let lower = s.to_ascii_lowercase();
+    if lower == "true" || lower == "false" {
+        return Inferred::Bool;
+    }
+    if s.parse::<i64>().is_ok() && !(s.len() > 1 && s.starts_with('0')) {
+        return Inferred::Int;
+    }
+    if let Some((_, frac)) = s.split_once('.')
+        && frac.len() <= 6
+        && parse_decimal(s, 38, frac.len() as i8).is_ok()
+    {
+        return Inferred::Decimal(frac.len() as u8);
+    }
+    if s.parse::<f64>().is_ok_and(|f| f.is_finite()) && s.chars().any(|c| c == 'e' || c == 'E') {
+        return Inferred::Float;
+    }
+    for f in DATE_FORMATS {
+        if parse_date(s, &[f.to_string()]).is_some() {
+            return Inferred::Date(f);
+        }
+    }
+    if parse_timestamp(s, &TS_FORMATS.map(String::from)).is_some() {
+        return Inferred::Timestamp;
+    }
+    Inferred::String
+}
+
+fn merge(a: Inferred, b: Inferred) -> Inferred {
+    use Inferred::*;
+    match (a, b) {
+        (Unknown, x) | (x, Unknown) => x,
+        (a, b) if a == b => a,
+        (Int, Decimal(s)) | (Decimal(s), Int) => Decimal(s),
+        (Decimal(x), Decimal(y)) => Decimal(x.max(y)),
+        (Int | Decimal(_) | Float, Int | Decimal(_) | Float) => Float,
+        (Date(_), Date(_)) => String,
+        (Struct(mut x), Struct(y)) => {
+            let keys: Vec<std::string::String> = x.keys().chain(y.keys()).cloned().collect();
+            let mut out = BTreeMap::new();
+            for k in keys {
+                let l = x.remove(&k);
+                let r = y.get(&k).cloned();
+                let nullable = l.as_ref().is_none_or(|v| v.1) || r.as_ref().is_none_or(|v| v.1);
+                let t = merge(
+                    l.map(|v| v.0).unwrap_or(Unknown),
+                    r.map(|v| v.0).unwrap_or(Unknown),
+                );
+                out.insert(k, (t, nullable));
+            }
+            Struct(out)
+        }
+        (List(x), List(y)) => List(Box::new(merge(*x, *y))),
+        _ => String,
+    }
+}
+
+fn infer_json(v: &Value) -> Option<Inferred> {
+    Some(match v {
+        Value::Null => return None,
+        Value::Bool(_) => Inferred::Bool,
+        Value::Number(n) => {
+            if n.is_i64() || n.is_u64() {
+                Inferred::Int
+            } else {
+                infer_text(&n.to_string())
+            }
+        }
+        Value::String(s) => match infer_text(s) {
+            t @ (Inferred::Date(_) | Inferred::Timestamp) => t,
+            _ => Inferred::String,
+        },
+        Value::Array(items) => Inferred::List(Box::new(
+            items
+                .iter()
+                .filter_map(infer_json)
+                .fold(Inferred::Unknown, merge),
+        )),
+        Value::Object(m) => Inferred::Struct(
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        (infer_json(v).unwrap_or(Inferred::Unknown), v.is_null()),
+                    )
+                })
+                .collect(),
+        ),
+    })
+}
+
+/// One column of the inferred contract.
+#[derive(Debug, Clone)]
+pub struct InferredColumn {
+    pub name: String,
+    /// The field name in the file, when `name` had to be cleaned into an identifier.
+    pub source: String,
+    pub ty: String,
+    pub nullable: bool,
+    pub unique: bool,
+    date_format: Option<&'static str>,
+    months: usize,
+}
+
+/// A contract inferred from a sample file.
+#[derive(Debug, Clone)]
+pub struct InferredSource {
+    pub format: String,
+    pub delimiter: char,
+    pub encoding: String,
+    pub columns: Vec<InferredColumn>,
+    pub rows: usize,
+}
+
+/// Infer a contract from a sample file's bytes. `ext` is the file's extension.
+pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
+    let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+    let (text, encoding) = match std::str::from_utf8(data) {
+        Ok(t) => (t.to_string(), "utf-8".to_string()),
+        Err(_) => {
+            let (t, _, _) = encoding_rs::WINDOWS_1252.decode(data);
+            (t.into_owned(), "windows-1252".to_string())
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(Error::Input {
+            location: crate::error::InputLocation {
+                file: file.into(),
+                line: 1,
+                column: None,
+            },
+            message: "the file is empty: there is nothing to infer a contract from".into(),
+            fix: "pass a sample file that holds a header and some rows".into(),
+        });
+    }
+    let first = text.trim_start().as_bytes()[0];
+    let json = matches!(ext, "json" | "ndjson" | "jsonl") || first == b'{' || first == b'[';
+    if json {
+        let (records, format): (Vec<Value>, &str) = if first == b'[' {
+            let mut recs = Vec::new();
+            // Take every complete element, even from a truncated document.
+            let body = text.trim_start();
+            let mut stream = serde_json::Deserializer::from_str(&body[1..]).into_iter::<Value>();
+            let _ = &mut stream;
+            let mut pos = 1;
+            loop {
+                let rest = body[pos..].trim_start_matches(|c: char| c.is_whitespace() || c == ',');
+                pos = body.len() - rest.len();
+                if rest.is_empty() || rest.starts_with(']') {
+                    break;
+                }
+                let mut s = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+                match s.next() {
+                    Some(Ok(v)) => {
+                        pos += s.byte_offset();
+                        recs.push(v);
+                    }
+                    _ => break,
+                }
+            }
+            (recs, "json_array")
+        } else {
+            (
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+                    .collect(),
+                "ndjson",
+            )
+        };
+        let objects: Vec<&serde_json::Map<String, Value>> =
+            records.iter().filter_map(|r| r.as_object()).collect();
+        let mut order: Vec<String> = Vec::new();
+        for o in &objects {
+            for k in o.keys() {
+                if !order.contains(k) {
+                    order.push(k.clone());
+                }
+            }
+        }
+        let columns = order
+            .iter()
+            .map(|k| {
+                let vals: Vec<&Value> = objects
+                    .iter()
+                    .map(|o| o.get(k).unwrap_or(&Value::Null))
+                    .collect();
+                let ty = vals
+                    .iter()
+                    .filter_map(|v| infer_json(v))
+                    .fold(Inferred::Unknown, merge);
+                let nullable = vals.iter().any(|v| v.is_null());
+                let texts: Vec<String> = vals
+                    .iter()
+                    .filter(|v| !v.is_null())
+                    .map(|v| v.to_string())
+                    .collect();
+                column(k, ty, nullable, &texts)
+            })
+            .collect();
+        return Ok(InferredSource {
+            format: format.into(),
+            delimiter: ',',
+            encoding,
+            columns,
+            rows: objects.len(),
+        });
+    }
+    // CSV: the delimiter is the candidate seen most in the header line.
+    let header_line = text.lines().next().unwrap_or_default();
+    let delimiter = [',', ';', '\t', '|']
+        .into_iter()
+        .max_by_key(|d| header_line.matches(*d).count())
+        .unwrap_or(',');
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(delimiter as u8)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let headers: Vec<String> = rdr
+        .headers()
+        .map_err(|e| Error::Runtime(format!("{file}: cannot read the CSV header: {e}")))?
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    let mut values: Vec<Vec<String>> = vec![Vec::new(); headers.len()];
+    let mut nulls = vec![false; headers.len()];
+    let mut rows = 0;
+    for rec in rdr.records().flatten() {
+        if rec.len() != headers.len() {
+            continue;
+        }
+        rows += 1;
+        for (i, f) in rec.iter().enumerate() {
+            if f.is_empty() || f == "NULL" || f == "null" {
+                nulls[i] = true;
+            } else {
+                values[i].push(f.to_string());
+            }
+        }
+    }
+    let columns = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let ty = values[i]
+                .iter()
+                .map(|v| infer_text(v))
+                .fold(Inferred::Unknown, merge);
+            column(h, ty, nulls[i] || values[i].is_empty(), &values[i])
+        })
+        .collect();
+    Ok(InferredSource {
+        format: "csv".into(),
+        delimiter,
+        encoding,
+        columns,
+        rows,
+    })
+}
+
+/// A column name made into a lower-case identifier (`Fee ID` -> `fee_id`).
+fn identifier(name: &str) -> String {
+    let mut s: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    s = s.trim_matches('_').to_string();
+    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        s = format!("c_{s}");
+    }
+    s
+}
+
+fn column(name: &str, ty: Inferred, nullable: bool, texts: &[String]) -> InferredColumn {
+    let unique = {
+        let mut s: Vec<&String> = texts.iter().collect();
+        s.sort();
+        s.dedup();
+        s.len() == texts.len() && !texts.is_empty()
+    };
+    let date_format = match ty {
+        Inferred::Date(f) => Some(f),
+        _ => None,
+    };
+    let months = match ty {
+        Inferred::Date(f) => {
+            let mut m: Vec<String> = texts
+                .iter()
+                .filter_map(|t| chrono::NaiveDate::parse_from_str(t.trim_matches('"'), f).ok())
+                .map(|d| d.format("%Y-%m").to_string())
+                .collect();
+            m.sort();
+            m.dedup();
+            m.len()
+        }
+        _ => 0,
+    };
+    InferredColumn {
+        name: identifier(name),
+        source: name.to_string(),
+        ty: ty.type_text(),
+        nullable,
+        unique,
+        date_format,
+        months,
+    }
+}
+
+/// The text of `sql/bronze/<name>.toml` for an inferred source.
+pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str) -> Result<String> {
+    if !is_identifier(name) {
+        return Err(Error::Usage(format!(
+            "'{name}' is not a valid source name: use lower-case letters, digits and '_', starting with a letter"
+        )));
+    }
+    let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut o = String::new();
+    o.push_str(&format!(
+        "# Inferred by `silt source new` from {sample} ({} rows). Review every line.\n",
+        inf.rows
+    ));
+    o.push_str(&format!(
+        "description = {}\n",
+        toml_str(&format!("{name} (inferred from {sample})"))
+    ));
+    o.push_str(&format!("glob = {}\n", toml_str(glob)));
+    o.push_str(&format!("format = \"{}\"\n", inf.format));
+    let pii: Vec<&InferredColumn> = inf
+        .columns
+        .iter()
+        .filter(|c| PII_HINTS.iter().any(|h| c.name.to_lowercase().contains(h)))
+        .collect();
+    let pk = inf
+        .columns
+        .iter()
+        .find(|c| c.unique && !c.nullable && (c.name == "id" || c.name.ends_with("_id")));
+    match pk {
+        Some(c) => o.push_str(&format!(
+            "primary_key = [{}]  # unique and never empty in the sample\n",
+            toml_str(&c.name)
+        )),
+        None => o.push_str(
+            "primary_key = []  # no column was unique in the sample: name the key columns\n",
+        ),
+    }
+    let part = inf
+        .columns
+        .iter()
+        .filter(|c| c.date_format.is_some() && !pii.iter().any(|p| p.name == c.name))
+        .max_by_key(|c| c.months);
+    match part {
+        Some(c) => o.push_str(&format!(
+            "partition_by = {}  # suggested: {} month(s) in the sample\n",
+            toml_str(&format!("{}:month", c.name)),
+            c.months
+        )),
+        None => o.push_str("# partition_by = \"<date column>:month\"  # no date column found\n"),
+    }
+    let subject = inf.columns.iter().find(|c| {
+        [
+            "client_id",
+            "customer_id",
+            "user_id",
+            "person_id",
+            "subject_id",
+        ]
+        .contains(&c.name.as_str())
+    });
+    match subject {
+        Some(c) => o.push_str(&format!(
+            "subject_key = {}  # the data subject for GDPR erasure\n",
+            toml_str(&c.name)
+        )),
+        None => o.push_str("# subject_key = \"<column identifying the person>\"\n"),
+    }
+    o.push_str(&format!(
+        "pii = [{}]  # guessed from column names: no statistics are kept for these\n",
+        pii.iter()
+            .map(|c| toml_str(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    o.push_str("on_unexpected_column = \"quarantine\"\non_changed_file = \"ingest\"\non_duplicate_file = \"skip\"\n\n[parse]\n");
+    if inf.format == "csv" {
+        o.push_str(&format!(
+            "delimiter = {}\n",
+            toml_str(&inf.delimiter.to_string())
+        ));
+    }
+    if inf.encoding != "utf-8" {
+        o.push_str(&format!(
+            "encoding = \"{}\"  # the sample is not valid UTF-8\n",
+            inf.encoding
+        ));
+    }
+    let mut fmts: Vec<&str> = inf.columns.iter().filter_map(|c| c.date_format).collect();
+    fmts.dedup();
+    if fmts.is_empty() {
+        fmts.push("%Y-%m-%d");
+    }
+    o.push_str(&format!(
+        "date_formats = [{}]\n",
+        fmts.iter()
+            .map(|f| toml_str(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    if inf.columns.iter().any(|c| c.ty == "timestamp") {
+        o.push_str(&format!(
+            "timestamp_formats = [{}]\n",
+            TS_FORMATS
+                .iter()
+                .map(|f| toml_str(f))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for c in &inf.columns {
+        o.push_str(&format!(
+            "\n[[columns]]\nname = {}\ntype = {}\nnullable = {}\n",
+            toml_str(&c.name),
+            toml_str(&c.ty),
+            c.nullable
+        ));
+        if c.source != c.name {
+            o.push_str(&format!("source = {}\n", toml_str(&c.source)));
+        }
+    }
+    Ok(o)
+}
+
+/// What `silt source new` wrote and how the sample fares under it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceNewReport {
+    pub path: String,
+    pub glob: String,
+    pub rows_ok: usize,
+    pub rows_quarantined: usize,
+    pub note: Option<String>,
+}
+
+/// Infer `sql/bronze/<name>.toml` from the sample at `from` (a path or URL), write it, and parse
+/// the sample under it as a check.
+pub async fn source_new(
+    silt: &crate::Silt,
+    name: &str,
+    from: &str,
+    force: bool,
+) -> Result<SourceNewReport> {
+    let dest = silt
+        .project
+        .dir
+        .join("sql")
+        .join("bronze")
+        .join(format!("{name}.toml"));
+    if dest.exists() && !force {
+        return Err(Error::Usage(format!(
+            "{} exists: pass --force to overwrite it",
+            dest.display()
+        )));
+    }
+    let url = if from.contains("://") {
+        url::Url::parse(from).map_err(|e| Error::Usage(format!("--from '{from}': {e}")))?
+    } else {
+        let p =
+            std::path::absolute(from).map_err(|e| Error::Usage(format!("--from '{from}': {e}")))?;
+        url::Url::from_file_path(&p)
+            .map_err(|_| Error::Usage(format!("--from '{from}' is not a usable path")))?
+    };
+    let file_name = url
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .unwrap_or_default()
+        .to_string();
+    let mut dir_url = url.clone();
+    dir_url
+        .path_segments_mut()
+        .map_err(|_| Error::Usage(format!("--from '{from}' is not a file")))?
+        .pop()
+        .push("");
+    let cloud = crate::storage::CloudOptions::from_project(&silt.project);
+    let dir_store = crate::storage::Storage::new(&dir_url, &cloud)?;
+    let data = dir_store.get(&dir_store.path(&file_name)).await?;
+    let ext = file_name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_lowercase())
+        .unwrap_or_default();
+    let inf = infer(&data, from, &ext)?;
+    // The glob: the sample's folder under the landing root, or <name>/ when it lies elsewhere.
+    let landing = silt.landing.url().as_str();
+    let (glob, note) = match dir_url.as_str().strip_prefix(landing) {
+        Some(rel) => (format!("{rel}*.{ext}"), None),
+        None => (
+            format!("{name}/*.{ext}"),
+            Some(format!(
+                "the sample is outside the landing root; put files for this source under {landing}{name}/"
+            )),
+        ),
+    };
+    let text = render_source(name, &glob, &inf, &file_name)?;
+    let sf: crate::config::SourceFile = toml::from_str(&text)
+        .map_err(|e| Error::Runtime(format!("inferred contract does not parse (a bug): {e}")))?;
+    let src = crate::config::Source::from_file(name, &format!("sql/bronze/{name}.toml"), sf)?;
+    let parsed = crate::ingest::parse_file(&data, &file_name, &src)?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::Runtime(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    std::fs::write(&dest, text)
+        .map_err(|e| Error::Runtime(format!("cannot write {}: {e}", dest.display())))?;
+    Ok(SourceNewReport {
+        path: dest
+            .strip_prefix(&silt.project.dir)
+            .unwrap_or(&dest)
+            .display()
+            .to_string(),
+        glob,
+        rows_ok: parsed.lines.len(),
+        rows_quarantined: parsed.rejects.len(),
+        note,
+    })
+}

@@ -1,0 +1,605 @@
+//! Landing → bronze: the reference fixtures, exactly-once under SIGKILL, bad input, file
+//! policies, and the Delta tables themselves (DESIGN.md §4, guarantees 1, 3 and 4).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::support::{Bad, Manifest, Project, repo, walk};
+
+const SOURCES: [&str; 3] = ["fees", "clients", "advisers"];
+
+fn quarantine_rows(p: &Project) -> Vec<(Bad, String)> {
+    let mut out = Vec::new();
+    for s in SOURCES {
+        for r in p.query(&format!(
+            "select _source_file, _source_line, column_name, reason from quarantine.{s} order by 1, 2"
+        )) {
+            out.push((
+                Bad {
+                    file: r["_source_file"].as_str().unwrap().into(),
+                    line: r["_source_line"].as_i64().unwrap(),
+                    column: r["column_name"].as_str().map(String::from),
+                    kind: String::new(),
+                },
+                r["reason"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Bronze holds every good row once and the quarantine every planted bad row once.
+fn assert_exactly_once(p: &Project, m: &Manifest) {
+    for s in SOURCES {
+        assert_eq!(
+            p.count(&format!("select count(*) from bronze.{s}")),
+            m.good_rows(&format!("{s}/")),
+            "bronze.{s} row count"
+        );
+        assert_eq!(
+            p.count(&format!(
+                "select count(*) from (select _source_file, _source_line from bronze.{s} group by 1, 2 having count(*) > 1)"
+            )),
+            0,
+            "bronze.{s} holds a landing row twice"
+        );
+    }
+    let got: Vec<(String, i64, Option<String>)> = quarantine_rows(p)
+        .into_iter()
+        .map(|(b, _)| (b.file, b.line, b.column))
+        .collect();
+    let mut want: Vec<(String, i64, Option<String>)> = m
+        .bad
+        .iter()
+        .map(|b| (b.file.clone(), b.line, b.column.clone()))
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "quarantine = planted bad records");
+}
+
+#[test]
+fn fixtures_land_in_bronze_and_quarantine_exactly() {
+    let p = Project::reference();
+    let m = Manifest::load();
+    p.ok(&["ingest"]);
+    assert_exactly_once(&p, &m);
+    // Each reason names its column.
+    for (b, reason) in quarantine_rows(&p) {
+        if let Some(c) = &b.column {
+            assert!(
+                reason.contains(c.as_str()),
+                "reason for {b:?} does not name '{c}': {reason}"
+            );
+        } else {
+            assert!(
+                reason.contains("JSON"),
+                "a record-level reason says what broke: {reason}"
+            );
+        }
+    }
+}
+
+#[test]
+fn quoted_fields_crlf_and_bom_parse_like_an_independent_reader() {
+    let p = Project::reference();
+    p.ok(&["ingest", "--source", "fees"]);
+    let quarantined: BTreeSet<String> = p
+        .query("select raw_record from quarantine.fees")
+        .iter()
+        .map(|r| {
+            r["raw_record"]
+                .as_str()
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut want = BTreeMap::new();
+    let dir = repo().join("fixtures/landing/fees");
+    for f in [
+        "fees_2026_01.csv",
+        "fees_2026_02.csv",
+        "fees_2026_03.csv",
+        "fees_2026_04.csv",
+        "fees_2026_05.csv",
+        "fees_2026_06.csv",
+    ] {
+        let data = std::fs::read(dir.join(f)).unwrap();
+        let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&data).to_vec();
+        let mut rdr = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(&data[..]);
+        for rec in rdr.byte_records() {
+            let rec = rec.unwrap();
+            let id = String::from_utf8_lossy(&rec[0]).to_string();
+            if quarantined.contains(&id) {
+                continue;
+            }
+            let note = String::from_utf8(rec[6].to_vec()).unwrap();
+            want.insert(id, if note.is_empty() { None } else { Some(note) });
+        }
+    }
+    let got: BTreeMap<String, Option<String>> = p
+        .query("select fee_id, note from bronze.fees")
+        .iter()
+        .map(|r| {
+            (
+                r["fee_id"].as_str().unwrap().to_string(),
+                r.get("note").and_then(|v| v.as_str()).map(String::from),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    assert!(
+        got.values().flatten().any(|n| n.contains(",\n")),
+        "a note with a comma and a newline survives"
+    );
+    assert!(
+        got.values().flatten().all(|n| !n.contains('\r')),
+        "CRLF endings leave no \\r behind"
+    );
+}
+
+#[test]
+fn nested_json_becomes_structs_and_lists() {
+    let p = Project::reference();
+    p.ok(&["ingest", "--source", "clients"]);
+    let doc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo().join("fixtures/landing/clients/clients_2026_01.json")).unwrap(),
+    )
+    .unwrap();
+    for c in doc.as_array().unwrap().iter().take(5) {
+        let id = c["client_id"].as_str().unwrap();
+        let rows = p.query(&format!(
+            "select address['city'] as city, address['postcode'] as postcode, accounts, date_of_birth from bronze.clients where client_id = '{id}'"
+        ));
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["city"], c["address"]["city"]);
+        assert_eq!(rows[0]["postcode"], c["address"]["postcode"]);
+        assert_eq!(rows[0]["accounts"], c["accounts"]);
+        assert_eq!(rows[0]["date_of_birth"], c["date_of_birth"]);
+    }
+}
+
+#[test]
+fn a_second_run_writes_no_new_version() {
+    let p = Project::reference();
+    p.ok(&["ingest"]);
+    let before = p.log_files();
+    assert!(!before.is_empty());
+    p.ok(&["ingest"]);
+    p.ok(&["run"]);
+    assert_eq!(p.log_files(), before);
+}
+
+#[test]
+fn the_ledger_records_empty_header_only_and_duplicate_files() {
+    let p = Project::reference();
+    p.ok(&["ingest"]);
+    let rows =
+        p.query("select path, status, rows, quarantined, detail from _silt.ledger order by path");
+    let status: BTreeMap<String, String> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap().to_string(),
+                r["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        status.len(),
+        Manifest::load().files.len(),
+        "one ledger row per landing file"
+    );
+    assert_eq!(status["fees/fees_2026_07_empty.csv"], "empty");
+    assert_eq!(status["fees/fees_2026_07.csv"], "empty");
+    assert_eq!(status["fees/fees_2026_03_resent.csv"], "duplicate");
+    assert_eq!(status["fees/fees_2026_03.csv"], "ingested");
+    assert_eq!(
+        p.count(
+            "select count(*) from bronze.fees where _source_file = 'fees/fees_2026_03_resent.csv'"
+        ),
+        0
+    );
+}
+
+/// Start `silt ingest` with a failpoint, wait until it stops there, SIGKILL it.
+fn kill_at(p: &Project, failpoint: &str) {
+    let mut child = p
+        .cmd(&["ingest"])
+        .env("SILT_FAILPOINT", failpoint)
+        .env("SILT_INGEST_BATCH_FILES", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("failpoint") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let reached = rx.recv_timeout(Duration::from_secs(60)).is_ok();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(reached, "failpoint {failpoint} was never reached");
+}
+
+#[test]
+fn sigkill_at_every_commit_step_then_rerun_is_exactly_once() {
+    let m = Manifest::load();
+    for fp in [
+        "ingest.after_quarantine#1",
+        "ingest.after_bronze#1",
+        "ingest.after_bronze#4",
+        "ingest.after_ledger#2",
+        "ingest.after_quarantine#3",
+    ] {
+        let p = Project::reference();
+        kill_at(&p, fp);
+        // Killed again on the re-run, at a later step, before a clean finish.
+        kill_at(&p, "ingest.after_bronze#2");
+        p.ok(&["ingest"]);
+        assert_exactly_once(&p, &m);
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_then_rerun_is_exactly_once() {
+    let m = Manifest::load();
+    let p = Project::reference();
+    for delay_ms in [30u64, 120, 300, 700, 1200] {
+        let mut child = p
+            .cmd(&["ingest"])
+            .env("SILT_INGEST_BATCH_FILES", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(delay_ms) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+    }
+    p.ok(&["ingest"]);
+    assert_exactly_once(&p, &m);
+}
+
+fn write(p: &Project, rel: &str, data: &[u8]) {
+    let path = p.landing().join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+fn set_policy(p: &Project, source: &str, key: &str, value: &str) {
+    let f = p.path().join(format!("sql/bronze/{source}.toml"));
+    let text = std::fs::read_to_string(&f).unwrap();
+    let re: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&format!("{key} =")) {
+                format!("{key} = \"{value}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&f, re.join("\n")).unwrap();
+}
+
+const HEADER: &str = "fee_id,client_id,adviser_id,fee_date,fee_amount,currency,note";
+
+#[test]
+fn reject_file_policy_names_file_line_column_and_fix_and_keeps_other_files() {
+    let p = Project::empty_reference();
+    set_policy(&p, "fees", "on_unexpected_column", "reject_file");
+    write(
+        &p,
+        "fees/good.csv",
+        format!("{HEADER}\nF1,C1,A1,2026-01-01,10.00,GBP,\n").as_bytes(),
+    );
+    write(
+        &p,
+        "fees/extra.csv",
+        format!("{HEADER},channel\nF2,C1,A1,2026-01-02,11.00,GBP,,web\n").as_bytes(),
+    );
+    let out = p.run(&["ingest", "--source", "fees"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fees/extra.csv:1 column 'channel'"), "{err}");
+    assert!(err.contains("fix:"), "{err}");
+    assert_eq!(p.count("select count(*) from bronze.fees"), 1);
+    assert_eq!(
+        p.count("select count(*) from _silt.ledger where path = 'fees/extra.csv'"),
+        0
+    );
+    // Refused files are not forgotten: the next run refuses it again.
+    assert_eq!(
+        p.run(&["ingest", "--source", "fees"]).status.code(),
+        Some(2)
+    );
+    // The ignore policy takes the rows and drops the column.
+    set_policy(&p, "fees", "on_unexpected_column", "ignore");
+    p.ok(&["ingest", "--source", "fees"]);
+    assert_eq!(p.count("select count(*) from bronze.fees"), 2);
+}
+
+#[test]
+fn unexpected_column_under_quarantine_policy_quarantines_only_rows_using_it() {
+    let p = Project::empty_reference();
+    write(&p, "fees/extra.csv", format!("{HEADER},channel\nF2,C1,A1,2026-01-02,11.00,GBP,,web\nF3,C1,A1,2026-01-02,12.00,GBP,,\n").as_bytes());
+    p.ok(&["ingest", "--source", "fees"]);
+    assert_eq!(p.count("select count(*) from bronze.fees"), 1);
+    let q = p.query("select _source_line, column_name from quarantine.fees");
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0]["_source_line"], 2);
+    assert_eq!(q[0]["column_name"], "channel");
+}
+
+#[test]
+fn structural_errors_are_clear_and_never_panic() {
+    let p = Project::empty_reference();
+    // A header without a required column.
+    write(
+        &p,
+        "fees/no_date.csv",
+        b"fee_id,client_id,adviser_id,fee_amount,currency,note\nF1,C1,A1,1.00,GBP,\n",
+    );
+    // A top-level array where one object per line is declared.
+    write(
+        &p,
+        "advisers/array.ndjson",
+        b"[{\"adviser_id\": \"A1\", \"name\": \"X\"}]\n",
+    );
+    // Objects per line where a top-level array is declared.
+    write(&p, "clients/lines.json", b"{\"client_id\": \"C1\"}\n");
+    let out = p.run(&["ingest"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("fees/no_date.csv:1 column 'fee_date'") && err.contains("not null"),
+        "{err}"
+    );
+    assert!(
+        err.contains("advisers/array.ndjson:1") && err.contains("json_array"),
+        "{err}"
+    );
+    assert!(
+        err.contains("clients/lines.json:1") && err.contains("ndjson"),
+        "{err}"
+    );
+    assert!(err.matches("fix:").count() >= 3, "{err}");
+}
+
+#[test]
+fn garbage_input_never_panics() {
+    let p = Project::empty_reference();
+    let mut junk = Vec::new();
+    for i in 0..2000u32 {
+        junk.push((i.wrapping_mul(2654435761) >> 13) as u8);
+    }
+    write(&p, "fees/junk.csv", &junk);
+    write(&p, "advisers/junk.ndjson", &junk);
+    write(&p, "clients/junk.json", &[b"[".as_slice(), &junk].concat());
+    write(
+        &p,
+        "fees/unterminated.csv",
+        format!("{HEADER}\nF1,C1,A1,2026-01-01,1.00,GBP,\"never closed\n").as_bytes(),
+    );
+    let out = p.run(&["ingest"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0) | Some(2)), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn changed_file_policies() {
+    let v1 = format!("{HEADER}\nF1,C1,A1,2026-01-01,10.00,GBP,\nF2,C1,A1,2026-01-02,bad,GBP,\n");
+    let v2 = format!(
+        "{HEADER}\nF1,C1,A1,2026-01-01,10.50,GBP,corrected\nF2,C1,A1,2026-01-02,20.00,GBP,\nF3,C2,A1,2026-01-03,5.00,GBP,\n"
+    );
+    for (policy, bronze, quarantine, code) in [
+        ("ingest", 4, 1, 0),
+        ("replace", 3, 0, 0),
+        ("skip", 1, 1, 0),
+        ("error", 1, 1, 2),
+    ] {
+        let p = Project::empty_reference();
+        set_policy(&p, "fees", "on_changed_file", policy);
+        write(&p, "fees/f.csv", v1.as_bytes());
+        p.ok(&["ingest", "--source", "fees"]);
+        write(&p, "fees/f.csv", v2.as_bytes());
+        let out = p.run(&["ingest", "--source", "fees"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{policy}: {err}");
+        assert!(err.contains("changed"), "{policy}: the user is told: {err}");
+        assert_eq!(
+            p.count("select count(*) from bronze.fees"),
+            bronze,
+            "{policy}"
+        );
+        assert_eq!(
+            p.count("select count(*) from quarantine.fees"),
+            quarantine,
+            "{policy}"
+        );
+        // And a further run changes nothing.
+        let before = p.log_files();
+        p.run(&["ingest", "--source", "fees"]);
+        assert_eq!(p.log_files(), before, "{policy}: re-run is a no-op");
+    }
+}
+
+fn commit_infos(table_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(table_dir.join("_delta_log"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|l| {
+            std::fs::read_to_string(l)
+                .unwrap()
+                .lines()
+                .map(|x| serde_json::from_str::<serde_json::Value>(x).unwrap())
+                .find(|a| a.get("commitInfo").is_some())
+                .expect("a commitInfo action")["commitInfo"]
+                .clone()
+        })
+        .collect()
+}
+
+fn table_dirs(lake: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut dirs = Vec::new();
+    walk(lake, &mut |f| {
+        if f.parent().is_some_and(|d| d.ends_with("_delta_log")) {
+            let t = f.parent().unwrap().parent().unwrap().to_path_buf();
+            if !dirs.contains(&t) {
+                dirs.push(t);
+            }
+        }
+    });
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn tables_are_real_delta_tables_with_operations_in_every_commit() {
+    let p = Project::reference();
+    let out = p.run(&["ingest"]);
+    assert!(out.status.success());
+    // A changed file adds versions to check.
+    write(
+        &p,
+        "fees/fees_2026_08.csv",
+        format!("{HEADER}\nF9,C0001,A001,2026-08-01,10.00,GBP,\n").as_bytes(),
+    );
+    p.ok(&["ingest"]);
+    let dirs = table_dirs(&p.lake());
+    assert_eq!(
+        dirs.len(),
+        7,
+        "3 bronze, 3 quarantine, the ledger: {dirs:?}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for d in dirs {
+        let infos = commit_infos(&d);
+        for (v, info) in infos.iter().enumerate() {
+            assert_eq!(info["operation"], "WRITE", "{} v{v}", d.display());
+            assert!(
+                info["silt.operation"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("ingest")),
+                "{} v{v}: {info}",
+                d.display()
+            );
+            assert!(info["silt.batch_id"].is_string());
+        }
+        let url = url::Url::from_directory_path(&d).unwrap();
+        rt.block_on(async {
+            for v in 0..infos.len() as u64 {
+                let mut t = deltalake::DeltaTableBuilder::from_url(url.clone())
+                    .unwrap()
+                    .build()
+                    .unwrap();
+                t.load_version(v)
+                    .await
+                    .unwrap_or_else(|e| panic!("{} v{v}: {e}", d.display()));
+                assert_eq!(t.version(), Some(v));
+            }
+        });
+    }
+}
+
+#[test]
+fn pii_columns_have_no_statistics_in_the_delta_log() {
+    let p = Project::reference();
+    p.ok(&["ingest", "--source", "clients"]);
+    let mut adds = 0;
+    walk(&p.lake().join("bronze/clients/_delta_log"), &mut |f| {
+        if f.extension().is_none_or(|x| x != "json") {
+            return;
+        }
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            let a: serde_json::Value = serde_json::from_str(line).unwrap();
+            let Some(stats) = a["add"]["stats"].as_str() else {
+                continue;
+            };
+            adds += 1;
+            let stats: serde_json::Value = serde_json::from_str(stats).unwrap();
+            for kind in ["minValues", "maxValues"] {
+                let cols = stats[kind].as_object().unwrap();
+                assert!(
+                    cols.contains_key("client_id"),
+                    "non-PII columns keep their statistics: {stats}"
+                );
+                for pii in ["full_name", "email", "nino", "date_of_birth", "address"] {
+                    assert!(
+                        !cols.contains_key(pii),
+                        "{pii} has {kind} in the log: {stats}"
+                    );
+                }
+            }
+            let raw = stats.to_string();
+            assert!(
+                !raw.contains("@example.com"),
+                "an email leaked into stats: {raw}"
+            );
+        }
+    });
+    assert!(adds > 0);
+}
+
+#[test]
+fn query_formats_and_tables_listing() {
+    let p = Project::reference();
+    p.ok(&["ingest"]);
+    let table = p.ok(&[
+        "query",
+        "select fee_id, fee_amount from bronze.fees order by fee_id limit 2",
+    ]);
+    assert!(
+        table.contains("fee_id") && table.contains("(2 rows)"),
+        "{table}"
+    );
+    let csv = p.ok(&[
+        "query",
+        "select fee_id from bronze.fees order by fee_id limit 2",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let tables: serde_json::Value = serde_json::from_str(&p.ok(&["--json", "tables"])).unwrap();
+    let fees = tables
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "bronze.fees")
+        .unwrap();
+    assert_eq!(
+        fees["rows"].as_i64(),
+        Some(Manifest::load().good_rows("fees/"))
+    );
+    assert_eq!(fees["partition_by"][0], "fee_date_month");
+    let out = p.run(&["query", "select * from bronze.nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+}
