@@ -14,7 +14,8 @@ use deltalake::DeltaTable;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Layer {
     Bronze,
     Silver,
@@ -176,6 +177,7 @@ impl Catalog {
                 .map(|t| (t.name.clone(), t.clone()))
                 .collect();
             let provider = LayerSchema {
+                layer: Some(layer),
                 lake: self.lake.clone(),
                 tables: names,
             };
@@ -187,6 +189,7 @@ impl Catalog {
 
 #[derive(Debug)]
 struct LayerSchema {
+    layer: Option<Layer>,
     lake: Storage,
     tables: BTreeMap<String, TableRef>,
 }
@@ -198,8 +201,16 @@ impl SchemaProvider for LayerSchema {
     }
 
     async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
-        let Some(t) = self.tables.get(name) else {
-            return Ok(None);
+        // Open on demand: a table created after this session started (an upstream model built
+        // earlier in the same run) must be visible too.
+        let t = match self.tables.get(name) {
+            Some(t) => t.clone(),
+            None => {
+                let Some(layer) = self.layer else {
+                    return Ok(None);
+                };
+                TableRef::new(layer, name)
+            }
         };
         let table = self
             .lake
@@ -218,6 +229,16 @@ impl SchemaProvider for LayerSchema {
 
     fn table_exist(&self, name: &str) -> bool {
         self.tables.contains_key(name)
+    }
+
+    fn register_table(
+        &self,
+        _name: String,
+        _table: Arc<dyn TableProvider>,
+    ) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
+        Err(datafusion::error::DataFusionError::Plan(
+            "tables of the lake are written by silt build / ingest, not by SQL DDL".into(),
+        ))
     }
 }
 

@@ -31,8 +31,21 @@ pub enum Command {
     Init { dir: PathBuf },
     /// Ingest new landing files into bronze tables, exactly once.
     Ingest(IngestArgs),
-    /// Run the pipeline: ingest (models and tests come with `silt build`).
-    Run(IngestArgs),
+    /// Run the pipeline: ingest, then build every model whose inputs changed, in dag order.
+    Run(BuildArgs),
+    /// Build models (all, or --select name, name+, +name, silver, gold) in dag order.
+    Build(BuildArgs),
+    /// Show the model dag: a text tree, or --format mermaid|dot|json.
+    Dag {
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Past runs with per-model metrics.
+    Runs {
+        /// How many runs to show.
+        #[arg(long, default_value_t = 5)]
+        limit: usize,
+    },
     /// Run one SQL statement over every table (bronze.x, silver.x, gold.x, quarantine.x, _silt.x).
     Query {
         sql: String,
@@ -53,6 +66,24 @@ pub struct IngestArgs {
     /// Only these sources (repeatable).
     #[arg(long = "source", short = 's')]
     pub sources: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Selectors: name, name+ (and downstream), +name (and upstream), silver, gold. Repeatable.
+    #[arg(long = "select", short = 's')]
+    pub select: Vec<String>,
+    /// Rebuild from scratch instead of incrementally.
+    #[arg(long)]
+    pub full_refresh: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DagFormat {
+    Text,
+    Mermaid,
+    Dot,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -27,6 +27,9 @@ pub struct ProjectFile {
     pub ingest: IngestSection,
     #[serde(default)]
     pub gcs: GcsSection,
+    /// Values for `{{ var('name') }}` in models.
+    #[serde(default)]
+    pub vars: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]

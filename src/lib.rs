@@ -9,8 +9,12 @@ pub mod contract;
 pub mod error;
 pub mod failpoint;
 pub mod ingest;
+pub mod materialize;
+pub mod models;
+pub mod pipeline;
 pub mod query;
 pub mod render;
+pub mod runs;
 pub mod scaffold;
 pub mod storage;
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use cli::{Cli, Command, Format, SourceCommand};
+use cli::{BuildArgs, Cli, Command, DagFormat, Format, SourceCommand};
 use silt::render::{OutputFormat, render, simple_table};
 use silt::{Error, Silt};
 
@@ -68,9 +68,43 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Ingest(args) | Command::Run(args) => {
+        Command::Ingest(args) => {
             let silt = Silt::open(&cli.project)?;
             ingest(&silt, args.sources, json).await?;
+        }
+        Command::Run(args) => {
+            let silt = Silt::open(&cli.project)?;
+            build(&silt, args, true, json).await?;
+        }
+        Command::Build(args) => {
+            let silt = Silt::open(&cli.project)?;
+            build(&silt, args, false, json).await?;
+        }
+        Command::Dag { format } => {
+            let silt = Silt::open(&cli.project)?;
+            let dag = silt::models::Dag::load(&silt.project)?;
+            let f = if json {
+                "json"
+            } else {
+                match format {
+                    DagFormat::Text => "text",
+                    DagFormat::Mermaid => "mermaid",
+                    DagFormat::Dot => "dot",
+                    DagFormat::Json => "json",
+                }
+            };
+            write_stdout(&silt::models::render_dag(&dag, f)?)?;
+        }
+        Command::Runs { limit } => {
+            let silt = Silt::open(&cli.project)?;
+            let sql = format!(
+                "select run_id, started_at, model, status, mode, rows_inserted as ins, rows_updated as upd, rows_deleted as del, \
+                 files_scanned as scanned, files_added as added, files_removed as removed, bytes_added, ms, version \
+                 from _silt.runs where run_id in (select run_id from _silt.runs group by run_id order by max(started_at) desc limit {limit}) \
+                 order by started_at desc, model"
+            );
+            let batches = silt::query::run(&silt.catalog, &sql).await?;
+            write_stdout(&render(&batches, if json { OutputFormat::Json } else { OutputFormat::Table })?)?;
         }
         Command::Query { sql, format } => {
             let silt = Silt::open(&cli.project)?;
@@ -198,6 +232,64 @@ async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result
     }
     if !report.rejected.is_empty() {
         return Err(Error::Rejected(report.rejected).into());
+    }
+    Ok(())
+}
+
+async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow::Result<()> {
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}").context("progress template")?,
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    let opts = silt::pipeline::RunOptions { select: args.select, full_refresh: args.full_refresh, ingest };
+    let report = silt::pipeline::run(silt, opts, Some(pb.clone())).await;
+    pb.finish_and_clear();
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        if let Some(r) = &report.ingest {
+            for s in &r.sources {
+                for w in &s.warnings {
+                    eprintln!("warning: {}: {w}", s.source);
+                }
+            }
+            let (files, rows, q) = r.sources.iter().fold((0, 0, 0), |a, s| (a.0 + s.files_ingested, a.1 + s.rows, a.2 + s.quarantined));
+            println!("ingest: {files} new file(s), {rows} row(s) to bronze, {q} to quarantine");
+        }
+        let rows = report
+            .models
+            .iter()
+            .map(|m| {
+                vec![
+                    m.table.clone(),
+                    m.status.clone(),
+                    m.mode.clone(),
+                    m.rows_inserted.to_string(),
+                    m.rows_updated.to_string(),
+                    m.rows_deleted.to_string(),
+                    m.rows_copied.to_string(),
+                    format!("{}/{}", m.files_scanned, m.files_scanned + m.files_skipped),
+                    m.files_added.to_string(),
+                    m.files_removed.to_string(),
+                    m.bytes_added.to_string(),
+                    m.ms.to_string(),
+                ]
+            })
+            .collect();
+        write_stdout(&simple_table(
+            &["model", "status", "mode", "inserted", "updated", "deleted", "copied", "scanned", "files+", "files-", "bytes+", "ms"],
+            rows,
+        ))?;
+        println!("run {} in {} ms", report.run_id, report.elapsed_ms);
+    }
+    for (name, e) in &report.errors {
+        eprintln!("error: {name}: {e}");
+    }
+    let code = report.exit_code();
+    if code != 0 {
+        std::process::exit(code);
     }
     Ok(())
 }

@@ -1,0 +1,12 @@
+{{ config(materialized='partition_overwrite', partition_by='fee_month', description='Revenue by month and adviser; only the months a batch touches are rewritten') }}
+
+select
+    fee_month,
+    adviser_id,
+    currency,
+    count(*) as fees,
+    count(distinct client_id) as clients,
+    sum(fee_amount) as revenue,
+    sum(case when fee_amount < 0 then fee_amount else 0 end) as refunds
+from {{ ref('stg_fees') }}
+group by fee_month, adviser_id, currency

@@ -1,0 +1,590 @@
+//! Building one model: decide between skip, full rebuild and incremental work from the state
+//! recorded in the target's last silt commit, render the SQL with the right relations, run it in
+//! DataFusion and write the result by the model's materialization (table, incremental MERGE,
+//! partition_overwrite, append, snapshot/SCD2). It returns metrics; it must not decide build
+//! order (pipeline.rs does) nor render templates itself (models.rs does).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{Array, RecordBatch};
+use arrow::datatypes::DataType;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::prelude::{DataFrame, SessionContext, cast, col, lit};
+use deltalake::DeltaTable;
+use deltalake::delta_datafusion::FileSelection;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::operations::write::SchemaMode;
+use deltalake::protocol::SaveMode;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{Catalog, TableRef};
+use crate::error::{Error, Result};
+use crate::models::{Dag, Materialized, Model, RenderContext};
+
+/// What building one model did (one row of `_silt/runs`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelMetrics {
+    pub model: String,
+    pub table: String,
+    pub materialized: String,
+    /// built | up_to_date | failed | skipped
+    pub status: String,
+    /// full | incremental | none
+    pub mode: String,
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub rows_deleted: u64,
+    pub rows_copied: u64,
+    pub files_scanned: u64,
+    pub files_skipped: u64,
+    pub files_added: u64,
+    pub files_removed: u64,
+    pub bytes_added: u64,
+    pub bytes_removed: u64,
+    pub ms: u64,
+    pub version: Option<u64>,
+    pub upstream: BTreeMap<String, u64>,
+    /// Partitions written (partition_overwrite) or merged into (incremental).
+    pub partitions: Vec<String>,
+    pub message: Option<String>,
+}
+
+/// Recorded in every model commit, atomically with the data: what the model was built from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelState {
+    pub upstream: BTreeMap<String, u64>,
+    pub sql_hash: String,
+}
+
+pub const NEW_SCHEMA: &str = "__silt";
+
+pub struct Materializer<'a> {
+    pub catalog: &'a Catalog,
+    pub dag: &'a Dag,
+    pub ctx: &'a SessionContext,
+    pub run_id: &'a str,
+    pub full_refresh: bool,
+}
+
+/// Active files of a table: path → (size, partition values).
+type FileMap = HashMap<String, (u64, HashMap<String, Option<String>>)>;
+
+fn files_of(t: &DeltaTable) -> Result<FileMap> {
+    let state = t.snapshot().map_err(|e| Error::delta(t.table_url().as_str(), e))?;
+    Ok(state
+        .log_data()
+        .iter()
+        .map(|f| (f.path().to_string(), (f.size().max(0) as u64, f.partition_values_map())))
+        .collect())
+}
+
+/// The silt state of the target's latest model commit.
+pub async fn last_state(t: &DeltaTable) -> Result<Option<ModelState>> {
+    if t.version().is_none() {
+        return Ok(None);
+    }
+    let infos: Vec<_> = t
+        .history(Some(50))
+        .try_collect()
+        .await
+        .map_err(|e| Error::delta(t.table_url().as_str(), e))?;
+    for i in infos {
+        if let Some(v) = i.info.get("silt.state") {
+            return Ok(serde_json::from_value(v.clone()).ok());
+        }
+    }
+    Ok(None)
+}
+
+fn sql_error(m: &Model, e: datafusion::error::DataFusionError) -> Error {
+    match Error::from_datafusion(e) {
+        Error::Sql(msg) => Error::config(&m.file, msg),
+        other => other,
+    }
+}
+
+fn q(c: &str) -> String {
+    format!("\"{}\"", c.replace('"', "\"\""))
+}
+
+impl Materializer<'_> {
+    fn new_schema(&self) -> Result<Arc<dyn datafusion::catalog::SchemaProvider>> {
+        let cat = self.ctx.catalog("datafusion").ok_or_else(|| Error::Runtime("no default catalog".into()))?;
+        if let Some(s) = cat.schema(NEW_SCHEMA) {
+            return Ok(s);
+        }
+        let s: Arc<dyn datafusion::catalog::SchemaProvider> = Arc::new(MemorySchemaProvider::new());
+        cat.register_schema(NEW_SCHEMA, s.clone())?;
+        Ok(s)
+    }
+
+    /// Build `m`. SQL and config errors come back as `Error::Config` naming the model file.
+    pub async fn build(&self, m: &Model) -> Result<ModelMetrics> {
+        let started = Instant::now();
+        let t = m.table();
+        let lake = self.catalog.lake();
+        let target = lake.delta_table(&t.rel_path()).await?;
+        let state = last_state(&target).await?;
+        let mut metrics = ModelMetrics {
+            model: m.name.clone(),
+            table: t.to_string(),
+            materialized: serde_json::to_value(m.config.materialized).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            ..Default::default()
+        };
+
+        // Upstream tables at their current versions.
+        let mut ups: Vec<TableRef> = m.sources.iter().map(|s| TableRef::bronze(s)).collect();
+        ups.extend(m.refs.iter().map(|r| self.dag.models[r].table()));
+        let mut up_tables: BTreeMap<String, DeltaTable> = BTreeMap::new();
+        for u in &ups {
+            let ut = lake.delta_table(&u.rel_path()).await?;
+            let Some(v) = ut.version() else {
+                return Err(Error::Runtime(format!("{}: upstream {u} does not exist yet (ingest or build it first)", m.file)));
+            };
+            metrics.upstream.insert(u.to_string(), v);
+            up_tables.insert(u.to_string(), ut);
+        }
+        let sql_hash = hex::encode(Sha256::digest(
+            format!("{}\0{}", m.template, serde_json::to_string(&m.config).unwrap_or_default()).as_bytes(),
+        ));
+        let new_state = ModelState { upstream: metrics.upstream.clone(), sql_hash: sql_hash.clone() };
+        if !self.full_refresh && state.as_ref() == Some(&new_state) {
+            metrics.status = "up_to_date".into();
+            metrics.mode = "none".into();
+            metrics.version = target.version();
+            metrics.ms = started.elapsed().as_millis() as u64;
+            return Ok(metrics);
+        }
+        let prev = state.filter(|s| s.sql_hash == sql_hash && !self.full_refresh);
+        let mut incremental = prev.is_some() && m.config.materialized != Materialized::Table;
+        let before = if target.version().is_some() { files_of(&target)? } else { FileMap::new() };
+
+        // Relations for an incremental build.
+        let mut relations: BTreeMap<String, String> = BTreeMap::new();
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        let new_schema = self.new_schema()?;
+        let mut registered = Vec::new();
+        if let Some(prev) = &prev
+            && incremental
+        {
+            for u in &ups {
+                let key = u.to_string();
+                let ut = &up_tables[&key];
+                let Some(pv) = prev.upstream.get(&key).copied() else {
+                    incremental = false;
+                    break;
+                };
+                if Some(pv) == ut.version() {
+                    if m.config.materialized != Materialized::PartitionOverwrite {
+                        // Nothing new upstream: an empty selection.
+                        let p = ut.table_provider().with_file_selection(FileSelection::from_file_paths(Vec::<String>::new())).await?;
+                        let name = format!("{}__{}", u.layer.schema_name(), u.name);
+                        new_schema.register_table(name.clone(), p)?;
+                        registered.push(name.clone());
+                        relations.insert(key, format!("{NEW_SCHEMA}.{name}"));
+                    }
+                    continue;
+                }
+                let then = lake.delta_table_at(&u.rel_path(), pv).await?;
+                let (now_files, then_files) = (files_of(ut)?, files_of(&then)?);
+                let added: Vec<&String> = now_files.keys().filter(|p| !then_files.contains_key(*p)).collect();
+                let removed: Vec<&String> = then_files.keys().filter(|p| !now_files.contains_key(*p)).collect();
+                match m.config.materialized {
+                    Materialized::PartitionOverwrite => {
+                        let pcol = m.config.partition_by.clone().unwrap_or_default();
+                        let parts = ut.snapshot().map(|s| s.metadata().partition_columns().to_vec()).unwrap_or_default();
+                        if !parts.contains(&pcol) {
+                            incremental = false; // cannot tell which partitions changed
+                            break;
+                        }
+                        for p in added.iter().map(|p| &now_files[*p]).chain(removed.iter().map(|p| &then_files[*p])) {
+                            if let Some(Some(v)) = p.1.get(&pcol) {
+                                touched.insert(v.clone());
+                            }
+                        }
+                    }
+                    _ => {
+                        let p = ut
+                            .table_provider()
+                            .with_file_selection(FileSelection::from_file_paths(added.iter().map(|s| s.to_string())))
+                            .await?;
+                        let name = format!("{}__{}", u.layer.schema_name(), u.name);
+                        new_schema.register_table(name.clone(), p)?;
+                        registered.push(name.clone());
+                        let mut rel = format!("{NEW_SCHEMA}.{name}");
+                        if let (Some(days), Some(lcol)) = (m.config.lookback_days, &m.config.lookback_column) {
+                            let has_col = ut.snapshot().map(|s| s.schema().field(lcol).is_some()).unwrap_or(false);
+                            if has_col && let Some(cutoff) = self.max_of(&t, lcol).await? {
+                                rel = format!(
+                                    "(select * from {rel} union select * from {key} where {c} >= cast('{cutoff}' as date) - interval '{days} days')",
+                                    c = q(lcol)
+                                );
+                            }
+                        }
+                        relations.insert(key, rel);
+                    }
+                }
+            }
+            if m.config.materialized == Materialized::PartitionOverwrite && incremental {
+                if touched.is_empty() {
+                    incremental = false;
+                } else {
+                    let pcol = m.config.partition_by.clone().unwrap_or_default();
+                    let list = touched.iter().map(|v| format!("'{}'", v.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+                    for u in &ups {
+                        let parts = up_tables[&u.to_string()].snapshot().map(|s| s.metadata().partition_columns().to_vec()).unwrap_or_default();
+                        if parts.contains(&pcol) {
+                            relations.insert(u.to_string(), format!("(select * from {u} where cast({} as varchar) in ({list}))", q(&pcol)));
+                        }
+                    }
+                }
+            }
+        }
+        if !incremental {
+            relations.clear();
+            touched.clear();
+        }
+        let result = self.write(m, &t, target, incremental, relations, &touched, &new_state, &mut metrics).await;
+        for name in registered {
+            let _ = new_schema.deregister_table(&name);
+        }
+        let target = result?;
+        let after = files_of(&target)?;
+        for (p, (size, _)) in &after {
+            if !before.contains_key(p) {
+                metrics.files_added += 1;
+                metrics.bytes_added += size;
+            }
+        }
+        for (p, (size, _)) in &before {
+            if !after.contains_key(p) {
+                metrics.files_removed += 1;
+                metrics.bytes_removed += size;
+            }
+        }
+        metrics.partitions = touched.into_iter().collect();
+        metrics.status = "built".into();
+        metrics.mode = if incremental { "incremental" } else { "full" }.into();
+        metrics.version = target.version();
+        metrics.ms = started.elapsed().as_millis() as u64;
+        Ok(metrics)
+    }
+
+    async fn max_of(&self, t: &TableRef, column: &str) -> Result<Option<String>> {
+        let df = self.ctx.sql(&format!("select cast(max({}) as varchar) as m from {t}", q(column))).await?;
+        let b = df.collect().await?;
+        Ok(b.first().and_then(|b| {
+            let c = arrow::compute::cast(b.column(0), &DataType::Utf8).ok()?;
+            let s = c.as_any().downcast_ref::<arrow::array::StringArray>()?;
+            (!s.is_empty() && !s.is_null(0)).then(|| s.value(0).to_string())
+        }))
+    }
+
+    fn props(&self, m: &Model, state: &ModelState) -> CommitProperties {
+        CommitProperties::default().with_metadata([
+            ("silt.operation".to_string(), serde_json::Value::from("build")),
+            ("silt.model".to_string(), serde_json::Value::from(m.name.as_str())),
+            ("silt.run_id".to_string(), serde_json::Value::from(self.run_id)),
+            ("silt.state".to_string(), serde_json::to_value(state).unwrap_or_default()),
+        ])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        incremental: bool,
+        relations: BTreeMap<String, String>,
+        touched: &BTreeSet<String>,
+        state: &ModelState,
+        metrics: &mut ModelMetrics,
+    ) -> Result<DeltaTable> {
+        let sql = self.dag.render(m, RenderContext { incremental, relations })?;
+        let cfg = &m.config;
+        let partition_cols: Vec<String> = cfg.partition_by.iter().cloned().collect();
+        // Plan first: a SQL error writes nothing.
+        let df = self.ctx.sql(&sql).await.map_err(|e| sql_error(m, e))?;
+        if matches!(cfg.materialized, Materialized::Incremental | Materialized::Snapshot) {
+            self.check_unique(m, &df, incremental).await?;
+        }
+        if !incremental {
+            let df = if cfg.materialized == Materialized::Snapshot { self.scd2_full(m, &sql).await? } else { df };
+            let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+            metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
+            let table = target
+                .write(batches)
+                .with_save_mode(SaveMode::Overwrite)
+                .with_schema_mode(SchemaMode::Overwrite)
+                .with_partition_columns(partition_cols)
+                .with_table_name(t.to_string())
+                .with_commit_properties(self.props(m, state))
+                .await
+                .map_err(|e| Error::delta(t.to_string(), e))?;
+            return Ok(table);
+        }
+        match cfg.materialized {
+            Materialized::Append => {
+                let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+                metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
+                target
+                    .write(batches)
+                    .with_save_mode(SaveMode::Append)
+                    .with_commit_properties(self.props(m, state))
+                    .await
+                    .map_err(|e| Error::delta(t.to_string(), e))
+            }
+            Materialized::PartitionOverwrite => {
+                let pcol = cfg.partition_by.clone().unwrap_or_default();
+                let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+                metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
+                let is_utf8 = batches.first().and_then(|b| b.schema().field_with_name(&pcol).ok().map(|f| f.data_type() == &DataType::Utf8)).unwrap_or(true);
+                let pc = if is_utf8 { col(pcol.as_str()) } else { cast(col(pcol.as_str()), DataType::Utf8) };
+                let pred = pc.in_list(touched.iter().map(|v| lit(v.clone())).collect(), false);
+                target
+                    .write(batches)
+                    .with_save_mode(SaveMode::Overwrite)
+                    .with_replace_where(pred)
+                    .with_commit_properties(self.props(m, state))
+                    .await
+                    .map_err(|e| Error::delta(t.to_string(), e))
+            }
+            Materialized::Incremental => self.merge(m, t, target, df, state, metrics).await,
+            Materialized::Snapshot => self.scd2_merge(m, t, target, &sql, state, metrics).await,
+            Materialized::Table => unreachable!("tables are always rebuilt"),
+        }
+    }
+
+    async fn check_unique(&self, m: &Model, df: &DataFrame, incremental: bool) -> Result<()> {
+        // A snapshot's full build may carry several versions per key; only its increments and
+        // incremental models must be unique.
+        if m.config.materialized == Materialized::Snapshot && !incremental {
+            return Ok(());
+        }
+        let keys = m.config.unique_key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+        let name = "__silt_check";
+        let _ = self.ctx.deregister_table(name);
+        self.ctx.register_table(name, df.clone().into_view())?;
+        let dup = self
+            .ctx
+            .sql(&format!("select {keys}, count(*) as n from {name} group by {keys} having count(*) > 1 limit 5"))
+            .await
+            .map_err(|e| sql_error(m, e))?
+            .collect()
+            .await
+            .map_err(|e| sql_error(m, e));
+        let _ = self.ctx.deregister_table(name);
+        let dup = dup?;
+        let n: usize = dup.iter().map(|b| b.num_rows()).sum();
+        if n > 0 {
+            return Err(Error::config(
+                &m.file,
+                format!(
+                    "unique_key ({}) is not unique in the model's output; duplicates:\n{}",
+                    m.config.unique_key.join(", "),
+                    crate::render::table(&dup)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Incremental MERGE on unique_key. With partition_by, the join carries the partition
+    /// column (`t.p = s.p`) so delta-rs prunes target files to the source's partitions, and a
+    /// row whose partition changed is deleted from its old partition in the same commit.
+    async fn merge(&self, m: &Model, t: &TableRef, target: DeltaTable, df: DataFrame, state: &ModelState, metrics: &mut ModelMetrics) -> Result<DeltaTable> {
+        let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+        if batches.iter().all(|b| b.num_rows() == 0) {
+            // Nothing new: still record the state so the next run is a no-op.
+            return target
+                .write(Vec::<RecordBatch>::new())
+                .with_save_mode(SaveMode::Append)
+                .with_commit_properties(self.props(m, state))
+                .await
+                .map_err(|e| Error::delta(t.to_string(), e));
+        }
+        let cols: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+        let src_name = "__silt_src";
+        let _ = self.ctx.deregister_table(src_name);
+        self.ctx.register_batch(src_name, arrow::compute::concat_batches(&batches[0].schema(), &batches)?)?;
+        let keys = &m.config.unique_key;
+        let key_eq = keys.iter().map(|k| format!("t.{c} = s.{c}", c = q(k))).collect::<Vec<_>>().join(" AND ");
+        let (staged_sql, predicate) = match &m.config.partition_by {
+            Some(p) => {
+                let select_old = cols
+                    .iter()
+                    .map(|c| if c == p { format!("t.{} as {}", q(c), q(c)) } else { format!("s.{}", q(c)) })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (
+                    format!(
+                        "select s.*, 'upsert' as __silt_op from {src_name} s \
+                         union all \
+                         select distinct {select_old}, 'delete' as __silt_op from {src_name} s join {t} t on {key_eq} \
+                         where t.{pq} is distinct from s.{pq}",
+                        pq = q(p)
+                    ),
+                    format!("{key_eq} AND t.{pq} = s.{pq}", pq = q(p)),
+                )
+            }
+            None => (format!("select s.*, 'upsert' as __silt_op from {src_name} s"), key_eq.clone()),
+        };
+        let staged = self.ctx.sql(&staged_sql).await.map_err(|e| sql_error(m, e))?;
+        let staged = self.ctx.read_batches(staged.collect().await?)?;
+        let _ = self.ctx.deregister_table(src_name);
+        let cols2 = cols.clone();
+        let (table, mm) = target
+            .merge(staged, predicate)
+            .with_source_alias("s")
+            .with_target_alias("t")
+            .with_commit_properties(self.props(m, state))
+            .when_matched_delete(|d| d.predicate("s.__silt_op = 'delete'"))
+            .and_then(|b| {
+                b.when_matched_update(|mut u| {
+                    u = u.predicate("s.__silt_op = 'upsert'");
+                    for c in &cols {
+                        u = u.update(c.as_str(), format!("s.{}", q(c)));
+                    }
+                    u
+                })
+            })
+            .and_then(|b| {
+                b.when_not_matched_insert(|mut i| {
+                    i = i.predicate("s.__silt_op = 'upsert'");
+                    for c in &cols2 {
+                        i = i.set(c.as_str(), format!("s.{}", q(c)));
+                    }
+                    i
+                })
+            })
+            .map_err(|e| Error::delta(t.to_string(), e))?
+            .await
+            .map_err(|e| Error::delta(t.to_string(), e))?;
+        metrics.rows_inserted = mm.num_target_rows_inserted as u64;
+        metrics.rows_updated = mm.num_target_rows_updated as u64;
+        metrics.rows_deleted = mm.num_target_rows_deleted as u64;
+        metrics.rows_copied = mm.num_target_rows_copied as u64;
+        metrics.files_scanned = mm.num_target_files_scanned as u64;
+        metrics.files_skipped = mm.num_target_files_skipped_during_scan as u64;
+        Ok(table)
+    }
+
+    fn scd2_parts(&self, m: &Model, df_cols: &[String]) -> (String, String, String) {
+        let cfg = &m.config;
+        let keys = cfg.unique_key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+        let hash_cols: Vec<&String> = if cfg.check_cols.is_empty() {
+            df_cols.iter().filter(|c| !cfg.unique_key.contains(c) && Some(*c) != cfg.updated_at.as_ref() && !c.starts_with('_')).collect()
+        } else {
+            cfg.check_cols.iter().collect()
+        };
+        let hash = format!(
+            "md5(concat_ws('|', {}))",
+            hash_cols.iter().map(|c| format!("coalesce(cast({} as varchar), '\\u0000')", q(c))).collect::<Vec<_>>().join(", ")
+        );
+        let vt = match (&cfg.updated_at, cfg.strategy.as_str()) {
+            (Some(u), _) => q(u),
+            (None, _) => format!(
+                "arrow_cast('{}', 'Timestamp(Microsecond, Some(\"UTC\"))')",
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            ),
+        };
+        (keys, hash, vt)
+    }
+
+    async fn model_columns(&self, m: &Model, sql: &str) -> Result<Vec<String>> {
+        let df = self.ctx.sql(sql).await.map_err(|e| sql_error(m, e))?;
+        Ok(df.schema().fields().iter().map(|f| f.name().clone()).collect())
+    }
+
+    /// SCD2 from scratch: every distinct version of each key, in time order.
+    async fn scd2_full(&self, m: &Model, sql: &str) -> Result<DataFrame> {
+        let cols = self.model_columns(m, sql).await?;
+        let (keys, hash, vt) = self.scd2_parts(m, &cols);
+        let c = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        let full = format!(
+            "with src as ({sql}), \
+             h as (select *, {vt} as __vt, {hash} as _scd_hash from src), \
+             o as (select *, lag(_scd_hash) over (partition by {keys} order by __vt) as __prev from h), \
+             k as (select * from o where __prev is null or __prev <> _scd_hash) \
+             select {c}, _scd_hash, __vt as valid_from, \
+               lead(__vt) over (partition by {keys} order by __vt) as valid_to, \
+               lead(__vt) over (partition by {keys} order by __vt) is null as is_current \
+             from k"
+        );
+        self.ctx.sql(&full).await.map_err(|e| sql_error(m, e))
+    }
+
+    /// SCD2 increment: close the current version of changed keys and insert their new versions,
+    /// in one MERGE on (key, valid_from).
+    async fn scd2_merge(&self, m: &Model, t: &TableRef, target: DeltaTable, sql: &str, state: &ModelState, metrics: &mut ModelMetrics) -> Result<DeltaTable> {
+        let cols = self.model_columns(m, sql).await?;
+        let (keys, hash, vt) = self.scd2_parts(m, &cols);
+        let c = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        let key_join = m.config.unique_key.iter().map(|k| format!("t.{c} = nk.{c}", c = q(k))).collect::<Vec<_>>().join(" AND ");
+        let staged_sql = format!(
+            "with n as (select *, {vt} as __vt, {hash} as _scd_hash from ({sql}) src), \
+             nk as (select distinct {keys} from n), \
+             cur as (select t.* from {t} t join nk on {key_join} where t.is_current), \
+             seq as (select {c}, _scd_hash, valid_from as __vt, 0 as __new from cur \
+                     union all select {c}, _scd_hash, __vt, 1 as __new from n), \
+             o as (select *, lag(_scd_hash) over (partition by {keys} order by __vt, __new) as __prev from seq), \
+             k as (select * from o where __new = 0 or __prev is null or __prev <> _scd_hash), \
+             f as (select *, lead(__vt) over (partition by {keys} order by __vt, __new) as __next from k) \
+             select {c}, _scd_hash, __vt as valid_from, __next as valid_to, __next is null as is_current \
+             from f where __new = 1 or __next is not null"
+        );
+        let staged = self.ctx.sql(&staged_sql).await.map_err(|e| sql_error(m, e))?;
+        let batches = staged.collect().await?;
+        if batches.iter().all(|b| b.num_rows() == 0) {
+            return target
+                .write(Vec::<RecordBatch>::new())
+                .with_save_mode(SaveMode::Append)
+                .with_commit_properties(self.props(m, state))
+                .await
+                .map_err(|e| Error::delta(t.to_string(), e));
+        }
+        let staged = self.ctx.read_batches(batches)?;
+        let mut all_cols = cols.clone();
+        all_cols.extend(["_scd_hash", "valid_from", "valid_to", "is_current"].map(String::from));
+        let key_eq = m.config.unique_key.iter().map(|k| format!("t.{c} = s.{c}", c = q(k))).collect::<Vec<_>>().join(" AND ");
+        let (table, mm) = target
+            .merge(staged, format!("{key_eq} AND t.valid_from = s.valid_from"))
+            .with_source_alias("s")
+            .with_target_alias("t")
+            .with_commit_properties(self.props(m, state))
+            .when_matched_update(|u| u.update("valid_to", "s.valid_to").update("is_current", "s.is_current"))
+            .and_then(|b| {
+                b.when_not_matched_insert(|mut i| {
+                    for c in &all_cols {
+                        i = i.set(c.as_str(), format!("s.{}", q(c)));
+                    }
+                    i
+                })
+            })
+            .map_err(|e| Error::delta(t.to_string(), e))?
+            .await
+            .map_err(|e| Error::delta(t.to_string(), e))?;
+        metrics.rows_inserted = mm.num_target_rows_inserted as u64;
+        metrics.rows_updated = mm.num_target_rows_updated as u64;
+        metrics.rows_copied = mm.num_target_rows_copied as u64;
+        metrics.files_scanned = mm.num_target_files_scanned as u64;
+        metrics.files_skipped = mm.num_target_files_skipped_during_scan as u64;
+        Ok(table)
+    }
+}
+
+/// Collect a result; an empty result still carries its schema as one empty batch.
+async fn collect_nonempty(df: DataFrame) -> std::result::Result<Vec<RecordBatch>, datafusion::error::DataFusionError> {
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let mut b = df.collect().await?;
+    b.retain(|b| b.num_rows() > 0);
+    if b.is_empty() {
+        b.push(RecordBatch::new_empty(schema));
+    }
+    Ok(b)
+}

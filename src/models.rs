@@ -1,0 +1,503 @@
+//! SQL models: discovery in `sql/silver` and `sql/gold`, their `{{ config(...) }}`, rendering with
+//! minijinja (`ref`, `source`, `this`, `is_incremental`, `var`), the dag their references form,
+//! and `--select` selectors. This is the only module that renders templates. It must not run SQL
+//! or write tables (materialize.rs and pipeline.rs do).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, UndefinedBehavior};
+use serde::Serialize;
+
+use crate::catalog::{Layer, TableRef};
+use crate::config::Project;
+use crate::error::{Error, Result};
+
+/// How a model is written (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Materialized {
+    Table,
+    Incremental,
+    PartitionOverwrite,
+    Append,
+    Snapshot,
+}
+
+impl Materialized {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "table" => Self::Table,
+            "incremental" => Self::Incremental,
+            "partition_overwrite" => Self::PartitionOverwrite,
+            "append" => Self::Append,
+            "snapshot" => Self::Snapshot,
+            _ => return None,
+        })
+    }
+}
+
+/// A model's `{{ config(...) }}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelConfig {
+    pub materialized: Materialized,
+    pub unique_key: Vec<String>,
+    pub partition_by: Option<String>,
+    /// Incremental: also re-read upstream rows whose `lookback_column` is within this many days of
+    /// the latest value already in the target.
+    pub lookback_days: Option<i64>,
+    pub lookback_column: Option<String>,
+    /// Snapshot: `check` (compare `check_cols`) or `timestamp` (a new `updated_at` is a change).
+    pub strategy: String,
+    pub check_cols: Vec<String>,
+    pub updated_at: Option<String>,
+    pub description: Option<String>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            materialized: Materialized::Table,
+            unique_key: vec![],
+            partition_by: None,
+            lookback_days: None,
+            lookback_column: None,
+            strategy: "check".into(),
+            check_cols: vec![],
+            updated_at: None,
+            description: None,
+        }
+    }
+}
+
+/// One model file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Model {
+    pub name: String,
+    pub layer: Layer,
+    /// Project-relative path, for messages.
+    pub file: String,
+    #[serde(skip)]
+    pub template: String,
+    pub config: ModelConfig,
+    /// Models this one `ref`s.
+    pub refs: BTreeSet<String>,
+    /// Sources this one reads.
+    pub sources: BTreeSet<String>,
+}
+
+impl Model {
+    pub fn table(&self) -> TableRef {
+        TableRef::new(self.layer, self.name.clone())
+    }
+}
+
+/// What `ref`, `source` and `this` render to in one rendering.
+#[derive(Debug, Clone, Default)]
+pub struct RenderContext {
+    pub incremental: bool,
+    /// Override per upstream table name (`bronze.fees`) → SQL relation text.
+    pub relations: BTreeMap<String, String>,
+}
+
+/// All models of a project, in dag order.
+#[derive(Debug, Clone)]
+pub struct Dag {
+    pub models: BTreeMap<String, Model>,
+    /// Topological order (upstream first), ties broken by layer then name.
+    pub order: Vec<String>,
+    vars: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Default)]
+struct Captured {
+    config: Option<Result<ModelConfig, String>>,
+    refs: BTreeSet<String>,
+    sources: BTreeSet<String>,
+}
+
+fn env_for(
+    this: String,
+    ctx: RenderContext,
+    captured: Arc<Mutex<Captured>>,
+    known_models: Arc<BTreeMap<String, Layer>>,
+    known_sources: Arc<BTreeSet<String>>,
+    vars: Arc<BTreeMap<String, toml::Value>>,
+) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    let c = captured.clone();
+    env.add_function("config", move |kwargs: Kwargs| -> std::result::Result<String, JinjaError> {
+        let cfg = parse_config(&kwargs);
+        c.lock().unwrap().config = Some(cfg);
+        Ok(String::new())
+    });
+    let c = captured.clone();
+    let rel = ctx.relations.clone();
+    env.add_function("ref", move |name: String| -> std::result::Result<String, JinjaError> {
+        let Some(layer) = known_models.get(&name) else {
+            return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("ref('{name}'): no model named '{name}' in sql/silver or sql/gold")));
+        };
+        c.lock().unwrap().refs.insert(name.clone());
+        let t = TableRef::new(*layer, name).to_string();
+        Ok(rel.get(&t).cloned().unwrap_or(t))
+    });
+    let c = captured.clone();
+    let rel = ctx.relations.clone();
+    env.add_function("source", move |name: String| -> std::result::Result<String, JinjaError> {
+        if !known_sources.contains(&name) {
+            return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("source('{name}'): no source named '{name}' in sql/bronze")));
+        }
+        c.lock().unwrap().sources.insert(name.clone());
+        let t = TableRef::bronze(&name).to_string();
+        Ok(rel.get(&t).cloned().unwrap_or(t))
+    });
+    let incremental = ctx.incremental;
+    env.add_function("is_incremental", move || incremental);
+    env.add_function("var", move |name: String, default: Option<Value>| -> std::result::Result<Value, JinjaError> {
+        match vars.get(&name) {
+            Some(v) => Ok(Value::from_serialize(v)),
+            None => default.ok_or_else(|| JinjaError::new(ErrorKind::InvalidOperation, format!("var('{name}') is not set in [vars] of silt.toml and has no default"))),
+        }
+    });
+    env.add_global("this", Value::from(this));
+    env
+}
+
+fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
+    let mut c = ModelConfig::default();
+    let s = |k: &str| -> std::result::Result<Option<String>, String> {
+        kw.get::<Option<String>>(k).map_err(|e| format!("config({k}=…): {e}"))
+    };
+    let list = |k: &str| -> std::result::Result<Vec<String>, String> {
+        let v: Option<Value> = kw.get(k).map_err(|e| format!("config({k}=…): {e}"))?;
+        let Some(v) = v else { return Ok(vec![]) };
+        if let Some(s) = v.as_str() {
+            return Ok(vec![s.to_string()]);
+        }
+        let it = v.try_iter().map_err(|_| format!("config({k}=…) takes a string or a list of strings"))?;
+        it.map(|x| x.as_str().map(String::from).ok_or_else(|| format!("config({k}=…) takes a string or a list of strings")))
+            .collect()
+    };
+    if let Some(m) = s("materialized")? {
+        c.materialized = Materialized::parse(&m).ok_or_else(|| {
+            format!("materialized='{m}' is not one of table, incremental, partition_overwrite, append, snapshot")
+        })?;
+    }
+    c.unique_key = list("unique_key")?;
+    c.partition_by = s("partition_by")?;
+    c.lookback_days = kw.get::<Option<i64>>("lookback_days").map_err(|e| format!("config(lookback_days=…): {e}"))?;
+    c.lookback_column = s("lookback_column")?;
+    if let Some(st) = s("strategy")? {
+        c.strategy = st;
+    }
+    c.check_cols = list("check_cols")?;
+    c.updated_at = s("updated_at")?;
+    c.description = s("description")?;
+    for k in ["tests", "columns", "contract", "on_schema_change", "tags"] {
+        let _ = kw.get::<Option<Value>>(k);
+    }
+    kw.assert_all_used().map_err(|e| format!("config: {e}"))?;
+    match c.materialized {
+        Materialized::Incremental if c.unique_key.is_empty() => {
+            return Err("materialized='incremental' needs unique_key".into());
+        }
+        Materialized::PartitionOverwrite if c.partition_by.is_none() => {
+            return Err("materialized='partition_overwrite' needs partition_by".into());
+        }
+        Materialized::Snapshot => {
+            if c.unique_key.is_empty() {
+                return Err("materialized='snapshot' needs unique_key".into());
+            }
+            match c.strategy.as_str() {
+                "check" if c.check_cols.is_empty() => return Err("strategy='check' needs check_cols".into()),
+                "timestamp" if c.updated_at.is_none() => return Err("strategy='timestamp' needs updated_at".into()),
+                "check" | "timestamp" => {}
+                other => return Err(format!("strategy='{other}' is not check or timestamp")),
+            }
+        }
+        _ => {}
+    }
+    if c.lookback_days.is_some() != c.lookback_column.is_some() {
+        return Err("lookback_days and lookback_column go together".into());
+    }
+    Ok(c)
+}
+
+impl Dag {
+    /// Discover and parse every model of the project.
+    pub fn load(project: &Project) -> Result<Dag> {
+        let mut files: Vec<(Layer, PathBuf)> = Vec::new();
+        for layer in [Layer::Silver, Layer::Gold] {
+            let dir = project.dir.join("sql").join(layer.schema_name());
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                let mut ps: Vec<PathBuf> = rd
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+                    .collect();
+                ps.sort();
+                files.extend(ps.into_iter().map(|p| (layer, p)));
+            }
+        }
+        let mut known: BTreeMap<String, Layer> = BTreeMap::new();
+        let mut seen_file: BTreeMap<String, String> = BTreeMap::new();
+        for (layer, p) in &files {
+            let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let rel = rel_path(&project.dir, p);
+            if !crate::config::is_identifier(&name) {
+                return Err(Error::config(rel, "model file names must be lower-case identifiers (letters, digits, '_')"));
+            }
+            if let Some(other) = seen_file.insert(name.clone(), rel.clone()) {
+                return Err(Error::config(rel, format!("a model named '{name}' already exists in {other}")));
+            }
+            known.insert(name, *layer);
+        }
+        let known = Arc::new(known);
+        let sources = Arc::new(project.sources.keys().cloned().collect::<BTreeSet<_>>());
+        let vars = Arc::new(project.file.vars.clone());
+        let mut models = BTreeMap::new();
+        for (layer, p) in files {
+            let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let rel = rel_path(&project.dir, &p);
+            let template = std::fs::read_to_string(&p).map_err(|e| Error::config(&rel, e.to_string()))?;
+            // Render both ways so refs inside `{% if is_incremental() %}` count too.
+            let mut config = None;
+            let mut refs = BTreeSet::new();
+            let mut srcs = BTreeSet::new();
+            for incremental in [false, true] {
+                let cap = Arc::new(Mutex::new(Captured::default()));
+                let this = TableRef::new(layer, name.clone()).to_string();
+                let env = env_for(this, RenderContext { incremental, ..Default::default() }, cap.clone(), known.clone(), sources.clone(), vars.clone());
+                env.render_str(&template, ())
+                    .map_err(|e| Error::config(&rel, jinja_message(&e)))?;
+                let mut c = cap.lock().unwrap();
+                if config.is_none() {
+                    config = c.config.take();
+                }
+                refs.extend(std::mem::take(&mut c.refs));
+                srcs.extend(std::mem::take(&mut c.sources));
+            }
+            let config = match config {
+                None => ModelConfig::default(),
+                Some(Ok(c)) => c,
+                Some(Err(m)) => return Err(Error::config(&rel, m)),
+            };
+            if refs.contains(&name) {
+                return Err(Error::config(&rel, format!("model '{name}' refs itself: use {{{{ this }}}} for the model's own table")));
+            }
+            models.insert(name.clone(), Model { name, layer, file: rel, template, config, refs, sources: srcs });
+        }
+        let order = topo_order(&models)?;
+        Ok(Dag { models, order, vars: project.file.vars.clone() })
+    }
+
+    /// Render a model's SQL for execution.
+    pub fn render(&self, m: &Model, ctx: RenderContext) -> Result<String> {
+        let known = Arc::new(self.models.iter().map(|(k, v)| (k.clone(), v.layer)).collect());
+        let sources = Arc::new(m.sources.clone());
+        let cap = Arc::new(Mutex::new(Captured::default()));
+        let env = env_for(m.table().to_string(), ctx, cap, known, sources, Arc::new(self.vars.clone()));
+        env.render_str(&m.template, ()).map_err(|e| Error::config(&m.file, jinja_message(&e)))
+    }
+
+    /// Models selected by `--select` terms: `name`, `name+` (and downstream), `+name` (and
+    /// upstream), `silver` / `gold` (a layer). Empty = all. Returned in dag order.
+    pub fn select(&self, terms: &[String]) -> Result<Vec<String>> {
+        if terms.is_empty() {
+            return Ok(self.order.clone());
+        }
+        let mut chosen = BTreeSet::new();
+        for t in terms {
+            for term in t.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                if let Some(layer) = Layer::parse(term) {
+                    chosen.extend(self.models.values().filter(|m| m.layer == layer).map(|m| m.name.clone()));
+                    continue;
+                }
+                let up = term.starts_with('+');
+                let down = term.ends_with('+');
+                let name = term.trim_matches('+');
+                if !self.models.contains_key(name) {
+                    return Err(Error::Usage(format!(
+                        "--select '{term}': no model named '{name}' (models: {})",
+                        self.order.join(", ")
+                    )));
+                }
+                chosen.insert(name.to_string());
+                if up {
+                    chosen.extend(self.upstream(name));
+                }
+                if down {
+                    chosen.extend(self.downstream(name));
+                }
+            }
+        }
+        Ok(self.order.iter().filter(|n| chosen.contains(*n)).cloned().collect())
+    }
+
+    /// Every model `name` depends on, transitively.
+    pub fn upstream(&self, name: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut stack = vec![name.to_string()];
+        while let Some(n) = stack.pop() {
+            for r in &self.models[&n].refs {
+                if out.insert(r.clone()) {
+                    stack.push(r.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every model that depends on `name`, transitively.
+    pub fn downstream(&self, name: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut stack = vec![name.to_string()];
+        while let Some(n) = stack.pop() {
+            for m in self.models.values() {
+                if m.refs.contains(&n) && out.insert(m.name.clone()) {
+                    stack.push(m.name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Models reading source `s`, directly or through other models.
+    pub fn reading_source(&self, s: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for m in self.models.values().filter(|m| m.sources.contains(s)) {
+            out.insert(m.name.clone());
+            out.extend(self.downstream(&m.name));
+        }
+        out
+    }
+}
+
+fn topo_order(models: &BTreeMap<String, Model>) -> Result<Vec<String>> {
+    let mut order = Vec::new();
+    let mut state: BTreeMap<&str, u8> = BTreeMap::new(); // 1 visiting, 2 done
+    fn visit<'a>(
+        n: &'a str,
+        models: &'a BTreeMap<String, Model>,
+        state: &mut BTreeMap<&'a str, u8>,
+        path: &mut Vec<&'a str>,
+        order: &mut Vec<String>,
+    ) -> Result<()> {
+        match state.get(n) {
+            Some(2) => return Ok(()),
+            Some(1) => {
+                let start = path.iter().position(|p| *p == n).unwrap_or(0);
+                let mut cycle: Vec<&str> = path[start..].to_vec();
+                cycle.push(n);
+                let files: Vec<String> = cycle.iter().map(|c| models[*c].file.clone()).collect();
+                return Err(Error::config(
+                    &models[n].file,
+                    format!("the models form a cycle: {} ({})", cycle.join(" -> "), files.join(", ")),
+                ));
+            }
+            _ => {}
+        }
+        state.insert(n, 1);
+        path.push(n);
+        for r in &models[n].refs {
+            visit(r, models, state, path, order)?;
+        }
+        path.pop();
+        state.insert(n, 2);
+        order.push(n.to_string());
+        Ok(())
+    }
+    // Silver before gold, then by name, for a stable order.
+    let mut names: Vec<&Model> = models.values().collect();
+    names.sort_by_key(|m| (m.layer, m.name.clone()));
+    for m in names {
+        visit(&m.name, models, &mut state, &mut Vec::new(), &mut order)?;
+    }
+    Ok(order)
+}
+
+fn rel_path(dir: &Path, p: &Path) -> String {
+    p.strip_prefix(dir).unwrap_or(p).display().to_string()
+}
+
+fn jinja_message(e: &JinjaError) -> String {
+    let mut m = match e.line() {
+        Some(l) => format!("line {l}: {}", e.kind()),
+        None => e.kind().to_string(),
+    };
+    if let Some(d) = e.detail() {
+        m.push_str(": ");
+        m.push_str(d);
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        m.push_str(&format!(" ({s})"));
+        src = s.source();
+    }
+    m
+}
+
+/// The dag as text: a tree per root, or mermaid / dot / json.
+pub fn render_dag(dag: &Dag, format: &str) -> Result<String> {
+    let mut out = String::new();
+    match format {
+        "mermaid" => {
+            out.push_str("graph LR\n");
+            for m in dag.order.iter().map(|n| &dag.models[n]) {
+                for s in &m.sources {
+                    out.push_str(&format!("  bronze.{s} --> {}\n", m.table()));
+                }
+                for r in &m.refs {
+                    out.push_str(&format!("  {} --> {}\n", dag.models[r].table(), m.table()));
+                }
+            }
+        }
+        "dot" => {
+            out.push_str("digraph silt {\n  rankdir=LR;\n");
+            for m in dag.order.iter().map(|n| &dag.models[n]) {
+                out.push_str(&format!("  \"{}\";\n", m.table()));
+                for s in &m.sources {
+                    out.push_str(&format!("  \"bronze.{s}\" -> \"{}\";\n", m.table()));
+                }
+                for r in &m.refs {
+                    out.push_str(&format!("  \"{}\" -> \"{}\";\n", dag.models[r].table(), m.table()));
+                }
+            }
+            out.push_str("}\n");
+        }
+        "json" => {
+            let v: Vec<&Model> = dag.order.iter().map(|n| &dag.models[n]).collect();
+            out = serde_json::to_string_pretty(&v).map_err(|e| Error::Runtime(e.to_string()))?;
+            out.push('\n');
+        }
+        _ => {
+            // A tree from each source down through the models reading it.
+            let mut sources: BTreeSet<&String> = BTreeSet::new();
+            for m in dag.models.values() {
+                sources.extend(m.sources.iter());
+            }
+            fn walk(dag: &Dag, name: &str, depth: usize, out: &mut String) {
+                let m = &dag.models[name];
+                out.push_str(&format!(
+                    "{}└─ {} [{}]\n",
+                    "   ".repeat(depth),
+                    m.table(),
+                    serde_json::to_value(m.config.materialized).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                ));
+                for d in dag.order.iter().filter(|d| dag.models[*d].refs.contains(name)) {
+                    walk(dag, d, depth + 1, out);
+                }
+            }
+            for s in sources {
+                out.push_str(&format!("bronze.{s}\n"));
+                for m in dag.order.iter().filter(|n| dag.models[*n].sources.contains(s)) {
+                    walk(dag, m, 0, &mut out);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
