@@ -104,7 +104,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                  order by started_at desc, model"
             );
             let batches = silt::query::run(&silt.catalog, &sql).await?;
-            write_stdout(&render(&batches, if json { OutputFormat::Json } else { OutputFormat::Table })?)?;
+            write_stdout(&render(
+                &batches,
+                if json {
+                    OutputFormat::Json
+                } else {
+                    OutputFormat::Table
+                },
+            )?)?;
         }
         Command::Query { sql, format } => {
             let silt = Silt::open(&cli.project)?;
@@ -239,10 +246,15 @@ async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result
 async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow::Result<()> {
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}").context("progress template")?,
+        indicatif::ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}")
+            .context("progress template")?,
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
-    let opts = silt::pipeline::RunOptions { select: args.select, full_refresh: args.full_refresh, ingest };
+    let opts = silt::pipeline::RunOptions {
+        select: args.select,
+        full_refresh: args.full_refresh,
+        ingest,
+    };
     let report = silt::pipeline::run(silt, opts, Some(pb.clone())).await;
     pb.finish_and_clear();
     let report = report?;
@@ -255,7 +267,9 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
                     eprintln!("warning: {}: {w}", s.source);
                 }
             }
-            let (files, rows, q) = r.sources.iter().fold((0, 0, 0), |a, s| (a.0 + s.files_ingested, a.1 + s.rows, a.2 + s.quarantined));
+            let (files, rows, q) = r.sources.iter().fold((0, 0, 0), |a, s| {
+                (a.0 + s.files_ingested, a.1 + s.rows, a.2 + s.quarantined)
+            });
             println!("ingest: {files} new file(s), {rows} row(s) to bronze, {q} to quarantine");
         }
         let rows = report
@@ -279,7 +293,10 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
             })
             .collect();
         write_stdout(&simple_table(
-            &["model", "status", "mode", "inserted", "updated", "deleted", "copied", "scanned", "files+", "files-", "bytes+", "ms"],
+            &[
+                "model", "status", "mode", "inserted", "updated", "deleted", "copied", "scanned",
+                "files+", "files-", "bytes+", "ms",
+            ],
             rows,
         ))?;
         println!("run {} in {} ms", report.run_id, report.elapsed_ms);

@@ -74,11 +74,18 @@ pub struct Materializer<'a> {
 type FileMap = HashMap<String, (u64, HashMap<String, Option<String>>)>;
 
 fn files_of(t: &DeltaTable) -> Result<FileMap> {
-    let state = t.snapshot().map_err(|e| Error::delta(t.table_url().as_str(), e))?;
+    let state = t
+        .snapshot()
+        .map_err(|e| Error::delta(t.table_url().as_str(), e))?;
     Ok(state
         .log_data()
         .iter()
-        .map(|f| (f.path().to_string(), (f.size().max(0) as u64, f.partition_values_map())))
+        .map(|f| {
+            (
+                f.path().to_string(),
+                (f.size().max(0) as u64, f.partition_values_map()),
+            )
+        })
         .collect())
 }
 
@@ -113,7 +120,10 @@ fn q(c: &str) -> String {
 
 impl Materializer<'_> {
     fn new_schema(&self) -> Result<Arc<dyn datafusion::catalog::SchemaProvider>> {
-        let cat = self.ctx.catalog("datafusion").ok_or_else(|| Error::Runtime("no default catalog".into()))?;
+        let cat = self
+            .ctx
+            .catalog("datafusion")
+            .ok_or_else(|| Error::Runtime("no default catalog".into()))?;
         if let Some(s) = cat.schema(NEW_SCHEMA) {
             return Ok(s);
         }
@@ -132,7 +142,10 @@ impl Materializer<'_> {
         let mut metrics = ModelMetrics {
             model: m.name.clone(),
             table: t.to_string(),
-            materialized: serde_json::to_value(m.config.materialized).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            materialized: serde_json::to_value(m.config.materialized)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
             ..Default::default()
         };
 
@@ -143,15 +156,26 @@ impl Materializer<'_> {
         for u in &ups {
             let ut = lake.delta_table(&u.rel_path()).await?;
             let Some(v) = ut.version() else {
-                return Err(Error::Runtime(format!("{}: upstream {u} does not exist yet (ingest or build it first)", m.file)));
+                return Err(Error::Runtime(format!(
+                    "{}: upstream {u} does not exist yet (ingest or build it first)",
+                    m.file
+                )));
             };
             metrics.upstream.insert(u.to_string(), v);
             up_tables.insert(u.to_string(), ut);
         }
         let sql_hash = hex::encode(Sha256::digest(
-            format!("{}\0{}", m.template, serde_json::to_string(&m.config).unwrap_or_default()).as_bytes(),
+            format!(
+                "{}\0{}",
+                m.template,
+                serde_json::to_string(&m.config).unwrap_or_default()
+            )
+            .as_bytes(),
         ));
-        let new_state = ModelState { upstream: metrics.upstream.clone(), sql_hash: sql_hash.clone() };
+        let new_state = ModelState {
+            upstream: metrics.upstream.clone(),
+            sql_hash: sql_hash.clone(),
+        };
         if !self.full_refresh && state.as_ref() == Some(&new_state) {
             metrics.status = "up_to_date".into();
             metrics.mode = "none".into();
@@ -161,7 +185,11 @@ impl Materializer<'_> {
         }
         let prev = state.filter(|s| s.sql_hash == sql_hash && !self.full_refresh);
         let mut incremental = prev.is_some() && m.config.materialized != Materialized::Table;
-        let before = if target.version().is_some() { files_of(&target)? } else { FileMap::new() };
+        let before = if target.version().is_some() {
+            files_of(&target)?
+        } else {
+            FileMap::new()
+        };
 
         // Relations for an incremental build.
         let mut relations: BTreeMap<String, String> = BTreeMap::new();
@@ -181,7 +209,12 @@ impl Materializer<'_> {
                 if Some(pv) == ut.version() {
                     if m.config.materialized != Materialized::PartitionOverwrite {
                         // Nothing new upstream: an empty selection.
-                        let p = ut.table_provider().with_file_selection(FileSelection::from_file_paths(Vec::<String>::new())).await?;
+                        let p = ut
+                            .table_provider()
+                            .with_file_selection(FileSelection::from_file_paths(
+                                Vec::<String>::new(),
+                            ))
+                            .await?;
                         let name = format!("{}__{}", u.layer.schema_name(), u.name);
                         new_schema.register_table(name.clone(), p)?;
                         registered.push(name.clone());
@@ -191,17 +224,30 @@ impl Materializer<'_> {
                 }
                 let then = lake.delta_table_at(&u.rel_path(), pv).await?;
                 let (now_files, then_files) = (files_of(ut)?, files_of(&then)?);
-                let added: Vec<&String> = now_files.keys().filter(|p| !then_files.contains_key(*p)).collect();
-                let removed: Vec<&String> = then_files.keys().filter(|p| !now_files.contains_key(*p)).collect();
+                let added: Vec<&String> = now_files
+                    .keys()
+                    .filter(|p| !then_files.contains_key(*p))
+                    .collect();
+                let removed: Vec<&String> = then_files
+                    .keys()
+                    .filter(|p| !now_files.contains_key(*p))
+                    .collect();
                 match m.config.materialized {
                     Materialized::PartitionOverwrite => {
                         let pcol = m.config.partition_by.clone().unwrap_or_default();
-                        let parts = ut.snapshot().map(|s| s.metadata().partition_columns().to_vec()).unwrap_or_default();
+                        let parts = ut
+                            .snapshot()
+                            .map(|s| s.metadata().partition_columns().to_vec())
+                            .unwrap_or_default();
                         if !parts.contains(&pcol) {
                             incremental = false; // cannot tell which partitions changed
                             break;
                         }
-                        for p in added.iter().map(|p| &now_files[*p]).chain(removed.iter().map(|p| &then_files[*p])) {
+                        for p in added
+                            .iter()
+                            .map(|p| &now_files[*p])
+                            .chain(removed.iter().map(|p| &then_files[*p]))
+                        {
                             if let Some(Some(v)) = p.1.get(&pcol) {
                                 touched.insert(v.clone());
                             }
@@ -210,17 +256,33 @@ impl Materializer<'_> {
                     _ => {
                         let p = ut
                             .table_provider()
-                            .with_file_selection(FileSelection::from_file_paths(added.iter().map(|s| s.to_string())))
+                            .with_file_selection(FileSelection::from_file_paths(
+                                added.iter().map(|s| s.to_string()),
+                            ))
                             .await?;
                         let name = format!("{}__{}", u.layer.schema_name(), u.name);
                         new_schema.register_table(name.clone(), p)?;
                         registered.push(name.clone());
                         let mut rel = format!("{NEW_SCHEMA}.{name}");
-                        if let (Some(days), Some(lcol)) = (m.config.lookback_days, &m.config.lookback_column) {
-                            let has_col = ut.snapshot().map(|s| s.schema().field(lcol).is_some()).unwrap_or(false);
-                            if has_col && let Some(cutoff) = self.max_of(&t, lcol).await? {
+                        // Lookback: the upstream rows dated up to N days before the earliest new
+                        // row come along as context for the model's window functions.
+                        if let (Some(days), Some(lcol)) =
+                            (m.config.lookback_days, &m.config.lookback_column)
+                        {
+                            let has_col = ut
+                                .snapshot()
+                                .map(|s| s.schema().field(lcol).is_some())
+                                .unwrap_or(false);
+                            if has_col
+                                && let Some(start) = self
+                                    .scalar(&format!(
+                                        "select cast(min({}) as varchar) from {rel}",
+                                        q(lcol)
+                                    ))
+                                    .await?
+                            {
                                 rel = format!(
-                                    "(select * from {rel} union select * from {key} where {c} >= cast('{cutoff}' as date) - interval '{days} days')",
+                                    "(select * from {rel} union select * from {key} where {c} >= cast('{start}' as date) - interval '{days} days')",
                                     c = q(lcol)
                                 );
                             }
@@ -234,11 +296,24 @@ impl Materializer<'_> {
                     incremental = false;
                 } else {
                     let pcol = m.config.partition_by.clone().unwrap_or_default();
-                    let list = touched.iter().map(|v| format!("'{}'", v.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+                    let list = touched
+                        .iter()
+                        .map(|v| format!("'{}'", v.replace('\'', "''")))
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     for u in &ups {
-                        let parts = up_tables[&u.to_string()].snapshot().map(|s| s.metadata().partition_columns().to_vec()).unwrap_or_default();
+                        let parts = up_tables[&u.to_string()]
+                            .snapshot()
+                            .map(|s| s.metadata().partition_columns().to_vec())
+                            .unwrap_or_default();
                         if parts.contains(&pcol) {
-                            relations.insert(u.to_string(), format!("(select * from {u} where cast({} as varchar) in ({list}))", q(&pcol)));
+                            relations.insert(
+                                u.to_string(),
+                                format!(
+                                    "(select * from {u} where cast({} as varchar) in ({list}))",
+                                    q(&pcol)
+                                ),
+                            );
                         }
                     }
                 }
@@ -248,7 +323,18 @@ impl Materializer<'_> {
             relations.clear();
             touched.clear();
         }
-        let result = self.write(m, &t, target, incremental, relations, &touched, &new_state, &mut metrics).await;
+        let result = self
+            .write(
+                m,
+                &t,
+                target,
+                incremental,
+                relations,
+                &touched,
+                &new_state,
+                &mut metrics,
+            )
+            .await;
         for name in registered {
             let _ = new_schema.deregister_table(&name);
         }
@@ -274,8 +360,9 @@ impl Materializer<'_> {
         Ok(metrics)
     }
 
-    async fn max_of(&self, t: &TableRef, column: &str) -> Result<Option<String>> {
-        let df = self.ctx.sql(&format!("select cast(max({}) as varchar) as m from {t}", q(column))).await?;
+    /// The first value of a one-row query, as text.
+    async fn scalar(&self, sql: &str) -> Result<Option<String>> {
+        let df = self.ctx.sql(sql).await?;
         let b = df.collect().await?;
         Ok(b.first().and_then(|b| {
             let c = arrow::compute::cast(b.column(0), &DataType::Utf8).ok()?;
@@ -286,10 +373,22 @@ impl Materializer<'_> {
 
     fn props(&self, m: &Model, state: &ModelState) -> CommitProperties {
         CommitProperties::default().with_metadata([
-            ("silt.operation".to_string(), serde_json::Value::from("build")),
-            ("silt.model".to_string(), serde_json::Value::from(m.name.as_str())),
-            ("silt.run_id".to_string(), serde_json::Value::from(self.run_id)),
-            ("silt.state".to_string(), serde_json::to_value(state).unwrap_or_default()),
+            (
+                "silt.operation".to_string(),
+                serde_json::Value::from("build"),
+            ),
+            (
+                "silt.model".to_string(),
+                serde_json::Value::from(m.name.as_str()),
+            ),
+            (
+                "silt.run_id".to_string(),
+                serde_json::Value::from(self.run_id),
+            ),
+            (
+                "silt.state".to_string(),
+                serde_json::to_value(state).unwrap_or_default(),
+            ),
         ])
     }
 
@@ -305,16 +404,29 @@ impl Materializer<'_> {
         state: &ModelState,
         metrics: &mut ModelMetrics,
     ) -> Result<DeltaTable> {
-        let sql = self.dag.render(m, RenderContext { incremental, relations })?;
+        let sql = self.dag.render(
+            m,
+            RenderContext {
+                incremental,
+                relations,
+            },
+        )?;
         let cfg = &m.config;
         let partition_cols: Vec<String> = cfg.partition_by.iter().cloned().collect();
         // Plan first: a SQL error writes nothing.
         let df = self.ctx.sql(&sql).await.map_err(|e| sql_error(m, e))?;
-        if matches!(cfg.materialized, Materialized::Incremental | Materialized::Snapshot) {
+        if matches!(
+            cfg.materialized,
+            Materialized::Incremental | Materialized::Snapshot
+        ) {
             self.check_unique(m, &df, incremental).await?;
         }
         if !incremental {
-            let df = if cfg.materialized == Materialized::Snapshot { self.scd2_full(m, &sql).await? } else { df };
+            let df = if cfg.materialized == Materialized::Snapshot {
+                self.scd2_full(m, &sql).await?
+            } else {
+                df
+            };
             let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
             metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
             let table = target
@@ -343,8 +455,20 @@ impl Materializer<'_> {
                 let pcol = cfg.partition_by.clone().unwrap_or_default();
                 let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
                 metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
-                let is_utf8 = batches.first().and_then(|b| b.schema().field_with_name(&pcol).ok().map(|f| f.data_type() == &DataType::Utf8)).unwrap_or(true);
-                let pc = if is_utf8 { col(pcol.as_str()) } else { cast(col(pcol.as_str()), DataType::Utf8) };
+                let is_utf8 = batches
+                    .first()
+                    .and_then(|b| {
+                        b.schema()
+                            .field_with_name(&pcol)
+                            .ok()
+                            .map(|f| f.data_type() == &DataType::Utf8)
+                    })
+                    .unwrap_or(true);
+                let pc = if is_utf8 {
+                    col(pcol.as_str())
+                } else {
+                    cast(col(pcol.as_str()), DataType::Utf8)
+                };
                 let pred = pc.in_list(touched.iter().map(|v| lit(v.clone())).collect(), false);
                 target
                     .write(batches)
@@ -366,7 +490,13 @@ impl Materializer<'_> {
         if m.config.materialized == Materialized::Snapshot && !incremental {
             return Ok(());
         }
-        let keys = m.config.unique_key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+        let keys = m
+            .config
+            .unique_key
+            .iter()
+            .map(|k| q(k))
+            .collect::<Vec<_>>()
+            .join(", ");
         let name = "__silt_check";
         let _ = self.ctx.deregister_table(name);
         self.ctx.register_table(name, df.clone().into_view())?;
@@ -397,7 +527,15 @@ impl Materializer<'_> {
     /// Incremental MERGE on unique_key. With partition_by, the join carries the partition
     /// column (`t.p = s.p`) so delta-rs prunes target files to the source's partitions, and a
     /// row whose partition changed is deleted from its old partition in the same commit.
-    async fn merge(&self, m: &Model, t: &TableRef, target: DeltaTable, df: DataFrame, state: &ModelState, metrics: &mut ModelMetrics) -> Result<DeltaTable> {
+    async fn merge(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        df: DataFrame,
+        state: &ModelState,
+        metrics: &mut ModelMetrics,
+    ) -> Result<DeltaTable> {
         let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
         if batches.iter().all(|b| b.num_rows() == 0) {
             // Nothing new: still record the state so the next run is a no-op.
@@ -408,17 +546,66 @@ impl Materializer<'_> {
                 .await
                 .map_err(|e| Error::delta(t.to_string(), e));
         }
-        let cols: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+        let cols: Vec<String> = batches[0]
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         let src_name = "__silt_src";
         let _ = self.ctx.deregister_table(src_name);
-        self.ctx.register_batch(src_name, arrow::compute::concat_batches(&batches[0].schema(), &batches)?)?;
+        self.ctx.register_batch(
+            src_name,
+            arrow::compute::concat_batches(&batches[0].schema(), &batches)?,
+        )?;
+        // Rows the target already holds exactly (lookback context, re-deliveries) are dropped, so
+        // the MERGE rewrites only files that really change. With partition_by, only the source's
+        // partitions of the target are read for this.
+        let target_cols = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        let existing = match &m.config.partition_by {
+            Some(p) => format!(
+                "select {target_cols} from {t} where {pq} in (select distinct {pq} from {src_name})",
+                pq = q(p)
+            ),
+            None => format!("select {target_cols} from {t}"),
+        };
+        let changed = self
+            .ctx
+            .sql(&format!("select * from {src_name} except {existing}"))
+            .await
+            .map_err(|e| sql_error(m, e))?
+            .collect()
+            .await?;
+        let _ = self.ctx.deregister_table(src_name);
+        if changed.iter().all(|b| b.num_rows() == 0) {
+            return target
+                .write(Vec::<RecordBatch>::new())
+                .with_save_mode(SaveMode::Append)
+                .with_commit_properties(self.props(m, state))
+                .await
+                .map_err(|e| Error::delta(t.to_string(), e));
+        }
+        self.ctx.register_batch(
+            src_name,
+            arrow::compute::concat_batches(&changed[0].schema(), &changed)?,
+        )?;
         let keys = &m.config.unique_key;
-        let key_eq = keys.iter().map(|k| format!("t.{c} = s.{c}", c = q(k))).collect::<Vec<_>>().join(" AND ");
+        let key_eq = keys
+            .iter()
+            .map(|k| format!("t.{c} = s.{c}", c = q(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
         let (staged_sql, predicate) = match &m.config.partition_by {
             Some(p) => {
                 let select_old = cols
                     .iter()
-                    .map(|c| if c == p { format!("t.{} as {}", q(c), q(c)) } else { format!("s.{}", q(c)) })
+                    .map(|c| {
+                        if c == p {
+                            format!("t.{} as {}", q(c), q(c))
+                        } else {
+                            format!("s.{}", q(c))
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(", ");
                 (
@@ -432,9 +619,16 @@ impl Materializer<'_> {
                     format!("{key_eq} AND t.{pq} = s.{pq}", pq = q(p)),
                 )
             }
-            None => (format!("select s.*, 'upsert' as __silt_op from {src_name} s"), key_eq.clone()),
+            None => (
+                format!("select s.*, 'upsert' as __silt_op from {src_name} s"),
+                key_eq.clone(),
+            ),
         };
-        let staged = self.ctx.sql(&staged_sql).await.map_err(|e| sql_error(m, e))?;
+        let staged = self
+            .ctx
+            .sql(&staged_sql)
+            .await
+            .map_err(|e| sql_error(m, e))?;
         let staged = self.ctx.read_batches(staged.collect().await?)?;
         let _ = self.ctx.deregister_table(src_name);
         let cols2 = cols.clone();
@@ -476,15 +670,31 @@ impl Materializer<'_> {
 
     fn scd2_parts(&self, m: &Model, df_cols: &[String]) -> (String, String, String) {
         let cfg = &m.config;
-        let keys = cfg.unique_key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+        let keys = cfg
+            .unique_key
+            .iter()
+            .map(|k| q(k))
+            .collect::<Vec<_>>()
+            .join(", ");
         let hash_cols: Vec<&String> = if cfg.check_cols.is_empty() {
-            df_cols.iter().filter(|c| !cfg.unique_key.contains(c) && Some(*c) != cfg.updated_at.as_ref() && !c.starts_with('_')).collect()
+            df_cols
+                .iter()
+                .filter(|c| {
+                    !cfg.unique_key.contains(c)
+                        && Some(*c) != cfg.updated_at.as_ref()
+                        && !c.starts_with('_')
+                })
+                .collect()
         } else {
             cfg.check_cols.iter().collect()
         };
         let hash = format!(
             "md5(concat_ws('|', {}))",
-            hash_cols.iter().map(|c| format!("coalesce(cast({} as varchar), '\\u0000')", q(c))).collect::<Vec<_>>().join(", ")
+            hash_cols
+                .iter()
+                .map(|c| format!("coalesce(cast({} as varchar), '\\u0000')", q(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let vt = match (&cfg.updated_at, cfg.strategy.as_str()) {
             (Some(u), _) => q(u),
@@ -498,7 +708,12 @@ impl Materializer<'_> {
 
     async fn model_columns(&self, m: &Model, sql: &str) -> Result<Vec<String>> {
         let df = self.ctx.sql(sql).await.map_err(|e| sql_error(m, e))?;
-        Ok(df.schema().fields().iter().map(|f| f.name().clone()).collect())
+        Ok(df
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect())
     }
 
     /// SCD2 from scratch: every distinct version of each key, in time order.
@@ -521,11 +736,25 @@ impl Materializer<'_> {
 
     /// SCD2 increment: close the current version of changed keys and insert their new versions,
     /// in one MERGE on (key, valid_from).
-    async fn scd2_merge(&self, m: &Model, t: &TableRef, target: DeltaTable, sql: &str, state: &ModelState, metrics: &mut ModelMetrics) -> Result<DeltaTable> {
+    async fn scd2_merge(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        sql: &str,
+        state: &ModelState,
+        metrics: &mut ModelMetrics,
+    ) -> Result<DeltaTable> {
         let cols = self.model_columns(m, sql).await?;
         let (keys, hash, vt) = self.scd2_parts(m, &cols);
         let c = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
-        let key_join = m.config.unique_key.iter().map(|k| format!("t.{c} = nk.{c}", c = q(k))).collect::<Vec<_>>().join(" AND ");
+        let key_join = m
+            .config
+            .unique_key
+            .iter()
+            .map(|k| format!("t.{c} = nk.{c}", c = q(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
         let staged_sql = format!(
             "with n as (select *, {vt} as __vt, {hash} as _scd_hash from ({sql}) src), \
              nk as (select distinct {keys} from n), \
@@ -538,7 +767,11 @@ impl Materializer<'_> {
              select {c}, _scd_hash, __vt as valid_from, __next as valid_to, __next is null as is_current \
              from f where __new = 1 or __next is not null"
         );
-        let staged = self.ctx.sql(&staged_sql).await.map_err(|e| sql_error(m, e))?;
+        let staged = self
+            .ctx
+            .sql(&staged_sql)
+            .await
+            .map_err(|e| sql_error(m, e))?;
         let batches = staged.collect().await?;
         if batches.iter().all(|b| b.num_rows() == 0) {
             return target
@@ -551,13 +784,22 @@ impl Materializer<'_> {
         let staged = self.ctx.read_batches(batches)?;
         let mut all_cols = cols.clone();
         all_cols.extend(["_scd_hash", "valid_from", "valid_to", "is_current"].map(String::from));
-        let key_eq = m.config.unique_key.iter().map(|k| format!("t.{c} = s.{c}", c = q(k))).collect::<Vec<_>>().join(" AND ");
+        let key_eq = m
+            .config
+            .unique_key
+            .iter()
+            .map(|k| format!("t.{c} = s.{c}", c = q(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
         let (table, mm) = target
             .merge(staged, format!("{key_eq} AND t.valid_from = s.valid_from"))
             .with_source_alias("s")
             .with_target_alias("t")
             .with_commit_properties(self.props(m, state))
-            .when_matched_update(|u| u.update("valid_to", "s.valid_to").update("is_current", "s.is_current"))
+            .when_matched_update(|u| {
+                u.update("valid_to", "s.valid_to")
+                    .update("is_current", "s.is_current")
+            })
             .and_then(|b| {
                 b.when_not_matched_insert(|mut i| {
                     for c in &all_cols {
@@ -579,7 +821,9 @@ impl Materializer<'_> {
 }
 
 /// Collect a result; an empty result still carries its schema as one empty batch.
-async fn collect_nonempty(df: DataFrame) -> std::result::Result<Vec<RecordBatch>, datafusion::error::DataFusionError> {
+async fn collect_nonempty(
+    df: DataFrame,
+) -> std::result::Result<Vec<RecordBatch>, datafusion::error::DataFusionError> {
     let schema = Arc::new(df.schema().as_arrow().clone());
     let mut b = df.collect().await?;
     b.retain(|b| b.num_rows() > 0);

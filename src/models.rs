@@ -129,39 +129,64 @@ fn env_for(
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     let c = captured.clone();
-    env.add_function("config", move |kwargs: Kwargs| -> std::result::Result<String, JinjaError> {
-        let cfg = parse_config(&kwargs);
-        c.lock().unwrap().config = Some(cfg);
-        Ok(String::new())
-    });
+    env.add_function(
+        "config",
+        move |kwargs: Kwargs| -> std::result::Result<String, JinjaError> {
+            let cfg = parse_config(&kwargs);
+            c.lock().unwrap().config = Some(cfg);
+            Ok(String::new())
+        },
+    );
     let c = captured.clone();
     let rel = ctx.relations.clone();
-    env.add_function("ref", move |name: String| -> std::result::Result<String, JinjaError> {
-        let Some(layer) = known_models.get(&name) else {
-            return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("ref('{name}'): no model named '{name}' in sql/silver or sql/gold")));
-        };
-        c.lock().unwrap().refs.insert(name.clone());
-        let t = TableRef::new(*layer, name).to_string();
-        Ok(rel.get(&t).cloned().unwrap_or(t))
-    });
+    env.add_function(
+        "ref",
+        move |name: String| -> std::result::Result<String, JinjaError> {
+            let Some(layer) = known_models.get(&name) else {
+                return Err(JinjaError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("ref('{name}'): no model named '{name}' in sql/silver or sql/gold"),
+                ));
+            };
+            c.lock().unwrap().refs.insert(name.clone());
+            let t = TableRef::new(*layer, name).to_string();
+            Ok(rel.get(&t).cloned().unwrap_or(t))
+        },
+    );
     let c = captured.clone();
     let rel = ctx.relations.clone();
-    env.add_function("source", move |name: String| -> std::result::Result<String, JinjaError> {
-        if !known_sources.contains(&name) {
-            return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("source('{name}'): no source named '{name}' in sql/bronze")));
-        }
-        c.lock().unwrap().sources.insert(name.clone());
-        let t = TableRef::bronze(&name).to_string();
-        Ok(rel.get(&t).cloned().unwrap_or(t))
-    });
+    env.add_function(
+        "source",
+        move |name: String| -> std::result::Result<String, JinjaError> {
+            if !known_sources.contains(&name) {
+                return Err(JinjaError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("source('{name}'): no source named '{name}' in sql/bronze"),
+                ));
+            }
+            c.lock().unwrap().sources.insert(name.clone());
+            let t = TableRef::bronze(&name).to_string();
+            Ok(rel.get(&t).cloned().unwrap_or(t))
+        },
+    );
     let incremental = ctx.incremental;
     env.add_function("is_incremental", move || incremental);
-    env.add_function("var", move |name: String, default: Option<Value>| -> std::result::Result<Value, JinjaError> {
-        match vars.get(&name) {
-            Some(v) => Ok(Value::from_serialize(v)),
-            None => default.ok_or_else(|| JinjaError::new(ErrorKind::InvalidOperation, format!("var('{name}') is not set in [vars] of silt.toml and has no default"))),
-        }
-    });
+    env.add_function(
+        "var",
+        move |name: String, default: Option<Value>| -> std::result::Result<Value, JinjaError> {
+            match vars.get(&name) {
+                Some(v) => Ok(Value::from_serialize(v)),
+                None => default.ok_or_else(|| {
+                    JinjaError::new(
+                        ErrorKind::InvalidOperation,
+                        format!(
+                            "var('{name}') is not set in [vars] of silt.toml and has no default"
+                        ),
+                    )
+                }),
+            }
+        },
+    );
     env.add_global("this", Value::from(this));
     env
 }
@@ -169,7 +194,8 @@ fn env_for(
 fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     let mut c = ModelConfig::default();
     let s = |k: &str| -> std::result::Result<Option<String>, String> {
-        kw.get::<Option<String>>(k).map_err(|e| format!("config({k}=…): {e}"))
+        kw.get::<Option<String>>(k)
+            .map_err(|e| format!("config({k}=…): {e}"))
     };
     let list = |k: &str| -> std::result::Result<Vec<String>, String> {
         let v: Option<Value> = kw.get(k).map_err(|e| format!("config({k}=…): {e}"))?;
@@ -177,9 +203,15 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
         if let Some(s) = v.as_str() {
             return Ok(vec![s.to_string()]);
         }
-        let it = v.try_iter().map_err(|_| format!("config({k}=…) takes a string or a list of strings"))?;
-        it.map(|x| x.as_str().map(String::from).ok_or_else(|| format!("config({k}=…) takes a string or a list of strings")))
-            .collect()
+        let it = v
+            .try_iter()
+            .map_err(|_| format!("config({k}=…) takes a string or a list of strings"))?;
+        it.map(|x| {
+            x.as_str()
+                .map(String::from)
+                .ok_or_else(|| format!("config({k}=…) takes a string or a list of strings"))
+        })
+        .collect()
     };
     if let Some(m) = s("materialized")? {
         c.materialized = Materialized::parse(&m).ok_or_else(|| {
@@ -188,7 +220,9 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     }
     c.unique_key = list("unique_key")?;
     c.partition_by = s("partition_by")?;
-    c.lookback_days = kw.get::<Option<i64>>("lookback_days").map_err(|e| format!("config(lookback_days=…): {e}"))?;
+    c.lookback_days = kw
+        .get::<Option<i64>>("lookback_days")
+        .map_err(|e| format!("config(lookback_days=…): {e}"))?;
     c.lookback_column = s("lookback_column")?;
     if let Some(st) = s("strategy")? {
         c.strategy = st;
@@ -212,8 +246,12 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
                 return Err("materialized='snapshot' needs unique_key".into());
             }
             match c.strategy.as_str() {
-                "check" if c.check_cols.is_empty() => return Err("strategy='check' needs check_cols".into()),
-                "timestamp" if c.updated_at.is_none() => return Err("strategy='timestamp' needs updated_at".into()),
+                "check" if c.check_cols.is_empty() => {
+                    return Err("strategy='check' needs check_cols".into());
+                }
+                "timestamp" if c.updated_at.is_none() => {
+                    return Err("strategy='timestamp' needs updated_at".into());
+                }
                 "check" | "timestamp" => {}
                 other => return Err(format!("strategy='{other}' is not check or timestamp")),
             }
@@ -245,13 +283,23 @@ impl Dag {
         let mut known: BTreeMap<String, Layer> = BTreeMap::new();
         let mut seen_file: BTreeMap<String, String> = BTreeMap::new();
         for (layer, p) in &files {
-            let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let name = p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
             let rel = rel_path(&project.dir, p);
             if !crate::config::is_identifier(&name) {
-                return Err(Error::config(rel, "model file names must be lower-case identifiers (letters, digits, '_')"));
+                return Err(Error::config(
+                    rel,
+                    "model file names must be lower-case identifiers (letters, digits, '_')",
+                ));
             }
             if let Some(other) = seen_file.insert(name.clone(), rel.clone()) {
-                return Err(Error::config(rel, format!("a model named '{name}' already exists in {other}")));
+                return Err(Error::config(
+                    rel,
+                    format!("a model named '{name}' already exists in {other}"),
+                ));
             }
             known.insert(name, *layer);
         }
@@ -260,9 +308,14 @@ impl Dag {
         let vars = Arc::new(project.file.vars.clone());
         let mut models = BTreeMap::new();
         for (layer, p) in files {
-            let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let name = p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
             let rel = rel_path(&project.dir, &p);
-            let template = std::fs::read_to_string(&p).map_err(|e| Error::config(&rel, e.to_string()))?;
+            let template =
+                std::fs::read_to_string(&p).map_err(|e| Error::config(&rel, e.to_string()))?;
             // Render both ways so refs inside `{% if is_incremental() %}` count too.
             let mut config = None;
             let mut refs = BTreeSet::new();
@@ -270,7 +323,17 @@ impl Dag {
             for incremental in [false, true] {
                 let cap = Arc::new(Mutex::new(Captured::default()));
                 let this = TableRef::new(layer, name.clone()).to_string();
-                let env = env_for(this, RenderContext { incremental, ..Default::default() }, cap.clone(), known.clone(), sources.clone(), vars.clone());
+                let env = env_for(
+                    this,
+                    RenderContext {
+                        incremental,
+                        ..Default::default()
+                    },
+                    cap.clone(),
+                    known.clone(),
+                    sources.clone(),
+                    vars.clone(),
+                );
                 env.render_str(&template, ())
                     .map_err(|e| Error::config(&rel, jinja_message(&e)))?;
                 let mut c = cap.lock().unwrap();
@@ -286,21 +349,54 @@ impl Dag {
                 Some(Err(m)) => return Err(Error::config(&rel, m)),
             };
             if refs.contains(&name) {
-                return Err(Error::config(&rel, format!("model '{name}' refs itself: use {{{{ this }}}} for the model's own table")));
+                return Err(Error::config(
+                    &rel,
+                    format!(
+                        "model '{name}' refs itself: use {{{{ this }}}} for the model's own table"
+                    ),
+                ));
             }
-            models.insert(name.clone(), Model { name, layer, file: rel, template, config, refs, sources: srcs });
+            models.insert(
+                name.clone(),
+                Model {
+                    name,
+                    layer,
+                    file: rel,
+                    template,
+                    config,
+                    refs,
+                    sources: srcs,
+                },
+            );
         }
         let order = topo_order(&models)?;
-        Ok(Dag { models, order, vars: project.file.vars.clone() })
+        Ok(Dag {
+            models,
+            order,
+            vars: project.file.vars.clone(),
+        })
     }
 
     /// Render a model's SQL for execution.
     pub fn render(&self, m: &Model, ctx: RenderContext) -> Result<String> {
-        let known = Arc::new(self.models.iter().map(|(k, v)| (k.clone(), v.layer)).collect());
+        let known = Arc::new(
+            self.models
+                .iter()
+                .map(|(k, v)| (k.clone(), v.layer))
+                .collect(),
+        );
         let sources = Arc::new(m.sources.clone());
         let cap = Arc::new(Mutex::new(Captured::default()));
-        let env = env_for(m.table().to_string(), ctx, cap, known, sources, Arc::new(self.vars.clone()));
-        env.render_str(&m.template, ()).map_err(|e| Error::config(&m.file, jinja_message(&e)))
+        let env = env_for(
+            m.table().to_string(),
+            ctx,
+            cap,
+            known,
+            sources,
+            Arc::new(self.vars.clone()),
+        );
+        env.render_str(&m.template, ())
+            .map_err(|e| Error::config(&m.file, jinja_message(&e)))
     }
 
     /// Models selected by `--select` terms: `name`, `name+` (and downstream), `+name` (and
@@ -313,7 +409,12 @@ impl Dag {
         for t in terms {
             for term in t.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 if let Some(layer) = Layer::parse(term) {
-                    chosen.extend(self.models.values().filter(|m| m.layer == layer).map(|m| m.name.clone()));
+                    chosen.extend(
+                        self.models
+                            .values()
+                            .filter(|m| m.layer == layer)
+                            .map(|m| m.name.clone()),
+                    );
                     continue;
                 }
                 let up = term.starts_with('+');
@@ -334,7 +435,12 @@ impl Dag {
                 }
             }
         }
-        Ok(self.order.iter().filter(|n| chosen.contains(*n)).cloned().collect())
+        Ok(self
+            .order
+            .iter()
+            .filter(|n| chosen.contains(*n))
+            .cloned()
+            .collect())
     }
 
     /// Every model `name` depends on, transitively.
@@ -395,7 +501,11 @@ fn topo_order(models: &BTreeMap<String, Model>) -> Result<Vec<String>> {
                 let files: Vec<String> = cycle.iter().map(|c| models[*c].file.clone()).collect();
                 return Err(Error::config(
                     &models[n].file,
-                    format!("the models form a cycle: {} ({})", cycle.join(" -> "), files.join(", ")),
+                    format!(
+                        "the models form a cycle: {} ({})",
+                        cycle.join(" -> "),
+                        files.join(", ")
+                    ),
                 ));
             }
             _ => {}
@@ -463,7 +573,11 @@ pub fn render_dag(dag: &Dag, format: &str) -> Result<String> {
                     out.push_str(&format!("  \"bronze.{s}\" -> \"{}\";\n", m.table()));
                 }
                 for r in &m.refs {
-                    out.push_str(&format!("  \"{}\" -> \"{}\";\n", dag.models[r].table(), m.table()));
+                    out.push_str(&format!(
+                        "  \"{}\" -> \"{}\";\n",
+                        dag.models[r].table(),
+                        m.table()
+                    ));
                 }
             }
             out.push_str("}\n");
@@ -485,15 +599,26 @@ pub fn render_dag(dag: &Dag, format: &str) -> Result<String> {
                     "{}└─ {} [{}]\n",
                     "   ".repeat(depth),
                     m.table(),
-                    serde_json::to_value(m.config.materialized).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                    serde_json::to_value(m.config.materialized)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
                 ));
-                for d in dag.order.iter().filter(|d| dag.models[*d].refs.contains(name)) {
+                for d in dag
+                    .order
+                    .iter()
+                    .filter(|d| dag.models[*d].refs.contains(name))
+                {
                     walk(dag, d, depth + 1, out);
                 }
             }
             for s in sources {
                 out.push_str(&format!("bronze.{s}\n"));
-                for m in dag.order.iter().filter(|n| dag.models[*n].sources.contains(s)) {
+                for m in dag
+                    .order
+                    .iter()
+                    .filter(|n| dag.models[*n].sources.contains(s))
+                {
                     walk(dag, m, 0, &mut out);
                 }
             }

@@ -33,16 +33,27 @@ pub struct RunReport {
 impl RunReport {
     /// The exit code the run deserves: the most severe error's, or 0.
     pub fn exit_code(&self) -> i32 {
-        self.errors.iter().map(|(_, e)| e.exit_code()).max().unwrap_or(0)
+        self.errors
+            .iter()
+            .map(|(_, e)| e.exit_code())
+            .max()
+            .unwrap_or(0)
     }
 }
 
 /// Run ingest (optionally) and build the selected models.
-pub async fn run(silt: &Silt, opts: RunOptions, progress: Option<indicatif::ProgressBar>) -> Result<RunReport> {
+pub async fn run(
+    silt: &Silt,
+    opts: RunOptions,
+    progress: Option<indicatif::ProgressBar>,
+) -> Result<RunReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
     let run_id = uuid::Uuid::now_v7().to_string();
-    let mut report = RunReport { run_id: run_id.clone(), ..Default::default() };
+    let mut report = RunReport {
+        run_id: run_id.clone(),
+        ..Default::default()
+    };
     // Load the dag first: a broken model is a usage error before anything is written.
     let dag = Dag::load(&silt.project)?;
     let selected = dag.select(&opts.select)?;
@@ -56,25 +67,44 @@ pub async fn run(silt: &Silt, opts: RunOptions, progress: Option<indicatif::Prog
         for e in std::mem::take(&mut r.rejected) {
             report.errors.push(("ingest".into(), e));
         }
-        let (rows, quarantined, files) = r.sources.iter().fold((0, 0, 0), |a, s| (a.0 + s.rows, a.1 + s.quarantined, a.2 + s.files_ingested));
+        let (rows, quarantined, files) = r.sources.iter().fold((0, 0, 0), |a, s| {
+            (a.0 + s.rows, a.1 + s.quarantined, a.2 + s.files_ingested)
+        });
         if files > 0 {
-            ingest_row = Some((rows, quarantined, ModelMetrics {
-                model: "ingest".into(),
-                table: "bronze.*".into(),
-                materialized: "ingest".into(),
-                status: "built".into(),
-                mode: "incremental".into(),
-                rows_inserted: rows,
-                ms: r.elapsed_ms,
-                message: Some(format!("{files} landing file(s), batch {}", r.batch_id)),
-                ..Default::default()
-            }));
+            ingest_row = Some((
+                rows,
+                quarantined,
+                ModelMetrics {
+                    model: "ingest".into(),
+                    table: "bronze.*".into(),
+                    materialized: "ingest".into(),
+                    status: "built".into(),
+                    mode: "incremental".into(),
+                    rows_inserted: rows,
+                    ms: r.elapsed_ms,
+                    message: Some(format!("{files} landing file(s), batch {}", r.batch_id)),
+                    ..Default::default()
+                },
+            ));
         }
         report.ingest = Some(r);
     }
-    build_models(silt, &dag, &selected, opts.full_refresh, progress, &mut report).await?;
+    build_models(
+        silt,
+        &dag,
+        &selected,
+        opts.full_refresh,
+        progress,
+        &mut report,
+    )
+    .await?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
-    let mut changed: Vec<ModelMetrics> = report.models.iter().filter(|m| m.status != "up_to_date").cloned().collect();
+    let mut changed: Vec<ModelMetrics> = report
+        .models
+        .iter()
+        .filter(|m| m.status != "up_to_date")
+        .cloned()
+        .collect();
     let mut totals = (0, 0);
     if let Some((rows, q, row)) = ingest_row {
         totals = (rows, q);
@@ -93,7 +123,13 @@ async fn build_models(
     report: &mut RunReport,
 ) -> Result<()> {
     let ctx = silt.catalog.session().await?;
-    let mat = Materializer { catalog: &silt.catalog, dag, ctx: &ctx, run_id: &report.run_id, full_refresh };
+    let mat = Materializer {
+        catalog: &silt.catalog,
+        dag,
+        ctx: &ctx,
+        run_id: &report.run_id,
+        full_refresh,
+    };
     let mut broken: BTreeSet<String> = BTreeSet::new();
     if let Some(p) = &progress {
         p.set_length(selected.len() as u64);

@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
+use arrow::array::{
+    ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    UInt64Array,
+};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
 use crate::catalog::{Catalog, TableRef};
@@ -17,21 +20,40 @@ pub fn table() -> TableRef {
 }
 
 const U64_COLS: [&str; 13] = [
-    "rows_inserted", "rows_updated", "rows_deleted", "rows_copied", "files_scanned", "files_skipped",
-    "files_added", "files_removed", "bytes_added", "bytes_removed", "ms", "ingested_rows", "quarantined_rows",
+    "rows_inserted",
+    "rows_updated",
+    "rows_deleted",
+    "rows_copied",
+    "files_scanned",
+    "files_skipped",
+    "files_added",
+    "files_removed",
+    "bytes_added",
+    "bytes_removed",
+    "ms",
+    "ingested_rows",
+    "quarantined_rows",
 ];
 
 fn schema() -> Arc<Schema> {
     let mut f = vec![
         Field::new("run_id", DataType::Utf8, false),
-        Field::new("started_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "started_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
         Field::new("model", DataType::Utf8, false),
         Field::new("table_name", DataType::Utf8, false),
         Field::new("materialized", DataType::Utf8, false),
         Field::new("status", DataType::Utf8, false),
         Field::new("mode", DataType::Utf8, false),
     ];
-    f.extend(U64_COLS.iter().map(|c| Field::new(*c, DataType::UInt64, false)));
+    f.extend(
+        U64_COLS
+            .iter()
+            .map(|c| Field::new(*c, DataType::UInt64, false)),
+    );
     f.extend([
         Field::new("version", DataType::Int64, true),
         Field::new("upstream_versions", DataType::Utf8, false),
@@ -43,15 +65,28 @@ fn schema() -> Arc<Schema> {
 }
 
 /// Record a run's model metrics (plus ingest totals on a pseudo-model row `ingest`).
-pub async fn record(catalog: &Catalog, run_id: &str, started_at: i64, rows: &[ModelMetrics], ingested: (u64, u64)) -> Result<()> {
+pub async fn record(
+    catalog: &Catalog,
+    run_id: &str,
+    started_at: i64,
+    rows: &[ModelMetrics],
+    ingested: (u64, u64),
+) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
     let n = rows.len();
-    let s = |f: &dyn Fn(&ModelMetrics) -> String| -> ArrayRef { Arc::new(StringArray::from_iter_values(rows.iter().map(f))) };
+    let s = |f: &dyn Fn(&ModelMetrics) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
     let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(run_id, n))),
-        Arc::new(TimestampMicrosecondArray::from_iter_values(std::iter::repeat_n(started_at, n)).with_timezone("UTC")),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            run_id, n,
+        ))),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(std::iter::repeat_n(started_at, n))
+                .with_timezone("UTC"),
+        ),
         s(&|m| m.model.clone()),
         s(&|m| m.table.clone()),
         s(&|m| m.materialized.clone()),
@@ -71,19 +106,41 @@ pub async fn record(catalog: &Catalog, run_id: &str, started_at: i64, rows: &[Mo
             "bytes_added" => m.bytes_added,
             "bytes_removed" => m.bytes_removed,
             "ms" => m.ms,
-            "ingested_rows" => if m.model == "ingest" { ingested.0 } else { 0 },
-            "quarantined_rows" => if m.model == "ingest" { ingested.1 } else { 0 },
+            "ingested_rows" => {
+                if m.model == "ingest" {
+                    ingested.0
+                } else {
+                    0
+                }
+            }
+            "quarantined_rows" => {
+                if m.model == "ingest" {
+                    ingested.1
+                } else {
+                    0
+                }
+            }
             _ => 0,
         }
     };
     for c in U64_COLS {
-        cols.push(Arc::new(UInt64Array::from_iter_values(rows.iter().map(|m| get(m, c)))));
+        cols.push(Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|m| get(m, c)),
+        )));
     }
-    cols.push(Arc::new(Int64Array::from_iter(rows.iter().map(|m| m.version.map(|v| v as i64)))));
-    cols.push(s(&|m| serde_json::to_string(&m.upstream).unwrap_or_default()));
+    cols.push(Arc::new(Int64Array::from_iter(
+        rows.iter().map(|m| m.version.map(|v| v as i64)),
+    )));
+    cols.push(s(&|m| {
+        serde_json::to_string(&m.upstream).unwrap_or_default()
+    }));
     cols.push(s(&|m| m.partitions.join(",")));
-    cols.push(Arc::new(StringArray::from_iter(rows.iter().map(|m| m.message.clone()))));
-    cols.push(Arc::new(BooleanArray::from_iter(rows.iter().map(|m| Some(m.status != "failed")))));
+    cols.push(Arc::new(StringArray::from_iter(
+        rows.iter().map(|m| m.message.clone()),
+    )));
+    cols.push(Arc::new(BooleanArray::from_iter(
+        rows.iter().map(|m| Some(m.status != "failed")),
+    )));
     let batch = RecordBatch::try_new(schema(), cols)?;
     append(
         catalog.lake(),

@@ -4,5 +4,6 @@
 
 mod contract;
 mod ingest;
+mod models;
 mod scaffold;
 mod support;

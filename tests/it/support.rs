@@ -142,6 +142,8 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub struct Manifest {
     pub bad: Vec<Bad>,
     pub files: serde_json::Map<String, Value>,
+    pub batch2: Value,
+    pub march_fix: Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -172,6 +174,8 @@ impl Manifest {
         Manifest {
             bad,
             files: v["files"].as_object().unwrap().clone(),
+            batch2: v["batch2"].clone(),
+            march_fix: v["march_fix"].clone(),
         }
     }
 

@@ -1,0 +1,452 @@
+//! SQL models: golden gold tables, incremental builds equal to full refreshes, partition-aware
+//! MERGE read from the recorded metrics, no-op re-runs, model errors, selectors and the dag.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::support::{Manifest, Project, copy_dir, repo};
+
+const SILVER: [&str; 3] = ["stg_fees", "clients", "advisers"];
+const GOLD: [&str; 5] = [
+    "dim_clients",
+    "rpt_client_ltv",
+    "rpt_cohort_ltv",
+    "rpt_adviser_ltv",
+    "fct_monthly_revenue",
+];
+
+/// A table's full content as CSV with sorted rows (a stable text to compare or check in).
+fn table_csv(p: &Project, table: &str) -> String {
+    let out = p.ok(&[
+        "query",
+        &format!("select * from {table}"),
+        "--format",
+        "csv",
+    ]);
+    let mut lines: Vec<&str> = out.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let header = lines.remove(0);
+    lines.sort();
+    format!("{header}\n{}\n", lines.join("\n"))
+}
+
+fn run_json(p: &Project, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&p.ok(&a)).unwrap()
+}
+
+fn model<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == name)
+        .unwrap_or_else(|| panic!("{name} in {report}"))
+}
+
+#[test]
+fn reference_gold_tables_match_golden_files() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let update = std::env::var("SILT_UPDATE_GOLDEN").is_ok_and(|v| v == "1");
+    let mut diffs = Vec::new();
+    for g in GOLD {
+        let got = table_csv(&p, &format!("gold.{g}"));
+        assert!(got.lines().count() > 1, "gold.{g} is empty");
+        let path = repo().join("tests/golden").join(format!("{g}.csv"));
+        if update {
+            std::fs::write(&path, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: run `SILT_UPDATE_GOLDEN=1 cargo test golden` and review the diff",
+                path.display()
+            )
+        });
+        if got != want {
+            diffs.push(format!(
+                "gold.{g} differs from {}:\n--- want\n{want}\n--- got\n{got}",
+                path.display()
+            ));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{}\n(if the change is intended: SILT_UPDATE_GOLDEN=1 cargo test golden)",
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn ltv_counts_refunds_and_preserves_the_fee_total() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let fees = p.query("select cast(sum(fee_amount) as varchar) as s, cast(sum(case when fee_amount < 0 then fee_amount end) as varchar) as r from silver.stg_fees");
+    let ltv = p.query("select cast(sum(ltv_total) as varchar) as s from gold.rpt_client_ltv");
+    let revenue = p.query("select cast(sum(revenue) as varchar) as s, cast(sum(refunds) as varchar) as r from gold.fct_monthly_revenue");
+    assert_eq!(fees[0]["s"], ltv[0]["s"]);
+    assert_eq!(fees[0]["s"], revenue[0]["s"]);
+    assert_eq!(fees[0]["r"], revenue[0]["r"]);
+    assert!(
+        fees[0]["r"].as_str().unwrap().starts_with('-'),
+        "the fixtures hold refunds"
+    );
+}
+
+#[test]
+fn second_batch_incrementally_equals_a_full_refresh() {
+    let m = Manifest::load();
+    let p = Project::reference();
+    p.ok(&["run"]);
+    copy_dir(&repo().join("fixtures/batch2"), &p.landing());
+    let report = run_json(&p, &["run"]);
+    assert_eq!(model(&report, "stg_fees")["mode"], "incremental");
+    assert_eq!(model(&report, "clients")["mode"], "incremental");
+    assert_eq!(model(&report, "fct_monthly_revenue")["mode"], "incremental");
+    assert_eq!(
+        model(&report, "fct_monthly_revenue")["partitions"],
+        serde_json::json!(["2026-06", "2026-07"])
+    );
+    let b2 = &m.batch2;
+    let stg = model(&report, "stg_fees");
+    assert_eq!(
+        stg["rows_updated"],
+        b2["corrected"].as_array().unwrap().len()
+    );
+    assert_eq!(stg["rows_deleted"], 1, "the moved fee leaves its old month");
+    assert_eq!(
+        stg["rows_inserted"].as_u64().unwrap(),
+        b2["new_fees"].as_u64().unwrap() + 1
+    );
+
+    let mut incremental = BTreeMap::new();
+    for t in SILVER
+        .iter()
+        .map(|s| format!("silver.{s}"))
+        .chain(GOLD.iter().map(|g| format!("gold.{g}")))
+    {
+        incremental.insert(t.clone(), table_csv(&p, &t));
+    }
+    let full = run_json(&p, &["build", "--full-refresh"]);
+    assert!(
+        full["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["mode"] == "full")
+    );
+    for (t, inc) in &incremental {
+        assert_eq!(
+            &table_csv(&p, t),
+            inc,
+            "{t}: incremental build differs from a full refresh"
+        );
+    }
+    // The moved fee is once, in its new month; the corrections carry the new amounts.
+    let moved = p.query(&format!(
+        "select fee_month from silver.stg_fees where fee_id = '{}'",
+        b2["moved"].as_str().unwrap()
+    ));
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0]["fee_month"], "2026-07");
+    for id in b2["corrected"].as_array().unwrap() {
+        let r = p.query(&format!(
+            "select note from silver.stg_fees where fee_id = '{}'",
+            id.as_str().unwrap()
+        ));
+        assert_eq!(r[0]["note"], "corrected amount");
+    }
+    // SCD2: the changed profile has two versions, the unchanged one still one.
+    let changed = p.query(&format!(
+        "select email, is_current, valid_to is null as open from silver.clients where client_id = '{}' order by valid_from",
+        b2["changed_client"].as_str().unwrap()
+    ));
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert_eq!(
+        (changed[0]["is_current"].clone(), changed[0]["open"].clone()),
+        (Value::Bool(false), Value::Bool(false))
+    );
+    assert_eq!(
+        (changed[1]["is_current"].clone(), changed[1]["open"].clone()),
+        (Value::Bool(true), Value::Bool(true))
+    );
+    assert!(
+        changed[1]["email"]
+            .as_str()
+            .unwrap()
+            .starts_with("new.address")
+    );
+    let unchanged = p.count(&format!(
+        "select count(*) from silver.clients where client_id = '{}'",
+        b2["unchanged_client"].as_str().unwrap()
+    ));
+    assert_eq!(unchanged, 1);
+}
+
+/// Active files of a Delta table by path, from its log (through deltalake).
+fn active_files(table: &Path) -> BTreeMap<String, u64> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = url::Url::from_directory_path(table).unwrap();
+        let t = deltalake::open_table(url).await.unwrap();
+        t.snapshot()
+            .unwrap()
+            .log_data()
+            .iter()
+            .map(|f| (f.path().to_string(), f.size() as u64))
+            .collect()
+    })
+}
+
+#[test]
+fn merge_of_a_one_month_batch_reads_and_rewrites_only_that_month() {
+    let m = Manifest::load();
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let before = active_files(&p.lake().join("silver/stg_fees"));
+    let months = before
+        .keys()
+        .filter(|f| f.starts_with("fee_month="))
+        .map(|f| f.split('/').next().unwrap().to_string())
+        .collect::<std::collections::BTreeSet<_>>();
+    assert!(months.len() >= 6, "{months:?}");
+    let march: Vec<&String> = before
+        .keys()
+        .filter(|f| f.starts_with("fee_month=2026-03/"))
+        .collect();
+    copy_dir(&repo().join("fixtures/march_fix"), &p.landing());
+    let report = run_json(&p, &["run", "--select", "stg_fees"]);
+    let stg = model(&report, "stg_fees");
+    assert_eq!(stg["mode"], "incremental");
+    assert_eq!(
+        stg["rows_updated"],
+        m.march_fix["corrected"].as_array().unwrap().len()
+    );
+    assert_eq!(stg["rows_inserted"], 0);
+    assert_eq!(
+        stg["files_scanned"],
+        march.len(),
+        "only March's files are read: {stg}"
+    );
+    assert_eq!(
+        stg["files_skipped"].as_u64().unwrap() as usize,
+        before.len() - march.len()
+    );
+    let after = active_files(&p.lake().join("silver/stg_fees"));
+    let removed: Vec<&String> = before.keys().filter(|f| !after.contains_key(*f)).collect();
+    let added: Vec<&String> = after.keys().filter(|f| !before.contains_key(*f)).collect();
+    assert!(
+        !removed.is_empty() && removed.iter().all(|f| f.starts_with("fee_month=2026-03/")),
+        "{removed:?}"
+    );
+    assert!(
+        !added.is_empty() && added.iter().all(|f| f.starts_with("fee_month=2026-03/")),
+        "{added:?}"
+    );
+    let march_bytes: u64 = march.iter().map(|f| before[*f]).sum();
+    assert_eq!(
+        stg["bytes_removed"].as_u64().unwrap(),
+        removed.iter().map(|f| before[*f]).sum::<u64>()
+    );
+    assert!(stg["bytes_removed"].as_u64().unwrap() <= march_bytes);
+    // The metrics are in the run log too.
+    let runs = p.query(&format!(
+        "select files_scanned, files_removed, rows_updated from _silt.runs where run_id = '{}' and model = 'stg_fees'",
+        report["run_id"].as_str().unwrap()
+    ));
+    assert_eq!(runs[0]["files_scanned"], march.len());
+    assert_eq!(runs[0]["rows_updated"], 2);
+}
+
+#[test]
+fn run_again_without_new_data_writes_no_version() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let before = p.log_files();
+    let report = run_json(&p, &["run"]);
+    assert!(
+        report["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["status"] == "up_to_date"),
+        "{report}"
+    );
+    assert_eq!(p.log_files(), before);
+}
+
+fn write_model(p: &Project, rel: &str, sql: &str) {
+    std::fs::write(p.path().join("sql").join(rel), sql).unwrap();
+}
+
+#[test]
+fn cycles_unknown_refs_and_sql_errors_name_the_file_exit_2_and_write_nothing() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let before = p.log_files();
+    let data_logs = |p: &Project| {
+        p.log_files()
+            .into_iter()
+            .filter(|f| !f.contains("/_silt/"))
+            .collect::<Vec<_>>()
+    };
+    let data_before = data_logs(&p);
+    for (file, sql, needle) in [
+        (
+            "gold/loop_a.sql",
+            "select * from {{ ref('loop_b') }}",
+            "cycle",
+        ),
+        (
+            "gold/loop_b.sql",
+            "select * from {{ ref('loop_a') }}",
+            "cycle",
+        ),
+    ] {
+        write_model(&p, file, sql);
+        let _ = needle;
+    }
+    let out = p.run(&["build"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sql/gold/loop_a.sql")
+            && err.contains("cycle")
+            && err.contains("loop_a -> loop_b -> loop_a"),
+        "{err}"
+    );
+    assert_eq!(p.log_files(), before);
+    std::fs::remove_file(p.path().join("sql/gold/loop_a.sql")).unwrap();
+    std::fs::remove_file(p.path().join("sql/gold/loop_b.sql")).unwrap();
+
+    write_model(
+        &p,
+        "gold/bad_ref.sql",
+        "select * from {{ ref('no_such_model') }}",
+    );
+    let out = p.run(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sql/gold/bad_ref.sql") && err.contains("no_such_model"),
+        "{err}"
+    );
+    assert_eq!(p.log_files(), before);
+    std::fs::remove_file(p.path().join("sql/gold/bad_ref.sql")).unwrap();
+
+    write_model(
+        &p,
+        "gold/bad_sql.sql",
+        "select no_such_column from {{ ref('stg_fees') }}",
+    );
+    let out = p.run(&["build"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sql/gold/bad_sql.sql") && err.contains("no_such_column"),
+        "{err}"
+    );
+    assert!(!p.lake().join("gold/bad_sql").exists());
+    assert_eq!(
+        data_logs(&p),
+        data_before,
+        "no data table got a new version"
+    );
+}
+
+#[test]
+fn a_failed_model_skips_its_downstream_and_independent_branches_build() {
+    let p = Project::reference();
+    write_model(
+        &p,
+        "silver/advisers.sql",
+        "select adviser_id, nonsense from {{ source('advisers') }}",
+    );
+    let out = p.run(&["--json", "run"]);
+    assert_eq!(out.status.code(), Some(2));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(model(&report, "advisers")["status"], "failed");
+    assert_eq!(model(&report, "rpt_adviser_ltv")["status"], "skipped");
+    for built in [
+        "stg_fees",
+        "clients",
+        "dim_clients",
+        "rpt_client_ltv",
+        "rpt_cohort_ltv",
+        "fct_monthly_revenue",
+    ] {
+        assert_eq!(model(&report, built)["status"], "built", "{built}");
+    }
+    assert!(!p.lake().join("gold/rpt_adviser_ltv").exists());
+}
+
+#[test]
+fn selectors_pick_models_and_their_neighbours() {
+    let p = Project::reference();
+    p.ok(&["ingest"]);
+    let names = |r: &Value| -> Vec<String> {
+        r["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["model"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let r = run_json(&p, &["build", "--select", "+rpt_cohort_ltv"]);
+    assert_eq!(
+        names(&r),
+        [
+            "clients",
+            "stg_fees",
+            "dim_clients",
+            "rpt_client_ltv",
+            "rpt_cohort_ltv"
+        ]
+    );
+    let r = run_json(&p, &["build", "--select", "advisers+"]);
+    assert_eq!(names(&r), ["advisers", "rpt_adviser_ltv"]);
+    let r = run_json(&p, &["build", "--select", "silver"]);
+    assert_eq!(names(&r), ["advisers", "clients", "stg_fees"]);
+    let out = p.run(&["build", "--select", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn dag_renders_as_text_mermaid_dot_and_json() {
+    let p = Project::reference();
+    let text = p.ok(&["dag"]);
+    assert!(
+        text.contains("bronze.fees") && text.contains("silver.stg_fees [incremental]"),
+        "{text}"
+    );
+    let mermaid = p.ok(&["dag", "--format", "mermaid"]);
+    assert!(
+        mermaid.starts_with("graph LR")
+            && mermaid.contains("silver.stg_fees --> gold.fct_monthly_revenue"),
+        "{mermaid}"
+    );
+    let dot = p.ok(&["dag", "--format", "dot"]);
+    assert!(
+        dot.contains("\"bronze.clients\" -> \"silver.clients\""),
+        "{dot}"
+    );
+    let json: Value = serde_json::from_str(&p.ok(&["dag", "--format", "json"])).unwrap();
+    let order: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    let pos = |n: &str| order.iter().position(|o| *o == n).unwrap();
+    assert!(
+        pos("stg_fees") < pos("dim_clients")
+            && pos("dim_clients") < pos("rpt_client_ltv")
+            && pos("rpt_client_ltv") < pos("rpt_adviser_ltv")
+    );
+}
