@@ -35,6 +35,15 @@ pub enum Command {
     Run(BuildArgs),
     /// Build models (all, or --select name, name+, +name, silver, gold) in dag order.
     Build(BuildArgs),
+    /// Watch the landing root; when files land, ingest them and build the affected models.
+    Watch {
+        /// Wait this long after the last change before running.
+        #[arg(long, default_value_t = 500)]
+        debounce_ms: u64,
+        /// Also poll the landing root this often (the only trigger for gs:// roots).
+        #[arg(long, default_value_t = 10)]
+        poll_seconds: u64,
+    },
     /// Show the model dag: a text tree, or --format mermaid|dot|json.
     Dag {
         #[arg(long, value_enum, default_value_t = DagFormat::Text)]

@@ -17,6 +17,7 @@ pub mod render;
 pub mod runs;
 pub mod scaffold;
 pub mod storage;
+pub mod watch;
 
 use std::path::Path;
 

@@ -80,6 +80,44 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let silt = Silt::open(&cli.project)?;
             build(&silt, args, false, json).await?;
         }
+        Command::Watch {
+            debounce_ms,
+            poll_seconds,
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("silt: stopping after the current step (Ctrl-C)");
+                    s2.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            eprintln!(
+                "silt: watching {} (debounce {debounce_ms} ms, poll every {poll_seconds} s); Ctrl-C stops",
+                silt.landing.url()
+            );
+            let opts = silt::watch::WatchOptions {
+                debounce: std::time::Duration::from_millis(debounce_ms),
+                poll_interval: std::time::Duration::from_secs(poll_seconds),
+            };
+            silt::watch::watch(&silt, opts, stop, |changed, report| match report {
+                Ok(r) => {
+                    let built = r.models.iter().filter(|m| m.status == "built").count();
+                    let (files, rows) = r.ingest.as_ref().map(|i| i.sources.iter().fold((0, 0), |a, s| (a.0 + s.files_ingested, a.1 + s.rows))).unwrap_or((0, 0));
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    }
+                    eprintln!("silt: {} change(s): ingested {files} file(s), {rows} row(s); built {built} model(s) in {} ms", changed.len(), r.elapsed_ms);
+                    for (name, e) in &r.errors {
+                        eprintln!("error: {name}: {e}");
+                    }
+                }
+                Err(e) => eprintln!("error: {e}"),
+            })
+            .await?;
+            eprintln!("silt: stopped");
+        }
         Command::Dag { format } => {
             let silt = Silt::open(&cli.project)?;
             let dag = silt::models::Dag::load(&silt.project)?;
@@ -254,6 +292,7 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
         select: args.select,
         full_refresh: args.full_refresh,
         ingest,
+        no_models: false,
     };
     let report = silt::pipeline::run(silt, opts, Some(pb.clone())).await;
     pb.finish_and_clear();

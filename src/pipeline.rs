@@ -17,6 +17,8 @@ pub struct RunOptions {
     pub full_refresh: bool,
     /// Ingest landing files first (`silt run`).
     pub ingest: bool,
+    /// Build no model (ingest only).
+    pub no_models: bool,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -56,7 +58,11 @@ pub async fn run(
     };
     // Load the dag first: a broken model is a usage error before anything is written.
     let dag = Dag::load(&silt.project)?;
-    let selected = dag.select(&opts.select)?;
+    let selected = if opts.no_models {
+        Vec::new()
+    } else {
+        dag.select(&opts.select)?
+    };
     let mut ingest_row = None;
     if opts.ingest {
         let mut b = silt.ingest();

@@ -450,3 +450,112 @@ fn dag_renders_as_text_mermaid_dot_and_json() {
             && pos("rpt_client_ltv") < pos("rpt_adviser_ltv")
     );
 }
+
+#[test]
+fn runs_lists_past_runs_with_metrics() {
+    let p = Project::reference();
+    let first = run_json(&p, &["run"]);
+    copy_dir(&repo().join("fixtures/batch2"), &p.landing());
+    let second = run_json(&p, &["run"]);
+    let runs: Value = serde_json::from_str(&p.ok(&["--json", "runs", "--limit", "2"])).unwrap();
+    let rows = runs.as_array().unwrap();
+    let ids: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r["run_id"].as_str().unwrap()).collect();
+    assert!(
+        ids.contains(first["run_id"].as_str().unwrap())
+            && ids.contains(second["run_id"].as_str().unwrap())
+    );
+    let stg = rows
+        .iter()
+        .find(|r| r["run_id"] == second["run_id"] && r["model"] == "stg_fees")
+        .expect("stg_fees in the second run");
+    assert_eq!(stg["mode"], "incremental");
+    assert_eq!(stg["upd"], model(&second, "stg_fees")["rows_updated"]);
+    let table = p.ok(&["runs"]);
+    assert!(
+        table.contains("stg_fees") && table.contains("incremental"),
+        "{table}"
+    );
+}
+
+#[test]
+fn watch_ingests_dropped_files_and_stops_cleanly_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let p = Project::reference();
+    let mut child = p
+        .cmd(&["watch", "--debounce-ms", "300", "--poll-seconds", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let wait_for = |needle: &str, secs: u64| -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                let hit = l.contains(needle);
+                seen.push(l);
+                if hit {
+                    return seen;
+                }
+            }
+        }
+        panic!("no '{needle}' within {secs}s; stderr so far: {seen:?}");
+    };
+    // The files already in the landing root are picked up first.
+    wait_for("change(s)", 120);
+    let before = p.count("select count(*) from bronze.fees");
+    let dropped_at = Instant::now();
+    copy_dir(
+        &repo().join("fixtures/batch2/fees"),
+        &p.landing().join("fees"),
+    );
+    let lines = wait_for("change(s)", 60);
+    let took = dropped_at.elapsed();
+    assert!(
+        lines.last().unwrap().contains("ingested 1 file(s)"),
+        "{lines:?}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the drop was picked up after {took:?}"
+    );
+    let m = Manifest::load();
+    let b2 = m.batch2["new_fees"].as_i64().unwrap()
+        + m.batch2["corrected"].as_array().unwrap().len() as i64
+        + 1;
+    assert_eq!(p.count("select count(*) from bronze.fees"), before + b2);
+    assert_eq!(
+        p.count(&format!(
+            "select count(*) from silver.stg_fees where fee_id = '{}' and fee_month = '2026-07'",
+            m.batch2["moved"].as_str().unwrap()
+        )),
+        1
+    );
+    // Ctrl-C: a clean stop, exit 0.
+    let st = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "watch did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
