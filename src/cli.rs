@@ -44,6 +44,22 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         poll_seconds: u64,
     },
+    /// Run data tests: column tests of models and sources, and sql/tests/*.sql.
+    Test {
+        /// Only the tests of these models (selectors as for build).
+        #[arg(long = "select", short = 's')]
+        select: Vec<String>,
+    },
+    /// How old each source's newest data is, against its [freshness] thresholds.
+    Freshness,
+    /// Column statistics (polars) of a table (bronze.fees) or a landing file.
+    Profile {
+        /// A table name (layer.name) or a landing file (path, URL, or path under the landing root).
+        target: String,
+        /// How many top values to show per column.
+        #[arg(long, default_value_t = 3)]
+        top: usize,
+    },
     /// Show the model dag: a text tree, or --format mermaid|dot|json.
     Dag {
         #[arg(long, value_enum, default_value_t = DagFormat::Text)]

@@ -266,6 +266,77 @@ pub struct SourceFile {
     #[serde(default)]
     pub parse: ParseOptions,
     pub columns: Vec<ColumnFile>,
+    /// Column tests on bronze.<source> (see quality.rs).
+    #[serde(default)]
+    pub tests: Vec<crate::quality::TestSpec>,
+    #[serde(default)]
+    pub freshness: Option<FreshnessSpec>,
+    #[serde(default)]
+    pub anomaly: Option<AnomalySpec>,
+}
+
+/// `[freshness]`: how old the newest data of a source may be.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FreshnessSpec {
+    /// A date or timestamp column; without it, the arrival time of the newest landing file.
+    #[serde(default)]
+    pub column: Option<String>,
+    /// e.g. "2 days", "12 hours".
+    #[serde(default)]
+    pub warn_after: Option<String>,
+    #[serde(default)]
+    pub error_after: Option<String>,
+}
+
+/// `[anomaly]`: checks of each ingest batch against the previous ones (computed with polars).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalySpec {
+    /// A batch with more than `volume_ratio` × (or less than 1/`volume_ratio` of) the trailing
+    /// mean row count is an anomaly.
+    #[serde(default = "default_volume_ratio")]
+    pub volume_ratio: f64,
+    /// …or more than `volume_z` standard deviations away from it.
+    #[serde(default = "default_volume_z")]
+    pub volume_z: f64,
+    /// Previous batches needed before volume and drift checks speak.
+    #[serde(default = "default_min_batches")]
+    pub min_batches: usize,
+    /// How many previous batches make the trailing statistics.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Largest allowed change of a column's null rate (0.2 = 20 points).
+    #[serde(default = "default_null_drift")]
+    pub null_rate_drift: f64,
+    /// Largest allowed ratio between a column's distinct count and its trailing mean.
+    #[serde(default = "default_volume_ratio")]
+    pub distinct_ratio: f64,
+    /// A date column for the gap check: days with no data inside the batch's date range.
+    #[serde(default)]
+    pub date_column: Option<String>,
+    /// warn (report) or error (exit 1, and `silt run` skips the models reading the source).
+    #[serde(default = "default_warn")]
+    pub severity: crate::quality::Severity,
+}
+
+fn default_volume_ratio() -> f64 {
+    5.0
+}
+fn default_volume_z() -> f64 {
+    4.0
+}
+fn default_min_batches() -> usize {
+    3
+}
+fn default_window() -> usize {
+    20
+}
+fn default_null_drift() -> f64 {
+    0.2
+}
+fn default_warn() -> crate::quality::Severity {
+    crate::quality::Severity::Warn
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -302,6 +373,9 @@ pub struct Source {
     pub on_duplicate_file: DuplicateFilePolicy,
     pub parse: ParseOptions,
     pub columns: Vec<Column>,
+    pub tests: Vec<crate::quality::TestSpec>,
+    pub freshness: Option<FreshnessSpec>,
+    pub anomaly: Option<AnomalySpec>,
 }
 
 impl Source {
@@ -419,6 +493,9 @@ impl Source {
             on_duplicate_file: sf.on_duplicate_file,
             parse: sf.parse,
             columns,
+            tests: sf.tests,
+            freshness: sf.freshness,
+            anomaly: sf.anomaly,
         })
     }
 }

@@ -12,6 +12,8 @@ pub mod ingest;
 pub mod materialize;
 pub mod models;
 pub mod pipeline;
+pub mod profile;
+pub mod quality;
 pub mod query;
 pub mod render;
 pub mod runs;

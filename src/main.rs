@@ -16,10 +16,11 @@ use silt::{Error, Silt};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+        // Dependencies speak only on errors unless asked (-vv).
+        0 => "error,silt=warn",
+        1 => "warn,silt=info",
+        2 => "info,silt=debug",
+        _ => "debug,silt=trace",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -117,6 +118,92 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             eprintln!("silt: stopped");
+        }
+        Command::Test { select } => {
+            let silt = Silt::open(&cli.project)?;
+            let report = silt::pipeline::test(&silt, &select).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            print_tests(&report, json)?;
+            for (name, e) in &report.errors {
+                eprintln!("error: {name}: {e}");
+            }
+            let code = report.exit_code();
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Command::Freshness => {
+            let silt = Silt::open(&cli.project)?;
+            let rows = silt::quality::freshness(&silt, chrono::Utc::now()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let table = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.source.clone(),
+                            r.measured.clone(),
+                            r.latest.clone().unwrap_or_else(|| "-".into()),
+                            r.age_hours
+                                .map(|a| format!("{a}"))
+                                .unwrap_or_else(|| "-".into()),
+                            r.status.clone(),
+                        ]
+                    })
+                    .collect();
+                write_stdout(&simple_table(
+                    &["source", "measured", "latest", "age (hours)", "status"],
+                    table,
+                ))?;
+            }
+            if rows.iter().any(|r| r.status == "error") {
+                std::process::exit(1);
+            }
+        }
+        Command::Profile { target, top } => {
+            let silt = Silt::open(&cli.project)?;
+            let cols = silt::profile::profile_target(&silt, &target, top).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cols)?);
+            } else {
+                let rows = cols
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.column.clone(),
+                            c.data_type.clone(),
+                            c.rows.to_string(),
+                            c.nulls.to_string(),
+                            c.distinct.to_string(),
+                            c.min.clone().unwrap_or_default(),
+                            c.max.clone().unwrap_or_default(),
+                            c.mean.map(|m| format!("{m:.4}")).unwrap_or_default(),
+                            c.top
+                                .iter()
+                                .map(|(v, n)| format!("{v} ({n})"))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        ]
+                    })
+                    .collect();
+                write_stdout(&simple_table(
+                    &[
+                        "column",
+                        "type",
+                        "rows",
+                        "nulls",
+                        "distinct",
+                        "min",
+                        "max",
+                        "mean",
+                        "top values",
+                    ],
+                    rows,
+                ))?;
+            }
         }
         Command::Dag { format } => {
             let silt = Silt::open(&cli.project)?;
@@ -274,9 +361,26 @@ async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result
             rows,
         ))?;
         println!("batch {} in {} ms", report.batch_id, report.elapsed_ms);
+        for a in report.sources.iter().flat_map(|s| s.anomalies.iter()) {
+            eprintln!(
+                "anomaly ({}): {}: {}{}: {}",
+                a.status,
+                a.source,
+                a.check,
+                a.column
+                    .as_ref()
+                    .map(|c| format!(" on {c}"))
+                    .unwrap_or_default(),
+                a.message
+            );
+        }
     }
+    let anomalies_failed = !report.failed_sources().is_empty();
     if !report.rejected.is_empty() {
         return Err(Error::Rejected(report.rejected).into());
+    }
+    if anomalies_failed {
+        std::process::exit(1);
     }
     Ok(())
 }
@@ -339,13 +443,66 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
             rows,
         ))?;
         println!("run {} in {} ms", report.run_id, report.elapsed_ms);
+        if let Some(i) = &report.ingest {
+            for a in i.sources.iter().flat_map(|s| s.anomalies.iter()) {
+                eprintln!(
+                    "anomaly ({}): {}: {}{}: {}",
+                    a.status,
+                    a.source,
+                    a.check,
+                    a.column
+                        .as_ref()
+                        .map(|c| format!(" on {c}"))
+                        .unwrap_or_default(),
+                    a.message
+                );
+            }
+        }
     }
+    print_tests(&report, json)?;
     for (name, e) in &report.errors {
         eprintln!("error: {name}: {e}");
     }
     let code = report.exit_code();
     if code != 0 {
         std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// Test results: a line per test on stdout, failing rows of failures on stderr.
+fn print_tests(report: &silt::pipeline::RunReport, json: bool) -> anyhow::Result<()> {
+    if report.tests.is_empty() {
+        return Ok(());
+    }
+    if !json {
+        let rows = report
+            .tests
+            .iter()
+            .map(|t| {
+                vec![
+                    t.name.clone(),
+                    t.subject.clone(),
+                    t.status.to_uppercase(),
+                    t.failing_rows.to_string(),
+                    t.ms.to_string(),
+                ]
+            })
+            .collect();
+        write_stdout(&simple_table(
+            &["test", "on", "status", "failing rows", "ms"],
+            rows,
+        ))?;
+    }
+    for t in report.tests.iter().filter(|t| t.status != "pass") {
+        eprintln!(
+            "{} {} on {}: {} failing row(s); the first:\n{}",
+            t.status.to_uppercase(),
+            t.name,
+            t.subject,
+            t.failing_rows,
+            t.sample
+        );
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct ModelMetrics {
     pub bytes_added: u64,
     pub bytes_removed: u64,
     pub ms: u64,
+    /// Tests: rows the test query returned.
+    pub failing_rows: u64,
     pub version: Option<u64>,
     pub upstream: BTreeMap<String, u64>,
     /// Partitions written (partition_overwrite) or merged into (incremental).
@@ -183,7 +185,9 @@ impl Materializer<'_> {
             metrics.ms = started.elapsed().as_millis() as u64;
             return Ok(metrics);
         }
-        let prev = state.filter(|s| s.sql_hash == sql_hash && !self.full_refresh);
+        // A changed model keeps building incrementally (as in dbt): `--full-refresh` applies new logic
+        // to old rows, and on_schema_change governs new columns.
+        let prev = state.filter(|_| !self.full_refresh);
         let mut incremental = prev.is_some() && m.config.materialized != Materialized::Table;
         let before = if target.version().is_some() {
             files_of(&target)?
@@ -415,6 +419,9 @@ impl Materializer<'_> {
         let partition_cols: Vec<String> = cfg.partition_by.iter().cloned().collect();
         // Plan first: a SQL error writes nothing.
         let df = self.ctx.sql(&sql).await.map_err(|e| sql_error(m, e))?;
+        if let Some(contract) = &cfg.contract {
+            check_contract(m, df.schema().as_arrow(), contract)?;
+        }
         if matches!(
             cfg.materialized,
             Materialized::Incremental | Materialized::Snapshot
@@ -552,6 +559,29 @@ impl Materializer<'_> {
             .iter()
             .map(|f| f.name().clone())
             .collect();
+        // on_schema_change: columns the target does not have yet.
+        let target_schema = target
+            .snapshot()
+            .map_err(|e| Error::delta(t.to_string(), e))?
+            .schema();
+        let new_cols: Vec<&String> = cols
+            .iter()
+            .filter(|c| target_schema.field(c.as_str()).is_none())
+            .collect();
+        let evolve = !new_cols.is_empty();
+        if evolve && m.config.on_schema_change != "append_new_columns" {
+            return Err(Error::config(
+                &m.file,
+                format!(
+                    "the model's output gained column(s) {} that {t} does not have; set on_schema_change='append_new_columns' in its config, or rebuild with --full-refresh",
+                    new_cols
+                        .iter()
+                        .map(|c| format!("'{c}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         let src_name = "__silt_src";
         let _ = self.ctx.deregister_table(src_name);
         self.ctx.register_batch(
@@ -561,7 +591,17 @@ impl Materializer<'_> {
         // Rows the target already holds exactly (lookback context, re-deliveries) are dropped, so
         // the MERGE rewrites only files that really change. With partition_by, only the source's
         // partitions of the target are read for this.
-        let target_cols = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        let target_cols = cols
+            .iter()
+            .map(|c| {
+                if target_schema.field(c.as_str()).is_some() {
+                    q(c)
+                } else {
+                    format!("null as {}", q(c))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         let existing = match &m.config.partition_by {
             Some(p) => format!(
                 "select {target_cols} from {t} where {pq} in (select distinct {pq} from {src_name})",
@@ -634,6 +674,7 @@ impl Materializer<'_> {
         let cols2 = cols.clone();
         let (table, mm) = target
             .merge(staged, predicate)
+            .with_merge_schema(evolve)
             .with_source_alias("s")
             .with_target_alias("t")
             .with_commit_properties(self.props(m, state))
@@ -831,4 +872,69 @@ async fn collect_nonempty(
         b.push(RecordBatch::new_empty(schema));
     }
     Ok(b)
+}
+
+/// Arrow types that are the same for a contract (string encodings, timezone spellings).
+fn same_type(a: &DataType, b: &DataType) -> bool {
+    use DataType::*;
+    match (a, b) {
+        (Utf8 | Utf8View | LargeUtf8, Utf8 | Utf8View | LargeUtf8) => true,
+        (Timestamp(u1, z1), Timestamp(u2, z2)) => {
+            let utc = |z: &Option<Arc<str>>| {
+                z.as_deref()
+                    .is_some_and(|z| matches!(z, "UTC" | "+00:00" | "Z"))
+            };
+            u1 == u2 && (z1 == z2 || (utc(z1) && utc(z2)))
+        }
+        (List(x) | LargeList(x) | ListView(x), List(y) | LargeList(y) | ListView(y)) => {
+            same_type(x.data_type(), y.data_type())
+        }
+        (Struct(x), Struct(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(f, g)| f.name() == g.name() && same_type(f.data_type(), g.data_type()))
+        }
+        _ => a == b,
+    }
+}
+
+/// The model's output against its declared contract: same columns, same types.
+fn check_contract(
+    m: &Model,
+    schema: &arrow::datatypes::Schema,
+    contract: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, ty) in contract {
+        let want = crate::contract::ColumnType::parse(ty)
+            .map_err(|e| Error::config(&m.file, format!("contract: column '{name}': {e}")))?;
+        match schema.field_with_name(name) {
+            Err(_) => problems.push(format!("column '{name}' ({ty}) is missing from the output")),
+            Ok(f) if !same_type(f.data_type(), &want.to_arrow()) => problems.push(format!(
+                "column '{name}' is {} but the contract says {ty}",
+                f.data_type()
+            )),
+            Ok(_) => {}
+        }
+    }
+    for f in schema.fields() {
+        if !contract.contains_key(f.name()) {
+            problems.push(format!(
+                "column '{}' ({}) is not in the contract",
+                f.name(),
+                f.data_type()
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::config(
+        &m.file,
+        format!(
+            "the output breaks the model's contract; nothing was written:\n  {}",
+            problems.join("\n  ")
+        ),
+    ))
 }

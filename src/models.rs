@@ -54,6 +54,14 @@ pub struct ModelConfig {
     pub check_cols: Vec<String>,
     pub updated_at: Option<String>,
     pub description: Option<String>,
+    /// Column tests run right after the model is built.
+    pub tests: Vec<crate::quality::TestSpec>,
+    /// Declared output columns and types: a mismatch fails the build before any write.
+    pub contract: Option<BTreeMap<String, String>>,
+    /// Incremental models: `fail` (default) or `append_new_columns` when the output gains columns.
+    pub on_schema_change: String,
+    /// Singular tests: `config(severity='warn')`.
+    pub severity: crate::quality::Severity,
 }
 
 impl Default for ModelConfig {
@@ -68,6 +76,10 @@ impl Default for ModelConfig {
             check_cols: vec![],
             updated_at: None,
             description: None,
+            tests: vec![],
+            contract: None,
+            on_schema_change: "fail".into(),
+            severity: crate::quality::Severity::Error,
         }
     }
 }
@@ -108,7 +120,21 @@ pub struct Dag {
     pub models: BTreeMap<String, Model>,
     /// Topological order (upstream first), ties broken by layer then name.
     pub order: Vec<String>,
+    /// Singular tests of `sql/tests/*.sql`.
+    pub singular: Vec<SingularTest>,
     vars: BTreeMap<String, toml::Value>,
+}
+
+/// A `sql/tests/<name>.sql` query returning failing rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct SingularTest {
+    pub name: String,
+    pub file: String,
+    #[serde(skip)]
+    pub sql: String,
+    pub refs: BTreeSet<String>,
+    pub sources: BTreeSet<String>,
+    pub severity: crate::quality::Severity,
 }
 
 #[derive(Default)]
@@ -230,9 +256,37 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     c.check_cols = list("check_cols")?;
     c.updated_at = s("updated_at")?;
     c.description = s("description")?;
-    for k in ["tests", "columns", "contract", "on_schema_change", "tags"] {
-        let _ = kw.get::<Option<Value>>(k);
+    let json = |k: &str| -> std::result::Result<Option<serde_json::Value>, String> {
+        let v: Option<Value> = kw.get(k).map_err(|e| format!("config({k}=…): {e}"))?;
+        v.map(|v| serde_json::to_value(&v).map_err(|e| format!("config({k}=…): {e}")))
+            .transpose()
+    };
+    if let Some(t) = json("tests")? {
+        c.tests = serde_json::from_value(t).map_err(|e| {
+            format!("config(tests=…): {e}; write tests=[{{'type': 'not_null', 'column': 'id'}}, …]")
+        })?;
     }
+    if let Some(t) = json("contract")? {
+        c.contract = Some(serde_json::from_value(t).map_err(|e| {
+            format!("config(contract=…): {e}; write contract={{'column': 'type', …}}")
+        })?);
+    }
+    if let Some(o) = s("on_schema_change")? {
+        if o != "fail" && o != "append_new_columns" {
+            return Err(format!(
+                "on_schema_change='{o}' is not fail or append_new_columns"
+            ));
+        }
+        c.on_schema_change = o;
+    }
+    if let Some(sv) = s("severity")? {
+        c.severity = match sv.as_str() {
+            "error" => crate::quality::Severity::Error,
+            "warn" => crate::quality::Severity::Warn,
+            o => return Err(format!("severity='{o}' is not error or warn")),
+        };
+    }
+    let _ = kw.get::<Option<Value>>("tags");
     kw.assert_all_used().map_err(|e| format!("config: {e}"))?;
     match c.materialized {
         Materialized::Incremental if c.unique_key.is_empty() => {
@@ -370,9 +424,56 @@ impl Dag {
             );
         }
         let order = topo_order(&models)?;
+        // Singular tests.
+        let mut singular = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(project.dir.join("sql").join("tests")) {
+            let mut ps: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+                .collect();
+            ps.sort();
+            for p in ps {
+                let rel = rel_path(&project.dir, &p);
+                let name = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let template =
+                    std::fs::read_to_string(&p).map_err(|e| Error::config(&rel, e.to_string()))?;
+                let cap = Arc::new(Mutex::new(Captured::default()));
+                let env = env_for(
+                    format!("test.{name}"),
+                    RenderContext::default(),
+                    cap.clone(),
+                    known.clone(),
+                    sources.clone(),
+                    vars.clone(),
+                );
+                let sql = env
+                    .render_str(&template, ())
+                    .map_err(|e| Error::config(&rel, jinja_message(&e)))?;
+                let mut c = cap.lock().unwrap();
+                let severity = match c.config.take() {
+                    Some(Ok(cfg)) => cfg.severity,
+                    Some(Err(m)) => return Err(Error::config(&rel, m)),
+                    None => crate::quality::Severity::Error,
+                };
+                singular.push(SingularTest {
+                    name,
+                    file: rel,
+                    sql: sql.trim().trim_end_matches(';').to_string(),
+                    refs: std::mem::take(&mut c.refs),
+                    sources: std::mem::take(&mut c.sources),
+                    severity,
+                });
+            }
+        }
         Ok(Dag {
             models,
             order,
+            singular,
             vars: project.file.vars.clone(),
         })
     }
@@ -441,6 +542,51 @@ impl Dag {
             .filter(|n| chosen.contains(*n))
             .cloned()
             .collect())
+    }
+
+    /// A `to` of a relationships test: a model name or a `layer.table` name.
+    pub fn resolve(&self, to: &str) -> Result<TableRef> {
+        if to.contains('.') {
+            return TableRef::parse(to);
+        }
+        self.models.get(to).map(|m| m.table()).ok_or_else(|| {
+            Error::Usage(format!(
+                "'{to}' is not a model: name a model, or a table as layer.name"
+            ))
+        })
+    }
+
+    /// The column tests of a model, compiled.
+    pub fn model_tests(&self, m: &Model) -> Result<Vec<crate::quality::DataTest>> {
+        m.config
+            .tests
+            .iter()
+            .map(|spec| {
+                crate::quality::compile(spec, &m.table(), &m.file, &|to| {
+                    self.resolve(to)
+                        .map_err(|e| Error::config(&m.file, e.to_string()))
+                })
+            })
+            .collect()
+    }
+
+    /// The singular tests, compiled.
+    pub fn singular_tests(&self) -> Vec<(crate::quality::DataTest, &SingularTest)> {
+        self.singular
+            .iter()
+            .map(|t| {
+                (
+                    crate::quality::DataTest {
+                        name: t.name.clone(),
+                        subject: t.file.clone(),
+                        kind: "singular".into(),
+                        severity: t.severity,
+                        sql: t.sql.clone(),
+                    },
+                    t,
+                )
+            })
+            .collect()
     }
 
     /// Every model `name` depends on, transitively.

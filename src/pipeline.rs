@@ -1,15 +1,21 @@
-//! `silt build` and `silt run`: models in dag order (ingest first for `run`), with a failed
-//! model's downstream skipped and independent branches still built, then one `_silt/runs`
-//! entry. It must not write tables itself (materialize.rs and ingest do) nor print.
+//! `silt build`, `silt run` and `silt test`: ingest (for `run`), source tests, then models in
+//! dag order, each followed by its tests; a failed model or an error-severity test failure skips
+//! the downstream while independent branches still build; then singular tests and one
+//! `_silt/runs` entry. It must not write data tables itself (materialize.rs and ingest do) nor
+//! print.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use datafusion::prelude::SessionContext;
+
 use crate::Silt;
+use crate::catalog::TableRef;
 use crate::error::{Error, Result};
 use crate::ingest::IngestReport;
 use crate::materialize::{Materializer, ModelMetrics};
 use crate::models::Dag;
+use crate::quality::TestResult;
 
 #[derive(Debug, Default)]
 pub struct RunOptions {
@@ -26,21 +32,76 @@ pub struct RunReport {
     pub run_id: String,
     pub ingest: Option<IngestReport>,
     pub models: Vec<ModelMetrics>,
+    pub tests: Vec<TestResult>,
     pub elapsed_ms: u64,
-    /// Errors of failed models (and rejected landing files), by model.
+    /// Errors of failed models, tests that could not run, and rejected landing files.
     #[serde(skip)]
     pub errors: Vec<(String, Error)>,
 }
 
 impl RunReport {
-    /// The exit code the run deserves: the most severe error's, or 0.
+    /// The exit code the run deserves: the most severe error's; 1 when an error-severity test
+    /// or anomaly check failed; else 0.
     pub fn exit_code(&self) -> i32 {
+        let anomalies = self
+            .ingest
+            .as_ref()
+            .is_some_and(|i| !i.failed_sources().is_empty());
+        let tests = i32::from(self.tests.iter().any(|t| t.status == "fail") || anomalies);
         self.errors
             .iter()
             .map(|(_, e)| e.exit_code())
             .max()
             .unwrap_or(0)
+            .max(tests)
     }
+}
+
+fn new_report() -> RunReport {
+    RunReport {
+        run_id: uuid::Uuid::now_v7().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Run the tests of every source whose bronze table exists; returns the sources that failed.
+async fn source_tests(
+    silt: &Silt,
+    dag: &Dag,
+    ctx: &SessionContext,
+    report: &mut RunReport,
+) -> Result<BTreeSet<String>> {
+    let mut failed = BTreeSet::new();
+    for src in silt.project.sources.values() {
+        if src.tests.is_empty()
+            || silt
+                .catalog
+                .open(&TableRef::bronze(&src.name))
+                .await?
+                .is_none()
+        {
+            continue;
+        }
+        for spec in &src.tests {
+            let t =
+                crate::quality::compile(spec, &TableRef::bronze(&src.name), &src.file, &|to| {
+                    dag.resolve(to)
+                })?;
+            match crate::quality::run(ctx, &t).await {
+                Ok(r) => {
+                    if r.status == "fail" {
+                        failed.insert(src.name.clone());
+                    }
+                    report.tests.push(r);
+                }
+                Err(e) => {
+                    failed.insert(src.name.clone());
+                    report.errors.push((t.name.clone(), e));
+                }
+            }
+        }
+    }
+    Ok(failed)
 }
 
 /// Run ingest (optionally) and build the selected models.
@@ -51,11 +112,7 @@ pub async fn run(
 ) -> Result<RunReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
-    let run_id = uuid::Uuid::now_v7().to_string();
-    let mut report = RunReport {
-        run_id: run_id.clone(),
-        ..Default::default()
-    };
+    let mut report = new_report();
     // Load the dag first: a broken model is a usage error before anything is written.
     let dag = Dag::load(&silt.project)?;
     let selected = if opts.no_models {
@@ -95,45 +152,133 @@ pub async fn run(
         }
         report.ingest = Some(r);
     }
+    let ctx = silt.catalog.session().await?;
+    let mut broken_sources = BTreeSet::new();
+    if !selected.is_empty() {
+        broken_sources = source_tests(silt, &dag, &ctx, &mut report).await?;
+    }
+    if let Some(i) = &report.ingest {
+        broken_sources.extend(i.failed_sources());
+    }
     build_models(
         silt,
         &dag,
         &selected,
         opts.full_refresh,
         progress,
+        &ctx,
+        &broken_sources,
         &mut report,
     )
     .await?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
-    let mut changed: Vec<ModelMetrics> = report
+    record_run(silt, started_at, &report, ingest_row).await?;
+    Ok(report)
+}
+
+/// `silt test`: the tests of the selected models (with no selection: every test).
+pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now().timestamp_micros();
+    let mut report = new_report();
+    let dag = Dag::load(&silt.project)?;
+    let selected: BTreeSet<String> = dag.select(select)?.into_iter().collect();
+    let ctx = silt.catalog.session().await?;
+    if select.is_empty() {
+        source_tests(silt, &dag, &ctx, &mut report).await?;
+    }
+    for name in dag.order.iter().filter(|n| selected.contains(*n)) {
+        let m = &dag.models[name];
+        if silt.catalog.open(&m.table()).await?.is_none() {
+            report.errors.push((
+                name.clone(),
+                Error::Usage(format!(
+                    "{} is not built yet: run `silt build` first",
+                    m.table()
+                )),
+            ));
+            continue;
+        }
+        for t in dag.model_tests(m)? {
+            match crate::quality::run(&ctx, &t).await {
+                Ok(r) => report.tests.push(r),
+                Err(e) => report.errors.push((t.name.clone(), e)),
+            }
+        }
+    }
+    for (t, st) in dag.singular_tests() {
+        if select.is_empty()
+            || (!st.refs.is_empty() && st.refs.iter().all(|r| selected.contains(r)))
+        {
+            match crate::quality::run(&ctx, &t).await {
+                Ok(r) => report.tests.push(r),
+                Err(e) => report.errors.push((t.name.clone(), e)),
+            }
+        }
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    record_run(silt, started_at, &report, None).await?;
+    Ok(report)
+}
+
+/// One `_silt/runs` entry, when the run changed something or a test did not pass; a run that
+/// found everything up to date and passing writes nothing.
+async fn record_run(
+    silt: &Silt,
+    started_at: i64,
+    report: &RunReport,
+    ingest_row: Option<(u64, u64, ModelMetrics)>,
+) -> Result<()> {
+    let mut rows: Vec<ModelMetrics> = report
         .models
         .iter()
         .filter(|m| m.status != "up_to_date")
         .cloned()
         .collect();
+    let tests_speak = report.tests.iter().any(|t| t.status != "pass");
     let mut totals = (0, 0);
-    if let Some((rows, q, row)) = ingest_row {
-        totals = (rows, q);
-        changed.insert(0, row);
+    if let Some((r, q, row)) = ingest_row {
+        totals = (r, q);
+        rows.insert(0, row);
     }
-    crate::runs::record(&silt.catalog, &run_id, started_at, &changed, totals).await?;
-    Ok(report)
+    if rows.is_empty() && !tests_speak {
+        return Ok(());
+    }
+    rows.extend(report.tests.iter().map(|t| {
+        ModelMetrics {
+            model: t.name.clone(),
+            table: t.subject.clone(),
+            materialized: "test".into(),
+            status: t.status.clone(),
+            mode: serde_json::to_value(t.severity)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            failing_rows: t.failing_rows,
+            ms: t.ms,
+            ..Default::default()
+        }
+    }));
+    crate::runs::record(&silt.catalog, &report.run_id, started_at, &rows, totals).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn build_models(
     silt: &Silt,
     dag: &Dag,
     selected: &[String],
     full_refresh: bool,
     progress: Option<indicatif::ProgressBar>,
+    ctx: &SessionContext,
+    broken_sources: &BTreeSet<String>,
     report: &mut RunReport,
 ) -> Result<()> {
-    let ctx = silt.catalog.session().await?;
+    let run_id = report.run_id.clone();
     let mat = Materializer {
         catalog: &silt.catalog,
         dag,
-        ctx: &ctx,
-        run_id: &report.run_id,
+        ctx,
+        run_id: &run_id,
         full_refresh,
     };
     let mut broken: BTreeSet<String> = BTreeSet::new();
@@ -141,24 +286,66 @@ async fn build_models(
         p.set_length(selected.len() as u64);
         p.set_position(0);
     }
+    let skipped = |name: &str, table: String, why: String| ModelMetrics {
+        model: name.to_string(),
+        table,
+        status: "skipped".into(),
+        mode: "none".into(),
+        message: Some(why),
+        ..Default::default()
+    };
     for name in selected {
         let m = &dag.models[name];
         if let Some(p) = &progress {
             p.set_message(m.table().to_string());
         }
-        if let Some(up) = m.refs.iter().find(|r| broken.contains(*r)) {
-            broken.insert(name.clone());
-            report.models.push(ModelMetrics {
-                model: name.clone(),
-                table: m.table().to_string(),
-                status: "skipped".into(),
-                mode: "none".into(),
-                message: Some(format!("upstream {up} failed")),
-                ..Default::default()
+        let bad_up = m
+            .refs
+            .iter()
+            .find(|r| broken.contains(*r))
+            .map(|r| dag.models[r].table().to_string())
+            .or_else(|| {
+                m.sources
+                    .iter()
+                    .find(|s| broken_sources.contains(*s))
+                    .map(|s| format!("bronze.{s}"))
             });
+        if let Some(up) = bad_up {
+            broken.insert(name.clone());
+            report.models.push(skipped(
+                name,
+                m.table().to_string(),
+                format!("upstream {up} failed"),
+            ));
         } else {
             match mat.build(m).await {
-                Ok(metrics) => report.models.push(metrics),
+                Ok(metrics) => {
+                    report.models.push(metrics);
+                    // The model's tests run right after it; an error-severity failure stops its
+                    // downstream (the model itself stays built, as in dbt).
+                    match dag.model_tests(m) {
+                        Ok(tests) => {
+                            for t in tests {
+                                match crate::quality::run(ctx, &t).await {
+                                    Ok(r) => {
+                                        if r.status == "fail" {
+                                            broken.insert(name.clone());
+                                        }
+                                        report.tests.push(r);
+                                    }
+                                    Err(e) => {
+                                        broken.insert(name.clone());
+                                        report.errors.push((t.name.clone(), e));
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            broken.insert(name.clone());
+                            report.errors.push((name.clone(), e));
+                        }
+                    }
+                }
                 Err(e) => {
                     broken.insert(name.clone());
                     report.models.push(ModelMetrics {
@@ -175,6 +362,25 @@ async fn build_models(
         }
         if let Some(p) = &progress {
             p.inc(1);
+        }
+    }
+    // Singular tests over models of this selection that all built cleanly.
+    let selected_set: BTreeSet<&String> = selected.iter().collect();
+    for (t, st) in dag.singular_tests() {
+        // Only when every model it reads was part of this selection: a stale model would make a
+        // reconciliation fail for no reason.
+        let touches = !st.refs.is_empty() && st.refs.iter().all(|r| selected_set.contains(r));
+        let clean = st.refs.iter().all(|r| !broken.contains(r))
+            && st.sources.iter().all(|s| !broken_sources.contains(s));
+        let mut exists = true;
+        for r in &st.refs {
+            exists &= silt.catalog.open(&dag.models[r].table()).await?.is_some();
+        }
+        if touches && clean && exists {
+            match crate::quality::run(ctx, &t).await {
+                Ok(r) => report.tests.push(r),
+                Err(e) => report.errors.push((t.name.clone(), e)),
+            }
         }
     }
     Ok(())

@@ -106,6 +106,7 @@ pub async fn record(
             "bytes_added" => m.bytes_added,
             "bytes_removed" => m.bytes_removed,
             "ms" => m.ms,
+            "failing_rows" => m.failing_rows,
             "ingested_rows" => {
                 if m.model == "ingest" {
                     ingested.0
@@ -139,7 +140,8 @@ pub async fn record(
         rows.iter().map(|m| m.message.clone()),
     )));
     cols.push(Arc::new(BooleanArray::from_iter(
-        rows.iter().map(|m| Some(m.status != "failed")),
+        rows.iter()
+            .map(|m| Some(m.status != "failed" && m.status != "fail")),
     )));
     let batch = RecordBatch::try_new(schema(), cols)?;
     append(

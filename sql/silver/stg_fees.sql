@@ -4,7 +4,18 @@
     partition_by='fee_month',
     lookback_column='fee_date',
     lookback_days=3,
-    description='Platform fees, cleaned: one row per fee_id, the latest delivery wins (late corrections replace the original; exact re-deliveries collapse)'
+    description='Platform fees, cleaned: one row per fee_id, the latest delivery wins (late corrections replace the original; exact re-deliveries collapse)',
+    contract={'fee_id': 'string', 'client_id': 'string', 'adviser_id': 'string', 'fee_date': 'date',
+              'fee_amount': 'decimal(12,2)', 'currency': 'string', 'note': 'string', 'fee_month': 'string',
+              'loaded_at': 'timestamp'},
+    tests=[
+        {'type': 'not_null', 'column': 'fee_id'},
+        {'type': 'unique', 'column': 'fee_id'},
+        {'type': 'accepted_values', 'column': 'currency', 'values': ['GBP']},
+        {'type': 'relationships', 'column': 'client_id', 'to': 'clients', 'field': 'client_id'},
+        {'type': 'relationships', 'column': 'adviser_id', 'to': 'advisers', 'field': 'adviser_id'},
+        {'type': 'expression', 'expression': 'fee_amount <> 0', 'severity': 'warn'},
+    ]
 ) }}
 
 select

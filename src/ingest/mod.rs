@@ -105,6 +105,7 @@ pub struct SourceReport {
     pub bytes: u64,
     pub bronze_version: Option<u64>,
     pub warnings: Vec<String>,
+    pub anomalies: Vec<crate::profile::Anomaly>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -115,6 +116,17 @@ pub struct IngestReport {
     /// Files refused as a whole; they stay out of the ledger and are retried next time.
     #[serde(skip)]
     pub rejected: Vec<Error>,
+}
+
+impl IngestReport {
+    /// Sources whose error-severity anomaly checks failed in this ingest.
+    pub fn failed_sources(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .filter(|s| s.anomalies.iter().any(|a| a.status == "fail"))
+            .map(|s| s.source.clone())
+            .collect()
+    }
 }
 
 /// Builder for one ingest run.
@@ -620,6 +632,26 @@ impl SourceRun<'_> {
         }
         ledger::record(self.catalog, &ledger_entries, self.batch_id).await?;
         failpoint::hit("ingest.after_ledger");
+        // Anomaly checks (polars) on this batch's good rows, against the previous batches.
+        if let Some(spec) = &self.src.anomaly {
+            let n = self.src.columns.len();
+            let batches: Vec<RecordBatch> = ready
+                .iter()
+                .filter_map(|r| r.bronze.as_ref())
+                .map(|b| b.project(&(0..n).collect::<Vec<_>>()))
+                .collect::<std::result::Result<_, _>>()?;
+            if !batches.is_empty() {
+                let found = crate::profile::check_batch(
+                    self.catalog,
+                    &self.src.name,
+                    spec,
+                    self.batch_id,
+                    &batches,
+                )
+                .await?;
+                sr.anomalies.extend(found);
+            }
+        }
         Ok(())
     }
 

@@ -5,5 +5,6 @@
 mod contract;
 mod ingest;
 mod models;
+mod quality;
 mod scaffold;
 mod support;

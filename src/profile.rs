@@ -1,0 +1,526 @@
+//! Column statistics computed with polars (DESIGN.md §9): `silt profile`, and the ingest-time
+//! anomaly checks (volume, null-rate and distinct-count drift, date gaps) against the previous
+//! batches recorded in `_silt/batch_stats`. Arrow data reaches polars through the Arrow C data
+//! interface (no copy, no second parser). This is the only module that touches polars; it must
+//! not parse landing files or write data tables.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, TimeUnit, UInt64Type};
+use polars::prelude::{PlSmallStr, Series};
+use polars_ops::series::SeriesMethods;
+use serde::Serialize;
+
+use crate::catalog::{Catalog, Layer, TableRef};
+use crate::config::AnomalySpec;
+use crate::error::{Error, Result};
+use crate::quality::Severity;
+
+/// Statistics of one column.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ColumnProfile {
+    pub column: String,
+    pub data_type: String,
+    pub rows: u64,
+    pub nulls: u64,
+    pub distinct: u64,
+    pub min: Option<String>,
+    pub max: Option<String>,
+    pub mean: Option<f64>,
+    /// The most frequent values with their counts, most frequent first (ties by value).
+    pub top: Vec<(String, u64)>,
+}
+
+/// Hand an arrow-rs array to polars through the C data interface.
+fn to_series(name: &str, array: &ArrayRef) -> Result<Series> {
+    let err = |e: String| Error::Runtime(format!("handing column '{name}' to polars: {e}"));
+    // Views are what polars uses for strings; plain Utf8 imports too, but normalise Utf8View
+    // and dictionary inputs to forms both sides know.
+    let array: ArrayRef = match array.data_type() {
+        DataType::Dictionary(_, v) => {
+            arrow::compute::cast(array, v).map_err(|e| err(e.to_string()))?
+        }
+        _ => array.clone(),
+    };
+    let (ffi_array, ffi_schema) =
+        arrow::ffi::to_ffi(&array.to_data()).map_err(|e| err(e.to_string()))?;
+    // SAFETY: both structs are the C data interface's ArrowArray / ArrowSchema (#[repr(C)],
+    // identical layout); ownership of the release callbacks moves to polars, which calls them.
+    unsafe {
+        let schema_ptr = &ffi_schema as *const arrow::ffi::FFI_ArrowSchema
+            as *const polars_arrow::ffi::ArrowSchema;
+        let field =
+            polars_arrow::ffi::import_field_from_c(&*schema_ptr).map_err(|e| err(e.to_string()))?;
+        let pl_array: polars_arrow::ffi::ArrowArray = std::mem::transmute(ffi_array);
+        let arr = polars_arrow::ffi::import_array_from_c(pl_array, field.dtype().clone())
+            .map_err(|e| err(e.to_string()))?;
+        Series::from_arrow(PlSmallStr::from(name), arr).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// A polars value as text, formatting temporal values here (polars' own datetime display needs
+/// its `timezones` feature).
+fn any_text(v: &polars::prelude::AnyValue) -> String {
+    use polars::prelude::{AnyValue as A, TimeUnit as U};
+    let ts = |x: i64, u: &U| {
+        let micros = match u {
+            U::Nanoseconds => x / 1000,
+            U::Microseconds => x,
+            U::Milliseconds => x * 1000,
+        };
+        chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+            .unwrap_or_default()
+    };
+    match v {
+        A::String(s) => s.to_string(),
+        A::StringOwned(s) => s.to_string(),
+        A::Date(d) => crate::contract::format_date(*d),
+        A::Datetime(x, u, _) => ts(*x, u),
+        A::DatetimeOwned(x, u, _) => ts(*x, u),
+        other => other.to_string(),
+    }
+}
+
+fn scalar_text(s: polars::prelude::Scalar) -> Option<String> {
+    let v = s.into_value();
+    (!v.is_null()).then(|| any_text(&v))
+}
+
+/// Profile the columns of `batches` (all of one schema). A panic inside polars becomes an error.
+pub fn profile(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProfile>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        profile_inner(batches, top_n)
+    }))
+    .unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::Runtime(format!(
+            "polars could not profile this data: {msg}"
+        )))
+    })
+}
+
+fn profile_inner(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProfile>> {
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let schema = first.schema();
+    let mut out = Vec::new();
+    for (i, f) in schema.fields().iter().enumerate() {
+        let parts: Vec<ArrayRef> = batches.iter().map(|b| b.column(i).clone()).collect();
+        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+        let col = arrow::compute::concat(&refs)?;
+        let s = to_series(f.name(), &col)?;
+        let rows = s.len() as u64;
+        let nulls = s.null_count() as u64;
+        let nested = matches!(
+            f.data_type(),
+            DataType::Struct(_) | DataType::List(_) | DataType::LargeList(_)
+        );
+        let distinct = if nested {
+            0
+        } else {
+            s.n_unique().map_err(|e| Error::Runtime(e.to_string()))? as u64 - u64::from(nulls > 0)
+        };
+        let (min, max) = if nested {
+            (None, None)
+        } else {
+            (
+                s.min_reduce().ok().and_then(scalar_text),
+                s.max_reduce().ok().and_then(scalar_text),
+            )
+        };
+        let mean = if f.data_type().is_numeric() {
+            s.mean()
+        } else {
+            None
+        };
+        let mut top = Vec::new();
+        if !nested && top_n > 0 {
+            let nn = s.drop_nulls();
+            if !nn.is_empty() {
+                let vc = nn
+                    .value_counts(true, false, PlSmallStr::from("__n"), false)
+                    .map_err(|e| Error::Runtime(e.to_string()))?;
+                let vals = vc
+                    .column(f.name().as_str())
+                    .map_err(|e| Error::Runtime(e.to_string()))?
+                    .as_materialized_series()
+                    .clone();
+                let cnts = vc
+                    .column("__n")
+                    .map_err(|e| Error::Runtime(e.to_string()))?
+                    .as_materialized_series()
+                    .clone();
+                let mut pairs: Vec<(String, u64)> = (0..vc.height())
+                    .map(|r| {
+                        let v = vals.get(r).map(|v| any_text(&v)).unwrap_or_default();
+                        let c = cnts
+                            .get(r)
+                            .ok()
+                            .and_then(|c| c.extract::<u64>())
+                            .unwrap_or(0);
+                        (v, c)
+                    })
+                    .collect();
+                pairs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                pairs.truncate(top_n);
+                top = pairs;
+            }
+        }
+        out.push(ColumnProfile {
+            column: f.name().clone(),
+            data_type: f.data_type().to_string(),
+            rows,
+            nulls,
+            distinct,
+            min,
+            max,
+            mean,
+            top,
+        });
+    }
+    Ok(out)
+}
+
+/// A finding of the ingest-time checks.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Anomaly {
+    pub source: String,
+    /// volume | null_rate | distinct | gap
+    pub check: String,
+    pub column: Option<String>,
+    /// warn | fail
+    pub status: String,
+    pub message: String,
+}
+
+fn stats_table() -> TableRef {
+    TableRef::new(Layer::Silt, "batch_stats")
+}
+
+/// One batch's statistics as kept for later comparisons.
+struct BatchStats {
+    rows: u64,
+    /// column → (null rate, distinct)
+    columns: BTreeMap<String, (f64, u64)>,
+}
+
+async fn history(catalog: &Catalog, source: &str, window: usize) -> Result<Vec<BatchStats>> {
+    let mut by_batch: BTreeMap<(i64, String), BatchStats> = BTreeMap::new();
+    for b in catalog.read_small(&stats_table()).await? {
+        let s = |n: &str| {
+            b.column_by_name(n)
+                .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+        };
+        let (Some(src), Some(batch), Some(col)) = (s("source"), s("batch_id"), s("column_name"))
+        else {
+            continue;
+        };
+        let (src, batch, col) = (
+            src.as_string::<i32>(),
+            batch.as_string::<i32>(),
+            col.as_string::<i32>(),
+        );
+        let Some(rows) = b
+            .column_by_name("rows")
+            .and_then(|c| arrow::compute::cast(c, &DataType::UInt64).ok())
+        else {
+            continue;
+        };
+        let rows = rows.as_primitive::<UInt64Type>();
+        let Some(nr) = b
+            .column_by_name("null_rate")
+            .and_then(|c| arrow::compute::cast(c, &DataType::Float64).ok())
+        else {
+            continue;
+        };
+        let nr = nr.as_primitive::<Float64Type>();
+        let Some(d) = b
+            .column_by_name("distinct_count")
+            .and_then(|c| arrow::compute::cast(c, &DataType::UInt64).ok())
+        else {
+            continue;
+        };
+        let d = d.as_primitive::<UInt64Type>();
+        let Some(at) = b
+            .column_by_name("at")
+            .and_then(|c| arrow::compute::cast(c, &DataType::Int64).ok())
+        else {
+            continue;
+        };
+        let at = at.as_primitive::<arrow::datatypes::Int64Type>();
+        for r in 0..b.num_rows() {
+            if src.value(r) != source {
+                continue;
+            }
+            let e = by_batch
+                .entry((at.value(r), batch.value(r).to_string()))
+                .or_insert(BatchStats {
+                    rows: rows.value(r),
+                    columns: BTreeMap::new(),
+                });
+            if !col.is_null(r) && !col.value(r).is_empty() {
+                e.columns
+                    .insert(col.value(r).to_string(), (nr.value(r), d.value(r)));
+            }
+        }
+    }
+    let all: Vec<BatchStats> = by_batch.into_values().collect();
+    let skip = all.len().saturating_sub(window);
+    Ok(all.into_iter().skip(skip).collect())
+}
+
+/// Check one ingest batch of `source` (its good rows, contract columns) against the previous
+/// batches, then record its statistics.
+pub async fn check_batch(
+    catalog: &Catalog,
+    source: &str,
+    spec: &AnomalySpec,
+    batch_id: &str,
+    batches: &[RecordBatch],
+) -> Result<Vec<Anomaly>> {
+    let profiles = profile(batches, 0)?;
+    let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let prev = history(catalog, source, spec.window).await?;
+    let status = match spec.severity {
+        Severity::Error => "fail",
+        Severity::Warn => "warn",
+    };
+    let mut out = Vec::new();
+    let mut push = |check: &str, column: Option<String>, message: String| {
+        out.push(Anomaly {
+            source: source.into(),
+            check: check.into(),
+            column,
+            status: status.into(),
+            message,
+        });
+    };
+    if prev.len() >= spec.min_batches {
+        let n = prev.len() as f64;
+        let mean = prev.iter().map(|p| p.rows as f64).sum::<f64>() / n;
+        let sd = (prev
+            .iter()
+            .map(|p| (p.rows as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        let r = rows as f64;
+        let z = if sd > 0.0 { (r - mean).abs() / sd } else { 0.0 };
+        if mean > 0.0
+            && (r > mean * spec.volume_ratio || r < mean / spec.volume_ratio || z > spec.volume_z)
+        {
+            push(
+                "volume",
+                None,
+                format!(
+                    "{rows} rows against a trailing mean of {mean:.1} (sd {sd:.1}) over {} batches",
+                    prev.len()
+                ),
+            );
+        }
+        for p in &profiles {
+            let rate = if p.rows > 0 {
+                p.nulls as f64 / p.rows as f64
+            } else {
+                0.0
+            };
+            let hist: Vec<(f64, u64)> = prev
+                .iter()
+                .filter_map(|b| b.columns.get(&p.column).copied())
+                .collect();
+            if hist.is_empty() {
+                continue;
+            }
+            let m_rate = hist.iter().map(|h| h.0).sum::<f64>() / hist.len() as f64;
+            if (rate - m_rate).abs() > spec.null_rate_drift {
+                push(
+                    "null_rate",
+                    Some(p.column.clone()),
+                    format!(
+                        "null rate {:.1}% against a trailing {:.1}%",
+                        rate * 100.0,
+                        m_rate * 100.0
+                    ),
+                );
+            }
+            let m_d = hist.iter().map(|h| h.1 as f64).sum::<f64>() / hist.len() as f64;
+            let d = p.distinct as f64;
+            if m_d >= 1.0 && (d > m_d * spec.distinct_ratio || d < m_d / spec.distinct_ratio) {
+                push(
+                    "distinct",
+                    Some(p.column.clone()),
+                    format!(
+                        "{} distinct values against a trailing mean of {m_d:.1}",
+                        p.distinct
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(dc) = &spec.date_column {
+        let mut days: Vec<i32> = Vec::new();
+        for b in batches {
+            if let Some(c) = b
+                .column_by_name(dc)
+                .and_then(|c| arrow::compute::cast(c, &DataType::Date32).ok())
+            {
+                days.extend(
+                    c.as_primitive::<arrow::datatypes::Date32Type>()
+                        .iter()
+                        .flatten(),
+                );
+            }
+        }
+        days.sort_unstable();
+        days.dedup();
+        let missing: Vec<String> = days
+            .windows(2)
+            .flat_map(|w| (w[0] + 1..w[1]).map(crate::contract::format_date))
+            .collect();
+        if !missing.is_empty() {
+            let shown = missing
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            push(
+                "gap",
+                Some(dc.clone()),
+                format!(
+                    "{} day(s) with no data between {} and {}: {shown}",
+                    missing.len(),
+                    crate::contract::format_date(days[0]),
+                    crate::contract::format_date(*days.last().unwrap())
+                ),
+            );
+        }
+    }
+    record(catalog, source, batch_id, rows, &profiles).await?;
+    Ok(out)
+}
+
+async fn record(
+    catalog: &Catalog,
+    source: &str,
+    batch_id: &str,
+    rows: u64,
+    profiles: &[ColumnProfile],
+) -> Result<()> {
+    let n = profiles.len().max(1);
+    let names: Vec<String> = if profiles.is_empty() {
+        vec![String::new()]
+    } else {
+        profiles.iter().map(|p| p.column.clone()).collect()
+    };
+    let at = chrono::Utc::now().timestamp_micros();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("batch_id", DataType::Utf8, false),
+        Field::new(
+            "at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("column_name", DataType::Utf8, false),
+        Field::new("null_rate", DataType::Float64, false),
+        Field::new("distinct_count", DataType::UInt64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                source, n,
+            ))),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                batch_id, n,
+            ))),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(std::iter::repeat_n(at, n))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(UInt64Array::from_iter_values(std::iter::repeat_n(rows, n))),
+            Arc::new(StringArray::from_iter_values(names)),
+            Arc::new(Float64Array::from_iter_values((0..n).map(|i| {
+                profiles
+                    .get(i)
+                    .map(|p| {
+                        if p.rows > 0 {
+                            p.nulls as f64 / p.rows as f64
+                        } else {
+                            0.0
+                        }
+                    })
+                    .unwrap_or(0.0)
+            }))),
+            Arc::new(UInt64Array::from_iter_values(
+                (0..n).map(|i| profiles.get(i).map(|p| p.distinct).unwrap_or(0)),
+            )),
+        ],
+    )?;
+    crate::commit::append(
+        catalog.lake(),
+        &stats_table(),
+        vec![batch],
+        crate::commit::AppendOptions {
+            metadata: vec![
+                ("silt.operation".into(), "ingest.stats".into()),
+                ("silt.batch_id".into(), batch_id.into()),
+            ],
+            description: Some("per-batch column statistics for the ingest anomaly checks".into()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// `silt profile <table | landing file>`.
+pub async fn profile_target(
+    silt: &crate::Silt,
+    target: &str,
+    top: usize,
+) -> Result<Vec<ColumnProfile>> {
+    if let Ok(t) = TableRef::parse(target)
+        && silt.catalog.open(&t).await?.is_some()
+    {
+        let batches = crate::query::run(&silt.catalog, &format!("select * from {t}")).await?;
+        return profile(&batches, top);
+    }
+    // A landing file: a path relative to the landing root, or a path/URL under it.
+    let landing = silt.landing.url().as_str().to_string();
+    let url = if target.contains("://") {
+        url::Url::parse(target).map_err(|e| Error::Usage(format!("'{target}': {e}")))?
+    } else if std::path::Path::new(target).exists() {
+        let p =
+            std::path::absolute(target).map_err(|e| Error::Usage(format!("'{target}': {e}")))?;
+        url::Url::from_file_path(&p)
+            .map_err(|_| Error::Usage(format!("'{target}' is not a usable path")))?
+    } else {
+        silt.landing.url_of(target)
+    };
+    let rel = url.as_str().strip_prefix(&landing).map(String::from).ok_or_else(|| {
+        Error::Usage(format!("'{target}' is neither a table (layer.name) nor a file under the landing root {landing}"))
+    })?;
+    let src = silt.project.sources.values().find(|s| s.glob.is_match(&rel)).ok_or_else(|| {
+        Error::Usage(format!("no source's glob matches '{rel}': declare one with `silt source new <name> --from {target}`"))
+    })?;
+    let data = silt.landing.get(&silt.landing.path(&rel)).await?;
+    let parsed = crate::ingest::parse_file(&data, &rel, src)?;
+    let batch = parsed
+        .batch
+        .ok_or_else(|| Error::Usage(format!("'{rel}' holds no rows")))?;
+    profile(&[batch], top)
+}

@@ -1,0 +1,367 @@
+//! Data tests (DESIGN.md §2): column tests declared in a model's `config(tests=[…])` or a
+//! source's `[[tests]]` (not_null, unique, accepted_values, relationships, expression, each with
+//! a severity and an optional `where`), and singular tests in `sql/tests/*.sql` that return the
+//! failing rows (the dbt convention). This module turns them into SQL and runs them; it must not
+//! build models or decide what a failure stops (pipeline.rs does).
+
+use std::time::Instant;
+
+use datafusion::prelude::SessionContext;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::TableRef;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    #[default]
+    Error,
+    Warn,
+}
+
+/// A column test as declared.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestSpec {
+    /// not_null | unique | accepted_values | relationships | expression
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<serde_json::Value>,
+    /// relationships: the other model (`clients`) or table (`silver.clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// relationships: the column in `to` (default: the same name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expression: Option<String>,
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    pub where_: Option<String>,
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+/// A test ready to run: SQL returning the failing rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataTest {
+    pub name: String,
+    /// The table tested (column tests) or the file (singular tests).
+    pub subject: String,
+    pub kind: String,
+    pub severity: Severity,
+    #[serde(skip)]
+    pub sql: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TestResult {
+    pub name: String,
+    pub subject: String,
+    pub kind: String,
+    pub severity: Severity,
+    /// pass | fail | warn
+    pub status: String,
+    pub failing_rows: u64,
+    /// The first failing rows, as an aligned table.
+    pub sample: String,
+    pub ms: u64,
+}
+
+fn q(c: &str) -> String {
+    format!("\"{}\"", c.replace('"', "\"\""))
+}
+
+fn lit(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => format!("'{}'", s.replace('\'', "''")),
+        other => other.to_string(),
+    }
+}
+
+/// Compile a column test on `table` into SQL. `resolve` turns a `to` into a table.
+pub fn compile(
+    spec: &TestSpec,
+    table: &TableRef,
+    file: &str,
+    resolve: &dyn Fn(&str) -> Result<TableRef>,
+) -> Result<DataTest> {
+    let err = |m: String| Error::config(file, format!("test {}: {m}", spec.kind));
+    let col = || {
+        spec.column
+            .clone()
+            .ok_or_else(|| err("needs column".into()))
+    };
+    let and_where = spec
+        .where_
+        .as_ref()
+        .map(|w| format!(" and ({w})"))
+        .unwrap_or_default();
+    let where_only = spec
+        .where_
+        .as_ref()
+        .map(|w| format!(" where ({w})"))
+        .unwrap_or_default();
+    let (sql, label) = match spec.kind.as_str() {
+        "not_null" => {
+            let c = col()?;
+            (
+                format!("select * from {table} where {} is null{and_where}", q(&c)),
+                c,
+            )
+        }
+        "unique" => {
+            let cols = if spec.columns.is_empty() {
+                vec![col()?]
+            } else {
+                spec.columns.clone()
+            };
+            let list = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+            (
+                format!(
+                    "select {list}, count(*) as n_rows from {table}{where_only} group by {list} having count(*) > 1"
+                ),
+                cols.join("_"),
+            )
+        }
+        "accepted_values" => {
+            let c = col()?;
+            if spec.values.is_empty() {
+                return Err(err("needs values".into()));
+            }
+            let vals = spec.values.iter().map(lit).collect::<Vec<_>>().join(", ");
+            (
+                format!(
+                    "select * from {table} where {qc} is not null and {qc} not in ({vals}){and_where}",
+                    qc = q(&c)
+                ),
+                c,
+            )
+        }
+        "relationships" => {
+            let c = col()?;
+            let to = spec
+                .to
+                .as_deref()
+                .ok_or_else(|| err("needs to (a model or table)".into()))?;
+            let parent = resolve(to)?;
+            let f = spec.field.clone().unwrap_or_else(|| c.clone());
+            (
+                format!(
+                    "select c.* from {table} c left join (select distinct {qf} as __k from {parent}) p on c.{qc} = p.__k \
+                     where c.{qc} is not null and p.__k is null{}",
+                    spec.where_
+                        .as_ref()
+                        .map(|w| format!(" and ({w})"))
+                        .unwrap_or_default(),
+                    qf = q(&f),
+                    qc = q(&c)
+                ),
+                format!("{c}_to_{}", parent.name),
+            )
+        }
+        "expression" => {
+            let e = spec
+                .expression
+                .clone()
+                .ok_or_else(|| err("needs expression".into()))?;
+            (
+                format!("select * from {table} where not ({e}){and_where}"),
+                "expression".into(),
+            )
+        }
+        other => {
+            return Err(err(format!(
+                "unknown test type '{other}': use not_null, unique, accepted_values, relationships or expression"
+            )));
+        }
+    };
+    let name = spec.name.clone().unwrap_or_else(|| {
+        let label: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        format!("{}_{}_{}", spec.kind, table.name, label)
+    });
+    Ok(DataTest {
+        name,
+        subject: table.to_string(),
+        kind: spec.kind.clone(),
+        severity: spec.severity,
+        sql,
+    })
+}
+
+/// Run one test: count the failing rows and keep the first few.
+pub async fn run(ctx: &SessionContext, t: &DataTest) -> Result<TestResult> {
+    let started = Instant::now();
+    let df = ctx
+        .sql(&format!("select * from ({}) __failing", t.sql))
+        .await
+        .map_err(|e| match Error::from_datafusion(e) {
+            Error::Sql(m) => Error::config(&t.subject, format!("test {}: {m}", t.name)),
+            other => other,
+        })?;
+    let n = df.clone().count().await? as u64;
+    let sample = if n > 0 {
+        crate::render::table(&df.limit(0, Some(5))?.collect().await?)
+    } else {
+        String::new()
+    };
+    let status = match (n, t.severity) {
+        (0, _) => "pass",
+        (_, Severity::Error) => "fail",
+        (_, Severity::Warn) => "warn",
+    };
+    Ok(TestResult {
+        name: t.name.clone(),
+        subject: t.subject.clone(),
+        kind: t.kind.clone(),
+        severity: t.severity,
+        status: status.into(),
+        failing_rows: n,
+        sample,
+        ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// `silt freshness`: the age of each source's newest data against its thresholds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Freshness {
+    pub source: String,
+    /// The column measured, or `arrival` (when the newest landing file was ingested).
+    pub measured: String,
+    pub latest: Option<String>,
+    pub age_hours: Option<f64>,
+    /// ok | warn | error | no_data
+    pub status: String,
+}
+
+/// "2 days", "12 hours", "30 minutes", "1 week".
+pub fn parse_duration(s: &str) -> std::result::Result<chrono::Duration, String> {
+    let mut it = s.split_whitespace();
+    let (Some(n), Some(unit), None) = (it.next(), it.next(), it.next()) else {
+        return Err(format!(
+            "'{s}' is not a duration: write e.g. \"2 days\" or \"12 hours\""
+        ));
+    };
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("'{s}': '{n}' is not a whole number"))?;
+    Ok(match unit.trim_end_matches('s') {
+        "minute" => chrono::Duration::minutes(n),
+        "hour" => chrono::Duration::hours(n),
+        "day" => chrono::Duration::days(n),
+        "week" => chrono::Duration::weeks(n),
+        u => {
+            return Err(format!(
+                "'{s}': unit '{u}' is not minutes, hours, days or weeks"
+            ));
+        }
+    })
+}
+
+fn parse_instant(l: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(l)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .ok()
+        .or_else(|| {
+            chrono::NaiveDateTime::parse_from_str(l, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|t| t.and_utc())
+        })
+        .or_else(|| {
+            chrono::NaiveDateTime::parse_from_str(l, "%Y-%m-%d %H:%M:%S%.f")
+                .ok()
+                .map(|t| t.and_utc())
+        })
+        .or_else(|| {
+            chrono::NaiveDate::parse_from_str(l, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| t.and_utc())
+        })
+}
+
+pub async fn freshness(
+    silt: &crate::Silt,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<Freshness>> {
+    use arrow::array::Array;
+    let ctx = silt.catalog.session().await?;
+    let mut out = Vec::new();
+    for src in silt.project.sources.values() {
+        let Some(spec) = &src.freshness else { continue };
+        let dur = |v: &Option<String>, key: &str| {
+            v.as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|m| Error::config(&src.file, format!("freshness.{key}: {m}")))
+        };
+        let warn = dur(&spec.warn_after, "warn_after")?;
+        let error = dur(&spec.error_after, "error_after")?;
+        let (measured, sql) = match &spec.column {
+            Some(c) => (
+                c.clone(),
+                format!(
+                    "select cast(max({}) as varchar) from bronze.{}",
+                    q(c),
+                    src.name
+                ),
+            ),
+            None => (
+                "arrival".to_string(),
+                format!(
+                    "select cast(max(ingested_at) as varchar) from _silt.ledger where source = '{}'",
+                    src.name
+                ),
+            ),
+        };
+        let latest: Option<String> = if silt
+            .catalog
+            .open(&TableRef::bronze(&src.name))
+            .await?
+            .is_some()
+        {
+            let b = ctx
+                .sql(&sql)
+                .await
+                .map_err(Error::from_datafusion)?
+                .collect()
+                .await?;
+            b.first().and_then(|b| {
+                let c =
+                    arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).ok()?;
+                let c = c
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()?
+                    .clone();
+                (!c.is_empty() && !c.is_null(0)).then(|| c.value(0).to_string())
+            })
+        } else {
+            None
+        };
+        let age = latest.as_deref().and_then(parse_instant).map(|t| now - t);
+        let status = match age {
+            None => "no_data",
+            Some(a) if error.is_some_and(|e| a > e) => "error",
+            Some(a) if warn.is_some_and(|w| a > w) => "warn",
+            Some(_) => "ok",
+        };
+        out.push(Freshness {
+            source: src.name.clone(),
+            measured,
+            latest,
+            age_hours: age.map(|a| (a.num_minutes() as f64 / 6.0).round() / 10.0),
+            status: status.into(),
+        });
+    }
+    Ok(out)
+}
