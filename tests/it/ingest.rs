@@ -500,8 +500,8 @@ fn tables_are_real_delta_tables_with_operations_in_every_commit() {
     let dirs = table_dirs(&p.lake());
     assert_eq!(
         dirs.len(),
-        7,
-        "3 bronze, 3 quarantine, the ledger: {dirs:?}"
+        8,
+        "3 bronze, 3 quarantine, the ledger, the batch statistics: {dirs:?}"
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     for d in dirs {
