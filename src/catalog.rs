@@ -162,6 +162,11 @@ impl Catalog {
     /// A DataFusion session in which every layer is a schema and every table a lazily opened
     /// Delta table provider.
     pub async fn session(&self) -> Result<SessionContext> {
+        self.session_pinned(BTreeMap::new()).await
+    }
+
+    /// A session in which the tables named in `pins` (`layer.name`) are read at those versions.
+    pub async fn session_pinned(&self, pins: BTreeMap<String, u64>) -> Result<SessionContext> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("datafusion", "public");
@@ -177,6 +182,7 @@ impl Catalog {
                 .map(|t| (t.name.clone(), t.clone()))
                 .collect();
             let provider = LayerSchema {
+                pins: pins.clone(),
                 layer: Some(layer),
                 lake: self.lake.clone(),
                 tables: names,
@@ -189,6 +195,7 @@ impl Catalog {
 
 #[derive(Debug)]
 struct LayerSchema {
+    pins: BTreeMap<String, u64>,
     layer: Option<Layer>,
     lake: Storage,
     tables: BTreeMap<String, TableRef>,
@@ -212,11 +219,12 @@ impl SchemaProvider for LayerSchema {
                 TableRef::new(layer, name)
             }
         };
-        let table = self
-            .lake
-            .delta_table(&t.rel_path())
-            .await
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let opened = match self.pins.get(&t.to_string()) {
+            Some(v) => self.lake.delta_table_at(&t.rel_path(), *v).await,
+            None => self.lake.delta_table(&t.rel_path()).await,
+        };
+        let table =
+            opened.map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
         if table.version().is_none() {
             return Ok(None);
         }

@@ -76,6 +76,36 @@ pub enum Command {
         sql: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Read every table at the version the given run left (see `silt runs`).
+        #[arg(long)]
+        as_of_run: Option<String>,
+    },
+    /// A table's versions: operation, time, run and metrics.
+    History { table: String },
+    /// Make a table's content that of an older version (as a new version).
+    Restore {
+        table: String,
+        #[arg(
+            long,
+            conflicts_with = "timestamp",
+            required_unless_present = "timestamp"
+        )]
+        version: Option<u64>,
+        /// An RFC 3339 time.
+        #[arg(long)]
+        timestamp: Option<String>,
+    },
+    /// Rows added, removed and changed between two versions (keyed by the unique key).
+    Diff {
+        table: String,
+        #[arg(long)]
+        from: u64,
+        /// Default: the latest version.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Key columns (default: the model's unique_key or the source's primary_key).
+        #[arg(long)]
+        key: Vec<String>,
     },
     /// List tables with version, rows, files, bytes and partitioning.
     Tables,

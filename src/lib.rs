@@ -19,6 +19,7 @@ pub mod render;
 pub mod runs;
 pub mod scaffold;
 pub mod storage;
+pub mod time_travel;
 pub mod watch;
 
 use std::path::Path;

@@ -14,6 +14,11 @@ use silt::render::{OutputFormat, render, simple_table};
 use silt::{Error, Silt};
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`silt … | head`).
+    // SAFETY: restoring the default SIGPIPE disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let filter = match cli.verbose {
         // Dependencies speak only on errors unless asked (-vv).
@@ -238,9 +243,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 },
             )?)?;
         }
-        Command::Query { sql, format } => {
+        Command::Query {
+            sql,
+            format,
+            as_of_run,
+        } => {
             let silt = Silt::open(&cli.project)?;
-            let batches = silt::query::run(&silt.catalog, &sql).await?;
+            let pins = match &as_of_run {
+                Some(id) => silt::query::run_versions(&silt.catalog, id).await?,
+                None => Default::default(),
+            };
+            let batches = silt::query::run_pinned(&silt.catalog, &sql, pins).await?;
             let format = if json {
                 OutputFormat::Json
             } else {
@@ -251,6 +264,132 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             write_stdout(&render(&batches, format)?)?;
+        }
+        Command::History { table } => {
+            let silt = Silt::open(&cli.project)?;
+            let t = silt::catalog::TableRef::parse(&table)?;
+            let h = silt::time_travel::history(&silt.catalog, &t).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                let rows = h
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.version.to_string(),
+                            e.timestamp.clone().unwrap_or_default(),
+                            e.operation.clone().unwrap_or_default(),
+                            e.silt_operation.clone().unwrap_or_default(),
+                            e.run.clone().unwrap_or_default(),
+                            e.metrics
+                                .iter()
+                                .filter(|(_, v)| !v.is_null())
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                        ]
+                    })
+                    .collect();
+                write_stdout(&simple_table(
+                    &[
+                        "version",
+                        "time",
+                        "operation",
+                        "silt",
+                        "run / batch",
+                        "metrics",
+                    ],
+                    rows,
+                ))?;
+            }
+        }
+        Command::Restore {
+            table,
+            version,
+            timestamp,
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            let t = silt::catalog::TableRef::parse(&table)?;
+            let as_of = match (version, timestamp) {
+                (Some(v), _) => silt::time_travel::AsOf::Version(v),
+                (None, Some(ts)) => silt::time_travel::AsOf::Timestamp(
+                    silt::time_travel::parse_instant(&ts).ok_or_else(|| {
+                        Error::Usage(format!("--timestamp '{ts}' is not an RFC 3339 time"))
+                    })?,
+                ),
+                (None, None) => {
+                    return Err(Error::Usage("give --version or --timestamp".into()).into());
+                }
+            };
+            let v = silt::time_travel::restore(&silt.catalog, &t, &as_of).await?;
+            println!("{t} restored as version {v}");
+        }
+        Command::Diff {
+            table,
+            from,
+            to,
+            key,
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            let t = silt::catalog::TableRef::parse(&table)?;
+            let key = if key.is_empty() {
+                default_key(&silt, &t)
+            } else {
+                key
+            };
+            let to = match to {
+                Some(v) => v,
+                None => silt
+                    .catalog
+                    .open(&t)
+                    .await?
+                    .and_then(|x| x.version())
+                    .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?,
+            };
+            let d = silt::time_travel::diff(
+                &silt.catalog,
+                &t,
+                &silt::time_travel::AsOf::Version(from),
+                &silt::time_travel::AsOf::Version(to),
+                &key,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!(
+                    "{t}: version {from} → {to}: {} added, {} removed, {} changed (key: {})",
+                    d.added.len(),
+                    d.removed.len(),
+                    d.changed.len(),
+                    if d.key.is_empty() {
+                        "whole row".into()
+                    } else {
+                        d.key.join(", ")
+                    }
+                );
+                for r in &d.added {
+                    println!("+ {}", serde_json::Value::Object(r.clone()));
+                }
+                for r in &d.removed {
+                    println!("- {}", serde_json::Value::Object(r.clone()));
+                }
+                for (a, b) in &d.changed {
+                    let fields: Vec<String> = b
+                        .iter()
+                        .filter(|(k, v)| a.get(*k) != Some(*v))
+                        .map(|(k, v)| {
+                            format!("{k}: {} → {v}", a.get(k).cloned().unwrap_or_default())
+                        })
+                        .collect();
+                    let k: Vec<String> = d
+                        .key
+                        .iter()
+                        .map(|c| format!("{c}={}", b.get(c).cloned().unwrap_or_default()))
+                        .collect();
+                    println!("~ {} {}", k.join(" "), fields.join(", "));
+                }
+            }
         }
         Command::Tables => {
             let silt = Silt::open(&cli.project)?;
@@ -468,6 +607,33 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
         std::process::exit(code);
     }
     Ok(())
+}
+
+/// The key `silt diff` uses by default: a model's unique_key, a source's primary_key.
+fn default_key(silt: &Silt, t: &silt::catalog::TableRef) -> Vec<String> {
+    use silt::catalog::Layer;
+    match t.layer {
+        Layer::Bronze => silt
+            .project
+            .sources
+            .get(&t.name)
+            .map(|s| s.primary_key.clone())
+            .unwrap_or_default(),
+        Layer::Silver | Layer::Gold => silt::models::Dag::load(&silt.project)
+            .ok()
+            .and_then(|d| {
+                d.models.get(&t.name).map(|m| {
+                    let mut k = m.config.unique_key.clone();
+                    // An SCD2 history holds several rows per key: one per valid_from.
+                    if m.config.materialized == silt::models::Materialized::Snapshot {
+                        k.push("valid_from".into());
+                    }
+                    k
+                })
+            })
+            .unwrap_or_default(),
+        _ => vec![],
+    }
 }
 
 /// Test results: a line per test on stdout, failing rows of failures on stderr.

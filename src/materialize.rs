@@ -418,7 +418,12 @@ impl Materializer<'_> {
         let cfg = &m.config;
         let partition_cols: Vec<String> = cfg.partition_by.iter().cloned().collect();
         // Plan first: a SQL error writes nothing.
-        let df = self.ctx.sql(&sql).await.map_err(|e| sql_error(m, e))?;
+        let df = crate::time_travel::sql(self.ctx, self.catalog, &sql)
+            .await
+            .map_err(|e| match e {
+                Error::Sql(msg) => Error::config(&m.file, msg),
+                other => other,
+            })?;
         if let Some(contract) = &cfg.contract {
             check_contract(m, df.schema().as_arrow(), contract)?;
         }

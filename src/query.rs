@@ -1,5 +1,8 @@
-//! `silt query`: SQL over every table of the lake through DataFusion. It must not write tables
-//! and must not format output (render.rs does).
+//! `silt query`: SQL over every table of the lake through DataFusion, with `VERSION AS OF` /
+//! `TIMESTAMP AS OF` (time_travel.rs) and `--as-of-run`. It must not write tables and must not
+//! format output (render.rs does).
+
+use std::collections::BTreeMap;
 
 use arrow::record_batch::RecordBatch;
 
@@ -8,7 +11,38 @@ use crate::error::{Error, Result};
 
 /// Run one SQL statement and collect its result.
 pub async fn run(catalog: &Catalog, sql: &str) -> Result<Vec<RecordBatch>> {
-    let ctx = catalog.session().await?;
-    let df = ctx.sql(sql).await.map_err(Error::from_datafusion)?;
+    run_pinned(catalog, sql, BTreeMap::new()).await
+}
+
+/// Run one SQL statement with tables pinned to versions (`layer.name` → version).
+pub async fn run_pinned(
+    catalog: &Catalog,
+    sql: &str,
+    pins: BTreeMap<String, u64>,
+) -> Result<Vec<RecordBatch>> {
+    let ctx = catalog.session_pinned(pins).await?;
+    let df = crate::time_travel::sql(&ctx, catalog, sql).await?;
     df.collect().await.map_err(Error::from_datafusion)
+}
+
+/// The table versions a run left (`silt query --as-of-run`).
+pub async fn run_versions(catalog: &Catalog, run_id: &str) -> Result<BTreeMap<String, u64>> {
+    let id = run_id.replace('\'', "''");
+    let batches = run(
+        catalog,
+        &format!("select lake_versions from _silt.runs where run_id = '{id}' limit 1"),
+    )
+    .await?;
+    let text = crate::render::render(&batches, crate::render::OutputFormat::Json)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Runtime(e.to_string()))?;
+    let s = v
+        .get(0)
+        .and_then(|r| r.get("lake_versions"))
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| {
+            Error::Usage(format!("no run '{run_id}' in _silt.runs (see `silt runs`)"))
+        })?;
+    serde_json::from_str(s)
+        .map_err(|e| Error::Runtime(format!("run {run_id}: bad lake_versions: {e}")))
 }

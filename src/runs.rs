@@ -59,6 +59,7 @@ fn schema() -> Arc<Schema> {
         Field::new("upstream_versions", DataType::Utf8, false),
         Field::new("partitions", DataType::Utf8, false),
         Field::new("message", DataType::Utf8, true),
+        Field::new("lake_versions", DataType::Utf8, false),
         Field::new("ok", DataType::Boolean, false),
     ]);
     Arc::new(Schema::new(f))
@@ -72,6 +73,18 @@ pub async fn record(
     rows: &[ModelMetrics],
     ingested: (u64, u64),
 ) -> Result<()> {
+    // Every table's version as the run leaves it: `silt query --as-of-run` reads this.
+    let mut versions = std::collections::BTreeMap::new();
+    for t in catalog.list().await? {
+        if t == table() {
+            continue;
+        }
+        if let Some(tb) = catalog.open(&t).await? {
+            versions.insert(t.to_string(), tb.version().unwrap_or(0));
+        }
+    }
+    let lake_versions = serde_json::to_string(&versions).unwrap_or_default();
+    let lake_versions = lake_versions.as_str();
     if rows.is_empty() {
         return Ok(());
     }
@@ -138,6 +151,9 @@ pub async fn record(
     cols.push(s(&|m| m.partitions.join(",")));
     cols.push(Arc::new(StringArray::from_iter(
         rows.iter().map(|m| m.message.clone()),
+    )));
+    cols.push(Arc::new(StringArray::from_iter_values(
+        std::iter::repeat_n(lake_versions, n),
     )));
     cols.push(Arc::new(BooleanArray::from_iter(
         rows.iter()

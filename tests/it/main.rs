@@ -8,3 +8,4 @@ mod models;
 mod quality;
 mod scaffold;
 mod support;
+mod time_travel;

@@ -227,7 +227,10 @@ fn freshness_reports_ok_warn_and_error() {
     // The reference declares a [freshness] block: take it out, each case writes its own.
     let text = std::fs::read_to_string(&fees).unwrap();
     let start = text.find("[freshness]").unwrap();
-    let end = text[start..].find("\n\n").map(|e| start + e).unwrap_or(text.len());
+    let end = text[start..]
+        .find("\n\n")
+        .map(|e| start + e)
+        .unwrap_or(text.len());
     let base = format!("{}{}", &text[..start], &text[end..]);
     let with = |extra: &str| std::fs::write(&fees, format!("{base}\n{extra}\n")).unwrap();
     let status = |p: &Project| -> (Option<i32>, Value) {

@@ -1,0 +1,443 @@
+//! Time travel (DESIGN.md §7): `VERSION AS OF n` / `TIMESTAMP AS OF '…'` inside SQL (queries and
+//! models), `silt history`, `silt restore`, `silt diff`, and `--as-of-run`, which pins every
+//! table to the version a run left. SQL with a version clause is parsed here, each versioned
+//! table is registered as a provider at that version, and the rewritten statement is planned by
+//! DataFusion. It must not write data tables except through `restore`.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use datafusion::prelude::{DataFrame, SessionContext};
+use futures::TryStreamExt;
+use serde::Serialize;
+use sqlparser::ast::{
+    Expr, ObjectName, ObjectNamePart, TableFactor, TableVersion, Value, VisitMut, VisitorMut,
+};
+use sqlparser::dialect::{Dialect, GenericDialect};
+
+use crate::catalog::{Catalog, TableRef};
+use crate::error::{Error, Result};
+
+/// DataFusion's generic dialect, plus Delta's `VERSION AS OF` / `TIMESTAMP AS OF`.
+#[derive(Debug)]
+struct TimeTravelDialect(GenericDialect);
+
+impl Dialect for TimeTravelDialect {
+    fn is_identifier_start(&self, ch: char) -> bool {
+        self.0.is_identifier_start(ch)
+    }
+    fn is_identifier_part(&self, ch: char) -> bool {
+        self.0.is_identifier_part(ch)
+    }
+    fn is_delimited_identifier_start(&self, ch: char) -> bool {
+        self.0.is_delimited_identifier_start(ch)
+    }
+    fn supports_table_versioning(&self) -> bool {
+        true
+    }
+    fn supports_group_by_expr(&self) -> bool {
+        self.0.supports_group_by_expr()
+    }
+    fn supports_filter_during_aggregation(&self) -> bool {
+        self.0.supports_filter_during_aggregation()
+    }
+    fn supports_window_function_null_treatment_arg(&self) -> bool {
+        self.0.supports_window_function_null_treatment_arg()
+    }
+    fn supports_dictionary_syntax(&self) -> bool {
+        self.0.supports_dictionary_syntax()
+    }
+}
+
+/// A table at a point in time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AsOf {
+    Version(u64),
+    Timestamp(chrono::DateTime<chrono::Utc>),
+}
+
+struct Collect {
+    found: Vec<(TableRef, AsOf, String)>,
+    error: Option<Error>,
+}
+
+fn literal(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(n.clone()),
+            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        Expr::Cast { expr, .. } => literal(expr),
+        Expr::TypedString(t) => match &t.value.value {
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+pub fn parse_instant(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .ok()
+        .or_else(|| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
+                .ok()
+                .map(|t| t.and_utc())
+        })
+        .or_else(|| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|t| t.and_utc())
+        })
+        .or_else(|| {
+            chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| t.and_utc())
+        })
+}
+
+impl VisitorMut for Collect {
+    type Break = ();
+    fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table { name, version, .. } = tf
+            && let Some(v) = version.take()
+        {
+            let text = name
+                .0
+                .iter()
+                .map(|p| match p {
+                    ObjectNamePart::Identifier(i) => i.value.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(".");
+            let t = match TableRef::parse(&text) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.error = Some(e);
+                    return ControlFlow::Break(());
+                }
+            };
+            let as_of = match &v {
+                TableVersion::VersionAsOf(e) => literal(e)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(AsOf::Version),
+                TableVersion::TimestampAsOf(e) | TableVersion::ForSystemTimeAsOf(e) => literal(e)
+                    .and_then(|s| parse_instant(&s))
+                    .map(AsOf::Timestamp),
+                _ => None,
+            };
+            let Some(as_of) = as_of else {
+                self.error = Some(Error::Sql(format!(
+                    "{text} {v}: write VERSION AS OF <number> or TIMESTAMP AS OF '<RFC 3339 time>'"
+                )));
+                return ControlFlow::Break(());
+            };
+            let alias = format!(
+                "tt_{}_{}_{}",
+                t.layer.schema_name().trim_start_matches('_'),
+                t.name,
+                self.found.len()
+            );
+            *name = ObjectName::from(vec![
+                sqlparser::ast::Ident::new(crate::materialize::NEW_SCHEMA),
+                sqlparser::ast::Ident::new(alias.clone()),
+            ]);
+            self.found.push((t, as_of, alias));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Open a table at a point in time; a clear error when the version does not exist.
+pub async fn open_as_of(
+    catalog: &Catalog,
+    t: &TableRef,
+    as_of: &AsOf,
+) -> Result<deltalake::DeltaTable> {
+    let lake = catalog.lake();
+    match as_of {
+        AsOf::Version(v) => lake.delta_table_at(&t.rel_path(), *v).await,
+        AsOf::Timestamp(ts) => {
+            let mut table = lake.delta_table(&t.rel_path()).await?;
+            if table.version().is_none() {
+                return Err(Error::Usage(format!("{t} does not exist")));
+            }
+            table
+                .load_with_datetime(*ts)
+                .await
+                .map_err(|e| Error::delta(t.to_string(), e))?;
+            Ok(table)
+        }
+    }
+}
+
+/// Plan `sql`, resolving version clauses first. The session must have the `__silt` schema.
+pub async fn sql(ctx: &SessionContext, catalog: &Catalog, sql: &str) -> Result<DataFrame> {
+    let upper = sql.to_ascii_uppercase();
+    if !upper.contains(" AS OF") {
+        return ctx.sql(sql).await.map_err(Error::from_datafusion);
+    }
+    let mut stmts =
+        sqlparser::parser::Parser::parse_sql(&TimeTravelDialect(GenericDialect {}), sql)
+            .map_err(|e| Error::Sql(e.to_string()))?;
+    if stmts.len() != 1 {
+        return Err(Error::Sql("one statement at a time".into()));
+    }
+    let mut stmt = stmts.remove(0);
+    let mut c = Collect {
+        found: vec![],
+        error: None,
+    };
+    let _ = stmt.visit(&mut c);
+    if let Some(e) = c.error {
+        return Err(e);
+    }
+    let schema = ensure_schema(ctx)?;
+    for (t, as_of, alias) in &c.found {
+        let table = open_as_of(catalog, t, as_of).await?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(Error::from_datafusion)?;
+        let _ = schema.deregister_table(alias);
+        schema.register_table(alias.clone(), provider)?;
+    }
+    let plan = ctx
+        .state()
+        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+            stmt,
+        )))
+        .await
+        .map_err(Error::from_datafusion)?;
+    ctx.execute_logical_plan(plan)
+        .await
+        .map_err(Error::from_datafusion)
+}
+
+fn ensure_schema(
+    ctx: &SessionContext,
+) -> Result<std::sync::Arc<dyn datafusion::catalog::SchemaProvider>> {
+    let cat = ctx
+        .catalog("datafusion")
+        .ok_or_else(|| Error::Runtime("no default catalog".into()))?;
+    if let Some(s) = cat.schema(crate::materialize::NEW_SCHEMA) {
+        return Ok(s);
+    }
+    let s: std::sync::Arc<dyn datafusion::catalog::SchemaProvider> =
+        std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new());
+    cat.register_schema(crate::materialize::NEW_SCHEMA, s.clone())?;
+    Ok(s)
+}
+
+/// One version of a table, for `silt history`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub timestamp: Option<String>,
+    pub operation: Option<String>,
+    pub silt_operation: Option<String>,
+    /// The silt run or ingest batch that wrote it.
+    pub run: Option<String>,
+    pub metrics: BTreeMap<String, serde_json::Value>,
+}
+
+pub async fn history(catalog: &Catalog, t: &TableRef) -> Result<Vec<HistoryEntry>> {
+    let table = catalog
+        .open(t)
+        .await?
+        .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
+    let latest = table.version().unwrap_or(0);
+    let infos: Vec<_> = table
+        .history(None)
+        .try_collect()
+        .await
+        .map_err(|e| Error::delta(t.to_string(), e))?;
+    // Newest first, one per version down from the latest.
+    let mut out = Vec::new();
+    for (i, info) in infos.into_iter().enumerate() {
+        let Some(version) = latest.checked_sub(i as u64) else {
+            break;
+        };
+        let s = |k: &str| info.info.get(k).and_then(|v| v.as_str()).map(String::from);
+        let mut metrics = BTreeMap::new();
+        if let Some(serde_json::Value::Object(m)) = info.info.get("operationMetrics") {
+            metrics.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        out.push(HistoryEntry {
+            version,
+            timestamp: info
+                .timestamp
+                .and_then(chrono::DateTime::from_timestamp_millis)
+                .map(|t| t.to_rfc3339()),
+            operation: info.operation.clone(),
+            silt_operation: s("silt.operation"),
+            run: s("silt.run_id").or_else(|| s("silt.batch_id")),
+            metrics,
+        });
+    }
+    Ok(out)
+}
+
+/// `silt restore`: a new version whose content is that of an older one. A model table also
+/// gets back the build state it had then, so the next run re-applies newer upstream data.
+pub async fn restore(catalog: &Catalog, t: &TableRef, as_of: &AsOf) -> Result<u64> {
+    let table = catalog
+        .open(t)
+        .await?
+        .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
+    let target_version = open_as_of(catalog, t, as_of).await?.version().unwrap_or(0);
+    let latest = table.version().unwrap_or(0);
+    let infos: Vec<_> = table
+        .history(None)
+        .try_collect()
+        .await
+        .map_err(|e| Error::delta(t.to_string(), e))?;
+    // The newest model state at or before the restored version.
+    let state = infos
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            latest
+                .checked_sub(*i as u64)
+                .is_some_and(|v| v <= target_version)
+        })
+        .find_map(|(_, info)| info.info.get("silt.state").cloned());
+    let mut meta = vec![
+        (
+            "silt.operation".to_string(),
+            serde_json::Value::from("restore"),
+        ),
+        (
+            "silt.restored_version".to_string(),
+            serde_json::Value::from(target_version),
+        ),
+    ];
+    if let Some(st) = state {
+        meta.push(("silt.state".to_string(), st));
+    }
+    let (table, _metrics) = table
+        .restore()
+        .with_version_to_restore(target_version)
+        .with_commit_properties(
+            deltalake::kernel::transaction::CommitProperties::default().with_metadata(meta),
+        )
+        .await
+        .map_err(|e| Error::delta(t.to_string(), e))?;
+    Ok(table.version().unwrap_or(0))
+}
+
+/// What changed in a table between two versions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diff {
+    pub key: Vec<String>,
+    pub added: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub removed: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Rows whose key is in both versions with other values: (before, after).
+    pub changed: Vec<(
+        serde_json::Map<String, serde_json::Value>,
+        serde_json::Map<String, serde_json::Value>,
+    )>,
+}
+
+async fn rows(
+    ctx: &SessionContext,
+    sql: &str,
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let batches = ctx
+        .sql(sql)
+        .await
+        .map_err(Error::from_datafusion)?
+        .collect()
+        .await?;
+    let text = crate::render::render(&batches, crate::render::OutputFormat::Json)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Runtime(e.to_string()))?;
+    Ok(v.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.as_object().cloned())
+        .collect())
+}
+
+/// `silt diff`: rows added, removed and changed between `from` and `to`, by `key` when given.
+pub async fn diff(
+    catalog: &Catalog,
+    t: &TableRef,
+    from: &AsOf,
+    to: &AsOf,
+    key: &[String],
+) -> Result<Diff> {
+    let ctx = SessionContext::new();
+    let a = open_as_of(catalog, t, from).await?;
+    let b = open_as_of(catalog, t, to).await?;
+    ctx.register_table(
+        "a",
+        a.table_provider().await.map_err(Error::from_datafusion)?,
+    )?;
+    ctx.register_table(
+        "b",
+        b.table_provider().await.map_err(Error::from_datafusion)?,
+    )?;
+    let cols: Vec<String> = ctx
+        .table("b")
+        .await?
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let list = cols
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let only_b = format!("select {list} from b except select {list} from a");
+    let only_a = format!("select {list} from a except select {list} from b");
+    if key.is_empty() {
+        return Ok(Diff {
+            key: vec![],
+            added: rows(&ctx, &only_b).await?,
+            removed: rows(&ctx, &only_a).await?,
+            changed: vec![],
+        });
+    }
+    let kq = key
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let new_rows = rows(&ctx, &format!("select * from ({only_b}) order by {kq}")).await?;
+    let old_rows = rows(&ctx, &format!("select * from ({only_a}) order by {kq}")).await?;
+    let k = |r: &serde_json::Map<String, serde_json::Value>| {
+        key.iter()
+            .map(|c| r.get(c).cloned().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    let old_by_key: BTreeMap<Vec<String>, serde_json::Map<String, serde_json::Value>> =
+        old_rows.iter().map(|r| (k(r), r.clone())).collect();
+    let new_by_key: BTreeMap<Vec<String>, serde_json::Map<String, serde_json::Value>> =
+        new_rows.iter().map(|r| (k(r), r.clone())).collect();
+    let mut d = Diff {
+        key: key.to_vec(),
+        added: vec![],
+        removed: vec![],
+        changed: vec![],
+    };
+    for (kk, r) in &new_by_key {
+        match old_by_key.get(kk) {
+            Some(o) => d.changed.push((o.clone(), r.clone())),
+            None => d.added.push(r.clone()),
+        }
+    }
+    for (kk, r) in &old_by_key {
+        if !new_by_key.contains_key(kk) {
+            d.removed.push(r.clone());
+        }
+    }
+    Ok(d)
+}
