@@ -40,8 +40,12 @@ fn version_and_timestamp_as_of_in_queries_and_models() {
     assert_eq!(p.count("select count(*) from silver.stg_fees"), v0 + new);
     // A timestamp between the two commits reads version 0.
     let h: Value = serde_json::from_str(&p.ok(&["--json", "history", "silver.stg_fees"])).unwrap();
-    let t1 = chrono::DateTime::parse_from_rfc3339(h[0]["timestamp"].as_str().unwrap()).unwrap();
-    let before = (t1 - chrono::Duration::milliseconds(1)).to_rfc3339();
+    // Midway between the two commits (file times are coarser than commit timestamps).
+    let ts = |i: usize| {
+        chrono::DateTime::parse_from_rfc3339(h[i]["timestamp"].as_str().unwrap()).unwrap()
+    };
+    let (t0, t1) = (ts(1), ts(0));
+    let before = (t0 + (t1 - t0) / 2).to_rfc3339();
     assert_eq!(
         p.count(&format!(
             "select count(*) from silver.stg_fees TIMESTAMP AS OF '{before}'"
