@@ -70,6 +70,9 @@ pub struct Materializer<'a> {
     pub ctx: &'a SessionContext,
     pub run_id: &'a str,
     pub full_refresh: bool,
+    /// Column names declared PII by any source: model tables keep no statistics on them
+    /// (DESIGN.md §4.4), so erased values cannot survive in the Delta log.
+    pub pii: &'a BTreeSet<String>,
 }
 
 /// Active files of a table: path → (size, partition values).
@@ -375,6 +378,27 @@ impl Materializer<'_> {
         }))
     }
 
+    /// `delta.dataSkippingStatsColumns`: every column but the PII ones.
+    fn stats_config(&self, m: &Model, cols: &[String]) -> HashMap<String, Option<String>> {
+        let keep: Vec<&String> = cols
+            .iter()
+            .filter(|c| !self.pii.contains(*c) && !m.config.pii.contains(*c))
+            .collect();
+        let mut m = HashMap::new();
+        if keep.len() < cols.len() {
+            m.insert(
+                "delta.dataSkippingStatsColumns".to_string(),
+                Some(
+                    keep.iter()
+                        .map(|c| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+            );
+        }
+        m
+    }
+
     fn props(&self, m: &Model, state: &ModelState) -> CommitProperties {
         CommitProperties::default().with_metadata([
             (
@@ -441,11 +465,18 @@ impl Materializer<'_> {
             };
             let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
             metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
+            let schema_cols: Vec<String> = batches[0]
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
             let table = target
                 .write(batches)
                 .with_save_mode(SaveMode::Overwrite)
                 .with_schema_mode(SchemaMode::Overwrite)
                 .with_partition_columns(partition_cols)
+                .with_configuration(self.stats_config(m, &schema_cols))
                 .with_table_name(t.to_string())
                 .with_commit_properties(self.props(m, state))
                 .await

@@ -60,6 +60,9 @@ pub struct ModelConfig {
     pub contract: Option<BTreeMap<String, String>>,
     /// Incremental models: `fail` (default) or `append_new_columns` when the output gains columns.
     pub on_schema_change: String,
+    /// Columns of this model holding personal data (besides those named PII by sources): no
+    /// statistics are kept on them.
+    pub pii: Vec<String>,
     /// Singular tests: `config(severity='warn')`.
     pub severity: crate::quality::Severity,
 }
@@ -79,6 +82,7 @@ impl Default for ModelConfig {
             tests: vec![],
             contract: None,
             on_schema_change: "fail".into(),
+            pii: vec![],
             severity: crate::quality::Severity::Error,
         }
     }
@@ -254,6 +258,7 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
         c.strategy = st;
     }
     c.check_cols = list("check_cols")?;
+    c.pii = list("pii")?;
     c.updated_at = s("updated_at")?;
     c.description = s("description")?;
     let json = |k: &str| -> std::result::Result<Option<serde_json::Value>, String> {

@@ -274,12 +274,19 @@ async fn build_models(
     report: &mut RunReport,
 ) -> Result<()> {
     let run_id = report.run_id.clone();
+    let pii: BTreeSet<String> = silt
+        .project
+        .sources
+        .values()
+        .flat_map(|s| s.pii.iter().cloned())
+        .collect();
     let mat = Materializer {
         catalog: &silt.catalog,
         dag,
         ctx,
         run_id: &run_id,
         full_refresh,
+        pii: &pii,
     };
     let mut broken: BTreeSet<String> = BTreeSet::new();
     if let Some(p) = &progress {

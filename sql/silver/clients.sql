@@ -4,6 +4,7 @@
     strategy='timestamp',
     updated_at='updated_at',
     check_cols=['full_name', 'email', 'nino', 'date_of_birth', 'address_line1', 'city', 'postcode', 'accounts'],
+    pii=['full_name', 'email', 'nino', 'date_of_birth', 'address_line1', 'postcode'],
     description='Client profiles as SCD2 history: a new version whenever a delivered profile differs from the current one'
 ) }}
 

@@ -554,3 +554,40 @@ fn watch_ingests_dropped_files_and_stops_cleanly_on_ctrl_c() {
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
 }
+
+#[test]
+fn model_tables_keep_no_statistics_on_pii_columns() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let mut adds = 0;
+    crate::support::walk(&p.lake().join("silver/clients/_delta_log"), &mut |f| {
+        if f.extension().is_none_or(|x| x != "json") {
+            return;
+        }
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            let a: Value = serde_json::from_str(line).unwrap();
+            let Some(stats) = a["add"]["stats"].as_str() else {
+                continue;
+            };
+            adds += 1;
+            let stats: Value = serde_json::from_str(stats).unwrap();
+            let mins = stats["minValues"].as_object().unwrap();
+            assert!(mins.contains_key("client_id"), "{stats}");
+            for pii in [
+                "full_name",
+                "email",
+                "nino",
+                "date_of_birth",
+                "address_line1",
+                "postcode",
+            ] {
+                assert!(
+                    !mins.contains_key(pii),
+                    "{pii} has statistics in silver.clients: {stats}"
+                );
+            }
+            assert!(!stats.to_string().contains("@example.com"), "{stats}");
+        }
+    });
+    assert!(adds > 0);
+}
