@@ -378,6 +378,23 @@ impl Materializer<'_> {
         }))
     }
 
+    /// A commit with no data that records the model's new build state (nothing changed, but the
+    /// upstream versions it has seen moved on).
+    async fn record_state(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        state: &ModelState,
+    ) -> Result<DeltaTable> {
+        target
+            .write(Vec::<RecordBatch>::new())
+            .with_save_mode(SaveMode::Append)
+            .with_commit_properties(self.props(m, state))
+            .await
+            .map_err(|e| Error::delta(t.to_string(), e))
+    }
+
     /// `delta.dataSkippingStatsColumns`: every column but the PII ones.
     fn stats_config(&self, m: &Model, cols: &[String]) -> HashMap<String, Option<String>> {
         let keep: Vec<&String> = cols
@@ -582,12 +599,7 @@ impl Materializer<'_> {
         let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
         if batches.iter().all(|b| b.num_rows() == 0) {
             // Nothing new: still record the state so the next run is a no-op.
-            return target
-                .write(Vec::<RecordBatch>::new())
-                .with_save_mode(SaveMode::Append)
-                .with_commit_properties(self.props(m, state))
-                .await
-                .map_err(|e| Error::delta(t.to_string(), e));
+            return self.record_state(m, t, target, state).await;
         }
         let cols: Vec<String> = batches[0]
             .schema()
@@ -654,12 +666,7 @@ impl Materializer<'_> {
             .await?;
         let _ = self.ctx.deregister_table(src_name);
         if changed.iter().all(|b| b.num_rows() == 0) {
-            return target
-                .write(Vec::<RecordBatch>::new())
-                .with_save_mode(SaveMode::Append)
-                .with_commit_properties(self.props(m, state))
-                .await
-                .map_err(|e| Error::delta(t.to_string(), e));
+            return self.record_state(m, t, target, state).await;
         }
         self.ctx.register_batch(
             src_name,
@@ -736,12 +743,7 @@ impl Materializer<'_> {
             .map_err(|e| Error::delta(t.to_string(), e))?
             .await
             .map_err(|e| Error::delta(t.to_string(), e))?;
-        metrics.rows_inserted = mm.num_target_rows_inserted as u64;
-        metrics.rows_updated = mm.num_target_rows_updated as u64;
-        metrics.rows_deleted = mm.num_target_rows_deleted as u64;
-        metrics.rows_copied = mm.num_target_rows_copied as u64;
-        metrics.files_scanned = mm.num_target_files_scanned as u64;
-        metrics.files_skipped = mm.num_target_files_skipped_during_scan as u64;
+        merge_metrics(metrics, &mm);
         Ok(table)
     }
 
@@ -851,12 +853,7 @@ impl Materializer<'_> {
             .map_err(|e| sql_error(m, e))?;
         let batches = staged.collect().await?;
         if batches.iter().all(|b| b.num_rows() == 0) {
-            return target
-                .write(Vec::<RecordBatch>::new())
-                .with_save_mode(SaveMode::Append)
-                .with_commit_properties(self.props(m, state))
-                .await
-                .map_err(|e| Error::delta(t.to_string(), e));
+            return self.record_state(m, t, target, state).await;
         }
         let staged = self.ctx.read_batches(batches)?;
         let mut all_cols = cols.clone();
@@ -888,11 +885,7 @@ impl Materializer<'_> {
             .map_err(|e| Error::delta(t.to_string(), e))?
             .await
             .map_err(|e| Error::delta(t.to_string(), e))?;
-        metrics.rows_inserted = mm.num_target_rows_inserted as u64;
-        metrics.rows_updated = mm.num_target_rows_updated as u64;
-        metrics.rows_copied = mm.num_target_rows_copied as u64;
-        metrics.files_scanned = mm.num_target_files_scanned as u64;
-        metrics.files_skipped = mm.num_target_files_skipped_during_scan as u64;
+        merge_metrics(metrics, &mm);
         Ok(table)
     }
 }
@@ -908,6 +901,15 @@ async fn collect_nonempty(
         b.push(RecordBatch::new_empty(schema));
     }
     Ok(b)
+}
+
+fn merge_metrics(metrics: &mut ModelMetrics, mm: &deltalake::operations::merge::MergeMetrics) {
+    metrics.rows_inserted = mm.num_target_rows_inserted as u64;
+    metrics.rows_updated = mm.num_target_rows_updated as u64;
+    metrics.rows_deleted = mm.num_target_rows_deleted as u64;
+    metrics.rows_copied = mm.num_target_rows_copied as u64;
+    metrics.files_scanned = mm.num_target_files_scanned as u64;
+    metrics.files_skipped = mm.num_target_files_skipped_during_scan as u64;
 }
 
 /// Arrow types that are the same for a contract (string encodings, timezone spellings).

@@ -268,28 +268,6 @@ pub fn parse_duration(s: &str) -> std::result::Result<chrono::Duration, String> 
     })
 }
 
-fn parse_instant(l: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-    chrono::DateTime::parse_from_rfc3339(l)
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .ok()
-        .or_else(|| {
-            chrono::NaiveDateTime::parse_from_str(l, "%Y-%m-%dT%H:%M:%S%.f")
-                .ok()
-                .map(|t| t.and_utc())
-        })
-        .or_else(|| {
-            chrono::NaiveDateTime::parse_from_str(l, "%Y-%m-%d %H:%M:%S%.f")
-                .ok()
-                .map(|t| t.and_utc())
-        })
-        .or_else(|| {
-            chrono::NaiveDate::parse_from_str(l, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-                .map(|t| t.and_utc())
-        })
-}
-
 pub async fn freshness(
     silt: &crate::Silt,
     now: chrono::DateTime<chrono::Utc>,
@@ -348,7 +326,10 @@ pub async fn freshness(
         } else {
             None
         };
-        let age = latest.as_deref().and_then(parse_instant).map(|t| now - t);
+        let age = latest
+            .as_deref()
+            .and_then(crate::time_travel::parse_instant)
+            .map(|t| now - t);
         let status = match age {
             None => "no_data",
             Some(a) if error.is_some_and(|e| a > e) => "error",
