@@ -107,6 +107,21 @@ pub enum Command {
         #[arg(long)]
         key: Vec<String>,
     },
+    /// GDPR erasure: delete data subjects from every layer, the quarantine and the landing
+    /// files, rebuild what was derived from them, purge the files, audit in _silt.erasures.
+    Forget {
+        /// Subject ids (values of the sources' subject_key).
+        ids: Vec<String>,
+        /// A file with one subject id per line.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only scan every file under the lake and landing roots for the subjects; exit 1 on a find.
+        #[arg(long)]
+        verify: bool,
+    },
     /// List tables with version, rows, files, bytes and partitioning.
     Tables,
     /// Landing sources.

@@ -27,6 +27,8 @@ pub struct ProjectFile {
     pub ingest: IngestSection,
     #[serde(default)]
     pub gcs: GcsSection,
+    #[serde(default)]
+    pub gdpr: GdprSection,
     /// Values for `{{ var('name') }}` in models.
     #[serde(default)]
     pub vars: BTreeMap<String, toml::Value>,
@@ -86,6 +88,27 @@ fn default_target_file_size() -> u64 {
 pub struct GcsSection {
     /// Path to a service-account JSON key. GOOGLE_APPLICATION_CREDENTIALS wins over it.
     pub service_account_key: Option<String>,
+}
+
+/// GDPR erasure and pseudonymization settings.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GdprSection {
+    /// Key of the HMAC-SHA256 that stands for a subject id in the erasure audit and for
+    /// pseudonymized PII columns. Set it with `SILT_GDPR_HMAC_KEY` rather than in the file.
+    pub hmac_key: Option<String>,
+}
+
+/// What `silt forget` does with a landing file that holds a subject's records.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ErasurePolicy {
+    /// Write the file again without the subject's records (the other records stay byte for byte
+    /// in CSV and NDJSON).
+    #[default]
+    Rewrite,
+    /// Delete the whole file from the landing root.
+    Remove,
 }
 
 /// What to do with a column a file has but the contract does not declare.
@@ -263,6 +286,9 @@ pub struct SourceFile {
     pub on_changed_file: ChangedFilePolicy,
     #[serde(default)]
     pub on_duplicate_file: DuplicateFilePolicy,
+    /// `silt forget`: rewrite the landing files holding a subject, or remove them.
+    #[serde(default)]
+    pub on_erasure: ErasurePolicy,
     #[serde(default)]
     pub parse: ParseOptions,
     pub columns: Vec<ColumnFile>,
@@ -371,6 +397,7 @@ pub struct Source {
     pub on_unexpected_column: UnexpectedColumnPolicy,
     pub on_changed_file: ChangedFilePolicy,
     pub on_duplicate_file: DuplicateFilePolicy,
+    pub on_erasure: ErasurePolicy,
     pub parse: ParseOptions,
     pub columns: Vec<Column>,
     pub tests: Vec<crate::quality::TestSpec>,
@@ -491,6 +518,7 @@ impl Source {
             on_unexpected_column: sf.on_unexpected_column,
             on_changed_file: sf.on_changed_file,
             on_duplicate_file: sf.on_duplicate_file,
+            on_erasure: sf.on_erasure,
             parse: sf.parse,
             columns,
             tests: sf.tests,
@@ -611,6 +639,7 @@ fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<Str
             &["batch_files", "batch_bytes", "target_file_size"],
         ),
         ("gcs", &["service_account_key"]),
+        ("gdpr", &["hmac_key"]),
     ];
     for (section, keys) in sections {
         for key in *keys {

@@ -324,6 +324,118 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let v = silt::time_travel::restore(&silt.catalog, &t, &as_of).await?;
             println!("{t} restored as version {v}");
         }
+        Command::Forget {
+            ids,
+            file,
+            reason,
+            verify,
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            let mut ids = ids;
+            if let Some(f) = file {
+                let text = std::fs::read_to_string(&f)
+                    .map_err(|e| Error::Usage(format!("cannot read {}: {e}", f.display())))?;
+                ids.extend(
+                    text.lines()
+                        .map(|l| l.trim().to_string())
+                        .filter(|l| !l.is_empty() && !l.starts_with('#')),
+                );
+            }
+            if ids.is_empty() {
+                return Err(Error::Usage("give subject ids or --file ids.txt".into()).into());
+            }
+            if verify {
+                let r = silt::erasure::verify(&silt, &ids).await?;
+                if json {
+                    write_stdout(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+                } else {
+                    let rows = r
+                        .findings
+                        .iter()
+                        .map(|f| {
+                            vec![
+                                f.location.clone(),
+                                f.kind.clone(),
+                                f.column.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect();
+                    if !r.findings.is_empty() {
+                        write_stdout(&simple_table(&["location", "found", "column"], rows))?;
+                    }
+                    println!(
+                        "scanned {} object(s) ({} Parquet file(s) decoded): {} finding(s)",
+                        r.objects_scanned,
+                        r.parquet_files,
+                        r.findings.len()
+                    );
+                }
+                if !r.findings.is_empty() {
+                    std::process::exit(1);
+                }
+                return Ok(());
+            }
+            let r = silt::erasure::ForgetBuilder::new(&silt, ids)
+                .with_reason(reason)
+                .execute()
+                .await?;
+            if json {
+                write_stdout(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+            } else {
+                let rows = r
+                    .steps
+                    .iter()
+                    .filter(|s| {
+                        s.rows_deleted > 0
+                            || s.version.is_some()
+                            || !s.files_purged.is_empty()
+                            || !s.files_rewritten.is_empty()
+                    })
+                    .map(|s| {
+                        vec![
+                            s.table.clone(),
+                            s.action.clone(),
+                            s.rows_deleted.to_string(),
+                            format!("{}/{}", s.files_rewritten.len(), s.files_scanned),
+                            s.files_added.to_string(),
+                            s.files_purged.len().to_string(),
+                            s.version.map(|v| v.to_string()).unwrap_or_default(),
+                            s.unreadable
+                                .map(|(a, b)| format!("{a}..={b}"))
+                                .unwrap_or_default(),
+                            s.partitions.join(","),
+                        ]
+                    })
+                    .collect();
+                write_stdout(&simple_table(
+                    &[
+                        "table",
+                        "action",
+                        "rows-",
+                        "rewritten",
+                        "files+",
+                        "purged",
+                        "version",
+                        "unreadable",
+                        "partitions",
+                    ],
+                    rows,
+                ))?;
+                println!(
+                    "erasure request {}{}: {} row(s) deleted, {} file(s) purged in {} ms",
+                    r.request_id,
+                    if r.resumed { " (resumed)" } else { "" },
+                    r.rows_deleted,
+                    r.files_purged,
+                    r.elapsed_ms
+                );
+            }
+            for s in &r.steps {
+                for w in &s.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+        }
         Command::Diff {
             table,
             from,

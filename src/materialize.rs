@@ -73,6 +73,8 @@ pub struct Materializer<'a> {
     /// Column names declared PII by any source: model tables keep no statistics on them
     /// (DESIGN.md §4.4), so erased values cannot survive in the Delta log.
     pub pii: &'a BTreeSet<String>,
+    /// `[gdpr] hmac_key`, for `pseudonymize` columns.
+    pub hmac_key: Option<&'a str>,
 }
 
 /// Active files of a table: path → (size, partition values).
@@ -229,7 +231,18 @@ impl Materializer<'_> {
                     }
                     continue;
                 }
-                let then = lake.delta_table_at(&u.rel_path(), pv).await?;
+                // The version last read may be gone (an erasure purged it): rebuild in full.
+                let then = match lake.delta_table_at(&u.rel_path(), pv).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::info!(
+                            "{}: {u} version {pv} is not readable ({e}); full rebuild",
+                            m.name
+                        );
+                        incremental = false;
+                        break;
+                    }
+                };
                 let (now_files, then_files) = (files_of(ut)?, files_of(&then)?);
                 let added: Vec<&String> = now_files
                     .keys()
@@ -465,6 +478,26 @@ impl Materializer<'_> {
                 Error::Sql(msg) => Error::config(&m.file, msg),
                 other => other,
             })?;
+        // Pseudonymized columns are replaced in the SQL itself, so every materialization
+        // (snapshots re-plan it) sees only the pseudonyms.
+        let (sql, df) = if cfg.pseudonymize.is_empty() {
+            (sql, df)
+        } else {
+            let cols: Vec<String> = df
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            let wrapped = crate::pseudonym::wrap_sql(m, &sql, &cols, self.hmac_key, self.ctx)?;
+            let df = crate::time_travel::sql(self.ctx, self.catalog, &wrapped)
+                .await
+                .map_err(|e| match e {
+                    Error::Sql(msg) => Error::config(&m.file, msg),
+                    other => other,
+                })?;
+            (wrapped, df)
+        };
         if let Some(contract) = &cfg.contract {
             check_contract(m, df.schema().as_arrow(), contract)?;
         }

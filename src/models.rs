@@ -63,6 +63,9 @@ pub struct ModelConfig {
     /// Columns of this model holding personal data (besides those named PII by sources): no
     /// statistics are kept on them.
     pub pii: Vec<String>,
+    /// Columns replaced in the output: `hash` (HMAC-SHA256 hex with the `[gdpr]` key, stable
+    /// and joinable) or `mask` (first character kept). Raw PII then stops at this model.
+    pub pseudonymize: BTreeMap<String, Pseudonym>,
     /// Singular tests: `config(severity='warn')`.
     pub severity: crate::quality::Severity,
 }
@@ -83,9 +86,18 @@ impl Default for ModelConfig {
             contract: None,
             on_schema_change: "fail".into(),
             pii: vec![],
+            pseudonymize: BTreeMap::new(),
             severity: crate::quality::Severity::Error,
         }
     }
+}
+
+/// How a pseudonymized column is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pseudonym {
+    Hash,
+    Mask,
 }
 
 /// One model file.
@@ -275,6 +287,11 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
         c.contract = Some(serde_json::from_value(t).map_err(|e| {
             format!("config(contract=…): {e}; write contract={{'column': 'type', …}}")
         })?);
+    }
+    if let Some(t) = json("pseudonymize")? {
+        c.pseudonymize = serde_json::from_value(t).map_err(|e| {
+            format!("config(pseudonymize=…): {e}; write pseudonymize={{'email': 'hash', 'full_name': 'mask'}}")
+        })?;
     }
     if let Some(o) = s("on_schema_change")? {
         if o != "fail" && o != "append_new_columns" {

@@ -287,6 +287,7 @@ async fn build_models(
         run_id: &run_id,
         full_refresh,
         pii: &pii,
+        hmac_key: silt.project.file.gdpr.hmac_key.as_deref(),
     };
     let mut broken: BTreeSet<String> = BTreeSet::new();
     if let Some(p) = &progress {

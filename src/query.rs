@@ -20,6 +20,13 @@ pub async fn run_pinned(
     sql: &str,
     pins: BTreeMap<String, u64>,
 ) -> Result<Vec<RecordBatch>> {
+    for (t, v) in &pins {
+        if let Ok(t) = crate::catalog::TableRef::parse(t)
+            && let Some(e) = crate::erasure::purged_by(catalog, &t, *v).await?
+        {
+            return Err(e);
+        }
+    }
     let ctx = catalog.session_pinned(pins).await?;
     let df = crate::time_travel::sql(&ctx, catalog, sql).await?;
     df.collect().await.map_err(Error::from_datafusion)

@@ -51,6 +51,11 @@ root = "landing"
 # Files and bytes committed together per table.
 batch_files = 256
 batch_bytes = 536870912
+
+[gdpr]
+# `silt forget` and config(pseudonymize=…) need an HMAC key. Set SILT_GDPR_HMAC_KEY rather than
+# writing it here.
+# hmac_key = "…"
 "#)),
         ("sql/bronze/example.toml", r#"# A landing source: one bronze table, bronze.example. Edit the contract to fit your data,
 # or write a new one from a sample file: silt source new <name> --from <file>.

@@ -184,6 +184,14 @@ impl Storage {
         Ok(())
     }
 
+    /// Delete one object; a missing object is not an error (deletes are retried after crashes).
+    pub async fn delete(&self, p: &Path) -> Result<()> {
+        match self.store.delete(p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::storage(p.as_ref(), e)),
+        }
+    }
+
     pub async fn exists(&self, p: &Path) -> Result<bool> {
         match self.store.head(p).await {
             Ok(_) => Ok(true),

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use datafusion::prelude::{DataFrame, SessionContext};
-use futures::TryStreamExt;
 use serde::Serialize;
 use sqlparser::ast::{
     Expr, ObjectName, ObjectNamePart, TableFactor, TableVersion, Value, VisitMut, VisitorMut,
@@ -152,27 +151,82 @@ impl VisitorMut for Collect {
     }
 }
 
-/// Open a table at a point in time; a clear error when the version does not exist.
+/// Open a table at a point in time; a clear error when the version does not exist or a GDPR
+/// erasure purged it.
 pub async fn open_as_of(
     catalog: &Catalog,
     t: &TableRef,
     as_of: &AsOf,
 ) -> Result<deltalake::DeltaTable> {
     let lake = catalog.lake();
-    match as_of {
-        AsOf::Version(v) => lake.delta_table_at(&t.rel_path(), *v).await,
+    let version = match as_of {
+        AsOf::Version(v) => *v,
         AsOf::Timestamp(ts) => {
-            let mut table = lake.delta_table(&t.rel_path()).await?;
-            if table.version().is_none() {
+            let commits = commit_infos(catalog, t).await?;
+            if commits.is_empty() {
                 return Err(Error::Usage(format!("{t} does not exist")));
             }
-            table
-                .load_with_datetime(*ts)
-                .await
-                .map_err(|e| Error::delta(t.to_string(), e))?;
-            Ok(table)
+            let ms = ts.timestamp_millis();
+            let Some((v, _)) = commits
+                .iter()
+                .filter(|(_, info)| {
+                    info.get("timestamp")
+                        .and_then(|x| x.as_i64())
+                        .is_some_and(|c| c <= ms)
+                })
+                .max_by_key(|(v, _)| *v)
+            else {
+                return Err(Error::Usage(format!(
+                    "{t} did not exist yet at {}",
+                    ts.to_rfc3339()
+                )));
+            };
+            // The next version is missing from the log: the time falls in purged history.
+            let latest = commits.iter().map(|c| c.0).max().unwrap_or(0);
+            if *v < latest && !commits.iter().any(|c| c.0 == v + 1) {
+                *v + 1
+            } else {
+                *v
+            }
         }
+    };
+    if let Some(e) = crate::erasure::purged_by(catalog, t, version).await? {
+        return Err(e);
     }
+    lake.delta_table_at(&t.rel_path(), version).await
+}
+
+/// The commit info of every version whose commit file is in the log, oldest first (versions a
+/// GDPR erasure purged are missing).
+pub async fn commit_infos(
+    catalog: &Catalog,
+    t: &TableRef,
+) -> Result<Vec<(u64, serde_json::Map<String, serde_json::Value>)>> {
+    let lake = catalog.lake();
+    let mut out = Vec::new();
+    for o in lake.list(&format!("{}/_delta_log", t.rel_path())).await? {
+        let Some(name) = o.location.filename() else {
+            continue;
+        };
+        let Some(v) = name
+            .strip_suffix(".json")
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let data = lake.get(&o.location).await?;
+        let info = data
+            .split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+            .find_map(|a| match a.get("commitInfo") {
+                Some(serde_json::Value::Object(m)) => Some(m.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        out.push((v, info));
+    }
+    out.sort_by_key(|c| c.0);
+    Ok(out)
 }
 
 /// Plan `sql`, resolving version clauses first. The session must have the `__silt` schema.
@@ -246,34 +300,25 @@ pub struct HistoryEntry {
 }
 
 pub async fn history(catalog: &Catalog, t: &TableRef) -> Result<Vec<HistoryEntry>> {
-    let table = catalog
-        .open(t)
-        .await?
-        .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
-    let latest = table.version().unwrap_or(0);
-    let infos: Vec<_> = table
-        .history(None)
-        .try_collect()
-        .await
-        .map_err(|e| Error::delta(t.to_string(), e))?;
-    // Newest first, one per version down from the latest.
+    if catalog.open(t).await?.is_none() {
+        return Err(Error::Usage(format!("{t} does not exist")));
+    }
+    // Newest first.
     let mut out = Vec::new();
-    for (i, info) in infos.into_iter().enumerate() {
-        let Some(version) = latest.checked_sub(i as u64) else {
-            break;
-        };
-        let s = |k: &str| info.info.get(k).and_then(|v| v.as_str()).map(String::from);
+    for (version, info) in commit_infos(catalog, t).await?.into_iter().rev() {
+        let s = |k: &str| info.get(k).and_then(|v| v.as_str()).map(String::from);
         let mut metrics = BTreeMap::new();
-        if let Some(serde_json::Value::Object(m)) = info.info.get("operationMetrics") {
+        if let Some(serde_json::Value::Object(m)) = info.get("operationMetrics") {
             metrics.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         out.push(HistoryEntry {
             version,
             timestamp: info
-                .timestamp
+                .get("timestamp")
+                .and_then(|x| x.as_i64())
                 .and_then(chrono::DateTime::from_timestamp_millis)
                 .map(|t| t.to_rfc3339()),
-            operation: info.operation.clone(),
+            operation: s("operation"),
             silt_operation: s("silt.operation"),
             run: s("silt.run_id").or_else(|| s("silt.batch_id")),
             metrics,
@@ -290,22 +335,13 @@ pub async fn restore(catalog: &Catalog, t: &TableRef, as_of: &AsOf) -> Result<u6
         .await?
         .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
     let target_version = open_as_of(catalog, t, as_of).await?.version().unwrap_or(0);
-    let latest = table.version().unwrap_or(0);
-    let infos: Vec<_> = table
-        .history(None)
-        .try_collect()
-        .await
-        .map_err(|e| Error::delta(t.to_string(), e))?;
     // The newest model state at or before the restored version.
-    let state = infos
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| {
-            latest
-                .checked_sub(*i as u64)
-                .is_some_and(|v| v <= target_version)
-        })
-        .find_map(|(_, info)| info.info.get("silt.state").cloned());
+    let state = commit_infos(catalog, t)
+        .await?
+        .into_iter()
+        .rev()
+        .filter(|(v, _)| *v <= target_version)
+        .find_map(|(_, info)| info.get("silt.state").cloned());
     let mut meta = vec![
         (
             "silt.operation".to_string(),

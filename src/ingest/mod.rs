@@ -194,6 +194,7 @@ impl<'a> IngestBuilder<'a> {
                 ingested_at,
                 cfg: &self.project.file.ingest,
                 progress: self.progress.as_ref(),
+                rewritten: HashMap::new(),
             };
             run.ingest(files, &mut sr, &mut report.rejected).await?;
             report.sources.push(sr);
@@ -211,6 +212,8 @@ struct SourceRun<'r> {
     ingested_at: i64,
     cfg: &'r crate::config::IngestSection,
     progress: Option<&'r indicatif::ProgressBar>,
+    /// Path → every content hash the ledger has for it.
+    rewritten: HashMap<String, Vec<String>>,
 }
 
 /// A landing file read and classified.
@@ -232,6 +235,16 @@ impl SourceRun<'_> {
         let entries = ledger::read(self.catalog, &self.src.name).await?;
         let mut by_path: HashMap<String, LedgerEntry> = HashMap::new();
         let mut by_sha: HashMap<String, String> = HashMap::new();
+        // Contents a GDPR erasure rewrote: the old one stays "already ingested" until the new
+        // one lands (the ledger learns of the rewrite first).
+        let mut known: HashMap<String, Vec<String>> = HashMap::new();
+        for e in &entries {
+            known
+                .entry(e.path.clone())
+                .or_default()
+                .push(e.sha256.clone());
+        }
+        self.rewritten = known;
         for e in entries {
             if e.status == "ingested" || e.status == "empty" {
                 by_sha
@@ -324,7 +337,9 @@ impl SourceRun<'_> {
             };
             let previous = by_path.get(&rel).cloned();
             if let Some(prev) = &previous
-                && prev.sha256 == sha
+                && (prev.sha256 == sha
+                    || (prev.status == "rewritten"
+                        && self.rewritten.get(&rel).is_some_and(|v| v.contains(&sha))))
             {
                 // Same content, new etag (touched or copied again): remember the new etag.
                 sr.files_already_ingested += 1;

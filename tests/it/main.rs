@@ -3,6 +3,7 @@
 //! and deltalake.
 
 mod contract;
+mod erasure;
 mod ingest;
 mod models;
 mod quality;

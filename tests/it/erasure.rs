@@ -1,0 +1,403 @@
+//! GDPR erasure on the reference pipeline: `silt forget` removes one client from every layer, the
+//! quarantine and the landing files; an independent scan of every file under both roots finds
+//! none of the client's id or PII; gold equals a rebuild from scratch without the client; only
+//! files holding the client are rewritten; purged versions fail with an error naming the request;
+//! SIGKILL at several points and a re-run completes one request; pseudonymized silver columns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use serde_json::Value;
+
+use crate::support::{Project, copy_dir, repo, walk};
+
+/// C0085 has fees in several months, a profile in the truncated clients file, a quarantined
+/// fee row (extra column) and a name no other client shares.
+const SUBJECT: &str = "C0085";
+const KEY: &str = "adviser-fees-dev-key";
+
+/// The reference pipeline after both deliveries (so silver.clients has SCD2 history).
+fn pipeline() -> Project {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    copy_dir(&repo().join("fixtures/batch2"), &p.landing());
+    p.ok(&["run"]);
+    p
+}
+
+/// Every cell of a Parquet file, as text.
+fn parquet_cells(path: &Path) -> Vec<String> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        for c in b.columns() {
+            let f = ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()).unwrap();
+            for i in 0..c.len() {
+                out.push(f.value(i).to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Files under `root` (decoded when Parquet, read as text otherwise) that hold any needle.
+fn files_holding(root: &Path, needles: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    walk(root, &mut |p| {
+        let texts = if p.extension().is_some_and(|e| e == "parquet") {
+            parquet_cells(p)
+        } else {
+            vec![String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned()]
+        };
+        for n in needles {
+            if texts.iter().any(|t| t.contains(n.as_str())) {
+                found.push(format!("{} holds {n}", p.display()));
+            }
+        }
+    });
+    found
+}
+
+/// Live data files of a Delta table, through deltalake itself.
+fn live_files(dir: &Path) -> BTreeSet<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = deltalake::open_table(url::Url::from_directory_path(dir).unwrap())
+            .await
+            .unwrap();
+        t.snapshot()
+            .unwrap()
+            .log_data()
+            .iter()
+            .map(|f| f.path().to_string())
+            .collect()
+    })
+}
+
+fn subject_pii(p: &Project, subject: &str) -> Vec<String> {
+    let rows = p.query(&format!(
+        "select distinct full_name, email, nino from bronze.clients where client_id = '{subject}'"
+    ));
+    assert!(!rows.is_empty(), "{subject} has a bronze profile");
+    let mut out: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.values().map(|v| v.as_str().unwrap().to_string()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn gold_tables(p: &Project) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for t in [
+        "dim_clients",
+        "fct_monthly_revenue",
+        "rpt_client_ltv",
+        "rpt_adviser_ltv",
+        "rpt_cohort_ltv",
+    ] {
+        let mut rows: Vec<String> = p
+            .query(&format!("select * from gold.{t}"))
+            .into_iter()
+            .map(|r| Value::Object(r).to_string())
+            .collect();
+        rows.sort();
+        out.insert(t.to_string(), rows);
+    }
+    out
+}
+
+#[test]
+fn forget_removes_a_client_everywhere_and_gold_equals_a_rebuild_without_it() {
+    let p = pipeline();
+    let pii = subject_pii(&p, SUBJECT);
+    let mut needles = vec![SUBJECT.to_string()];
+    needles.extend(pii.iter().cloned());
+    assert!(
+        !files_holding(&p.lake(), &needles).is_empty()
+            && !files_holding(&p.landing(), &needles).is_empty(),
+        "the scan finds the client before the erasure"
+    );
+    // Which live files hold the client, per table, before.
+    let tables = [
+        "bronze/fees",
+        "bronze/clients",
+        "silver/stg_fees",
+        "silver/clients",
+        "_silt/quarantine/fees",
+    ];
+    let mut holding: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for t in tables {
+        let dir = p.lake().join(t);
+        let files = live_files(&dir)
+            .into_iter()
+            .filter(|f| {
+                parquet_cells(&dir.join(f))
+                    .iter()
+                    .any(|c| c.contains(SUBJECT))
+            })
+            .collect::<BTreeSet<_>>();
+        assert!(!files.is_empty(), "{t} holds {SUBJECT} before");
+        holding.insert(
+            t.replace("_silt/quarantine", "quarantine")
+                .replace('/', "."),
+            files,
+        );
+    }
+    let months: BTreeSet<String> = p
+        .query(&format!(
+            "select distinct fee_month from silver.stg_fees where client_id = '{SUBJECT}'"
+        ))
+        .into_iter()
+        .map(|r| r["fee_month"].as_str().unwrap().to_string())
+        .collect();
+    let revenue_dir = p.lake().join("gold/fct_monthly_revenue");
+    let revenue_before = live_files(&revenue_dir);
+    let fee_rows_before: i64 = p.count("select count(*) from bronze.fees");
+
+    let out = p.ok(&["--json", "forget", SUBJECT, "--reason", "client request"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let steps = report["steps"].as_array().unwrap();
+
+    // Only the files that held the client were rewritten, and all of them were.
+    for (t, files) in &holding {
+        let rewritten: BTreeSet<String> = steps
+            .iter()
+            .filter(|s| s["table"] == *t && s["action"] == "rewrite")
+            .flat_map(|s| s["files_rewritten"].as_array().unwrap().iter())
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(&rewritten, files, "{t}: files rewritten");
+    }
+    // The partition_overwrite aggregate redid exactly the client's months; the others' files stay.
+    let rebuilt: BTreeSet<String> = steps
+        .iter()
+        .find(|s| s["table"] == "gold.fct_monthly_revenue")
+        .unwrap()["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(rebuilt, months);
+    let revenue_after = live_files(&revenue_dir);
+    for f in &revenue_before {
+        let untouched = !months
+            .iter()
+            .any(|m| f.starts_with(&format!("fee_month={m}/")));
+        assert_eq!(revenue_after.contains(f), untouched, "{f}");
+    }
+    assert!(fee_rows_before > p.count("select count(*) from bronze.fees"));
+
+    // verify finds nothing, and neither does an independent scan of every file.
+    let v = p.ok(&["forget", "--verify", SUBJECT]);
+    assert!(v.contains(" 0 finding(s)"), "{v}");
+    assert_eq!(files_holding(&p.lake(), &needles), Vec::<String>::new());
+    assert_eq!(files_holding(&p.landing(), &needles), Vec::<String>::new());
+
+    // Gold equals a rebuild from scratch on the rewritten landing files.
+    let q = Project::empty_reference();
+    let batch2: BTreeSet<String> = ["clients/clients_2026_07.json", "fees/fees_2026_07_b2.csv"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let copy = |only_batch2: bool| {
+        walk(&p.landing(), &mut |f| {
+            let rel = f.strip_prefix(p.landing()).unwrap().display().to_string();
+            if batch2.contains(&rel) == only_batch2 {
+                let to = q.landing().join(&rel);
+                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                std::fs::copy(f, to).unwrap();
+            }
+        });
+    };
+    copy(false);
+    q.ok(&["run"]);
+    copy(true);
+    q.ok(&["run"]);
+    assert_eq!(gold_tables(&p), gold_tables(&q));
+
+    // The audit: one completed request, an HMAC of the id, never the id.
+    let hmac = silt::pseudonym::hmac_hex(KEY, SUBJECT);
+    let done = p.query("select * from _silt.erasures where status = 'completed'");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0]["subject_hmacs"], Value::from(hmac.clone()));
+    assert_eq!(done[0]["reason"], Value::from("client request"));
+    assert_eq!(done[0]["request_id"], report["request_id"]);
+    assert!(files_holding(&p.lake().join("_silt/erasures"), &[SUBJECT.to_string()]).is_empty());
+    assert!(!files_holding(&p.lake().join("_silt/erasures"), &[hmac]).is_empty());
+
+    // A version the erasure purged fails with an error naming the request.
+    let purge = steps
+        .iter()
+        .find(|s| s["table"] == "bronze.fees" && s["action"] == "purge")
+        .unwrap();
+    let from = purge["unreadable"][0].as_u64().unwrap();
+    let out = p.run(&[
+        "query",
+        &format!("select count(*) from bronze.fees version as of {from}"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no longer readable") && err.contains(report["request_id"].as_str().unwrap()),
+        "{err}"
+    );
+    // The version the erasure wrote is readable.
+    let now = purge["version"].as_u64().unwrap();
+    p.ok(&[
+        "query",
+        &format!("select count(*) from bronze.fees version as of {now}"),
+    ]);
+
+    // Nothing left to do: the next run ingests nothing and builds nothing.
+    let run: Value = serde_json::from_str(&p.ok(&["--json", "run"])).unwrap();
+    assert_eq!(
+        run["ingest"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["rows"].as_u64().unwrap())
+            .sum::<u64>(),
+        0
+    );
+    for m in run["models"].as_array().unwrap() {
+        assert_eq!(m["status"], "up_to_date", "{m}");
+    }
+
+    // Forgetting again is a no-op with its own audit entry.
+    let logs = p.log_files();
+    let again: Value = serde_json::from_str(&p.ok(&["--json", "forget", SUBJECT])).unwrap();
+    assert_eq!(again["rows_deleted"], 0);
+    assert_ne!(again["request_id"], report["request_id"]);
+    let data_logs = |l: Vec<String>| -> Vec<String> {
+        l.into_iter()
+            .filter(|f| !f.contains("_silt/erasures"))
+            .collect()
+    };
+    assert_eq!(
+        data_logs(p.log_files()),
+        data_logs(logs),
+        "no table but the audit changed"
+    );
+    assert_eq!(
+        p.count("select count(*) from _silt.erasures where status = 'completed'"),
+        2
+    );
+}
+
+/// Start `silt forget` with a failpoint, wait until it stops there, SIGKILL it.
+fn kill_forget_at(p: &Project, subject: &str, failpoint: &str) {
+    let mut child = p
+        .cmd(&["forget", subject])
+        .env("SILT_FAILPOINT", failpoint)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("failpoint") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let reached = rx.recv_timeout(Duration::from_secs(120)).is_ok();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(reached, "failpoint {failpoint} was never reached");
+}
+
+#[test]
+fn forget_killed_at_any_step_completes_on_rerun() {
+    let p = pipeline();
+    for (subject, fp) in [
+        ("C0002", "forget.started"),
+        ("C0006", "forget.landing_ledger#2"),
+        ("C0009", "forget.table#4"),
+        ("C0016", "forget.purge#2"),
+        ("C0054", "forget.before_complete"),
+    ] {
+        let mut needles = vec![subject.to_string()];
+        needles.extend(subject_pii(&p, subject));
+        kill_forget_at(&p, subject, fp);
+        let out = p.ok(&["forget", subject]);
+        assert!(out.contains("(resumed)"), "{fp}: {out}");
+        let v = p.ok(&["forget", "--verify", subject]);
+        assert!(v.contains(" 0 finding(s)"), "{fp}: {v}");
+        assert_eq!(
+            files_holding(&p.lake(), &needles),
+            Vec::<String>::new(),
+            "{fp}"
+        );
+        assert_eq!(
+            files_holding(&p.landing(), &needles),
+            Vec::<String>::new(),
+            "{fp}"
+        );
+        let hmac = silt::pseudonym::hmac_hex(KEY, subject);
+        assert_eq!(
+            p.count(&format!(
+                "select count(distinct request_id) from _silt.erasures where status = 'completed' and subject_hmacs = '{hmac}'"
+            )),
+            1,
+            "{fp}"
+        );
+    }
+    // The pipeline is whole: landing files are not re-ingested and the data tests pass.
+    let run: Value = serde_json::from_str(&p.ok(&["--json", "run"])).unwrap();
+    assert_eq!(
+        run["ingest"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["rows"].as_u64().unwrap())
+            .sum::<u64>(),
+        0
+    );
+}
+
+#[test]
+fn silver_pseudonymizes_pii_so_gold_never_sees_it() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let rows = p.query(
+        "select b.client_id, b.full_name as raw_name, b.email as raw_email, b.nino as raw_nino, \
+         s.full_name, s.email, s.nino from bronze.clients b join silver.clients s using (client_id)",
+    );
+    assert!(rows.len() > 50);
+    let mut raw = Vec::new();
+    for r in &rows {
+        let s = |k: &str| r[k].as_str().unwrap().to_string();
+        assert_eq!(s("email"), silt::pseudonym::hmac_hex(KEY, &s("raw_email")));
+        assert_eq!(s("nino"), silt::pseudonym::hmac_hex(KEY, &s("raw_nino")));
+        assert_eq!(s("full_name"), silt::pseudonym::mask(&s("raw_name")));
+        assert_ne!(s("full_name"), s("raw_name"));
+        raw.extend([s("raw_email"), s("raw_nino")]);
+    }
+    // RFC 4231 test case 2: the HMAC is the standard one.
+    assert_eq!(
+        silt::pseudonym::hmac_hex("Jefe", "what do ya want for nothing?"),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
+    assert_eq!(
+        files_holding(&p.lake().join("gold"), &raw),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        files_holding(&p.lake().join("silver/clients"), &raw),
+        Vec::<String>::new()
+    );
+}
