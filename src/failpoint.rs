@@ -1,7 +1,9 @@
 //! Named crash points for the kill tests of DESIGN.md §4 (guarantees 1 and 2). When
 //! `SILT_FAILPOINT=<name>[#n]` is set, the n-th (default first) time the process reaches `<name>`
 //! it says so on stderr and stops there until killed, so a test can SIGKILL it at an exact
-//! step. Unset, it does nothing. It must not change behaviour in any other way.
+//! step. With `SILT_FAILPOINT_RELEASE=<file>` it waits there until that file exists instead, a
+//! barrier that lets a test line two processes up on the same step. Unset, it does nothing. It
+//! must not change behaviour in any other way.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -32,6 +34,12 @@ pub fn hit(name: &str) {
         let mut err = std::io::stderr();
         let _ = writeln!(err, "silt: failpoint {name}#{nth} reached");
         let _ = err.flush();
+        if let Ok(release) = std::env::var("SILT_FAILPOINT_RELEASE") {
+            while !std::path::Path::new(&release).exists() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            return;
+        }
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }

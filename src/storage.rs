@@ -27,6 +27,8 @@ pub struct Storage {
 #[derive(Debug, Clone, Default)]
 pub struct CloudOptions {
     pub gcs_service_account_key: Option<String>,
+    /// Per-request timeout (`gcs.timeout_secs`); a timed-out request is retried with backoff.
+    pub gcs_timeout_secs: Option<u64>,
 }
 
 impl CloudOptions {
@@ -36,6 +38,7 @@ impl CloudOptions {
                 .ok()
                 .filter(|s| !s.is_empty())
                 .or_else(|| p.file.gcs.service_account_key.clone()),
+            gcs_timeout_secs: p.file.gcs.timeout_secs,
         }
     }
 }
@@ -46,6 +49,227 @@ fn register_handlers() {
     REGISTER.call_once(|| {
         deltalake::gcp::register_handlers(None);
     });
+}
+
+/// Application Default Credentials written by `gcloud auth application-default login`.
+fn adc_file() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("CLOUDSDK_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config/gcloud"))
+        })?;
+    let f = dir.join("application_default_credentials.json");
+    f.is_file().then_some(f)
+}
+
+/// The GCS client for `bucket`: a service-account key (GOOGLE_APPLICATION_CREDENTIALS or
+/// `gcs.service_account_key`), else ADC; with none, a clear error at once (object_store would
+/// otherwise ask the metadata server). Plain http only for a loopback `gcs_base_url` (emulators).
+fn gcs(
+    root: &Url,
+    bucket: &str,
+    opts: &CloudOptions,
+) -> Result<object_store::gcp::GoogleCloudStorage> {
+    use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+    let mut b = object_store::gcp::GoogleCloudStorageBuilder::new().with_bucket_name(bucket);
+    let mut client = ClientOptions::new()
+        .with_timeout(std::time::Duration::from_secs(
+            opts.gcs_timeout_secs.unwrap_or(60),
+        ))
+        .with_connect_timeout(std::time::Duration::from_secs(5));
+    match (&opts.gcs_service_account_key, adc_file()) {
+        (Some(key), _) => {
+            let text = std::fs::read_to_string(key).map_err(|e| {
+                Error::Usage(format!(
+                    "cannot read the GCS service-account key {key}: {e}"
+                ))
+            })?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                Error::Usage(format!("{key} is not a service-account JSON key: {e}"))
+            })?;
+            if let Some(base) = json.get("gcs_base_url").and_then(|v| v.as_str())
+                && let Ok(u) = Url::parse(base)
+                && u.scheme() == "http"
+                && matches!(
+                    u.host_str(),
+                    Some("127.0.0.1") | Some("localhost") | Some("[::1]")
+                )
+            {
+                client = client.with_allow_http(true);
+            }
+            b = b.with_service_account_path(key);
+        }
+        (None, Some(adc)) => {
+            b = b.with_application_credentials(adc.display().to_string());
+        }
+        (None, None) => {
+            return Err(Error::Usage(format!(
+                "no credentials for {root}: set GOOGLE_APPLICATION_CREDENTIALS to a service-account JSON key, gcs.service_account_key in silt.toml, or run `gcloud auth application-default login` (silt never asks a metadata server)"
+            )));
+        }
+    }
+    let retry = RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(50),
+            max_backoff: std::time::Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: std::time::Duration::from_secs(180),
+    };
+    b.with_client_options(client)
+        .with_retry(retry)
+        .build()
+        .map_err(|e| Error::storage(root.as_str(), e))
+}
+
+/// A store that resolves ambiguous writes. object_store retries 5xx answers, and timeouts of
+/// idempotent requests, itself; a conditional PUT (a Delta commit: `PutMode::Create`) that times
+/// out may or may not have landed, so object_store gives up. This layer reads the object back: our
+/// bytes there = it landed; absent = send it again; other bytes = someone else won
+/// (`AlreadyExists`, which Delta resolves as a commit conflict). Deletes (idempotent) are retried.
+#[derive(Debug)]
+struct Resolving {
+    inner: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Display for Resolving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Resolving({})", self.inner)
+    }
+}
+
+const RESOLVE_ATTEMPTS: u32 = 6;
+
+fn transient(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::Generic { .. })
+}
+
+async fn pause(attempt: u32) {
+    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(6))).await;
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Resolving {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let mut attempt = 0;
+        loop {
+            let err = match self
+                .inner
+                .put_opts(location, payload.clone(), opts.clone())
+                .await
+            {
+                Err(e) if transient(&e) && attempt < RESOLVE_ATTEMPTS => e,
+                r => return r,
+            };
+            attempt += 1;
+            tracing::info!("{location}: write failed ({err}); checking whether it landed");
+            pause(attempt).await;
+            match self.inner.get(location).await {
+                Ok(r) => {
+                    let meta = r.meta.clone();
+                    let got = match r.bytes().await {
+                        Ok(b) => b,
+                        Err(_) => continue,
+                    };
+                    let sent: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+                    if got.as_ref() == sent.as_slice() {
+                        return Ok(object_store::PutResult {
+                            e_tag: meta.e_tag,
+                            version: meta.version,
+                        });
+                    }
+                    if matches!(opts.mode, object_store::PutMode::Create) {
+                        return Err(object_store::Error::AlreadyExists {
+                            path: location.to_string(),
+                            source: Box::new(err),
+                        });
+                    }
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(_) => {}
+            }
+        }
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+        use futures::StreamExt;
+        let inner = self.inner.clone();
+        locations
+            .then(move |p| {
+                let inner = inner.clone();
+                async move {
+                    let p = p?;
+                    let mut attempt = 0;
+                    loop {
+                        match inner.delete(&p).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(p),
+                            Err(e) if transient(&e) && attempt < RESOLVE_ATTEMPTS => {
+                                attempt += 1;
+                                pause(attempt).await;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            })
+            .boxed()
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
 }
 
 impl Storage {
@@ -81,17 +305,12 @@ impl Storage {
                 let bucket = root
                     .host_str()
                     .ok_or_else(|| Error::Usage(format!("'{root}' names no bucket")))?;
-                let key = opts.gcs_service_account_key.as_deref().ok_or_else(|| {
-                    Error::Usage(format!(
-                        "no credentials for {root}: set GOOGLE_APPLICATION_CREDENTIALS to a service-account JSON key, or gcs.service_account_key in silt.toml"
-                    ))
-                })?;
-                let store = object_store::gcp::GoogleCloudStorageBuilder::new()
-                    .with_bucket_name(bucket)
-                    .with_service_account_path(key)
-                    .build()
-                    .map_err(|e| Error::storage(root.as_str(), e))?;
-                (Arc::new(store), Path::from(root.path()))
+                (
+                    Arc::new(Resolving {
+                        inner: Arc::new(gcs(root, bucket, opts)?),
+                    }),
+                    Path::from(root.path()),
+                )
             }
             s => {
                 return Err(Error::Usage(format!(

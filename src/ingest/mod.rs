@@ -573,6 +573,7 @@ impl SourceRun<'_> {
             description: self.src.description.clone(),
             replace_source_file: replace,
         };
+        failpoint::hit("ingest.before_bronze");
         let b_replace_now = b_table.version().is_some();
         for r in ready
             .iter()

@@ -4,6 +4,7 @@
 
 mod contract;
 mod erasure;
+mod gcs;
 mod ingest;
 mod models;
 mod quality;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::support::{Manifest, Project, copy_dir, repo};
 
 const SILVER: [&str; 3] = ["stg_fees", "clients", "advisers"];
-const GOLD: [&str; 5] = [
+pub const GOLD: [&str; 5] = [
     "dim_clients",
     "rpt_client_ltv",
     "rpt_cohort_ltv",
@@ -19,12 +19,16 @@ const GOLD: [&str; 5] = [
 
 /// A table's full content as CSV with sorted rows (a stable text to compare or check in).
 fn table_csv(p: &Project, table: &str) -> String {
-    let out = p.ok(&[
+    sorted_csv(&p.ok(&[
         "query",
         &format!("select * from {table}"),
         "--format",
         "csv",
-    ]);
+    ]))
+}
+
+/// CSV output with its rows sorted.
+pub fn sorted_csv(out: &str) -> String {
     let mut lines: Vec<&str> = out.lines().collect();
     if lines.is_empty() {
         return String::new();
@@ -32,6 +36,11 @@ fn table_csv(p: &Project, table: &str) -> String {
     let header = lines.remove(0);
     lines.sort();
     format!("{header}\n{}\n", lines.join("\n"))
+}
+
+/// The checked-in expected content of a gold table.
+pub fn golden(g: &str) -> String {
+    std::fs::read_to_string(repo().join("tests/golden").join(format!("{g}.csv"))).unwrap()
 }
 
 fn run_json(p: &Project, args: &[&str]) -> Value {
