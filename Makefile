@@ -23,6 +23,12 @@ build:
 emulators:
 	bash tests/emulators/setup.sh
 
+## The pipeline benchmark on a release build (never in CI): make bench SCALE=1
+SCALE ?= 1
+bench:
+	$(CARGO) build --release --bin silt
+	python3 benches/pipeline.py --scale $(SCALE) --silt $${CARGO_TARGET_DIR:-target}/release/silt
+
 ## Regenerate the reference landing files and their MANIFEST.json.
 fixtures:
 	python3 fixtures/make_landing.py

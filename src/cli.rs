@@ -122,6 +122,11 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Publish gold tables to a warehouse: only what changed since the last export.
+    Export {
+        #[command(subcommand)]
+        target: ExportTarget,
+    },
     /// List tables with version, rows, files, bytes and partitioning.
     Tables,
     /// Landing sources.
@@ -146,6 +151,16 @@ pub struct BuildArgs {
     /// Rebuild from scratch instead of incrementally.
     #[arg(long)]
     pub full_refresh: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportTarget {
+    /// BigQuery, per [bigquery] in silt.toml: changed partitions only, each replaced atomically.
+    Bigquery {
+        /// Models to export (selectors as in `silt build`; default: [bigquery] models or every gold model).
+        #[arg(long = "select", short = 's')]
+        select: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -29,6 +29,9 @@ pub struct ProjectFile {
     pub gcs: GcsSection,
     #[serde(default)]
     pub gdpr: GdprSection,
+    /// BigQuery export target (`silt export bigquery`).
+    #[serde(default)]
+    pub bigquery: Option<BigQuerySection>,
     /// Values for `{{ var('name') }}` in models.
     #[serde(default)]
     pub vars: BTreeMap<String, toml::Value>,
@@ -90,6 +93,30 @@ pub struct GcsSection {
     pub service_account_key: Option<String>,
     /// Seconds before one GCS request is abandoned and retried (default 60).
     pub timeout_secs: Option<u64>,
+}
+
+/// Where `silt export bigquery` publishes gold tables.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BigQuerySection {
+    pub project: String,
+    pub dataset: String,
+    /// Dataset location when silt creates it (e.g. `EU`).
+    pub location: Option<String>,
+    /// API root, e.g. `http://127.0.0.1:9050` for an emulator (default: the real API).
+    pub endpoint: Option<String>,
+    /// A service-account JSON key; else GOOGLE_APPLICATION_CREDENTIALS, else ADC. An emulator on
+    /// loopback needs none.
+    pub credentials: Option<String>,
+    /// Model name → BigQuery table name (default: the model name).
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
+    /// Models to export (default: every gold model).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Export at the end of `silt run` and `silt forget`.
+    #[serde(default)]
+    pub export_after_run: bool,
 }
 
 /// GDPR erasure and pseudonymization settings.
@@ -642,6 +669,17 @@ fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<Str
         ),
         ("gcs", &["service_account_key", "timeout_secs"]),
         ("gdpr", &["hmac_key"]),
+        (
+            "bigquery",
+            &[
+                "project",
+                "dataset",
+                "location",
+                "endpoint",
+                "credentials",
+                "export_after_run",
+            ],
+        ),
     ];
     for (section, keys) in sections {
         for key in *keys {

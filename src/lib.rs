@@ -8,6 +8,7 @@ pub mod config;
 pub mod contract;
 pub mod erasure;
 pub mod error;
+pub mod export;
 pub mod failpoint;
 pub mod ingest;
 pub mod materialize;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use cli::{BuildArgs, Cli, Command, DagFormat, Format, SourceCommand};
+use cli::{BuildArgs, Cli, Command, DagFormat, ExportTarget, Format, SourceCommand};
 use silt::render::{OutputFormat, render, simple_table};
 use silt::{Error, Silt};
 
@@ -324,6 +324,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let v = silt::time_travel::restore(&silt.catalog, &t, &as_of).await?;
             println!("{t} restored as version {v}");
         }
+        Command::Export {
+            target: ExportTarget::Bigquery { select },
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            export(&silt, &select, json).await?;
+        }
         Command::Forget {
             ids,
             file,
@@ -435,6 +441,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("warning: {w}");
                 }
             }
+            export_after(&silt, json).await?;
         }
         Command::Diff {
             table,
@@ -718,10 +725,75 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
     if code != 0 {
         std::process::exit(code);
     }
+    export_after(silt, json).await
+}
+
+/// `[bigquery] export_after_run`: publish what changed once a run or an erasure succeeded.
+async fn export_after(silt: &Silt, json: bool) -> anyhow::Result<()> {
+    if silt
+        .project
+        .file
+        .bigquery
+        .as_ref()
+        .is_some_and(|b| b.export_after_run)
+    {
+        if json {
+            silt::export::bigquery(silt, &[]).await?;
+        } else {
+            export(silt, &[], false).await?;
+        }
+    }
     Ok(())
 }
 
 /// The key `silt diff` uses by default: a model's unique_key, a source's primary_key.
+async fn export(silt: &Silt, select: &[String], json: bool) -> anyhow::Result<()> {
+    let r = silt::export::bigquery(silt, select).await?;
+    if json {
+        write_stdout(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+        return Ok(());
+    }
+    let rows = r
+        .tables
+        .iter()
+        .map(|t| {
+            vec![
+                t.model.clone(),
+                t.target.clone(),
+                t.mode.clone(),
+                format!(
+                    "{}→{}",
+                    t.from_version
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    t.version
+                ),
+                t.partitions.join(","),
+                t.rows_sent.to_string(),
+                t.bytes_sent.to_string(),
+                t.jobs.join(","),
+                t.ms.to_string(),
+            ]
+        })
+        .collect();
+    write_stdout(&simple_table(
+        &[
+            "model",
+            "target",
+            "mode",
+            "versions",
+            "partitions",
+            "rows",
+            "bytes",
+            "jobs",
+            "ms",
+        ],
+        rows,
+    ))?;
+    println!("exported in {} ms", r.elapsed_ms);
+    Ok(())
+}
+
 fn default_key(silt: &Silt, t: &silt::catalog::TableRef) -> Vec<String> {
     use silt::catalog::Layer;
     match t.layer {

@@ -66,6 +66,8 @@ pub struct ModelConfig {
     /// Columns replaced in the output: `hash` (HMAC-SHA256 hex with the `[gdpr]` key, stable
     /// and joinable) or `mask` (first character kept). Raw PII then stops at this model.
     pub pseudonymize: BTreeMap<String, Pseudonym>,
+    /// Column descriptions (`columns={'ltv_total': 'Net fees…'}`), published with exports.
+    pub columns: BTreeMap<String, String>,
     /// Singular tests: `config(severity='warn')`.
     pub severity: crate::quality::Severity,
 }
@@ -87,6 +89,7 @@ impl Default for ModelConfig {
             on_schema_change: "fail".into(),
             pii: vec![],
             pseudonymize: BTreeMap::new(),
+            columns: BTreeMap::new(),
             severity: crate::quality::Severity::Error,
         }
     }
@@ -291,6 +294,11 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     if let Some(t) = json("pseudonymize")? {
         c.pseudonymize = serde_json::from_value(t).map_err(|e| {
             format!("config(pseudonymize=…): {e}; write pseudonymize={{'email': 'hash', 'full_name': 'mask'}}")
+        })?;
+    }
+    if let Some(t) = json("columns")? {
+        c.columns = serde_json::from_value(t).map_err(|e| {
+            format!("config(columns=…): {e}; write columns={{'column': 'description', …}}")
         })?;
     }
     if let Some(o) = s("on_schema_change")? {

@@ -6,7 +6,7 @@ select
     currency,
     count(*) as fees,
     count(distinct client_id) as clients,
-    sum(fee_amount) as revenue,
-    sum(case when fee_amount < 0 then fee_amount else 0 end) as refunds
+    cast(sum(fee_amount) as decimal(18, 2)) as revenue,
+    cast(sum(case when fee_amount < 0 then fee_amount else 0 end) as decimal(18, 2)) as refunds
 from {{ ref('stg_fees') }}
 group by fee_month, adviser_id, currency

@@ -25,5 +25,9 @@ else
   printf '#!/bin/sh\nPYTHONPATH="%s/site${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$dir" > "$dir/python"
   chmod +x "$dir/python"
 fi
+# bqemulator loads DuckDB's spatial extension from $HOME/.duckdb: give it a private HOME.
+ext=$("$dir/python" -c 'import duckdb_extension_spatial, pathlib; print(next(pathlib.Path(duckdb_extension_spatial.__file__).parent.rglob("spatial.duckdb_extension")))')
+mkdir -p "$dir/home/.duckdb/extensions/v1.5.5/linux_amd64"
+cp "$ext" "$dir/home/.duckdb/extensions/v1.5.5/linux_amd64/"
 cp "$req" "$stamp"
 echo "$dir/python"

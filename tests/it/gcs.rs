@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::support::{Manifest, Project, repo, walk};
 
 /// The python of the emulator virtualenv (created once per test binary).
-fn emulator_python() -> PathBuf {
+pub fn emulator_python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();
     PY.get_or_init(|| {
         if let Ok(p) = std::env::var("SILT_EMULATOR_PYTHON") {

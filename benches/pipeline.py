@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""The pipeline benchmark (`make bench SCALE=…`): generate the reference domain at scale S
+(benches/generate.py), then run the real silt binary stage by stage on a fresh project and lake:
+ingest, build silver, build gold, an incremental batch (1% corrections + 1% new fees in the last 2
+months), forget of 100 clients, and a time-travel query. Each stage is one silt process; per stage
+it prints wall seconds, rows/s, input MB/s and the process's peak RSS (wait4), and for the MERGE
+and the erasure the files and bytes rewritten against the table totals. Writes a JSON report.
+Never run by CI or `make test`.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def dir_bytes(d):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+
+
+def run(silt, project, env, args):
+    t0 = time.monotonic()
+    p = subprocess.run([silt, "--project", project, "--json"] + args, env=env, capture_output=True)
+    wall = time.monotonic() - t0
+    if p.returncode not in (0, 1):
+        sys.exit(f"silt {' '.join(args)} failed ({p.returncode}):\n{p.stderr.decode()[-4000:]}")
+    return wall, json.loads(p.stdout) if p.stdout.strip() else None
+
+
+def run_rss(silt, project, env, args):
+    """Like run, with the child's peak RSS from wait4."""
+    t0 = time.monotonic()
+    p = subprocess.Popen([silt, "--project", project, "--json"] + args, env=env,
+                         stdout=open(os.path.join(project, "out.json"), "wb"),
+                         stderr=open(os.path.join(project, "err.log"), "wb"))
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - t0
+    if p.returncode not in (0, 1):
+        sys.exit(f"silt {' '.join(args)} failed ({p.returncode}):\n" + open(os.path.join(project, "err.log")).read()[-4000:])
+    text = open(os.path.join(project, "out.json")).read()
+    return wall, (json.loads(text) if text.strip() else None), ru.ru_maxrss / 1024.0
+
+
+def tables(silt, project, env):
+    _, t = run(silt, project, env, ["tables"])
+    return {x["table"]: x for x in t}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--silt", default=os.path.join(REPO, "target", "release", "silt"))
+    ap.add_argument("--work", default=None, help="working directory (default: a temp dir)")
+    ap.add_argument("--report", default=None)
+    a = ap.parse_args()
+    work = a.work or os.path.join("/tmp", f"silt-bench-s{a.scale:g}")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--scale", str(a.scale),
+                    "--out", os.path.join(work, "data")], check=True)
+    gen_s = time.monotonic() - t0
+    project = os.path.join(work, "project")
+    os.makedirs(project)
+    shutil.copy(os.path.join(REPO, "silt.toml"), project)
+    shutil.copytree(os.path.join(REPO, "sql"), os.path.join(project, "sql"))
+    landing = os.path.join(work, "data", "landing")
+    env = dict(os.environ, SILT_LAKE=os.path.join(work, "lake"), SILT_LANDING=landing,
+               SILT_LOG="error")
+    stages = []
+
+    def stage(name, args, rows=None, input_bytes=None, extra=None):
+        wall, out, rss = run_rss(a.silt, project, env, args)
+        r = rows(out) if rows else None
+        s = {"stage": name, "wall_s": round(wall, 3), "rows": r,
+             "rows_per_s": round(r / wall) if r else None,
+             "input_mb_per_s": round(input_bytes / 1e6 / wall, 1) if input_bytes else None,
+             "peak_rss_mb": round(rss, 1)}
+        if extra:
+            s.update(extra(out))
+        stages.append(s)
+        print(json.dumps(s), flush=True)
+        return out
+
+    land_bytes = dir_bytes(landing)
+    stage("ingest", ["ingest"], rows=lambda o: sum(x["rows"] for x in o["sources"]), input_bytes=land_bytes)
+    models = lambda o: sum(m["rows_inserted"] + m["rows_updated"] for m in o["models"])
+    stage("build silver", ["build", "--select", "silver"], rows=models)
+    stage("build gold", ["build", "--select", "gold"], rows=models)
+    full_s = sum(s["wall_s"] for s in stages)
+
+    before = tables(a.silt, project, env)
+    batch = os.path.join(work, "data", "batch")
+    batch_bytes = dir_bytes(batch)
+    shutil.copytree(batch, landing, dirs_exist_ok=True)
+
+    def merge_stats(o):
+        m = next(x for x in o["models"] if x["model"] == "stg_fees")
+        t = before["silver.stg_fees"]
+        return {"merge_files_rewritten": m["files_removed"], "merge_bytes_rewritten": m["bytes_removed"],
+                "table_files": t["files"], "table_bytes": t["bytes"],
+                "merge_partitions": m["partitions"], "merge_files_scanned": m["files_scanned"],
+                "merge_files_skipped": m["files_skipped"]}
+    inc = stage("incremental batch", ["run"], rows=lambda o: sum(x["rows"] for x in o["ingest"]["sources"]),
+                input_bytes=batch_bytes, extra=merge_stats)
+    stages[-1]["share_of_full_build"] = round(stages[-1]["wall_s"] / full_s, 4)
+
+    before = tables(a.silt, project, env)
+
+    def forget_stats(o):
+        rewritten = {}
+        for s in o["steps"]:
+            if s["action"] == "rewrite":
+                rewritten[s["table"]] = {"files_rewritten": len(s["files_rewritten"]),
+                                         "files_scanned": s["files_scanned"],
+                                         "table_files": before.get(s["table"], {}).get("files")}
+        return {"rows_deleted": o["rows_deleted"], "files_purged": o["files_purged"], "rewritten": rewritten}
+    stage("forget 100 clients", ["forget", "--file", os.path.join(work, "data", "forget_ids.txt")],
+          rows=lambda o: o["rows_deleted"], extra=forget_stats)
+    stage("time-travel query", ["query", "select count(*) as n, sum(revenue) as r from gold.fct_monthly_revenue VERSION AS OF 0"])
+
+    report = {"scale": a.scale, "generate_s": round(gen_s, 1), "landing_mb": round(land_bytes / 1e6, 1),
+              "silt": a.silt, "stages": stages,
+              "peak_rss_mb": max(s["peak_rss_mb"] for s in stages)}
+    path = a.report or os.path.join(work, "report.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nscale {a.scale:g}: {report['landing_mb']} MB landing; report in {path}")
+    print(f"{'stage':22} {'wall s':>8} {'rows/s':>10} {'MB/s':>7} {'RSS MB':>8}")
+    for s in stages:
+        print(f"{s['stage']:22} {s['wall_s']:8.2f} {s['rows_per_s'] or '':>10} {s['input_mb_per_s'] or '':>7} {s['peak_rss_mb']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,815 @@
+//! `silt export bigquery`: publish gold tables to BigQuery, sending only the partitions that
+//! changed since the version recorded in `_silt/exports` (Delta file sets compared between the
+//! two versions), each change applied atomically (one load job, or a staging load plus one MERGE
+//! that replaces the changed partitions). Arrow → BigQuery schema mapping lives here too. It must
+//! not write lake tables other than `_silt/exports` and must not build object stores.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::Silt;
+use crate::catalog::{Layer, TableRef};
+use crate::commit::{AppendOptions, append};
+use crate::config::BigQuerySection;
+use crate::error::{Error, Result};
+use crate::models::Dag;
+
+pub fn table() -> TableRef {
+    TableRef::new(Layer::Silt, "exports")
+}
+
+/// One BigQuery column.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BqField {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<BqField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// The BigQuery column for an Arrow field; an unsupported type is an error naming the column.
+pub fn bq_field(f: &Field) -> Result<BqField> {
+    let mut out = BqField {
+        name: f.name().clone(),
+        ty: String::new(),
+        mode: if f.is_nullable() {
+            "NULLABLE"
+        } else {
+            "REQUIRED"
+        }
+        .into(),
+        precision: None,
+        scale: None,
+        fields: vec![],
+        description: None,
+    };
+    let unsupported = |why: &str| {
+        Err(Error::Usage(format!(
+            "column {} has type {} which BigQuery cannot hold{why}; cast it in the model",
+            f.name(),
+            f.data_type()
+        )))
+    };
+    let elem = |inner: &Field| -> Result<BqField> {
+        if matches!(
+            inner.data_type(),
+            DataType::List(_) | DataType::LargeList(_)
+        ) {
+            return Err(Error::Usage(format!(
+                "column {} is a list of lists, which BigQuery cannot hold (REPEATED of REPEATED); wrap the inner list in a struct in the model",
+                f.name()
+            )));
+        }
+        let mut e = bq_field(&Field::new(f.name(), inner.data_type().clone(), true))?;
+        e.mode = "REPEATED".into();
+        Ok(e)
+    };
+    out.ty = match f.data_type() {
+        DataType::Boolean => "BOOL".into(),
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => "INT64".into(),
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => "INT64".into(),
+        DataType::UInt64 => return unsupported(" (UInt64 may exceed INT64)"),
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => "FLOAT64".into(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "STRING".into(),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => "BYTES".into(),
+        DataType::FixedSizeBinary(_) => "BYTES".into(),
+        DataType::Date32 | DataType::Date64 => "DATE".into(),
+        DataType::Timestamp(_, None) => "DATETIME".into(),
+        DataType::Timestamp(_, Some(_)) => "TIMESTAMP".into(),
+        DataType::Time32(_) | DataType::Time64(_) => "TIME".into(),
+        DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => {
+            let (p, s) = (*p as i64, *s as i64);
+            if s < 0 {
+                return unsupported(" (negative scale)");
+            }
+            out.precision = Some(p.to_string());
+            out.scale = Some(s.to_string());
+            if p - s <= 29 && s <= 9 {
+                "NUMERIC".into()
+            } else if p - s <= 38 && s <= 38 {
+                "BIGNUMERIC".into()
+            } else {
+                return unsupported(" (more than 38 digits before or after the point)");
+            }
+        }
+        DataType::Struct(fields) => {
+            out.fields = fields.iter().map(|c| bq_field(c)).collect::<Result<_>>()?;
+            "RECORD".into()
+        }
+        DataType::List(inner) | DataType::LargeList(inner) | DataType::FixedSizeList(inner, _) => {
+            return elem(inner);
+        }
+        DataType::Dictionary(_, v) => {
+            return bq_field(&Field::new(f.name(), v.as_ref().clone(), f.is_nullable()));
+        }
+        _ => return unsupported(""),
+    };
+    Ok(out)
+}
+
+/// The Arrow type written to Parquet for a BigQuery load (views and dictionaries flattened).
+fn load_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Dictionary(_, v) => load_type(v),
+        DataType::Float16 => DataType::Float64,
+        DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32
+        | DataType::Int8
+        | DataType::Int16 => DataType::Int64,
+        other => other.clone(),
+    }
+}
+
+/// What one table's export did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableExport {
+    pub model: String,
+    pub target: String,
+    /// up_to_date | full | partitions | created
+    pub mode: String,
+    pub from_version: Option<u64>,
+    pub version: u64,
+    pub partitions: Vec<String>,
+    pub rows_sent: u64,
+    pub bytes_sent: u64,
+    pub jobs: Vec<String>,
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExportReport {
+    pub tables: Vec<TableExport>,
+    pub elapsed_ms: u64,
+}
+
+/// A BigQuery REST client.
+struct Bq {
+    http: reqwest::Client,
+    base: String,
+    project: String,
+    dataset: String,
+    token: Option<String>,
+}
+
+fn is_loopback(url: &str) -> bool {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(String::from))
+        .is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]")
+}
+
+impl Bq {
+    async fn new(cfg: &BigQuerySection) -> Result<Bq> {
+        let base = cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| "https://bigquery.googleapis.com".into())
+            .trim_end_matches('/')
+            .to_string();
+        let key = cfg.credentials.clone().or_else(|| {
+            std::env::var("GOOGLE_APPLICATION_CREDENTIALS")
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
+        let scopes = ["https://www.googleapis.com/auth/bigquery"];
+        let auth_err = |e: gcp_auth::Error| Error::Usage(format!("BigQuery credentials: {e}"));
+        // Explicit providers only: never gcp_auth::provider(), which may ask a metadata server.
+        let token = if is_loopback(&base) && key.is_none() {
+            None
+        } else if let Some(k) = key.as_deref().filter(|_| !is_loopback(&base)) {
+            use gcp_auth::TokenProvider;
+            let sa = gcp_auth::CustomServiceAccount::from_file(k).map_err(auth_err)?;
+            Some(
+                sa.token(&scopes)
+                    .await
+                    .map_err(auth_err)?
+                    .as_str()
+                    .to_string(),
+            )
+        } else if is_loopback(&base) {
+            None
+        } else {
+            use gcp_auth::TokenProvider;
+            let adc = gcp_auth::ConfigDefaultCredentials::new().await.map_err(|e| {
+                Error::Usage(format!(
+                    "no BigQuery credentials: set [bigquery] credentials, GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login` ({e})"
+                ))
+            })?;
+            Some(
+                adc.token(&scopes)
+                    .await
+                    .map_err(auth_err)?
+                    .as_str()
+                    .to_string(),
+            )
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| Error::Runtime(format!("HTTP client: {e}")))?;
+        Ok(Bq {
+            http,
+            base,
+            project: cfg.project.clone(),
+            dataset: cfg.dataset.clone(),
+            token,
+        })
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!("{}/bigquery/v2/projects/{}{path}", self.base, self.project)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> Result<(u16, Value)> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::Runtime(format!("BigQuery {what}: {e}")))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Error::Runtime(format!("BigQuery {what}: {e}")))?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, v))
+    }
+
+    fn fail(what: &str, status: u16, v: &Value) -> Error {
+        let e = &v["error"];
+        let reason = e["errors"][0]["reason"].as_str().unwrap_or("");
+        let msg = e["message"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| v.to_string());
+        let hint = match status {
+            401 | 403 => " (check the credentials and the BigQuery roles of the account)",
+            429 => " (quota: retry later or raise the quota)",
+            _ => "",
+        };
+        Error::Runtime(format!(
+            "BigQuery {what}: HTTP {status} {reason}: {msg}{hint}"
+        ))
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        what: &str,
+    ) -> Result<Option<Value>> {
+        let mut req = self.http.request(method, self.api(path));
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(serde_json::to_vec(&b).unwrap_or_default());
+        }
+        let (status, v) = self.send(req, what).await?;
+        match status {
+            200..=299 => Ok(Some(v)),
+            404 => Ok(None),
+            _ => Err(Self::fail(what, status, &v)),
+        }
+    }
+
+    async fn ensure_dataset(&self, location: Option<&str>) -> Result<()> {
+        let path = format!("/datasets/{}", self.dataset);
+        if self
+            .call(reqwest::Method::GET, &path, None, "get dataset")
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut body =
+            json!({"datasetReference": {"projectId": self.project, "datasetId": self.dataset}});
+        if let Some(l) = location {
+            body["location"] = json!(l);
+        }
+        self.call(
+            reqwest::Method::POST,
+            "/datasets",
+            Some(body),
+            "create dataset",
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Value>> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/datasets/{}/tables/{name}", self.dataset),
+            None,
+            &format!("get table {name}"),
+        )
+        .await
+    }
+
+    async fn create_table(
+        &self,
+        name: &str,
+        fields: &[BqField],
+        layout: &Layout,
+        description: Option<&str>,
+    ) -> Result<()> {
+        let mut body = json!({
+            "tableReference": {"projectId": self.project, "datasetId": self.dataset, "tableId": name},
+            "schema": {"fields": fields},
+        });
+        if let Some(d) = description {
+            body["description"] = json!(d);
+        }
+        if let Some(p) = &layout.time_partition {
+            body["timePartitioning"] = json!({"type": "DAY", "field": p});
+        }
+        if !layout.clustering.is_empty() {
+            body["clustering"] = json!({"fields": layout.clustering});
+        }
+        self.call(
+            reqwest::Method::POST,
+            &format!("/datasets/{}/tables", self.dataset),
+            Some(body),
+            &format!("create table {name}"),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn wait(&self, job: Value, what: &str) -> Result<String> {
+        let id = job["jobReference"]["jobId"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let location = job["jobReference"]["location"].as_str().map(String::from);
+        let mut j = job;
+        let started = Instant::now();
+        while j["status"]["state"] != "DONE" {
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(Error::Runtime(format!(
+                    "BigQuery {what}: job {id} not done after 10 minutes"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut path = format!("/jobs/{id}");
+            if let Some(l) = &location {
+                path.push_str(&format!("?location={l}"));
+            }
+            j = self
+                .call(reqwest::Method::GET, &path, None, what)
+                .await?
+                .ok_or_else(|| Error::Runtime(format!("BigQuery {what}: job {id} vanished")))?;
+        }
+        if let Some(e) = j["status"]["errorResult"].as_object() {
+            return Err(Error::Runtime(format!(
+                "BigQuery {what}: job {id} failed: {}: {}",
+                e.get("reason").and_then(|v| v.as_str()).unwrap_or(""),
+                e.get("message").and_then(|v| v.as_str()).unwrap_or("")
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Load Parquet bytes into `table` (multipart upload), WRITE_TRUNCATE.
+    async fn load(&self, table: &str, parquet: Vec<u8>) -> Result<String> {
+        let meta = json!({"configuration": {"load": {
+            "destinationTable": {"projectId": self.project, "datasetId": self.dataset, "tableId": table},
+            "sourceFormat": "PARQUET",
+            "writeDisposition": "WRITE_TRUNCATE",
+            "parquetOptions": {"enableListInference": true},
+        }}});
+        let boundary = format!("silt{}", uuid::Uuid::new_v4().simple());
+        let mut body = format!(
+            "--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(&parquet);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let url = format!(
+            "{}/upload/bigquery/v2/projects/{}/jobs?uploadType=multipart",
+            self.base, self.project
+        );
+        let req = self
+            .http
+            .post(url)
+            .header(
+                "Content-Type",
+                format!("multipart/related; boundary={boundary}"),
+            )
+            .body(body);
+        let what = format!("load into {}.{table}", self.dataset);
+        let (status, v) = self.send(req, &what).await?;
+        if !(200..=299).contains(&status) {
+            return Err(Self::fail(&what, status, &v));
+        }
+        self.wait(v, &what).await
+    }
+
+    async fn query(&self, sql: &str, what: &str) -> Result<String> {
+        let body = json!({"configuration": {"query": {"query": sql, "useLegacySql": false}}});
+        let v = self
+            .call(reqwest::Method::POST, "/jobs", Some(body), what)
+            .await?
+            .ok_or_else(|| Error::Runtime(format!("BigQuery {what}: no job")))?;
+        self.wait(v, what).await
+    }
+}
+
+/// How a BigQuery table mirrors the Delta table's layout.
+struct Layout {
+    time_partition: Option<String>,
+    clustering: Vec<String>,
+}
+
+fn to_parquet(batches: &[RecordBatch], schema: &Arc<Schema>) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema.clone(), None)
+        .map_err(|e| Error::Runtime(format!("parquet: {e}")))?;
+    for b in batches {
+        let cols = schema
+            .fields()
+            .iter()
+            .zip(b.columns())
+            .map(|(f, c)| arrow::compute::cast(c, f.data_type()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        w.write(&RecordBatch::try_new(schema.clone(), cols)?)
+            .map_err(|e| Error::Runtime(format!("parquet: {e}")))?;
+    }
+    w.close()
+        .map_err(|e| Error::Runtime(format!("parquet: {e}")))?;
+    Ok(buf)
+}
+
+fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Last exported version per (model, target), from `_silt/exports`.
+async fn last_exports(silt: &Silt) -> Result<HashMap<(String, String), u64>> {
+    let mut out = HashMap::new();
+    for b in silt.catalog.read_small(&table()).await? {
+        let s = |n: &str| {
+            b.column_by_name(n)
+                .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+        };
+        let (Some(m), Some(t), Some(v)) = (s("model"), s("target"), s("version")) else {
+            continue;
+        };
+        use arrow::array::AsArray;
+        let (m, t, v) = (
+            m.as_string::<i32>(),
+            t.as_string::<i32>(),
+            v.as_string::<i32>(),
+        );
+        for r in 0..b.num_rows() {
+            if let Ok(ver) = v.value(r).parse::<u64>() {
+                let k = (m.value(r).to_string(), t.value(r).to_string());
+                let e = out.entry(k).or_insert(ver);
+                *e = (*e).max(ver);
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn record(silt: &Silt, rows: &[TableExport]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("model", DataType::Utf8, false),
+        Field::new("target", DataType::Utf8, false),
+        Field::new("mode", DataType::Utf8, false),
+        Field::new("version", DataType::Int64, false),
+        Field::new("partitions", DataType::Utf8, false),
+        Field::new("rows_sent", DataType::Int64, false),
+        Field::new("jobs", DataType::Utf8, false),
+        Field::new(
+            "at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ]));
+    let s = |f: &dyn Fn(&TableExport) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let now = chrono::Utc::now().timestamp_micros();
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            s(&|r| r.model.clone()),
+            s(&|r| r.target.clone()),
+            s(&|r| r.mode.clone()),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.version as i64),
+            )),
+            s(&|r| r.partitions.join(",")),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.rows_sent as i64),
+            )),
+            s(&|r| r.jobs.join(",")),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|_| now))
+                    .with_timezone("UTC"),
+            ),
+        ],
+    )?;
+    append(
+        &silt.lake,
+        &table(),
+        vec![batch],
+        AppendOptions {
+            metadata: vec![("silt.operation".into(), "export.bigquery".into())],
+            description: Some(
+                "silt export: the Delta version each table was last exported at".into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// `silt export bigquery [--select …]`.
+pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
+    let started = Instant::now();
+    let cfg = silt.project.file.bigquery.clone().ok_or_else(|| {
+        Error::config(
+            "silt.toml",
+            "no [bigquery] section: add project and dataset (and endpoint for an emulator)",
+        )
+    })?;
+    let dag = Dag::load(&silt.project)?;
+    let wanted: Vec<String> = if !select.is_empty() {
+        dag.select(select)?
+    } else if !cfg.models.is_empty() {
+        dag.select(&cfg.models)?
+    } else {
+        dag.order
+            .iter()
+            .filter(|n| dag.models[*n].layer == Layer::Gold)
+            .cloned()
+            .collect()
+    };
+    // Check every schema before sending anything.
+    let mut plans = Vec::new();
+    for name in &wanted {
+        let m = &dag.models[name];
+        let t = m.table();
+        let delta = silt.lake.delta_table(&t.rel_path()).await?;
+        let Some(version) = delta.version() else {
+            return Err(Error::Usage(format!(
+                "{t} is not built yet: run `silt build` first"
+            )));
+        };
+        let snap = delta
+            .snapshot()
+            .map_err(|e| Error::delta(t.to_string(), e))?;
+        let arrow_schema = snap.snapshot().arrow_schema();
+        let mut fields = arrow_schema
+            .fields()
+            .iter()
+            .map(|f| bq_field(f))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| Error::Usage(format!("{t}: {e}")))?;
+        for f in fields.iter_mut() {
+            f.description = m.config.columns.get(&f.name).cloned();
+        }
+        let parts: Vec<String> = snap.metadata().partition_columns().to_vec();
+        plans.push((m.clone(), t, delta, version, arrow_schema, fields, parts));
+    }
+    let bq = Bq::new(&cfg).await?;
+    bq.ensure_dataset(cfg.location.as_deref()).await?;
+    let last = last_exports(silt).await?;
+    let ctx = silt.catalog.session().await?;
+    let mut report = ExportReport::default();
+    for (m, t, delta, version, arrow_schema, fields, parts) in plans {
+        let t0 = Instant::now();
+        let bq_name = cfg
+            .tables
+            .get(&m.name)
+            .cloned()
+            .unwrap_or_else(|| m.name.clone());
+        let target = format!("{}.{}.{}", cfg.project, cfg.dataset, bq_name);
+        let prev = last.get(&(m.name.clone(), target.clone())).copied();
+        let mut te = TableExport {
+            model: m.name.clone(),
+            target: target.clone(),
+            from_version: prev,
+            version,
+            ..Default::default()
+        };
+        let exists = bq.table(&bq_name).await?;
+        let load_schema = Arc::new(Schema::new(
+            arrow_schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_data_type(load_type(f.data_type())))
+                .collect::<Vec<_>>(),
+        ));
+        let layout = Layout {
+            time_partition: parts
+                .iter()
+                .find(|p| {
+                    matches!(
+                        arrow_schema
+                            .field_with_name(p)
+                            .map(|f| f.data_type().clone()),
+                        Ok(DataType::Date32)
+                    )
+                })
+                .cloned(),
+            clustering: parts
+                .iter()
+                .filter(|p| {
+                    !matches!(
+                        arrow_schema
+                            .field_with_name(p)
+                            .map(|f| f.data_type().clone()),
+                        Ok(DataType::Date32)
+                    )
+                })
+                .take(4)
+                .cloned()
+                .collect(),
+        };
+        if let Some(existing) = &exists {
+            let names: Vec<&str> = existing["schema"]["fields"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|f| f["name"].as_str()).collect())
+                .unwrap_or_default();
+            let want: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+            if names != want {
+                return Err(Error::Runtime(format!(
+                    "BigQuery table {target} has columns {names:?} but {} has {want:?}: drop or migrate the BigQuery table, then export again",
+                    t
+                )));
+            }
+        } else {
+            bq.create_table(&bq_name, &fields, &layout, m.config.description.as_deref())
+                .await?;
+            te.mode = "created".into();
+        }
+        // Which partitions changed since the last export (None: everything).
+        let changed: Option<BTreeSet<String>> = match (prev, exists.is_some(), parts.first()) {
+            (Some(pv), true, _) if pv == version => Some(BTreeSet::new()),
+            (Some(pv), true, Some(p)) if parts.len() == 1 => {
+                match silt.lake.delta_table_at(&t.rel_path(), pv).await {
+                    Ok(then) => {
+                        let files =
+                            |d: &deltalake::DeltaTable| -> Result<HashMap<String, Option<String>>> {
+                                let s = d.snapshot().map_err(|e| Error::delta(t.to_string(), e))?;
+                                Ok(s.log_data()
+                                    .iter()
+                                    .map(|f| {
+                                        (
+                                            f.path().to_string(),
+                                            f.partition_values_map().get(p).cloned().flatten(),
+                                        )
+                                    })
+                                    .collect())
+                            };
+                        let (a, b) = (files(&then)?, files(&delta)?);
+                        let mut c = BTreeSet::new();
+                        for (path, v) in a
+                            .iter()
+                            .filter(|(k, _)| !b.contains_key(*k))
+                            .chain(b.iter().filter(|(k, _)| !a.contains_key(*k)))
+                        {
+                            match v {
+                                Some(v) => {
+                                    c.insert(v.clone());
+                                }
+                                None => {
+                                    tracing::info!("{t}: {path} has no {p} value; full export");
+                                }
+                            }
+                        }
+                        Some(c)
+                    }
+                    Err(_) => None, // purged by an erasure, or vacuumed: send everything
+                }
+            }
+            _ => None,
+        };
+        let rel = format!("{}.{}", t.layer.schema_name(), t.name);
+        match changed {
+            Some(c) if c.is_empty() => {
+                if te.mode.is_empty() {
+                    te.mode = "up_to_date".into();
+                }
+            }
+            Some(c) => {
+                let p = &parts[0];
+                let list = c.iter().map(|v| sql_str(v)).collect::<Vec<_>>().join(", ");
+                let dlist = c
+                    .iter()
+                    .map(|v| format!("'{}'", v.replace('\'', "''")))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let batches = ctx
+                    .sql(&format!(
+                        "select * from {rel} where cast(\"{p}\" as varchar) in ({dlist})"
+                    ))
+                    .await?
+                    .collect()
+                    .await?;
+                te.rows_sent = batches.iter().map(|b| b.num_rows() as u64).sum();
+                let data = to_parquet(&batches, &load_schema)?;
+                te.bytes_sent = data.len() as u64;
+                let stage = format!("{bq_name}__silt_stage");
+                if bq.table(&stage).await?.is_none() {
+                    bq.create_table(
+                        &stage,
+                        &fields,
+                        &Layout {
+                            time_partition: None,
+                            clustering: vec![],
+                        },
+                        Some("silt export staging"),
+                    )
+                    .await?;
+                }
+                te.jobs.push(bq.load(&stage, data).await?);
+                let cols = fields
+                    .iter()
+                    .map(|f| format!("`{}`", f.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let scols = fields
+                    .iter()
+                    .map(|f| format!("S.`{}`", f.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let pexpr = if layout.time_partition.as_deref() == Some(p.as_str()) {
+                    format!("CAST(T.`{p}` AS STRING)")
+                } else {
+                    format!("T.`{p}`")
+                };
+                // One DML statement: the changed partitions are replaced atomically.
+                let sql = format!(
+                    "MERGE `{ds}.{bq_name}` T USING `{ds}.{stage}` S ON FALSE \
+                     WHEN NOT MATCHED BY SOURCE AND {pexpr} IN ({list}) THEN DELETE \
+                     WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({scols})",
+                    ds = cfg.dataset
+                );
+                te.jobs.push(
+                    bq.query(&sql, &format!("replace partitions of {target}"))
+                        .await?,
+                );
+                te.partitions = c.into_iter().collect();
+                te.mode = "partitions".into();
+            }
+            None => {
+                let batches = ctx
+                    .sql(&format!("select * from {rel}"))
+                    .await?
+                    .collect()
+                    .await?;
+                te.rows_sent = batches.iter().map(|b| b.num_rows() as u64).sum();
+                let data = to_parquet(&batches, &load_schema)?;
+                te.bytes_sent = data.len() as u64;
+                // One load job with WRITE_TRUNCATE: the whole table is replaced atomically.
+                te.jobs.push(bq.load(&bq_name, data).await?);
+                te.mode = if te.mode == "created" {
+                    "created".into()
+                } else {
+                    "full".into()
+                };
+            }
+        }
+        te.ms = t0.elapsed().as_millis() as u64;
+        if te.mode != "up_to_date" || prev != Some(version) {
+            record(silt, std::slice::from_ref(&te)).await?;
+        }
+        report.tables.push(te);
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// The BigQuery schema silt would create for `schema` (for `--dry-run` and tests).
+pub fn bq_schema(schema: &Schema) -> Result<Vec<BqField>> {
+    schema.fields().iter().map(|f| bq_field(f)).collect()
+}
