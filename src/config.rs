@@ -610,6 +610,14 @@ impl Project {
     }
 
     /// Sources selected by name; all when `names` is empty.
+    /// Every column some source declares PII.
+    pub fn pii_columns(&self) -> std::collections::BTreeSet<String> {
+        self.sources
+            .values()
+            .flat_map(|s| s.pii.iter().cloned())
+            .collect()
+    }
+
     pub fn select_sources(&self, names: &[String]) -> Result<Vec<&Source>> {
         if names.is_empty() {
             return Ok(self.sources.values().collect());

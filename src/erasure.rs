@@ -916,12 +916,7 @@ impl Run<'_> {
                 affected.insert(name.clone());
             }
         }
-        let pii: BTreeSet<String> = silt
-            .project
-            .sources
-            .values()
-            .flat_map(|s| s.pii.iter().cloned())
-            .collect();
+        let pii: BTreeSet<String> = silt.project.pii_columns();
         let ctx = silt.catalog.session().await?;
         let run_id = format!("erasure-{}", self.request);
         let mk = |full_refresh: bool| Materializer {

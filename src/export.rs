@@ -461,6 +461,20 @@ fn to_parquet(batches: &[RecordBatch], schema: &Arc<Schema>) -> Result<Vec<u8>> 
     Ok(buf)
 }
 
+/// Run `sql` and encode its rows as one Parquet file for a load job; counts go to `te`.
+async fn rows_as_parquet(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+    schema: &Arc<Schema>,
+    te: &mut TableExport,
+) -> Result<Vec<u8>> {
+    let batches = ctx.sql(sql).await?.collect().await?;
+    te.rows_sent = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let data = to_parquet(&batches, schema)?;
+    te.bytes_sent = data.len() as u64;
+    Ok(data)
+}
+
 fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
@@ -728,16 +742,13 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                     .map(|v| format!("'{}'", v.replace('\'', "''")))
                     .collect::<Vec<_>>()
                     .join(", ");
-                let batches = ctx
-                    .sql(&format!(
-                        "select * from {rel} where cast(\"{p}\" as varchar) in ({dlist})"
-                    ))
-                    .await?
-                    .collect()
-                    .await?;
-                te.rows_sent = batches.iter().map(|b| b.num_rows() as u64).sum();
-                let data = to_parquet(&batches, &load_schema)?;
-                te.bytes_sent = data.len() as u64;
+                let data = rows_as_parquet(
+                    &ctx,
+                    &format!("select * from {rel} where cast(\"{p}\" as varchar) in ({dlist})"),
+                    &load_schema,
+                    &mut te,
+                )
+                .await?;
                 let stage = format!("{bq_name}__silt_stage");
                 if bq.table(&stage).await?.is_none() {
                     bq.create_table(
@@ -782,14 +793,9 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                 te.mode = "partitions".into();
             }
             None => {
-                let batches = ctx
-                    .sql(&format!("select * from {rel}"))
-                    .await?
-                    .collect()
-                    .await?;
-                te.rows_sent = batches.iter().map(|b| b.num_rows() as u64).sum();
-                let data = to_parquet(&batches, &load_schema)?;
-                te.bytes_sent = data.len() as u64;
+                let data =
+                    rows_as_parquet(&ctx, &format!("select * from {rel}"), &load_schema, &mut te)
+                        .await?;
                 // One load job with WRITE_TRUNCATE: the whole table is replaced atomically.
                 te.jobs.push(bq.load(&bq_name, data).await?);
                 te.mode = if te.mode == "created" {
@@ -807,9 +813,4 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
-}
-
-/// The BigQuery schema silt would create for `schema` (for `--dry-run` and tests).
-pub fn bq_schema(schema: &Schema) -> Result<Vec<BqField>> {
-    schema.fields().iter().map(|f| bq_field(f)).collect()
 }

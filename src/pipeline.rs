@@ -274,12 +274,7 @@ async fn build_models(
     report: &mut RunReport,
 ) -> Result<()> {
     let run_id = report.run_id.clone();
-    let pii: BTreeSet<String> = silt
-        .project
-        .sources
-        .values()
-        .flat_map(|s| s.pii.iter().cloned())
-        .collect();
+    let pii: BTreeSet<String> = silt.project.pii_columns();
     let mat = Materializer {
         catalog: &silt.catalog,
         dag,

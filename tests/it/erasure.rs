@@ -294,30 +294,34 @@ fn forget_removes_a_client_everywhere_and_gold_equals_a_rebuild_without_it() {
         p.count("select count(*) from _silt.erasures where status = 'completed'"),
         2
     );
-}
 
-/// Start `silt forget` with a failpoint, wait until it stops there, SIGKILL it.
-fn kill_forget_at(p: &Project, subject: &str, failpoint: &str) {
-    let mut child = p
-        .cmd(&["forget", subject])
-        .env("SILT_FAILPOINT", failpoint)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("failpoint") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let reached = rx.recv_timeout(Duration::from_secs(120)).is_ok();
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(reached, "failpoint {failpoint} was never reached");
+    // An unknown subject: nothing changes, the request is still audited.
+    let logs = p.log_files();
+    let unknown: Value = serde_json::from_str(&p.ok(&["--json", "forget", "C9999"])).unwrap();
+    assert_eq!(unknown["rows_deleted"], 0);
+    assert_eq!(data_logs(p.log_files()), data_logs(logs));
+    assert_eq!(
+        p.count(&format!(
+            "select count(*) from _silt.erasures where status = 'completed' and subject_hmacs = '{}'",
+            silt::pseudonym::hmac_hex(KEY, "C9999")
+        )),
+        1
+    );
+
+    // --as-of-run on a run whose versions were purged names the erasure too.
+    let first_run = p.query("select run_id from _silt.runs order by started_at limit 1");
+    let out = p.run(&[
+        "query",
+        "--as-of-run",
+        first_run[0]["run_id"].as_str().unwrap(),
+        "select count(*) from bronze.fees",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(report["request_id"].as_str().unwrap()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -332,7 +336,7 @@ fn forget_killed_at_any_step_completes_on_rerun() {
     ] {
         let mut needles = vec![subject.to_string()];
         needles.extend(subject_pii(&p, subject));
-        kill_forget_at(&p, subject, fp);
+        crate::support::kill_at_failpoint(p.cmd(&["forget", subject]), fp);
         let out = p.ok(&["forget", subject]);
         assert!(out.contains("(resumed)"), "{fp}: {out}");
         let v = p.ok(&["forget", "--verify", subject]);

@@ -250,6 +250,25 @@ fn query(p: &Project, gcs: &Gcs, lake: &str, landing: &str, sql: &str) -> Vec<Va
         .clone()
 }
 
+/// Every gold table on gs:// equals the golden file the local test checks.
+fn assert_gold_is_golden(p: &Project, gcs: &Gcs, lake: &str, landing: &str) {
+    for g in crate::models::GOLD {
+        let sql = format!("select * from gold.{g}");
+        let got = ok(on_gcs(
+            p,
+            gcs,
+            lake,
+            landing,
+            &["query", &sql, "--format", "csv"],
+        ));
+        assert_eq!(
+            crate::models::sorted_csv(&got),
+            crate::models::golden(g),
+            "gold.{g} on gs:// differs from tests/golden/{g}.csv"
+        );
+    }
+}
+
 #[test]
 fn reference_pipeline_runs_unchanged_on_gs_roots() {
     let gcs = Gcs::start(Faults::default());
@@ -263,27 +282,7 @@ fn reference_pipeline_runs_unchanged_on_gs_roots() {
     let run = |args: &[&str]| ok(on_gcs(&p, &gcs, lake, landing, args));
 
     run(&["run"]);
-    // Gold equals the golden files the local test checks.
-    for g in crate::models::GOLD {
-        let got = ok(on_gcs(
-            &p,
-            &gcs,
-            lake,
-            landing,
-            &[
-                "query",
-                &format!("select * from gold.{g}"),
-                "--format",
-                "csv",
-            ],
-        ));
-        let got = crate::models::sorted_csv(&got);
-        let want = crate::models::golden(g);
-        assert_eq!(
-            got, want,
-            "gold.{g} on gs:// differs from tests/golden/{g}.csv"
-        );
-    }
+    assert_gold_is_golden(&p, &gcs, lake, landing);
     let m = Manifest::load();
     let fees = query(
         &p,
@@ -582,23 +581,5 @@ fn injected_503s_and_timeouts_are_retried_and_no_commit_is_half_done() {
             "bronze.{t}"
         );
     }
-    for g in crate::models::GOLD {
-        let got = ok(on_gcs(
-            &p,
-            &gcs,
-            lake,
-            landing,
-            &[
-                "query",
-                &format!("select * from gold.{g}"),
-                "--format",
-                "csv",
-            ],
-        ));
-        assert_eq!(
-            crate::models::sorted_csv(&got),
-            crate::models::golden(g),
-            "gold.{g}"
-        );
-    }
+    assert_gold_is_golden(&p, &gcs, lake, landing);
 }

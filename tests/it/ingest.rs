@@ -214,29 +214,11 @@ fn the_ledger_records_empty_header_only_and_duplicate_files() {
     );
 }
 
-/// Start `silt ingest` with a failpoint, wait until it stops there, SIGKILL it.
+/// Start `silt ingest` (one file per commit) with a failpoint and SIGKILL it there.
 fn kill_at(p: &Project, failpoint: &str) {
-    let mut child = p
-        .cmd(&["ingest"])
-        .env("SILT_FAILPOINT", failpoint)
-        .env("SILT_INGEST_BATCH_FILES", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("failpoint") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let reached = rx.recv_timeout(Duration::from_secs(60)).is_ok();
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(reached, "failpoint {failpoint} was never reached");
+    let mut c = p.cmd(&["ingest"]);
+    c.env("SILT_INGEST_BATCH_FILES", "1");
+    crate::support::kill_at_failpoint(c, failpoint);
 }
 
 #[test]

@@ -111,6 +111,30 @@ impl Project {
     }
 }
 
+/// Start `cmd` with `SILT_FAILPOINT=failpoint`, wait until it stops there, SIGKILL it.
+pub fn kill_at_failpoint(mut cmd: Command, failpoint: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .env("SILT_FAILPOINT", failpoint)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("failpoint") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let reached = rx.recv_timeout(std::time::Duration::from_secs(120)).is_ok();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(reached, "failpoint {failpoint} was never reached");
+}
+
 pub fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
