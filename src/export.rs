@@ -391,8 +391,43 @@ impl Bq {
         Ok(id)
     }
 
-    /// Load Parquet bytes into `table` (multipart upload), WRITE_TRUNCATE.
-    async fn load(&self, table: &str, parquet: Vec<u8>) -> Result<String> {
+    /// Load Parquet bytes into `table`, WRITE_TRUNCATE: from a staging object under a gs:// lake
+    /// (BigQuery reads it from GCS), else through the multipart upload.
+    async fn load(
+        &self,
+        lake: &crate::storage::Storage,
+        table: &str,
+        parquet: Vec<u8>,
+    ) -> Result<String> {
+        if lake.url().scheme() != "gs" {
+            return self.upload(table, parquet).await;
+        }
+        let rel = format!("_silt/staging/export-{}.parquet", uuid::Uuid::now_v7());
+        let path = lake.path(&rel);
+        lake.put(&path, bytes::Bytes::from(parquet)).await?;
+        let uri = lake.url_of(&rel).to_string();
+        let body = json!({"configuration": {"load": {
+            "destinationTable": {"projectId": self.project, "datasetId": self.dataset, "tableId": table},
+            "sourceUris": [uri],
+            "sourceFormat": "PARQUET",
+            "writeDisposition": "WRITE_TRUNCATE",
+            "parquetOptions": {"enableListInference": true},
+        }}});
+        let what = format!("load into {}.{table} from {uri}", self.dataset);
+        let job = self
+            .call(reqwest::Method::POST, "/jobs", Some(body), &what)
+            .await;
+        let result = match job {
+            Ok(Some(v)) => self.wait(v, &what).await,
+            Ok(None) => Err(Error::Runtime(format!("BigQuery {what}: no job"))),
+            Err(e) => Err(e),
+        };
+        lake.delete(&path).await?;
+        result
+    }
+
+    /// Load Parquet bytes into `table` through the multipart upload, WRITE_TRUNCATE.
+    async fn upload(&self, table: &str, parquet: Vec<u8>) -> Result<String> {
         let meta = json!({"configuration": {"load": {
             "destinationTable": {"projectId": self.project, "datasetId": self.dataset, "tableId": table},
             "sourceFormat": "PARQUET",
@@ -762,7 +797,7 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                     )
                     .await?;
                 }
-                te.jobs.push(bq.load(&stage, data).await?);
+                te.jobs.push(bq.load(&silt.lake, &stage, data).await?);
                 let cols = fields
                     .iter()
                     .map(|f| format!("`{}`", f.name))
@@ -797,7 +832,7 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                     rows_as_parquet(&ctx, &format!("select * from {rel}"), &load_schema, &mut te)
                         .await?;
                 // One load job with WRITE_TRUNCATE: the whole table is replaced atomically.
-                te.jobs.push(bq.load(&bq_name, data).await?);
+                te.jobs.push(bq.load(&silt.lake, &bq_name, data).await?);
                 te.mode = if te.mode == "created" {
                     "created".into()
                 } else {
