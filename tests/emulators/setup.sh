@@ -25,9 +25,15 @@ else
   printf '#!/bin/sh\nPYTHONPATH="%s/site${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$dir" > "$dir/python"
   chmod +x "$dir/python"
 fi
-# bqemulator loads DuckDB's spatial extension from $HOME/.duckdb: give it a private HOME.
-ext=$("$dir/python" -c 'import duckdb_extension_spatial, pathlib; print(next(pathlib.Path(duckdb_extension_spatial.__file__).parent.rglob("spatial.duckdb_extension")))')
+# bqemulator loads DuckDB's spatial and avro extensions from $HOME/.duckdb: give it a private
+# HOME that already holds them, so it never downloads one.
 mkdir -p "$dir/home/.duckdb/extensions/v1.5.5/linux_amd64"
-cp "$ext" "$dir/home/.duckdb/extensions/v1.5.5/linux_amd64/"
+"$dir/python" - "$dir/home/.duckdb/extensions/v1.5.5/linux_amd64" <<'PY'
+import importlib, pathlib, shutil, sys
+for pkg in ("duckdb_extension_spatial", "duckdb_extension_avro"):
+    root = pathlib.Path(importlib.import_module(pkg).__file__).parent
+    for ext in root.rglob("*.duckdb_extension"):
+        shutil.copy(ext, sys.argv[1])
+PY
 cp "$req" "$stamp"
 echo "$dir/python"
