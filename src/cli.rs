@@ -127,6 +127,25 @@ pub enum Command {
         #[command(subcommand)]
         target: ExportTarget,
     },
+    /// Compact a table's small files (or Z-order them) into a new version with the same rows.
+    Optimize {
+        table: String,
+        /// Z-order by these columns (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        zorder: Vec<String>,
+        /// Target file size in bytes.
+        #[arg(long)]
+        target_size: Option<u64>,
+    },
+    /// Delete data files that no version younger than --retain-hours needs (all tables, or one).
+    Vacuum {
+        table: Option<String>,
+        #[arg(long, default_value_t = 168)]
+        retain_hours: u64,
+        /// List what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List tables with version, rows, files, bytes and partitioning.
     Tables,
     /// Landing sources.

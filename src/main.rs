@@ -330,6 +330,60 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let silt = Silt::open(&cli.project)?;
             export(&silt, &select, json).await?;
         }
+        Command::Optimize {
+            table,
+            zorder,
+            target_size,
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            let t = silt::catalog::TableRef::parse(&table)?;
+            let r = silt::maintenance::optimize(&silt.catalog, &t, &zorder, target_size).await?;
+            if json {
+                write_stdout(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+            } else {
+                println!(
+                    "{}: {} file(s) compacted into {} in {} partition(s); version {}",
+                    r.table,
+                    r.files_removed,
+                    r.files_added,
+                    r.partitions_optimized,
+                    r.version.map(|v| v.to_string()).unwrap_or_default()
+                );
+            }
+        }
+        Command::Vacuum {
+            table,
+            retain_hours,
+            dry_run,
+        } => {
+            let silt = Silt::open(&cli.project)?;
+            let tables = match table {
+                Some(t) => vec![silt::catalog::TableRef::parse(&t)?],
+                None => silt.catalog.list().await?,
+            };
+            let mut reports = Vec::new();
+            for t in tables {
+                reports.push(
+                    silt::maintenance::vacuum(&silt.catalog, &t, retain_hours, dry_run).await?,
+                );
+            }
+            if json {
+                write_stdout(&format!("{}\n", serde_json::to_string_pretty(&reports)?))?;
+            } else {
+                for r in &reports {
+                    println!(
+                        "{}: {} file(s) {}",
+                        r.table,
+                        r.files_deleted.len(),
+                        if r.dry_run {
+                            "would be deleted"
+                        } else {
+                            "deleted"
+                        }
+                    );
+                }
+            }
+        }
         Command::Forget {
             ids,
             file,
