@@ -29,6 +29,18 @@ fn pipeline() -> Project {
     p
 }
 
+/// A `silt run`: its report and the rows it landed in bronze.
+fn run_and_count_ingested(p: &Project) -> (Value, u64) {
+    let run: Value = serde_json::from_str(&p.ok(&["--json", "run"])).unwrap();
+    let rows = run["ingest"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rows"].as_u64().unwrap())
+        .sum();
+    (run, rows)
+}
+
 /// Every cell of a Parquet file, as text.
 fn parquet_cells(path: &Path) -> Vec<String> {
     let file = std::fs::File::open(path).unwrap();
@@ -261,16 +273,8 @@ fn forget_removes_a_client_everywhere_and_gold_equals_a_rebuild_without_it() {
     ]);
 
     // Nothing left to do: the next run ingests nothing and builds nothing.
-    let run: Value = serde_json::from_str(&p.ok(&["--json", "run"])).unwrap();
-    assert_eq!(
-        run["ingest"]["sources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["rows"].as_u64().unwrap())
-            .sum::<u64>(),
-        0
-    );
+    let (run, ingested) = run_and_count_ingested(&p);
+    assert_eq!(ingested, 0);
     for m in run["models"].as_array().unwrap() {
         assert_eq!(m["status"], "up_to_date", "{m}");
     }
@@ -361,16 +365,7 @@ fn forget_killed_at_any_step_completes_on_rerun() {
         );
     }
     // The pipeline is whole: landing files are not re-ingested and the data tests pass.
-    let run: Value = serde_json::from_str(&p.ok(&["--json", "run"])).unwrap();
-    assert_eq!(
-        run["ingest"]["sources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["rows"].as_u64().unwrap())
-            .sum::<u64>(),
-        0
-    );
+    assert_eq!(run_and_count_ingested(&p).1, 0);
 }
 
 #[test]
