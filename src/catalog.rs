@@ -119,11 +119,21 @@ impl TableRef {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     lake: Storage,
+    engine: crate::config::EngineSection,
 }
 
 impl Catalog {
     pub fn new(lake: Storage) -> Self {
-        Catalog { lake }
+        Catalog {
+            lake,
+            engine: Default::default(),
+        }
+    }
+
+    /// Use these DataFusion settings for every session.
+    pub fn with_engine(mut self, engine: crate::config::EngineSection) -> Self {
+        self.engine = engine;
+        self
     }
 
     pub fn lake(&self) -> &Storage {
@@ -167,10 +177,26 @@ impl Catalog {
 
     /// A session in which the tables named in `pins` (`layer.name`) are read at those versions.
     pub async fn session_pinned(&self, pins: BTreeMap<String, u64>) -> Result<SessionContext> {
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_information_schema(true)
-            .with_default_catalog_and_schema("datafusion", "public");
-        let ctx = SessionContext::new_with_config(config);
+            .with_default_catalog_and_schema("datafusion", "public")
+            .with_batch_size(self.engine.batch_size.max(1));
+        if self.engine.target_partitions > 0 {
+            config = config.with_target_partitions(self.engine.target_partitions);
+        }
+        // Sorts, aggregates and joins hold at most this much before spilling to disk (the OS
+        // temp dir), so a model's memory does not grow with its input.
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit((self.engine.memory_limit_mb.max(16) as usize) << 20, 1.0)
+            .build_arc()?;
+        // delta-rs's planner too: model writes hand it plans of this session.
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_default_features()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let tables = self.list().await?;
         let catalog = ctx
             .catalog("datafusion")

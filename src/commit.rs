@@ -4,12 +4,22 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex};
 
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::LogicalPlanBuilder;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
+use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
+use futures::StreamExt;
 
 use crate::catalog::TableRef;
 use crate::error::{Error, Result};
@@ -77,6 +87,98 @@ pub async fn append_to(
 ) -> Result<(CommitOutcome, DeltaTable)> {
     let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
     let is_new = table.version().is_none();
+    let w = builder(table.write(batches), is_new, t, &opts);
+    let table = w.await.map_err(|e| Error::delta(t.to_string(), e))?;
+    Ok((
+        CommitOutcome {
+            version: table.version().unwrap_or(0),
+            rows,
+        },
+        table,
+    ))
+}
+
+/// Sender side of [`append_stream`]: an `Err` sent here fails the write (nothing commits).
+pub type BatchSender = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
+
+/// Like [`append_to`], for batches that arrive on a channel while they are being produced:
+/// delta-rs encodes and uploads them as they come (files roll at the target size), so memory
+/// holds only the batches in flight, never the whole commit. The commit happens once the
+/// sender is dropped; `rows` in the outcome is 0 (the producer counts).
+pub async fn append_stream(
+    table: DeltaTable,
+    t: &TableRef,
+    schema: SchemaRef,
+    rx: tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>,
+    opts: AppendOptions,
+) -> Result<(CommitOutcome, DeltaTable)> {
+    let source = StreamingTable::try_new(
+        schema.clone(),
+        vec![Arc::new(ChannelPartition {
+            schema,
+            rx: Mutex::new(Some(rx)),
+        })],
+    )?;
+    let plan = LogicalPlanBuilder::scan("silt_input", provider_as_source(Arc::new(source)), None)?
+        .build()?;
+    let is_new = table.version().is_none();
+    let w = builder(
+        table.write(Vec::new()).with_input_plan(plan),
+        is_new,
+        t,
+        &opts,
+    );
+    let table = w.await.map_err(|e| Error::delta(t.to_string(), e))?;
+    Ok((
+        CommitOutcome {
+            version: table.version().unwrap_or(0),
+            rows: 0,
+        },
+        table,
+    ))
+}
+
+/// One DataFusion partition reading a channel; it can be executed once.
+struct ChannelPartition {
+    schema: SchemaRef,
+    rx: Mutex<Option<tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>>>,
+}
+
+impl std::fmt::Debug for ChannelPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelPartition")
+    }
+}
+
+impl PartitionStream for ChannelPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let rx = self.rx.lock().ok().and_then(|mut g| g.take());
+        let stream = match rx {
+            Some(rx) => {
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+                )
+                .boxed()
+            }
+            None => futures::stream::once(async {
+                Err(datafusion::error::DataFusionError::Internal(
+                    "a streamed append can be executed once".into(),
+                ))
+            })
+            .boxed(),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+/// The write options every append shares: save mode, schema merge, commit properties, file
+/// size, and for a new table its partitioning, statistics columns and description.
+fn builder(w: WriteBuilder, is_new: bool, t: &TableRef, opts: &AppendOptions) -> WriteBuilder {
     let mut props = CommitProperties::default()
         .with_metadata(opts.metadata.clone())
         .with_application_transactions(
@@ -86,8 +188,7 @@ pub async fn append_to(
                 .collect(),
         );
     props = props.with_max_retries(15);
-    let mut w = table.write(batches);
-    w = match &opts.replace_source_file {
+    let w = match &opts.replace_source_file {
         Some(path) => {
             use datafusion::prelude::{col, lit};
             w.with_save_mode(SaveMode::Overwrite)
@@ -116,12 +217,5 @@ pub async fn append_to(
             w = w.with_description(d.clone());
         }
     }
-    let table = w.await.map_err(|e| Error::delta(t.to_string(), e))?;
-    Ok((
-        CommitOutcome {
-            version: table.version().unwrap_or(0),
-            rows,
-        },
-        table,
-    ))
+    w
 }

@@ -29,6 +29,8 @@ pub struct ProjectFile {
     pub gcs: GcsSection,
     #[serde(default)]
     pub gdpr: GdprSection,
+    #[serde(default)]
+    pub engine: EngineSection,
     /// BigQuery export target (`silt export bigquery`).
     #[serde(default)]
     pub bigquery: Option<BigQuerySection>,
@@ -57,9 +59,13 @@ pub struct IngestSection {
     /// Landing files committed together in one Delta commit per table.
     #[serde(default = "default_batch_files")]
     pub batch_files: usize,
-    /// Upper bound on landing bytes held in memory for one commit.
+    /// Upper bound on landing bytes committed together in one commit.
     #[serde(default = "default_batch_bytes")]
     pub batch_bytes: u64,
+    /// Landing bytes kept in memory between hashing and parsing; beyond it files are read
+    /// again when parsed. Ingest's memory does not grow with the data beyond this.
+    #[serde(default = "default_memory_bytes")]
+    pub memory_bytes: u64,
     /// Target size of the Parquet files written to bronze.
     #[serde(default = "default_target_file_size")]
     pub target_file_size: u64,
@@ -70,6 +76,7 @@ impl Default for IngestSection {
         IngestSection {
             batch_files: default_batch_files(),
             batch_bytes: default_batch_bytes(),
+            memory_bytes: default_memory_bytes(),
             target_file_size: default_target_file_size(),
         }
     }
@@ -80,6 +87,9 @@ fn default_batch_files() -> usize {
 }
 fn default_batch_bytes() -> u64 {
     512 * 1024 * 1024
+}
+fn default_memory_bytes() -> u64 {
+    128 * 1024 * 1024
 }
 fn default_target_file_size() -> u64 {
     128 * 1024 * 1024
@@ -117,6 +127,38 @@ pub struct BigQuerySection {
     /// Export at the end of `silt run` and `silt forget`.
     #[serde(default)]
     pub export_after_run: bool,
+}
+
+/// DataFusion session settings for every query and model build.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// Memory that sorts, aggregates and joins may hold before they spill to disk (MiB).
+    #[serde(default = "default_memory_limit_mb")]
+    pub memory_limit_mb: u64,
+    /// Parallel partitions per query; 0 = one per core.
+    #[serde(default)]
+    pub target_partitions: usize,
+    /// Rows per Arrow batch inside the engine.
+    #[serde(default = "default_engine_batch_size")]
+    pub batch_size: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection {
+            memory_limit_mb: default_memory_limit_mb(),
+            target_partitions: 0,
+            batch_size: default_engine_batch_size(),
+        }
+    }
+}
+
+fn default_memory_limit_mb() -> u64 {
+    512
+}
+fn default_engine_batch_size() -> usize {
+    8192
 }
 
 /// GDPR erasure and pseudonymization settings.
@@ -673,10 +715,19 @@ fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<Str
         ("landing", &["root"]),
         (
             "ingest",
-            &["batch_files", "batch_bytes", "target_file_size"],
+            &[
+                "batch_files",
+                "batch_bytes",
+                "memory_bytes",
+                "target_file_size",
+            ],
         ),
         ("gcs", &["service_account_key", "timeout_secs"]),
         ("gdpr", &["hmac_key"]),
+        (
+            "engine",
+            &["memory_limit_mb", "target_partitions", "batch_size"],
+        ),
         (
             "bigquery",
             &[

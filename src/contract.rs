@@ -225,9 +225,10 @@ impl TypeParser<'_> {
 
 /// A typed scalar value, the result of checking one raw field.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Scalar {
+pub enum Scalar<'a> {
     Null,
-    String(String),
+    /// Borrowed from the field being parsed: no copy until it reaches an Arrow builder.
+    String(&'a str),
     Int32(i32),
     Int64(i64),
     Float64(f64),
@@ -253,8 +254,32 @@ pub fn parse_date(s: &str, formats: &[String]) -> Option<i32> {
     use chrono::Datelike;
     formats
         .iter()
-        .find_map(|f| NaiveDate::parse_from_str(s, f).ok())
+        .find_map(|f| {
+            if f == "%Y-%m-%d" {
+                // The common case without chrono's format interpreter (ingest's hot loop).
+                iso_date(s)
+            } else {
+                NaiveDate::parse_from_str(s, f).ok()
+            }
+        })
         .map(|d| d.num_days_from_ce() - UNIX_EPOCH_DAYS_FROM_CE)
+}
+
+/// `YYYY-MM-DD` exactly as chrono's `%Y-%m-%d` accepts it when the year has four digits;
+/// anything else goes to chrono.
+fn iso_date(s: &str) -> Option<NaiveDate> {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
+    };
+    if b.len() == 10 && b[4] == b'-' && b[7] == b'-' {
+        if let (Some(y), Some(m), Some(d)) = (digits(0..4), digits(5..7), digits(8..10)) {
+            return NaiveDate::from_ymd_opt(y as i32, m, d);
+        }
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
 }
 
 pub fn parse_timestamp(s: &str, formats: &[String]) -> Option<i64> {
@@ -318,9 +343,13 @@ pub fn parse_decimal(s: &str, precision: u8, scale: i8) -> Result<i128, String> 
 }
 
 /// Check one CSV field (already known not to be a null token) against a scalar type.
-pub fn parse_scalar(raw: &str, ty: &ColumnType, fmts: &TemporalFormats) -> Result<Scalar, String> {
+pub fn parse_scalar<'a>(
+    raw: &'a str,
+    ty: &ColumnType,
+    fmts: &TemporalFormats,
+) -> Result<Scalar<'a>, String> {
     match ty {
-        ColumnType::String => Ok(Scalar::String(raw.to_string())),
+        ColumnType::String => Ok(Scalar::String(raw)),
         ColumnType::Int32 => raw
             .parse::<i32>()
             .map(Scalar::Int32)
@@ -480,7 +509,7 @@ fn scalar_to_json(s: &Scalar, ty: &ColumnType) -> serde_json::Value {
     use serde_json::Value as J;
     match s {
         Scalar::Null => J::Null,
-        Scalar::String(v) => J::String(v.clone()),
+        Scalar::String(v) => J::String(v.to_string()),
         Scalar::Int32(v) => J::from(*v),
         Scalar::Int64(v) => J::from(*v),
         Scalar::Float64(v) => J::from(*v),

@@ -47,7 +47,7 @@ impl Silt {
         let lake = storage::Storage::new(&project.lake_url, &cloud)?;
         let landing = storage::Storage::new(&project.landing_url, &cloud)?;
         Ok(Silt {
-            catalog: catalog::Catalog::new(lake.clone()),
+            catalog: catalog::Catalog::new(lake.clone()).with_engine(project.file.engine.clone()),
             project,
             lake,
             landing,

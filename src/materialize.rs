@@ -81,6 +81,9 @@ pub struct Materializer<'a> {
 type FileMap = HashMap<String, (u64, HashMap<String, Option<String>>)>;
 
 fn files_of(t: &DeltaTable) -> Result<FileMap> {
+    if t.version().is_none() {
+        return Ok(FileMap::new());
+    }
     let state = t
         .snapshot()
         .map_err(|e| Error::delta(t.table_url().as_str(), e))?;
@@ -94,6 +97,19 @@ fn files_of(t: &DeltaTable) -> Result<FileMap> {
             )
         })
         .collect())
+}
+
+/// Rows in the files of `table` that `prior` (its files before a write) did not have.
+fn rows_added(prior: &FileMap, table: &DeltaTable) -> Result<u64> {
+    let state = table
+        .snapshot()
+        .map_err(|e| Error::delta(table.table_url().as_str(), e))?;
+    Ok(state
+        .log_data()
+        .iter()
+        .filter(|f| !prior.contains_key(&f.path().to_string()))
+        .map(|f| f.num_records().unwrap_or(0) as u64)
+        .sum())
 }
 
 /// The silt state of the target's latest model commit.
@@ -513,16 +529,20 @@ impl Materializer<'_> {
             } else {
                 df
             };
-            let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
-            metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
-            let schema_cols: Vec<String> = batches[0]
+            // Streamed: delta-rs executes the plan and writes files as batches come, so the
+            // table is never held in memory (sorts and aggregates spill under the session's
+            // memory limit).
+            let schema_cols: Vec<String> = df
                 .schema()
                 .fields()
                 .iter()
                 .map(|f| f.name().clone())
                 .collect();
+            let prior = files_of(&target)?;
             let table = target
-                .write(batches)
+                .write(Vec::new())
+                .with_input_plan(df.into_unoptimized_plan())
+                .with_session_state(Arc::new(self.ctx.state()))
                 .with_save_mode(SaveMode::Overwrite)
                 .with_schema_mode(SchemaMode::Overwrite)
                 .with_partition_columns(partition_cols)
@@ -531,31 +551,29 @@ impl Materializer<'_> {
                 .with_commit_properties(self.props(m, state))
                 .await
                 .map_err(|e| Error::delta(t.to_string(), e))?;
+            metrics.rows_inserted = rows_added(&prior, &table)?;
             return Ok(table);
         }
         match cfg.materialized {
             Materialized::Append => {
-                let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
-                metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
-                target
-                    .write(batches)
+                let prior = files_of(&target)?;
+                let table = target
+                    .write(Vec::new())
+                    .with_input_plan(df.into_unoptimized_plan())
+                    .with_session_state(Arc::new(self.ctx.state()))
                     .with_save_mode(SaveMode::Append)
                     .with_commit_properties(self.props(m, state))
                     .await
-                    .map_err(|e| Error::delta(t.to_string(), e))
+                    .map_err(|e| Error::delta(t.to_string(), e))?;
+                metrics.rows_inserted = rows_added(&prior, &table)?;
+                Ok(table)
             }
             Materialized::PartitionOverwrite => {
                 let pcol = cfg.partition_by.clone().unwrap_or_default();
-                let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
-                metrics.rows_inserted = batches.iter().map(|b| b.num_rows() as u64).sum();
-                let is_utf8 = batches
-                    .first()
-                    .and_then(|b| {
-                        b.schema()
-                            .field_with_name(&pcol)
-                            .ok()
-                            .map(|f| f.data_type() == &DataType::Utf8)
-                    })
+                let is_utf8 = df
+                    .schema()
+                    .field_with_unqualified_name(&pcol)
+                    .map(|f| f.data_type() == &DataType::Utf8)
                     .unwrap_or(true);
                 let pc = if is_utf8 {
                     col(pcol.as_str())
@@ -563,13 +581,18 @@ impl Materializer<'_> {
                     cast(col(pcol.as_str()), DataType::Utf8)
                 };
                 let pred = pc.in_list(touched.iter().map(|v| lit(v.clone())).collect(), false);
-                target
-                    .write(batches)
+                let prior = files_of(&target)?;
+                let table = target
+                    .write(Vec::new())
+                    .with_input_plan(df.into_unoptimized_plan())
+                    .with_session_state(Arc::new(self.ctx.state()))
                     .with_save_mode(SaveMode::Overwrite)
                     .with_replace_where(pred)
                     .with_commit_properties(self.props(m, state))
                     .await
-                    .map_err(|e| Error::delta(t.to_string(), e))
+                    .map_err(|e| Error::delta(t.to_string(), e))?;
+                metrics.rows_inserted = rows_added(&prior, &table)?;
+                Ok(table)
             }
             Materialized::Incremental => self.merge(m, t, target, df, state, metrics).await,
             Materialized::Snapshot => self.scd2_merge(m, t, target, &sql, state, metrics).await,

@@ -192,6 +192,128 @@ fn profile_inner(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProf
     Ok(out)
 }
 
+/// Statistics of an ingest batch's good rows, gathered file by file while parsing, in memory
+/// that does not grow with the data: rows and nulls exactly, distinct values with a
+/// HyperLogLog sketch (2^12 registers, about 1.6% standard error), and the days present in
+/// the anomaly date column (for the gap check).
+#[derive(Debug, Clone, Default)]
+pub struct BatchStats {
+    pub rows: u64,
+    columns: Vec<ColumnStats>,
+    days: std::collections::BTreeSet<i32>,
+}
+
+#[derive(Debug, Clone)]
+struct ColumnStats {
+    name: String,
+    data_type: String,
+    nulls: u64,
+    /// None for nested columns (no distinct count).
+    sketch: Option<Vec<u8>>,
+}
+
+const HLL_BITS: u32 = 12;
+
+impl BatchStats {
+    /// Statistics of one batch; `date_column` feeds the gap check.
+    pub fn of(batch: &RecordBatch, date_column: Option<&str>) -> Result<BatchStats> {
+        use datafusion::common::hash_utils::{HLL_RANDOM_STATE, create_hashes};
+        let mut out = BatchStats {
+            rows: batch.num_rows() as u64,
+            ..Default::default()
+        };
+        let mut hashes = vec![0u64; batch.num_rows()];
+        for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
+            let nested = matches!(
+                f.data_type(),
+                DataType::Struct(_) | DataType::List(_) | DataType::LargeList(_)
+            );
+            let sketch = if nested {
+                None
+            } else {
+                let mut reg = vec![0u8; 1 << HLL_BITS];
+                create_hashes([c], &HLL_RANDOM_STATE, &mut hashes)?;
+                for (i, h) in hashes.iter().enumerate() {
+                    if c.is_valid(i) {
+                        let idx = (h >> (64 - HLL_BITS)) as usize;
+                        let rank =
+                            ((h << HLL_BITS) | (1 << (HLL_BITS - 1))).leading_zeros() as u8 + 1;
+                        reg[idx] = reg[idx].max(rank);
+                    }
+                }
+                Some(reg)
+            };
+            out.columns.push(ColumnStats {
+                name: f.name().clone(),
+                data_type: f.data_type().to_string(),
+                nulls: c.null_count() as u64,
+                sketch,
+            });
+        }
+        if let Some(dc) = date_column
+            && let Some(c) = batch
+                .column_by_name(dc)
+                .and_then(|c| arrow::compute::cast(c, &DataType::Date32).ok())
+        {
+            out.days.extend(
+                c.as_primitive::<arrow::datatypes::Date32Type>()
+                    .iter()
+                    .flatten(),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Fold another file's statistics into these.
+    pub fn merge(&mut self, other: BatchStats) {
+        if self.columns.is_empty() {
+            self.columns = other.columns;
+        } else {
+            for (a, b) in self.columns.iter_mut().zip(other.columns) {
+                a.nulls += b.nulls;
+                if let (Some(x), Some(y)) = (&mut a.sketch, &b.sketch) {
+                    for (r, s) in x.iter_mut().zip(y) {
+                        *r = (*r).max(*s);
+                    }
+                }
+            }
+        }
+        self.rows += other.rows;
+        self.days.extend(other.days);
+    }
+
+    fn profiles(&self) -> Vec<ColumnProfile> {
+        self.columns
+            .iter()
+            .map(|c| ColumnProfile {
+                column: c.name.clone(),
+                data_type: c.data_type.clone(),
+                rows: self.rows,
+                nulls: c.nulls,
+                distinct: c.sketch.as_deref().map(hll_estimate).unwrap_or(0),
+                min: None,
+                max: None,
+                mean: None,
+                top: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+/// The HyperLogLog estimate, with linear counting for small cardinalities.
+fn hll_estimate(reg: &[u8]) -> u64 {
+    let m = reg.len() as f64;
+    let zeros = reg.iter().filter(|r| **r == 0).count();
+    let sum: f64 = reg.iter().map(|r| 2f64.powi(-i32::from(*r))).sum();
+    let alpha = 0.7213 / (1.0 + 1.079 / m);
+    let e = alpha * m * m / sum;
+    if e <= 2.5 * m && zeros > 0 {
+        (m * (m / zeros as f64).ln()).round() as u64
+    } else {
+        e.round() as u64
+    }
+}
+
 /// A finding of the ingest-time checks.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Anomaly {
@@ -209,14 +331,14 @@ fn stats_table() -> TableRef {
 }
 
 /// One batch's statistics as kept for later comparisons.
-struct BatchStats {
+struct PastBatch {
     rows: u64,
     /// column → (null rate, distinct)
     columns: BTreeMap<String, (f64, u64)>,
 }
 
-async fn history(catalog: &Catalog, source: &str, window: usize) -> Result<Vec<BatchStats>> {
-    let mut by_batch: BTreeMap<(i64, String), BatchStats> = BTreeMap::new();
+async fn history(catalog: &Catalog, source: &str, window: usize) -> Result<Vec<PastBatch>> {
+    let mut by_batch: BTreeMap<(i64, String), PastBatch> = BTreeMap::new();
     for b in catalog.read_small(&stats_table()).await? {
         let s = |n: &str| {
             b.column_by_name(n)
@@ -265,7 +387,7 @@ async fn history(catalog: &Catalog, source: &str, window: usize) -> Result<Vec<B
             }
             let e = by_batch
                 .entry((at.value(r), batch.value(r).to_string()))
-                .or_insert(BatchStats {
+                .or_insert(PastBatch {
                     rows: rows.value(r),
                     columns: BTreeMap::new(),
                 });
@@ -275,22 +397,22 @@ async fn history(catalog: &Catalog, source: &str, window: usize) -> Result<Vec<B
             }
         }
     }
-    let all: Vec<BatchStats> = by_batch.into_values().collect();
+    let all: Vec<PastBatch> = by_batch.into_values().collect();
     let skip = all.len().saturating_sub(window);
     Ok(all.into_iter().skip(skip).collect())
 }
 
-/// Check one ingest batch of `source` (its good rows, contract columns) against the previous
-/// batches, then record its statistics.
+/// Check one ingest batch of `source` (the statistics of its good rows, gathered file by file
+/// while parsing) against the previous batches, then record its statistics.
 pub async fn check_batch(
     catalog: &Catalog,
     source: &str,
     spec: &AnomalySpec,
     batch_id: &str,
-    batches: &[RecordBatch],
+    stats: &BatchStats,
 ) -> Result<Vec<Anomaly>> {
-    let profiles = profile(batches, 0)?;
-    let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let profiles = stats.profiles();
+    let rows = stats.rows;
     let prev = history(catalog, source, spec.window).await?;
     let status = match spec.severity {
         Severity::Error => "fail",
@@ -369,21 +491,7 @@ pub async fn check_batch(
         }
     }
     if let Some(dc) = &spec.date_column {
-        let mut days: Vec<i32> = Vec::new();
-        for b in batches {
-            if let Some(c) = b
-                .column_by_name(dc)
-                .and_then(|c| arrow::compute::cast(c, &DataType::Date32).ok())
-            {
-                days.extend(
-                    c.as_primitive::<arrow::datatypes::Date32Type>()
-                        .iter()
-                        .flatten(),
-                );
-            }
-        }
-        days.sort_unstable();
-        days.dedup();
+        let days: Vec<i32> = stats.days.iter().copied().collect();
         let missing: Vec<String> = days
             .windows(2)
             .flat_map(|w| (w[0] + 1..w[1]).map(crate::contract::format_date))

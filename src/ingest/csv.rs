@@ -50,7 +50,7 @@ impl ColBuilder {
         }
     }
 
-    fn push(&mut self, v: Scalar) {
+    fn push(&mut self, v: Scalar<'_>) {
         match (self, v) {
             (ColBuilder::Str(b), Scalar::String(s)) => b.append_value(s),
             (ColBuilder::I32(b), Scalar::Int32(x)) => b.append_value(x),
@@ -229,7 +229,6 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
         .iter()
         .map(|c| ColBuilder::new(&c.ty, 1024))
         .collect();
-    let mut row: Vec<Scalar> = vec![Scalar::Null; n_cols];
     let mut errors: Vec<(String, String)> = Vec::new();
     let mut start = rdr.position().clone();
     loop {
@@ -265,9 +264,8 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
             continue; // a blank line
         }
         errors.clear();
-        for v in row.iter_mut() {
-            *v = Scalar::Null;
-        }
+        // Borrows the record's fields; built per row because the record is reused.
+        let mut row: Vec<Scalar> = vec![Scalar::Null; n_cols];
         if record.len() != header_len {
             let (column, what) = if record.len() > header_len {
                 let c = header_names.last().cloned().unwrap_or_default();

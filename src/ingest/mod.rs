@@ -27,8 +27,10 @@ use crate::commit::{AppendOptions, append_to, committed_app_ids};
 use crate::config::{ChangedFilePolicy, DuplicateFilePolicy, Format, Granularity, Project, Source};
 use crate::error::{Error, Result};
 use crate::failpoint;
+use crate::profile::BatchStats;
 use crate::storage::Storage;
 use ledger::LedgerEntry;
+use std::num::NonZeroU64;
 
 /// What parsing one landing file produced.
 #[derive(Debug, Default)]
@@ -216,13 +218,24 @@ struct SourceRun<'r> {
     rewritten: HashMap<String, Vec<String>>,
 }
 
-/// A landing file read and classified.
+/// A landing file read, hashed and classified as one to ingest.
 struct Candidate {
     rel: String,
     meta: ObjectMeta,
     sha: String,
-    data: bytes::Bytes,
+    size: u64,
+    /// Its bytes, when they fitted in the memory budget (else read again to parse).
+    data: Option<bytes::Bytes>,
     replaces: bool,
+    /// The Delta `txn` app id that marks this content as committed to a table.
+    app_id: String,
+}
+
+/// A candidate parsed and (for the streamed ones) written.
+struct Done {
+    c: Candidate,
+    rows: u64,
+    rejects: u64,
 }
 
 impl SourceRun<'_> {
@@ -300,28 +313,30 @@ impl SourceRun<'_> {
         sr: &mut SourceReport,
         rejected: &mut Vec<Error>,
     ) -> Result<()> {
+        // 1. Hash every file (a few at a time, hashing on the blocking pool) and classify it
+        //    against the ledger. The bytes of files to ingest are kept while they fit in
+        //    `memory_bytes`; the rest are read again when parsed.
         let landing = self.landing.clone();
-        let progress = self.progress.cloned();
-        let fetched: Vec<Result<(String, ObjectMeta, bytes::Bytes)>> = futures::stream::iter(chunk)
+        let mut hashed = futures::stream::iter(chunk)
             .map(|(rel, m)| {
                 let landing = landing.clone();
-                let progress = progress.clone();
                 async move {
                     let data = landing.get(&m.location).await?;
-                    if let Some(p) = &progress {
-                        p.inc(data.len() as u64);
-                    }
-                    Ok((rel, m, data))
+                    let (data, sha) = tokio::task::spawn_blocking(move || {
+                        let sha = hex::encode(Sha256::digest(&data));
+                        (data, sha)
+                    })
+                    .await
+                    .map_err(|e| Error::Runtime(format!("hashing task failed: {e}")))?;
+                    Ok::<_, Error>((rel, m, data, sha))
                 }
             })
-            .buffered(8)
-            .collect()
-            .await;
+            .buffered(4);
         let mut ledger_entries: Vec<LedgerEntry> = Vec::new();
         let mut candidates: Vec<Candidate> = Vec::new();
-        for f in fetched {
-            let (rel, meta, data) = f?;
-            let sha = hex::encode(Sha256::digest(&data));
+        let mut held = 0u64;
+        while let Some(f) = hashed.next().await {
+            let (rel, meta, data, sha) = f?;
             let entry = |status: &str, detail: Option<String>| LedgerEntry {
                 source: self.src.name.clone(),
                 path: rel.clone(),
@@ -336,12 +351,19 @@ impl SourceRun<'_> {
                 detail,
             };
             let previous = by_path.get(&rel).cloned();
+            let size = data.len() as u64;
+            let skip = |_: &mut SourceReport| {
+                if let Some(p) = &self.progress {
+                    p.inc(size);
+                }
+            };
             if let Some(prev) = &previous
                 && (prev.sha256 == sha
                     || (prev.status == "rewritten"
                         && self.rewritten.get(&rel).is_some_and(|v| v.contains(&sha))))
             {
                 // Same content, new etag (touched or copied again): remember the new etag.
+                skip(sr);
                 sr.files_already_ingested += 1;
                 let mut e = entry(&prev.status, prev.detail.clone());
                 e.rows = prev.rows;
@@ -352,6 +374,7 @@ impl SourceRun<'_> {
             if let Some(other) = by_sha.get(&sha)
                 && self.src.on_duplicate_file == DuplicateFilePolicy::Skip
             {
+                skip(sr);
                 sr.files_duplicate += 1;
                 sr.warnings.push(format!(
                     "{rel}: same content as {other}, already ingested; skipped (on_duplicate_file = \"skip\")"
@@ -364,6 +387,7 @@ impl SourceRun<'_> {
                 sr.files_changed += 1;
                 match self.src.on_changed_file {
                     ChangedFilePolicy::Skip => {
+                        skip(sr);
                         sr.warnings.push(format!(
                             "{rel}: content changed since it was ingested (batch {}); skipped (on_changed_file = \"skip\")",
                             prev.batch_id
@@ -372,6 +396,7 @@ impl SourceRun<'_> {
                         continue;
                     }
                     ChangedFilePolicy::Error => {
+                        skip(sr);
                         sr.files_rejected += 1;
                         rejected.push(Error::Input {
                             location: crate::error::InputLocation { file: rel.clone(), line: 1, column: None },
@@ -397,87 +422,32 @@ impl SourceRun<'_> {
                 }
             }
             by_sha.entry(sha.clone()).or_insert_with(|| rel.clone());
+            let key = hex::encode(Sha256::digest(
+                format!("{}\0{}\0{}", self.src.name, rel, sha).as_bytes(),
+            ));
+            let keep = held + size <= self.cfg.memory_bytes;
+            if keep {
+                held += size;
+            }
             candidates.push(Candidate {
+                app_id: format!("silt.ingest.{}", &key[..32]),
                 rel,
                 meta,
                 sha,
-                data,
+                size,
+                data: keep.then_some(data),
                 replaces,
             });
         }
-
-        // Parse in parallel on the blocking pool.
-        let src = Arc::new(self.src.clone());
-        let parsed: Vec<(Candidate, Result<ParsedFile>)> = futures::stream::iter(candidates)
-            .map(|c| {
-                let src = src.clone();
-                async move {
-                    let data = c.data.clone();
-                    let rel = c.rel.clone();
-                    let r = tokio::task::spawn_blocking(move || parse_file(&data, &rel, &src))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(Error::Runtime(format!("parser task failed: {e}")))
-                        });
-                    (c, r)
-                }
-            })
-            .buffered(
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2),
-            )
-            .collect()
-            .await;
-
-        struct Ready {
-            c: Candidate,
-            app_id: String,
-            bronze: Option<RecordBatch>,
-            quarantine: Option<RecordBatch>,
-            rows: u64,
-            rejects: u64,
-        }
-        let mut ready: Vec<Ready> = Vec::new();
-        for (c, r) in parsed {
-            match r {
-                Err(e @ (Error::Input { .. } | Error::Config { .. })) => {
-                    sr.files_rejected += 1;
-                    by_sha.remove(&c.sha);
-                    rejected.push(e);
-                }
-                Err(e) => return Err(e),
-                Ok(p) => {
-                    sr.warnings.extend(p.warnings.iter().cloned());
-                    let rows = p.lines.len() as u64;
-                    let rejects = p.rejects.len() as u64;
-                    let bronze = match &p.batch {
-                        Some(b) if b.num_rows() > 0 => {
-                            Some(self.bronze_batch(b, &p.lines, &c.rel)?)
-                        }
-                        _ => None,
-                    };
-                    let quarantine = (!p.rejects.is_empty())
-                        .then(|| self.quarantine_batch(&p.rejects, &c.rel))
-                        .transpose()?;
-                    let key = hex::encode(Sha256::digest(
-                        format!("{}\0{}\0{}", self.src.name, c.rel, c.sha).as_bytes(),
-                    ));
-                    ready.push(Ready {
-                        app_id: format!("silt.ingest.{}", &key[..32]),
-                        c,
-                        bronze,
-                        quarantine,
-                        rows,
-                        rejects,
-                    });
-                }
-            }
-        }
-        if ready.is_empty() && ledger_entries.is_empty() {
+        if candidates.is_empty() && ledger_entries.is_empty() {
             return Ok(());
         }
 
+        let stamp = Stamp {
+            src: Arc::new(self.src.clone()),
+            batch_id: Arc::from(self.batch_id),
+            ingested_at: self.ingested_at,
+        };
         let mut meta = vec![
             (
                 "silt.operation".to_string(),
@@ -492,16 +462,16 @@ impl SourceRun<'_> {
                 serde_json::Value::from(self.src.name.as_str()),
             ),
         ];
-        // 1. Quarantine.
         let qt = TableRef::quarantine(&self.src.name);
+        let bt = TableRef::bronze(&self.src.name);
         let mut q_table = self.catalog.lake().delta_table(&qt.rel_path()).await?;
-        let q_ids: Vec<String> = ready
-            .iter()
-            .filter(|r| r.quarantine.is_some())
-            .map(|r| r.app_id.clone())
-            .collect();
-        let q_done = committed_app_ids(&q_table, &q_ids).await?;
-        let q_opts = |ids: Vec<String>, replace: Option<String>| AppendOptions {
+        let mut b_table = self.catalog.lake().delta_table(&bt.rel_path()).await?;
+        let ids: Vec<String> = candidates.iter().map(|c| c.app_id.clone()).collect();
+        let q_done = committed_app_ids(&q_table, &ids).await?;
+        let b_done = committed_app_ids(&b_table, &ids).await?;
+        let q_opts = |ids: Vec<String>,
+                      replace: Option<String>,
+                      meta: &[(String, serde_json::Value)]| AppendOptions {
             partition_columns: vec![],
             stats_columns: Some(
                 [
@@ -515,7 +485,7 @@ impl SourceRun<'_> {
                 .to_vec(),
             ),
             app_ids: ids,
-            metadata: meta.clone(),
+            metadata: meta.to_vec(),
             target_file_size: Some(self.cfg.target_file_size),
             description: Some(format!(
                 "rows of source '{}' refused by its contract",
@@ -523,122 +493,254 @@ impl SourceRun<'_> {
             )),
             replace_source_file: replace,
         };
-        // A replacement is its own commit: it swaps that file's earlier rows for the new ones.
-        let q_replace_now = q_table.version().is_some();
-        for r in ready
-            .iter()
-            .filter(|r| r.c.replaces && q_replace_now && !q_done.contains(&r.app_id))
-        {
-            let batches = vec![
-                r.quarantine
-                    .clone()
-                    .unwrap_or_else(|| RecordBatch::new_empty(quarantine_schema())),
-            ];
-            q_table = append_to(
-                q_table,
-                &qt,
-                batches,
-                q_opts(vec![r.app_id.clone()], Some(r.c.rel.clone())),
-            )
-            .await?
-            .1;
-        }
-        let todo: Vec<&Ready> = ready
-            .iter()
-            .filter(|r| {
-                !(r.c.replaces && q_replace_now)
-                    && r.quarantine.is_some()
-                    && !q_done.contains(&r.app_id)
-            })
-            .collect();
-        if !todo.is_empty() {
-            let batches = todo.iter().filter_map(|r| r.quarantine.clone()).collect();
-            let ids = todo.iter().map(|r| r.app_id.clone()).collect();
-            append_to(q_table, &qt, batches, q_opts(ids, None)).await?;
-        }
-        failpoint::hit("ingest.after_quarantine");
-
-        // 2. Bronze.
-        let bt = TableRef::bronze(&self.src.name);
-        let mut b_table = self.catalog.lake().delta_table(&bt.rel_path()).await?;
-        let b_ids: Vec<String> = ready.iter().map(|r| r.app_id.clone()).collect();
-        let b_done = committed_app_ids(&b_table, &b_ids).await?;
-        meta.push(("silt.files".into(), serde_json::Value::from(ready.len())));
-        let b_opts = |ids: Vec<String>, replace: Option<String>| AppendOptions {
+        let b_opts = |ids: Vec<String>,
+                      replace: Option<String>,
+                      meta: &[(String, serde_json::Value)]| AppendOptions {
             partition_columns: self.src.partition.iter().map(|p| p.column_name()).collect(),
             stats_columns: Some(self.stats_columns()),
             app_ids: ids,
-            metadata: meta.clone(),
+            metadata: meta.to_vec(),
             target_file_size: Some(self.cfg.target_file_size),
             description: self.src.description.clone(),
             replace_source_file: replace,
         };
-        failpoint::hit("ingest.before_bronze");
-        let b_replace_now = b_table.version().is_some();
-        for r in ready
-            .iter()
-            .filter(|r| r.c.replaces && b_replace_now && !b_done.contains(&r.app_id))
-        {
-            let batch = match &r.bronze {
-                Some(b) => b.clone(),
-                None => self.bronze_batch(
-                    &RecordBatch::new_empty(self.contract_schema()),
-                    &[],
-                    &r.c.rel,
-                )?,
+
+        // 2. Files that replace an earlier version of themselves: one at a time, each its own
+        //    commit per table that swaps that file's rows (rare; held in memory).
+        let (replacing, streamed): (Vec<Candidate>, Vec<Candidate>) = candidates
+            .into_iter()
+            .partition(|c| c.replaces && b_table.version().is_some());
+        let mut done: Vec<Done> = Vec::new();
+        let mut stats = BatchStats::default();
+        for c in replacing {
+            let data = read_candidate(&self.landing, &c).await?;
+            let st = stamp.clone();
+            let rel = c.rel.clone();
+            let parsed = tokio::task::spawn_blocking(move || st.parse(&data, &rel))
+                .await
+                .unwrap_or_else(|e| Err(Error::Runtime(format!("parser task failed: {e}"))));
+            if let Some(p) = &self.progress {
+                p.inc(c.size);
+            }
+            let p = match parsed {
+                Err(e @ (Error::Input { .. } | Error::Config { .. })) => {
+                    sr.files_rejected += 1;
+                    by_sha.remove(&c.sha);
+                    rejected.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+                Ok(p) => p,
             };
+            if !q_done.contains(&c.app_id) {
+                let q = p
+                    .quarantine
+                    .clone()
+                    .unwrap_or_else(|| RecordBatch::new_empty(quarantine_schema()));
+                let replace = q_table.version().is_some().then(|| c.rel.clone());
+                if replace.is_some() || q.num_rows() > 0 {
+                    q_table = append_to(
+                        q_table,
+                        &qt,
+                        vec![q],
+                        q_opts(vec![c.app_id.clone()], replace, &meta),
+                    )
+                    .await?
+                    .1;
+                }
+            }
+            if !b_done.contains(&c.app_id) {
+                let b = match &p.bronze {
+                    Some(b) => b.clone(),
+                    None => stamp.bronze_batch(
+                        &RecordBatch::new_empty(self.contract_schema()),
+                        &[],
+                        &c.rel,
+                    )?,
+                };
+                let (_, t) = append_to(
+                    b_table,
+                    &bt,
+                    vec![b],
+                    b_opts(vec![c.app_id.clone()], Some(c.rel.clone()), &meta),
+                )
+                .await?;
+                sr.bronze_version = t.version();
+                b_table = t;
+            }
+            sr.warnings.extend(p.warnings);
+            if let Some(s) = p.stats {
+                stats.merge(s);
+            }
+            done.push(Done {
+                rows: p.rows,
+                rejects: p.rejects,
+                c,
+            });
+        }
+
+        // 3. Everything else streams: units of consecutive files are parsed and encoded in
+        //    parallel (one task per core), each into Parquet files uploaded as they fill;
+        //    then one commit adds them all with one Delta `txn` per file.
+        failpoint::hit("ingest.before_bronze");
+        let schema = stamp.bronze_schema();
+        if b_table.version().is_some() && !same_columns(&b_table, &schema) {
+            // The contract changed: evolve the table's schema first (a commit with no data).
             let (_, t) = append_to(
                 b_table,
                 &bt,
-                vec![batch],
-                b_opts(vec![r.app_id.clone()], Some(r.c.rel.clone())),
+                vec![RecordBatch::new_empty(schema.clone())],
+                b_opts(Vec::new(), None, &meta),
             )
             .await?;
-            sr.bronze_version = t.version();
             b_table = t;
         }
-        let todo: Vec<&Ready> = ready
-            .iter()
-            .filter(|r| {
-                !(r.c.replaces && b_replace_now)
-                    && r.bronze.is_some()
-                    && !b_done.contains(&r.app_id)
+        let (table_schema, partition_columns) = match b_table.snapshot() {
+            Ok(s) => (
+                s.snapshot().arrow_schema(),
+                s.metadata().partition_columns().to_vec(),
+            ),
+            Err(_) => (
+                schema.clone(),
+                self.src.partition.iter().map(|p| p.column_name()).collect(),
+            ),
+        };
+        let mut config: HashMap<String, Option<String>> = HashMap::new();
+        config.insert(
+            "delta.dataSkippingStatsColumns".into(),
+            Some(self.stats_columns().join(",")),
+        );
+        let (num_indexed, stats_cols) =
+            deltalake::operations::get_num_idx_cols_and_stats_columns(None, config);
+        let writer_config = deltalake::datafile::writer::WriterConfig::new(
+            table_schema,
+            partition_columns,
+            Some(writer_properties()),
+            NonZeroU64::new(self.cfg.target_file_size),
+            None,
+            num_indexed,
+            stats_cols,
+        );
+        let total: u64 = streamed.iter().map(|c| c.size).sum();
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let unit_bytes = (total / (2 * workers as u64)).clamp(16 << 20, 256 << 20);
+        let mut units: Vec<Vec<Candidate>> = Vec::new();
+        let mut unit_size = 0u64;
+        for c in streamed {
+            if units.is_empty() || unit_size >= unit_bytes {
+                units.push(Vec::new());
+                unit_size = 0;
+            }
+            unit_size += c.size;
+            units.last_mut().expect("pushed above").push(c);
+        }
+        let store = b_table.log_store().object_store(None);
+        let want_stats = self.src.anomaly.is_some();
+        let results = futures::stream::iter(units)
+            .map(|unit| {
+                let job = UnitJob {
+                    stamp: stamp.clone(),
+                    landing: self.landing.clone(),
+                    store: store.clone(),
+                    config: writer_config.clone(),
+                    b_done: b_done.clone(),
+                    want_stats,
+                    progress: self.progress.cloned(),
+                };
+                async move {
+                    tokio::spawn(job.run(unit))
+                        .await
+                        .unwrap_or_else(|e| Err(Error::Runtime(format!("ingest task failed: {e}"))))
+                }
             })
-            .collect();
-        if !todo.is_empty() {
-            let batches = todo.iter().filter_map(|r| r.bronze.clone()).collect();
-            let ids = todo.iter().map(|r| r.app_id.clone()).collect();
-            let (_, t) = append_to(b_table, &bt, batches, b_opts(ids, None)).await?;
+            .buffered(workers);
+        let mut results = std::pin::pin!(results);
+        let mut adds: Vec<deltalake::kernel::Add> = Vec::new();
+        let mut quarantine: Vec<(String, RecordBatch)> = Vec::new();
+        let mut stream_ids: Vec<String> = Vec::new();
+        while let Some(r) = results.next().await {
+            let r = r?;
+            adds.extend(r.adds);
+            if let Some(s) = r.stats {
+                stats.merge(s);
+            }
+            for f in r.files {
+                match f.outcome {
+                    Err(e) => {
+                        sr.files_rejected += 1;
+                        by_sha.remove(&f.c.sha);
+                        rejected.push(e);
+                    }
+                    Ok(p) => {
+                        sr.warnings.extend(p.warnings);
+                        if p.rows > 0 && !b_done.contains(&f.c.app_id) {
+                            stream_ids.push(f.c.app_id.clone());
+                        }
+                        if let Some(q) = p.quarantine
+                            && !q_done.contains(&f.c.app_id)
+                        {
+                            quarantine.push((f.c.app_id.clone(), q));
+                        }
+                        done.push(Done {
+                            rows: p.rows,
+                            rejects: p.rejects,
+                            c: f.c,
+                        });
+                    }
+                }
+            }
+        }
+        meta.push(("silt.files".into(), serde_json::Value::from(done.len())));
+        if !adds.is_empty() {
+            let t = commit_adds(
+                b_table,
+                &bt,
+                &schema,
+                adds,
+                stream_ids,
+                &b_opts(Vec::new(), None, &meta),
+            )
+            .await?;
             sr.bronze_version = t.version();
         }
         failpoint::hit("ingest.after_bronze");
 
-        // 3. Ledger.
-        for r in &ready {
+        // 4. Quarantine: the refused rows (with their raw records) of the streamed files.
+        if !quarantine.is_empty() {
+            let ids = quarantine.iter().map(|(id, _)| id.clone()).collect();
+            let batches = quarantine.into_iter().map(|(_, b)| b).collect();
+            append_to(q_table, &qt, batches, q_opts(ids, None, &meta)).await?;
+        }
+        failpoint::hit("ingest.after_quarantine");
+
+        // 5. Ledger.
+        for d in &done {
             sr.files_ingested += 1;
-            sr.rows += r.rows;
-            sr.quarantined += r.rejects;
-            sr.bytes += r.c.data.len() as u64;
-            if r.rows == 0 && r.rejects == 0 {
+            sr.rows += d.rows;
+            sr.quarantined += d.rejects;
+            sr.bytes += d.c.size;
+            if d.rows == 0 && d.rejects == 0 {
                 sr.files_empty += 1;
             }
             let e = LedgerEntry {
                 source: self.src.name.clone(),
-                path: r.c.rel.clone(),
-                size: r.c.meta.size as i64,
-                e_tag: r.c.meta.e_tag.clone(),
-                sha256: r.c.sha.clone(),
-                status: if r.rows == 0 && r.rejects == 0 {
+                path: d.c.rel.clone(),
+                size: d.c.meta.size as i64,
+                e_tag: d.c.meta.e_tag.clone(),
+                sha256: d.c.sha.clone(),
+                status: if d.rows == 0 && d.rejects == 0 {
                     "empty"
                 } else {
                     "ingested"
                 }
                 .into(),
-                rows: r.rows as i64,
-                quarantined: r.rejects as i64,
+                rows: d.rows as i64,
+                quarantined: d.rejects as i64,
                 batch_id: self.batch_id.to_string(),
                 ingested_at: self.ingested_at,
-                detail: r
+                detail: d
                     .c
                     .replaces
                     .then(|| "replaced the rows of the earlier version".to_string()),
@@ -648,25 +750,20 @@ impl SourceRun<'_> {
         }
         ledger::record(self.catalog, &ledger_entries, self.batch_id).await?;
         failpoint::hit("ingest.after_ledger");
-        // Anomaly checks (polars) on this batch's good rows, against the previous batches.
-        if let Some(spec) = &self.src.anomaly {
-            let n = self.src.columns.len();
-            let batches: Vec<RecordBatch> = ready
-                .iter()
-                .filter_map(|r| r.bronze.as_ref())
-                .map(|b| b.project(&(0..n).collect::<Vec<_>>()))
-                .collect::<std::result::Result<_, _>>()?;
-            if !batches.is_empty() {
-                let found = crate::profile::check_batch(
-                    self.catalog,
-                    &self.src.name,
-                    spec,
-                    self.batch_id,
-                    &batches,
-                )
-                .await?;
-                sr.anomalies.extend(found);
-            }
+        // Anomaly checks on this batch's good rows (statistics gathered while parsing),
+        // against the previous batches.
+        if let Some(spec) = &self.src.anomaly
+            && stats.rows > 0
+        {
+            let found = crate::profile::check_batch(
+                self.catalog,
+                &self.src.name,
+                spec,
+                self.batch_id,
+                &stats,
+            )
+            .await?;
+            sr.anomalies.extend(found);
         }
         Ok(())
     }
@@ -695,6 +792,80 @@ impl SourceRun<'_> {
         );
         cols
     }
+}
+
+/// What the parser tasks need to turn a landing file into table rows: the source, and the
+/// batch id and time stamped on every row.
+#[derive(Clone)]
+struct Stamp {
+    src: Arc<Source>,
+    batch_id: Arc<str>,
+    ingested_at: i64,
+}
+
+/// One landing file turned into table rows.
+struct Parsed {
+    /// Contract columns, the partition column, the metadata columns (None: no good rows).
+    bronze: Option<RecordBatch>,
+    quarantine: Option<RecordBatch>,
+    rows: u64,
+    rejects: u64,
+    warnings: Vec<String>,
+    /// Statistics for the anomaly checks (only when the source declares them).
+    stats: Option<BatchStats>,
+}
+
+impl Stamp {
+    fn parse(&self, data: &[u8], rel: &str) -> Result<Parsed> {
+        self.parse_with(data, rel, self.src.anomaly.is_some())
+    }
+
+    fn parse_with(&self, data: &[u8], rel: &str, want_stats: bool) -> Result<Parsed> {
+        let p = parse_file(data, rel, &self.src)?;
+        let rows = p.lines.len() as u64;
+        let stats = match (&p.batch, want_stats) {
+            (Some(b), true) if b.num_rows() > 0 => Some(BatchStats::of(
+                b,
+                self.src
+                    .anomaly
+                    .as_ref()
+                    .and_then(|a| a.date_column.as_deref()),
+            )?),
+            _ => None,
+        };
+        let bronze = match &p.batch {
+            Some(b) if b.num_rows() > 0 => Some(self.bronze_batch(b, &p.lines, rel)?),
+            _ => None,
+        };
+        let quarantine = (!p.rejects.is_empty())
+            .then(|| self.quarantine_batch(&p.rejects, rel))
+            .transpose()?;
+        Ok(Parsed {
+            bronze,
+            quarantine,
+            rows,
+            rejects: p.rejects.len() as u64,
+            warnings: p.warnings,
+            stats,
+        })
+    }
+
+    /// The schema of [`Stamp::bronze_batch`]'s output.
+    fn bronze_schema(&self) -> Arc<Schema> {
+        let mut fields: Vec<Field> = self
+            .src
+            .columns
+            .iter()
+            .map(|c| c.to_arrow_field())
+            .collect();
+        if let Some(p) = &self.src.partition
+            && p.granularity.is_some()
+        {
+            fields.push(Field::new(p.column_name(), DataType::Utf8, true));
+        }
+        fields.extend(metadata_fields());
+        Arc::new(Schema::new(fields))
+    }
 
     /// Contract columns, the derived partition column if any, then the metadata columns.
     fn bronze_batch(&self, b: &RecordBatch, lines: &[i64], rel: &str) -> Result<RecordBatch> {
@@ -711,21 +882,38 @@ impl SourceRun<'_> {
         {
             let idx = b.schema().index_of(&p.source_column)?;
             let arr = b.column(idx);
-            let fmt = match g {
-                Granularity::Year => "%Y",
-                Granularity::Month => "%Y-%m",
-                Granularity::Day => "%Y-%m-%d",
+            // Rows of a file mostly share a partition: remember the last value formatted.
+            let mut last: Option<(chrono::NaiveDate, String)> = None;
+            let mut value = |d: chrono::NaiveDate| -> String {
+                use chrono::Datelike;
+                let same = last.as_ref().is_some_and(|(l, _)| match g {
+                    Granularity::Year => l.year() == d.year(),
+                    Granularity::Month => l.year() == d.year() && l.month() == d.month(),
+                    Granularity::Day => *l == d,
+                });
+                if !same {
+                    let text = match g {
+                        Granularity::Year => format!("{:04}", d.year()),
+                        Granularity::Month => format!("{:04}-{:02}", d.year(), d.month()),
+                        Granularity::Day => {
+                            format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day())
+                        }
+                    };
+                    last = Some((d, text));
+                }
+                last.as_ref().map(|(_, t)| t.clone()).unwrap_or_default()
             };
             let values: StringArray = match arr.data_type() {
                 DataType::Date32 => arr
                     .as_primitive::<Date32Type>()
                     .iter()
                     .map(|d| {
-                        d.map(|d| crate::contract::format_date(d)).and_then(|s| {
-                            chrono::NaiveDate::parse_from_str(&s, "%Y-%m-%d")
-                                .ok()
-                                .map(|d| d.format(fmt).to_string())
+                        d.and_then(|d| {
+                            chrono::NaiveDate::from_num_days_from_ce_opt(
+                                d + crate::contract::UNIX_EPOCH_DAYS_FROM_CE,
+                            )
                         })
+                        .map(&mut value)
                     })
                     .collect(),
                 _ => arr
@@ -733,7 +921,7 @@ impl SourceRun<'_> {
                     .iter()
                     .map(|t| {
                         t.and_then(chrono::DateTime::from_timestamp_micros)
-                            .map(|t| t.format(fmt).to_string())
+                            .map(|t| value(t.date_naive()))
                     })
                     .collect(),
             };
@@ -750,7 +938,7 @@ impl SourceRun<'_> {
                 .with_timezone("UTC"),
         ));
         cols.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(self.batch_id, n),
+            std::iter::repeat_n(&*self.batch_id, n),
         )));
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
     }
@@ -774,7 +962,7 @@ impl SourceRun<'_> {
                     rejects.iter().map(|r| r.raw.clone()),
                 )),
                 Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                    self.batch_id,
+                    &*self.batch_id,
                     n,
                 ))),
                 Arc::new(
@@ -787,6 +975,237 @@ impl SourceRun<'_> {
             ],
         )?)
     }
+}
+
+/// One unit of consecutive landing files for one parser task: parse each, write its good rows
+/// through a delta-rs `DeltaWriter` (Parquet files roll at the target size and upload as they
+/// fill), keep its refused rows for the quarantine commit.
+struct UnitJob {
+    stamp: Stamp,
+    landing: Storage,
+    store: deltalake::logstore::ObjectStoreRef,
+    config: deltalake::datafile::writer::WriterConfig,
+    /// Files whose rows an earlier, interrupted ingest already committed to bronze.
+    b_done: Vec<String>,
+    want_stats: bool,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+struct UnitFile {
+    c: Candidate,
+    /// Err: the file is refused as a whole (stays out of the ledger).
+    outcome: Result<Parsed>,
+}
+
+struct UnitResult {
+    adds: Vec<deltalake::kernel::Add>,
+    files: Vec<UnitFile>,
+    stats: Option<BatchStats>,
+}
+
+impl UnitJob {
+    async fn run(self, unit: Vec<Candidate>) -> Result<UnitResult> {
+        let mut writer =
+            deltalake::datafile::writer::DeltaWriter::new(self.store.clone(), self.config.clone());
+        let mut files = Vec::new();
+        let mut stats: Option<BatchStats> = None;
+        let mut failed: Option<Error> = None;
+        for c in unit {
+            let data = match read_candidate(&self.landing, &c).await {
+                Ok(d) => d,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let st = self.stamp.clone();
+            let rel = c.rel.clone();
+            let want = self.want_stats;
+            let parsed = tokio::task::spawn_blocking(move || st.parse_with(&data, &rel, want))
+                .await
+                .unwrap_or_else(|e| Err(Error::Runtime(format!("parser task failed: {e}"))));
+            if let Some(p) = &self.progress {
+                p.inc(c.size);
+            }
+            let mut parsed = match parsed {
+                Err(e @ (Error::Input { .. } | Error::Config { .. })) => {
+                    files.push(UnitFile { c, outcome: Err(e) });
+                    continue;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+                Ok(p) => p,
+            };
+            if let Some(b) = parsed.bronze.take()
+                && !self.b_done.contains(&c.app_id)
+                && let Err(e) = writer.write(&b).await
+            {
+                failed = Some(Error::delta(format!("bronze.{}", self.stamp.src.name), e));
+                break;
+            }
+            if let Some(s) = parsed.stats.take() {
+                match &mut stats {
+                    Some(all) => all.merge(s),
+                    None => stats = Some(s),
+                }
+            }
+            files.push(UnitFile {
+                c,
+                outcome: Ok(parsed),
+            });
+        }
+        if let Some(e) = failed {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        let adds = writer
+            .close()
+            .await
+            .map_err(|e| Error::delta(format!("bronze.{}", self.stamp.src.name), e))?;
+        Ok(UnitResult { adds, files, stats })
+    }
+}
+
+/// A candidate's bytes: kept from hashing, or read again (and checked against its hash).
+async fn read_candidate(landing: &Storage, c: &Candidate) -> Result<bytes::Bytes> {
+    if let Some(d) = &c.data {
+        return Ok(d.clone());
+    }
+    let data = landing.get(&c.meta.location).await?;
+    let (data, sha) = tokio::task::spawn_blocking(move || {
+        let sha = hex::encode(Sha256::digest(&data));
+        (data, sha)
+    })
+    .await
+    .map_err(|e| Error::Runtime(format!("hashing task failed: {e}")))?;
+    if sha != c.sha {
+        return Err(Error::Input {
+            location: crate::error::InputLocation {
+                file: c.rel.clone(),
+                line: 1,
+                column: None,
+            },
+            message: "the file changed while it was being ingested".into(),
+            fix: "deliver landing files complete (write then rename), then run ingest again".into(),
+        });
+    }
+    Ok(data)
+}
+
+/// Parquet settings of bronze files: Snappy (fast to write and read), dictionaries, page
+/// statistics.
+fn writer_properties() -> parquet::file::properties::WriterProperties {
+    parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build()
+}
+
+/// Whether `table` already has exactly these columns with these types.
+fn same_columns(table: &deltalake::DeltaTable, schema: &Schema) -> bool {
+    let Ok(s) = table.snapshot() else {
+        return false;
+    };
+    let have = s.snapshot().arrow_schema();
+    have.fields().len() == schema.fields().len()
+        && schema.fields().iter().all(|f| {
+            have.field_with_name(f.name())
+                .is_ok_and(|h| h.data_type() == f.data_type())
+        })
+}
+
+/// Commit written files to bronze with one `txn` per landing file: a plain append, or the
+/// table's creation when it does not exist yet (a concurrent creator turns ours into an append).
+async fn commit_adds(
+    table: deltalake::DeltaTable,
+    t: &TableRef,
+    schema: &Schema,
+    adds: Vec<deltalake::kernel::Add>,
+    app_ids: Vec<String>,
+    opts: &AppendOptions,
+) -> Result<deltalake::DeltaTable> {
+    use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+    use deltalake::kernel::{Action, Transaction};
+    use deltalake::protocol::{DeltaOperation, SaveMode};
+    let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
+    actions.extend(
+        app_ids
+            .iter()
+            .map(|id| Action::Txn(Transaction::new(id, 1))),
+    );
+    let props = || {
+        CommitProperties::default()
+            .with_metadata(opts.metadata.clone())
+            .with_max_retries(15)
+    };
+    let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
+    let mut table = table;
+    let operation = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: (!opts.partition_columns.is_empty()).then(|| opts.partition_columns.clone()),
+        predicate: None,
+    };
+    if table.version().is_none() {
+        // Version 0 is this write with the table's protocol and metadata (what delta-rs's
+        // own write does for a new table: reader 1 / writer 2, no features).
+        use deltalake::kernel::MetadataExt;
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+        let kernel: deltalake::kernel::StructType = schema
+            .try_into_kernel()
+            .map_err(|e| err(deltalake::DeltaTableError::from(e)))?;
+        let mut config: HashMap<String, String> = HashMap::new();
+        if let Some(cols) = &opts.stats_columns {
+            config.insert("delta.dataSkippingStatsColumns".into(), cols.join(","));
+        }
+        config.insert("delta.appendOnly".into(), "false".into());
+        let mut metadata =
+            deltalake::kernel::new_metadata(&kernel, opts.partition_columns.clone(), config)
+                .and_then(|m| m.with_name(t.to_string()))
+                .map_err(|e| err(e.into()))?;
+        if let Some(d) = &opts.description {
+            metadata = metadata
+                .with_description(d.clone())
+                .map_err(|e| err(e.into()))?;
+        }
+        let protocol: deltalake::kernel::Protocol = serde_json::from_value(
+            serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}),
+        )
+        .map_err(|e| err(e.into()))?;
+        let mut first = vec![Action::Protocol(protocol), Action::Metadata(metadata)];
+        first.extend(actions.iter().cloned());
+        let created = CommitBuilder::from(props())
+            .with_actions(first)
+            .build(None, table.log_store(), operation.clone())
+            .await;
+        match created {
+            Ok(done) => {
+                table
+                    .update_incremental(Some(done.version()))
+                    .await
+                    .map_err(err)?;
+                return Ok(table);
+            }
+            Err(e) => {
+                // Someone else created it meanwhile: append to theirs.
+                table.load().await.map_err(err)?;
+                if table.version().is_none() {
+                    return Err(err(e.into()));
+                }
+            }
+        }
+    }
+    let snapshot = table.snapshot().map_err(err)?.clone();
+    let done = CommitBuilder::from(props())
+        .with_actions(actions)
+        .build(Some(&snapshot), table.log_store(), operation)
+        .await
+        .map_err(|e| err(e.into()))?;
+    table
+        .update_incremental(Some(done.version()))
+        .await
+        .map_err(err)?;
+    Ok(table)
 }
 
 fn metadata_fields() -> Vec<Field> {
