@@ -186,8 +186,13 @@ impl Catalog {
         }
         // Sorts, aggregates and joins hold at most this much before spilling to disk (the OS
         // temp dir), so a model's memory does not grow with its input.
+        // A fair pool: every spilling operator (sorts, aggregates) gets its share and spills
+        // beyond it; the rest (merges, hash join build sides) draws from what is left.
+        let pool = datafusion::execution::memory_pool::FairSpillPool::new(
+            (self.engine.memory_limit_mb.max(16) as usize) << 20,
+        );
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_memory_limit((self.engine.memory_limit_mb.max(16) as usize) << 20, 1.0)
+            .with_memory_pool(Arc::new(pool))
             .build_arc()?;
         // delta-rs's planner too: model writes hand it plans of this session.
         let state = datafusion::execution::SessionStateBuilder::new()

@@ -89,7 +89,7 @@ fn default_batch_bytes() -> u64 {
     512 * 1024 * 1024
 }
 fn default_memory_bytes() -> u64 {
-    128 * 1024 * 1024
+    64 * 1024 * 1024
 }
 fn default_target_file_size() -> u64 {
     128 * 1024 * 1024

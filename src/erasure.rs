@@ -23,7 +23,7 @@ use deltalake::delta_datafusion::FileSelection;
 use deltalake::kernel::Action;
 use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::protocol::DeltaOperation;
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -151,9 +151,14 @@ fn row_mask(b: &RecordBatch, n: &Needles, how: &Match) -> BooleanArray {
     let mut hit = vec![false; b.num_rows()];
     match how {
         Match::Key(k) => {
-            if let Some(c) = b.column_by_name(k).and_then(cells) {
-                for (i, v) in c.into_iter().enumerate() {
-                    hit[i] = v.is_some_and(|v| n.ids.contains(v.trim()));
+            // The hot path of every erasure scan: compare the key cells in place.
+            if let Some(c) = b
+                .column_by_name(k)
+                .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+            {
+                let s = c.as_string::<i32>();
+                for (i, h) in hit.iter_mut().enumerate() {
+                    *h = !s.is_null(i) && n.ids.contains(s.value(i).trim());
                 }
             }
         }
@@ -173,9 +178,27 @@ fn row_mask(b: &RecordBatch, n: &Needles, how: &Match) -> BooleanArray {
 }
 
 fn decode_parquet(data: Bytes, what: &str) -> Result<Vec<RecordBatch>> {
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)
-        .and_then(|b| b.build())
-        .map_err(|e| Error::Runtime(format!("{what}: cannot read Parquet: {e}")))?;
+    decode_parquet_for(data, what, None)
+}
+
+/// Decode a Parquet file; with `n`, only the subject key column when the file has one (every
+/// match by key needs nothing else), else every column.
+fn decode_parquet_for(data: Bytes, what: &str, n: Option<&Needles>) -> Result<Vec<RecordBatch>> {
+    let err = |e: parquet::errors::ParquetError| {
+        Error::Runtime(format!("{what}: cannot read Parquet: {e}"))
+    };
+    let mut builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)
+        .map_err(err)?;
+    if let Some(n) = n
+        && let Some(k) = n
+            .keys
+            .iter()
+            .find(|k| builder.schema().field_with_name(k).is_ok())
+    {
+        let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), [k.as_str()]);
+        builder = builder.with_projection(mask);
+    }
+    let reader = builder.build().map_err(err)?;
     reader
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Runtime(format!("{what}: cannot read Parquet: {e}")))
@@ -768,7 +791,7 @@ impl Run<'_> {
             step.files_scanned += 1;
             let loc = lake.path(&format!("{}/{}", t.rel_path(), path));
             let mut n = 0;
-            for b in decode_parquet(lake.get(&loc).await?, &path)? {
+            for b in decode_parquet_for(lake.get(&loc).await?, &path, Some(self.n))? {
                 n += row_mask(&b, self.n, &how).true_count();
             }
             if n > 0 {
@@ -787,47 +810,73 @@ impl Run<'_> {
             }
             return Ok(None);
         }
-        // Read the whole rows of those files (partition columns included) and keep the others.
-        let ctx = SessionContext::new();
-        let provider = table
-            .table_provider()
-            .with_file_selection(FileSelection::from_file_paths(
-                hits.iter().map(|h| h.0.clone()),
-            ))
-            .await
-            .map_err(Error::from_datafusion)?;
-        let batches = ctx.read_table(provider)?.collect().await?;
+        // Read the whole rows of each such file (partition columns included) and write the
+        // others to a new file, one file at a time: memory holds one batch, not the table.
         let target = Arc::new(schema);
-        let mut writer =
-            RecordBatchWriter::for_table(&table).map_err(|e| Error::delta(t.to_string(), e))?;
-        for b in batches {
-            let mask = row_mask(&b, self.n, &how);
-            step.rows_deleted += mask.true_count() as u64;
-            let keep = arrow::compute::not(&mask)?;
-            let kept = arrow::compute::filter_record_batch(&b, &keep)?;
-            if kept.num_rows() == 0 {
-                continue;
-            }
-            let cols = target
-                .fields()
-                .iter()
-                .map(|f| {
-                    let c = kept.column_by_name(f.name()).ok_or_else(|| {
-                        Error::Runtime(format!("{t}: column {} missing on read", f.name()))
-                    })?;
-                    Ok(arrow::compute::cast(c, f.data_type())?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let kept = RecordBatch::try_new(target.clone(), cols)?;
-            writer
-                .write(kept)
+        let snapshot = snap.snapshot().clone();
+        let mut config: HashMap<String, Option<String>> = snapshot
+            .metadata()
+            .configuration()
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        config.retain(|k, _| k.starts_with("delta.dataSkipping"));
+        let (num_indexed, stats_cols) =
+            deltalake::operations::get_num_idx_cols_and_stats_columns(None, config);
+        let writer_config = deltalake::datafile::writer::WriterConfig::new(
+            target.clone(),
+            snapshot.metadata().partition_columns().to_vec(),
+            None,
+            None,
+            None,
+            num_indexed,
+            stats_cols,
+        );
+        let ctx = SessionContext::new();
+        let mut adds = Vec::new();
+        for (path, _) in &hits {
+            let provider = table
+                .table_provider()
+                .with_file_selection(FileSelection::from_file_paths([path.clone()]))
                 .await
-                .map_err(|e| Error::delta(t.to_string(), e))?;
+                .map_err(Error::from_datafusion)?;
+            let mut stream = ctx.read_table(provider)?.execute_stream().await?;
+            let mut writer = deltalake::datafile::writer::DeltaWriter::new(
+                table.log_store().object_store(None),
+                writer_config.clone(),
+            );
+            while let Some(b) = stream.next().await {
+                let b = b?;
+                let mask = row_mask(&b, self.n, &how);
+                step.rows_deleted += mask.true_count() as u64;
+                let keep = arrow::compute::not(&mask)?;
+                let kept = arrow::compute::filter_record_batch(&b, &keep)?;
+                if kept.num_rows() == 0 {
+                    continue;
+                }
+                let cols = target
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        let c = kept.column_by_name(f.name()).ok_or_else(|| {
+                            Error::Runtime(format!("{t}: column {} missing on read", f.name()))
+                        })?;
+                        Ok(arrow::compute::cast(c, f.data_type())?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let kept = RecordBatch::try_new(target.clone(), cols)?;
+                writer
+                    .write(&kept)
+                    .await
+                    .map_err(|e| Error::delta(t.to_string(), e))?;
+            }
+            adds.extend(
+                writer
+                    .close()
+                    .await
+                    .map_err(|e| Error::delta(t.to_string(), e))?,
+            );
         }
-        let adds = writer
-            .flush()
-            .await
-            .map_err(|e| Error::delta(t.to_string(), e))?;
         step.files_added = adds.len() as u64;
         step.files_rewritten = hits.iter().map(|h| h.0.clone()).collect();
         let mut actions: Vec<Action> = hits.into_iter().map(|h| Action::Remove(h.1)).collect();
@@ -1016,7 +1065,7 @@ impl Run<'_> {
         for (inner, loc) in data_files(self.silt, t).await? {
             step.files_scanned += 1;
             let mut hit = false;
-            for b in decode_parquet(lake.get(&loc).await?, &inner)? {
+            for b in decode_parquet_for(lake.get(&loc).await?, &inner, Some(self.n))? {
                 let how = how_for(&b.schema(), self.n);
                 if row_mask(&b, self.n, &how).true_count() > 0 {
                     hit = true;

@@ -116,11 +116,9 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
         .quote(p.quote as u8)
         .has_headers(false)
         .flexible(true)
-        .trim(if p.trim {
-            csv::Trim::All
-        } else {
-            csv::Trim::None
-        })
+        // Fields are trimmed below, only when they need it (the csv crate's trim rewrites
+        // every record).
+        .trim(csv::Trim::None)
         .from_reader(data);
     let fmts = TemporalFormats {
         date: p.date_formats.clone(),
@@ -260,7 +258,11 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
                 .filter(|b| **b == b'\n')
                 .count() as u64;
         start = end;
-        if record.len() == 1 && record.get(0).is_some_and(|f| f.is_empty()) {
+        if record.len() == 1
+            && record
+                .get(0)
+                .is_some_and(|f| f.is_empty() || (p.trim && f.trim_ascii().is_empty()))
+        {
             continue; // a blank line
         }
         errors.clear();
@@ -304,6 +306,7 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
                     continue;
                 };
                 let col = &src.columns[ci];
+                let field = if p.trim { field.trim_ascii() } else { field };
                 let text = match std::str::from_utf8(field) {
                     Ok(t) => t,
                     Err(e) => {

@@ -13,10 +13,12 @@ use crate::config::{Format, Source, UnexpectedColumnPolicy};
 use crate::contract::{TemporalFormats, check_json};
 use crate::error::{Error, InputLocation, Result};
 
+/// One record's place in the file; its value is parsed when it is checked (so a file's records
+/// are never all held as JSON trees at once), `Err` when the splitter already found it broken.
 struct RawRecord<'a> {
     line: u64,
     raw: &'a [u8],
-    value: std::result::Result<Value, String>,
+    value: std::result::Result<(), String>,
 }
 
 /// Parse one JSON file (already UTF-8 where an encoding is declared, BOM removed).
@@ -72,8 +74,34 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
     };
     let mut good: Vec<Value> = Vec::new();
     let mut ignored_warned = false;
+    let mut batches: Vec<arrow::record_batch::RecordBatch> = Vec::new();
+    let schema = Arc::new(Schema::new(
+        src.columns
+            .iter()
+            .map(|c| c.to_arrow_field())
+            .collect::<Vec<Field>>(),
+    ));
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(JSON_BATCH)
+        .build_decoder()?;
+    let mut to_arrow = |good: &mut Vec<Value>| -> Result<()> {
+        decoder.serialize(good).map_err(|e| {
+            Error::Runtime(format!(
+                "{file}: building Arrow data from checked records failed: {e}"
+            ))
+        })?;
+        good.clear();
+        if let Some(b) = decoder.flush()? {
+            batches.push(b);
+        }
+        Ok(())
+    };
     for rec in records {
-        let obj = match rec.value {
+        let value = rec.value.and_then(|()| {
+            serde_json::from_slice::<Value>(rec.raw)
+                .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))
+        });
+        let obj = match value {
             Ok(Value::Object(m)) => m,
             Ok(other) => {
                 out.rejects.push(Reject {
@@ -179,29 +207,23 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
             None => {
                 good.push(Value::Object(normalized));
                 out.lines.push(rec.line as i64);
+                if good.len() >= JSON_BATCH {
+                    to_arrow(&mut good)?;
+                }
             }
         }
     }
-    let schema = Arc::new(Schema::new(
-        src.columns
-            .iter()
-            .map(|c| c.to_arrow_field())
-            .collect::<Vec<Field>>(),
-    ));
-    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(good.len().max(1))
-        .build_decoder()?;
-    decoder.serialize(&good).map_err(|e| {
-        Error::Runtime(format!(
-            "{file}: building Arrow data from checked records failed: {e}"
-        ))
-    })?;
-    let batch = decoder
-        .flush()?
-        .unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema));
-    out.batch = Some(batch);
+    to_arrow(&mut good)?;
+    out.batch = Some(if batches.is_empty() {
+        arrow::record_batch::RecordBatch::new_empty(schema)
+    } else {
+        arrow::compute::concat_batches(&schema, &batches)?
+    });
     Ok(out)
 }
+
+/// Checked records handed to the Arrow decoder at a time.
+const JSON_BATCH: usize = 8192;
 
 fn kind(v: &Value) -> &'static str {
     match v {
@@ -225,12 +247,10 @@ fn split_lines(data: &[u8]) -> Vec<RawRecord<'_>> {
         if raw.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        let value = serde_json::from_slice::<Value>(raw)
-            .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()));
         out.push(RawRecord {
             line: i as u64 + 1,
             raw,
-            value,
+            value: Ok(()),
         });
     }
     out
@@ -298,14 +318,16 @@ fn split_array<'a>(data: &'a [u8], open: usize, out: &mut ParsedFile) -> Vec<Raw
                 return recs;
             }
         }
-        let mut stream = serde_json::Deserializer::from_slice(&data[pos..]).into_iter::<Value>();
+        // Only find where the element ends here; it is parsed when it is checked.
+        let mut stream =
+            serde_json::Deserializer::from_slice(&data[pos..]).into_iter::<serde::de::IgnoredAny>();
         match stream.next() {
-            Some(Ok(v)) => {
+            Some(Ok(_)) => {
                 let end = pos + stream.byte_offset();
                 recs.push(RawRecord {
                     line,
                     raw: &data[pos..end],
-                    value: Ok(v),
+                    value: Ok(()),
                 });
                 pos = end;
                 expect_element = false;

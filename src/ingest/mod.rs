@@ -442,6 +442,13 @@ impl SourceRun<'_> {
         if candidates.is_empty() && ledger_entries.is_empty() {
             return Ok(());
         }
+        let phase = Instant::now();
+        tracing::info!(
+            source = %self.src.name,
+            files = candidates.len(),
+            bytes = candidates.iter().map(|c| c.size).sum::<u64>(),
+            "hashed and classified"
+        );
 
         let stamp = Stamp {
             src: Arc::new(self.src.clone()),
@@ -615,9 +622,9 @@ impl SourceRun<'_> {
         let writer_config = deltalake::datafile::writer::WriterConfig::new(
             table_schema,
             partition_columns,
-            Some(writer_properties()),
+            Some(writer_properties(self.src)),
             NonZeroU64::new(self.cfg.target_file_size),
-            None,
+            Some(32 * 1024),
             num_indexed,
             stats_cols,
         );
@@ -625,7 +632,8 @@ impl SourceRun<'_> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let unit_bytes = (total / (2 * workers as u64)).clamp(16 << 20, 256 << 20);
+        // Small enough that memory does not follow the data, large enough to coalesce small files.
+        let unit_bytes = (total / (4 * workers as u64)).clamp(4 << 20, 16 << 20);
         let mut units: Vec<Vec<Candidate>> = Vec::new();
         let mut unit_size = 0u64;
         for c in streamed {
@@ -692,6 +700,12 @@ impl SourceRun<'_> {
                 }
             }
         }
+        tracing::info!(
+            source = %self.src.name,
+            files = adds.len(),
+            ms = phase.elapsed().as_millis() as u64,
+            "parsed, encoded and uploaded"
+        );
         meta.push(("silt.files".into(), serde_json::Value::from(done.len())));
         if !adds.is_empty() {
             let t = commit_adds(
@@ -706,6 +720,7 @@ impl SourceRun<'_> {
             sr.bronze_version = t.version();
         }
         failpoint::hit("ingest.after_bronze");
+        tracing::info!(source = %self.src.name, ms = phase.elapsed().as_millis() as u64, "bronze committed");
 
         // 4. Quarantine: the refused rows (with their raw records) of the streamed files.
         if !quarantine.is_empty() {
@@ -750,6 +765,7 @@ impl SourceRun<'_> {
         }
         ledger::record(self.catalog, &ledger_entries, self.batch_id).await?;
         failpoint::hit("ingest.after_ledger");
+        tracing::info!(source = %self.src.name, ms = phase.elapsed().as_millis() as u64, "quarantine and ledger committed");
         // Anomaly checks on this batch's good rows (statistics gathered while parsing),
         // against the previous batches.
         if let Some(spec) = &self.src.anomaly
@@ -1094,12 +1110,17 @@ async fn read_candidate(landing: &Storage, c: &Candidate) -> Result<bytes::Bytes
     Ok(data)
 }
 
-/// Parquet settings of bronze files: Snappy (fast to write and read), dictionaries, page
-/// statistics.
-fn writer_properties() -> parquet::file::properties::WriterProperties {
-    parquet::file::properties::WriterProperties::builder()
+/// Parquet settings of bronze files: Snappy (fast to write and read), dictionaries except on
+/// columns that are unique by design (the primary key, the line number), where a dictionary
+/// only costs hashing.
+fn writer_properties(src: &Source) -> parquet::file::properties::WriterProperties {
+    let mut b = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
-        .build()
+        .set_column_dictionary_enabled("_source_line".into(), false);
+    if let [pk] = src.primary_key.as_slice() {
+        b = b.set_column_dictionary_enabled(pk.as_str().into(), false);
+    }
+    b.build()
 }
 
 /// Whether `table` already has exactly these columns with these types.
