@@ -317,8 +317,23 @@ impl Materializer<'_> {
                                     ))
                                     .await?
                             {
+                                // Context rows come from the files that are not new, so a
+                                // plain UNION ALL holds no row twice (a UNION would
+                                // deduplicate every row through a wide hash aggregate).
+                                let old: Vec<String> = now_files
+                                    .keys()
+                                    .filter(|p| !added.contains(p))
+                                    .cloned()
+                                    .collect();
+                                let cp = ut
+                                    .table_provider()
+                                    .with_file_selection(FileSelection::from_file_paths(old))
+                                    .await?;
+                                let ctx_name = format!("{name}__context");
+                                new_schema.register_table(ctx_name.clone(), cp)?;
+                                registered.push(ctx_name.clone());
                                 rel = format!(
-                                    "(select * from {rel} union select * from {key} where {c} >= cast('{start}' as date) - interval '{days} days')",
+                                    "(select * from {rel} union all select * from {NEW_SCHEMA}.{ctx_name} where {c} >= cast('{start}' as date) - interval '{days} days')",
                                     c = q(lcol)
                                 );
                             }
@@ -517,6 +532,14 @@ impl Materializer<'_> {
         if let Some(contract) = &cfg.contract {
             check_contract(m, df.schema().as_arrow(), contract)?;
         }
+        // An increment is small by design: run the model's query once, then check and merge its
+        // result (instead of running it for the check and again for the MERGE).
+        let df = if incremental && cfg.materialized == Materialized::Incremental {
+            let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+            self.ctx.read_batches(batches)?
+        } else {
+            df
+        };
         if matches!(
             cfg.materialized,
             Materialized::Incremental | Materialized::Snapshot
