@@ -19,15 +19,6 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Large buffers (Arrow arrays, Parquet pages) go straight to mmap and back to the OS when
-    // freed. glibc's adaptive threshold otherwise moves them into per-thread heaps, where freed
-    // memory stays resident and peak RSS follows the data instead of the live set (measured in
-    // benches/: -40% at scale 4, a few % slower).
-    // SAFETY: a malloc tunable set before any thread starts.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
     let cli = Cli::parse();
     let filter = match cli.verbose {
         // Dependencies speak only on errors unless asked (-vv).
