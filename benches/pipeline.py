@@ -110,7 +110,12 @@ def main():
         return {"merge_files_rewritten": m["files_removed"], "merge_bytes_rewritten": m["bytes_removed"],
                 "table_files": t["files"], "table_bytes": t["bytes"],
                 "merge_partitions": m["partitions"], "merge_files_scanned": m["files_scanned"],
-                "merge_files_skipped": m["files_skipped"]}
+                "merge_files_skipped": m["files_skipped"],
+                # Where the incremental run's time goes.
+                "run_ms": o["elapsed_ms"],
+                "ingest_ms": (o.get("ingest") or {}).get("elapsed_ms"),
+                "model_ms": {x["model"]: x["ms"] for x in o["models"]},
+                "tests_ms": sum(t.get("ms", 0) for t in o.get("tests", []))}
     inc = stage("incremental batch", ["run"], rows=lambda o: sum(x["rows"] for x in o["ingest"]["sources"]),
                 input_bytes=batch_bytes, extra=merge_stats)
     stages[-1]["share_of_full_build"] = round(stages[-1]["wall_s"] / full_s, 4)

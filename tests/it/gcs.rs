@@ -135,8 +135,15 @@ impl Gcs {
 
 impl Drop for Gcs {
     fn drop(&mut self) {
-        if let Some(mut stdin) = self.child.stdin.take() {
-            let _ = stdin.flush();
+        // Closing stdin lets the bridge stop fake-gcs-server itself; only a bridge that does
+        // not exit in time is killed (which would leave the server running).
+        drop(self.child.stdin.take());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
