@@ -99,6 +99,16 @@ fn files_of(t: &DeltaTable) -> Result<FileMap> {
         .collect())
 }
 
+/// Parquet settings of model files: delta-rs's (Snappy), with row groups of at most 32k rows.
+/// A partitioned write keeps one open file per partition; each holds its current row group
+/// encoded in memory, so smaller row groups keep a many-partition write's memory flat.
+fn writer_properties() -> parquet::file::properties::WriterProperties {
+    parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(32 * 1024))
+        .build()
+}
+
 /// Rows in the files of `table` that `prior` (its files before a write) did not have.
 fn rows_added(prior: &FileMap, table: &DeltaTable) -> Result<u64> {
     let state = table
@@ -566,6 +576,7 @@ impl Materializer<'_> {
                 .write(Vec::new())
                 .with_input_plan(df.into_unoptimized_plan())
                 .with_session_state(Arc::new(self.ctx.state()))
+                .with_writer_properties(writer_properties())
                 .with_save_mode(SaveMode::Overwrite)
                 .with_schema_mode(SchemaMode::Overwrite)
                 .with_partition_columns(partition_cols)
@@ -584,6 +595,7 @@ impl Materializer<'_> {
                     .write(Vec::new())
                     .with_input_plan(df.into_unoptimized_plan())
                     .with_session_state(Arc::new(self.ctx.state()))
+                    .with_writer_properties(writer_properties())
                     .with_save_mode(SaveMode::Append)
                     .with_commit_properties(self.props(m, state))
                     .await
@@ -609,6 +621,7 @@ impl Materializer<'_> {
                     .write(Vec::new())
                     .with_input_plan(df.into_unoptimized_plan())
                     .with_session_state(Arc::new(self.ctx.state()))
+                    .with_writer_properties(writer_properties())
                     .with_save_mode(SaveMode::Overwrite)
                     .with_replace_where(pred)
                     .with_commit_properties(self.props(m, state))
