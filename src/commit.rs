@@ -1,25 +1,17 @@
-//! Appending Arrow batches to a Delta table as one commit, carrying silt's commit metadata and
-//! the idempotency tokens (Delta `txn` actions) that make re-runs safe. It must not decide what
+//! Appending Arrow batches to a Delta table as one commit (or committing data files that ingest's
+//! parser tasks already wrote), carrying silt's commit metadata and the idempotency tokens (Delta
+//! `txn` actions) that make re-runs safe. It must not decide what
 //! to write (ingest and materialize do) nor build stores (storage.rs does).
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use std::sync::{Arc, Mutex};
 
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::catalog::streaming::StreamingTable;
-use datafusion::datasource::provider_as_source;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::LogicalPlanBuilder;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::streaming::PartitionStream;
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
-use futures::StreamExt;
 
 use crate::catalog::TableRef;
 use crate::error::{Error, Result};
@@ -98,84 +90,6 @@ pub async fn append_to(
     ))
 }
 
-/// Sender side of [`append_stream`]: an `Err` sent here fails the write (nothing commits).
-pub type BatchSender = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
-
-/// Like [`append_to`], for batches that arrive on a channel while they are being produced:
-/// delta-rs encodes and uploads them as they come (files roll at the target size), so memory
-/// holds only the batches in flight, never the whole commit. The commit happens once the
-/// sender is dropped; `rows` in the outcome is 0 (the producer counts).
-pub async fn append_stream(
-    table: DeltaTable,
-    t: &TableRef,
-    schema: SchemaRef,
-    rx: tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>,
-    opts: AppendOptions,
-) -> Result<(CommitOutcome, DeltaTable)> {
-    let source = StreamingTable::try_new(
-        schema.clone(),
-        vec![Arc::new(ChannelPartition {
-            schema,
-            rx: Mutex::new(Some(rx)),
-        })],
-    )?;
-    let plan = LogicalPlanBuilder::scan("silt_input", provider_as_source(Arc::new(source)), None)?
-        .build()?;
-    let is_new = table.version().is_none();
-    let w = builder(
-        table.write(Vec::new()).with_input_plan(plan),
-        is_new,
-        t,
-        &opts,
-    );
-    let table = w.await.map_err(|e| Error::delta(t.to_string(), e))?;
-    Ok((
-        CommitOutcome {
-            version: table.version().unwrap_or(0),
-            rows: 0,
-        },
-        table,
-    ))
-}
-
-/// One DataFusion partition reading a channel; it can be executed once.
-struct ChannelPartition {
-    schema: SchemaRef,
-    rx: Mutex<Option<tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>>>,
-}
-
-impl std::fmt::Debug for ChannelPartition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ChannelPartition")
-    }
-}
-
-impl PartitionStream for ChannelPartition {
-    fn schema(&self) -> &SchemaRef {
-        &self.schema
-    }
-
-    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let rx = self.rx.lock().ok().and_then(|mut g| g.take());
-        let stream = match rx {
-            Some(rx) => {
-                futures::stream::unfold(
-                    rx,
-                    |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
-                )
-                .boxed()
-            }
-            None => futures::stream::once(async {
-                Err(datafusion::error::DataFusionError::Internal(
-                    "a streamed append can be executed once".into(),
-                ))
-            })
-            .boxed(),
-        };
-        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
-    }
-}
-
 /// The write options every append shares: save mode, schema merge, commit properties, file
 /// size, and for a new table its partitioning, statistics columns and description.
 fn builder(w: WriteBuilder, is_new: bool, t: &TableRef, opts: &AppendOptions) -> WriteBuilder {
@@ -218,4 +132,98 @@ fn builder(w: WriteBuilder, is_new: bool, t: &TableRef, opts: &AppendOptions) ->
         }
     }
     w
+}
+
+/// Commit data files written elsewhere (ingest's parser tasks) with one `txn` per app id: a
+/// plain append, or the table's creation when it does not exist yet (version 0 then carries the
+/// protocol and metadata; a concurrent creator turns ours into an append).
+pub async fn commit_files(
+    table: deltalake::DeltaTable,
+    t: &TableRef,
+    schema: &arrow::datatypes::Schema,
+    adds: Vec<deltalake::kernel::Add>,
+    app_ids: Vec<String>,
+    opts: &AppendOptions,
+) -> Result<deltalake::DeltaTable> {
+    use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+    use deltalake::kernel::{Action, Transaction};
+    use deltalake::protocol::{DeltaOperation, SaveMode};
+    let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
+    actions.extend(
+        app_ids
+            .iter()
+            .map(|id| Action::Txn(Transaction::new(id, 1))),
+    );
+    let props = || {
+        CommitProperties::default()
+            .with_metadata(opts.metadata.clone())
+            .with_max_retries(15)
+    };
+    let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
+    let mut table = table;
+    let operation = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: (!opts.partition_columns.is_empty()).then(|| opts.partition_columns.clone()),
+        predicate: None,
+    };
+    if table.version().is_none() {
+        // Version 0 is this write with the table's protocol and metadata (what delta-rs's
+        // own write does for a new table: reader 1 / writer 2, no features).
+        use deltalake::kernel::MetadataExt;
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+        let kernel: deltalake::kernel::StructType = schema
+            .try_into_kernel()
+            .map_err(|e| err(deltalake::DeltaTableError::from(e)))?;
+        let mut config: HashMap<String, String> = HashMap::new();
+        if let Some(cols) = &opts.stats_columns {
+            config.insert("delta.dataSkippingStatsColumns".into(), cols.join(","));
+        }
+        config.insert("delta.appendOnly".into(), "false".into());
+        let mut metadata =
+            deltalake::kernel::new_metadata(&kernel, opts.partition_columns.clone(), config)
+                .and_then(|m| m.with_name(t.to_string()))
+                .map_err(|e| err(e.into()))?;
+        if let Some(d) = &opts.description {
+            metadata = metadata
+                .with_description(d.clone())
+                .map_err(|e| err(e.into()))?;
+        }
+        let protocol: deltalake::kernel::Protocol = serde_json::from_value(
+            serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}),
+        )
+        .map_err(|e| err(e.into()))?;
+        let mut first = vec![Action::Protocol(protocol), Action::Metadata(metadata)];
+        first.extend(actions.iter().cloned());
+        let created = CommitBuilder::from(props())
+            .with_actions(first)
+            .build(None, table.log_store(), operation.clone())
+            .await;
+        match created {
+            Ok(done) => {
+                table
+                    .update_incremental(Some(done.version()))
+                    .await
+                    .map_err(err)?;
+                return Ok(table);
+            }
+            Err(e) => {
+                // Someone else created it meanwhile: append to theirs.
+                table.load().await.map_err(err)?;
+                if table.version().is_none() {
+                    return Err(err(e.into()));
+                }
+            }
+        }
+    }
+    let snapshot = table.snapshot().map_err(err)?.clone();
+    let done = CommitBuilder::from(props())
+        .with_actions(actions)
+        .build(Some(&snapshot), table.log_store(), operation)
+        .await
+        .map_err(|e| err(e.into()))?;
+    table
+        .update_incremental(Some(done.version()))
+        .await
+        .map_err(err)?;
+    Ok(table)
 }

@@ -1,10 +1,12 @@
 //! `silt ingest`: landing files to bronze Delta tables, exactly once (DESIGN.md §4.1).
 //!
 //! For each source: list the landing files its glob matches, drop those the ledger has seen,
-//! parse the rest against the contract, then commit in this order — quarantine rows, bronze
-//! rows, ledger entries. Each data commit carries one Delta `txn` app id per file, so a re-run
-//! after a crash at any point skips what already landed and finishes the rest. This module must
-//! not build object stores or talk SQL; parsing lives in csv.rs / json.rs.
+//! then parse the rest against the contract on every core, each parser task writing its good
+//! rows straight into bronze Parquet files (delta-rs `DeltaWriter`), so memory holds files in
+//! flight, never a table. Commit order — bronze files, quarantine rows, ledger entries. Each data
+//! commit carries one Delta `txn` app id per file, so a re-run after a crash at any point skips
+//! what already landed and finishes the rest. This module must not build object stores, commit
+//! (commit.rs does) or talk SQL; parsing lives in csv.rs / json.rs.
 
 mod csv;
 mod json;
@@ -23,7 +25,7 @@ use object_store::ObjectMeta;
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{Catalog, TableRef};
-use crate::commit::{AppendOptions, append_to, committed_app_ids};
+use crate::commit::{AppendOptions, append_to, commit_files, committed_app_ids};
 use crate::config::{ChangedFilePolicy, DuplicateFilePolicy, Format, Granularity, Project, Source};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -708,7 +710,7 @@ impl SourceRun<'_> {
         );
         meta.push(("silt.files".into(), serde_json::Value::from(done.len())));
         if !adds.is_empty() {
-            let t = commit_adds(
+            let t = commit_files(
                 b_table,
                 &bt,
                 &schema,
@@ -1134,99 +1136,6 @@ fn same_columns(table: &deltalake::DeltaTable, schema: &Schema) -> bool {
             have.field_with_name(f.name())
                 .is_ok_and(|h| h.data_type() == f.data_type())
         })
-}
-
-/// Commit written files to bronze with one `txn` per landing file: a plain append, or the
-/// table's creation when it does not exist yet (a concurrent creator turns ours into an append).
-async fn commit_adds(
-    table: deltalake::DeltaTable,
-    t: &TableRef,
-    schema: &Schema,
-    adds: Vec<deltalake::kernel::Add>,
-    app_ids: Vec<String>,
-    opts: &AppendOptions,
-) -> Result<deltalake::DeltaTable> {
-    use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-    use deltalake::kernel::{Action, Transaction};
-    use deltalake::protocol::{DeltaOperation, SaveMode};
-    let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
-    actions.extend(
-        app_ids
-            .iter()
-            .map(|id| Action::Txn(Transaction::new(id, 1))),
-    );
-    let props = || {
-        CommitProperties::default()
-            .with_metadata(opts.metadata.clone())
-            .with_max_retries(15)
-    };
-    let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
-    let mut table = table;
-    let operation = DeltaOperation::Write {
-        mode: SaveMode::Append,
-        partition_by: (!opts.partition_columns.is_empty()).then(|| opts.partition_columns.clone()),
-        predicate: None,
-    };
-    if table.version().is_none() {
-        // Version 0 is this write with the table's protocol and metadata (what delta-rs's
-        // own write does for a new table: reader 1 / writer 2, no features).
-        use deltalake::kernel::MetadataExt;
-        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-        let kernel: deltalake::kernel::StructType = schema
-            .try_into_kernel()
-            .map_err(|e| err(deltalake::DeltaTableError::from(e)))?;
-        let mut config: HashMap<String, String> = HashMap::new();
-        if let Some(cols) = &opts.stats_columns {
-            config.insert("delta.dataSkippingStatsColumns".into(), cols.join(","));
-        }
-        config.insert("delta.appendOnly".into(), "false".into());
-        let mut metadata =
-            deltalake::kernel::new_metadata(&kernel, opts.partition_columns.clone(), config)
-                .and_then(|m| m.with_name(t.to_string()))
-                .map_err(|e| err(e.into()))?;
-        if let Some(d) = &opts.description {
-            metadata = metadata
-                .with_description(d.clone())
-                .map_err(|e| err(e.into()))?;
-        }
-        let protocol: deltalake::kernel::Protocol = serde_json::from_value(
-            serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}),
-        )
-        .map_err(|e| err(e.into()))?;
-        let mut first = vec![Action::Protocol(protocol), Action::Metadata(metadata)];
-        first.extend(actions.iter().cloned());
-        let created = CommitBuilder::from(props())
-            .with_actions(first)
-            .build(None, table.log_store(), operation.clone())
-            .await;
-        match created {
-            Ok(done) => {
-                table
-                    .update_incremental(Some(done.version()))
-                    .await
-                    .map_err(err)?;
-                return Ok(table);
-            }
-            Err(e) => {
-                // Someone else created it meanwhile: append to theirs.
-                table.load().await.map_err(err)?;
-                if table.version().is_none() {
-                    return Err(err(e.into()));
-                }
-            }
-        }
-    }
-    let snapshot = table.snapshot().map_err(err)?.clone();
-    let done = CommitBuilder::from(props())
-        .with_actions(actions)
-        .build(Some(&snapshot), table.log_store(), operation)
-        .await
-        .map_err(|e| err(e.into()))?;
-    table
-        .update_incremental(Some(done.version()))
-        .await
-        .map_err(err)?;
-    Ok(table)
 }
 
 fn metadata_fields() -> Vec<Field> {
