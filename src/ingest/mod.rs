@@ -1028,7 +1028,7 @@ impl UnitJob {
         let mut files = Vec::new();
         let mut stats: Option<BatchStats> = None;
         let mut failed: Option<Error> = None;
-        for c in unit {
+        for mut c in unit {
             let data = match read_candidate(&self.landing, &c).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -1036,6 +1036,8 @@ impl UnitJob {
                     break;
                 }
             };
+            c.data = None; // the parser's copy is the last one
+
             let st = self.stamp.clone();
             let rel = c.rel.clone();
             let want = self.want_stats;
