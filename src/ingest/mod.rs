@@ -324,12 +324,7 @@ impl SourceRun<'_> {
                 let landing = landing.clone();
                 async move {
                     let data = landing.get(&m.location).await?;
-                    let (data, sha) = tokio::task::spawn_blocking(move || {
-                        let sha = hex::encode(Sha256::digest(&data));
-                        (data, sha)
-                    })
-                    .await
-                    .map_err(|e| Error::Runtime(format!("hashing task failed: {e}")))?;
+                    let (data, sha) = sha256(data).await?;
                     Ok::<_, Error>((rel, m, data, sha))
                 }
             })
@@ -1088,18 +1083,23 @@ impl UnitJob {
     }
 }
 
+/// The hex SHA-256 of a landing file's bytes, computed on the blocking pool.
+async fn sha256(data: bytes::Bytes) -> Result<(bytes::Bytes, String)> {
+    tokio::task::spawn_blocking(move || {
+        let sha = hex::encode(Sha256::digest(&data));
+        (data, sha)
+    })
+    .await
+    .map_err(|e| Error::Runtime(format!("hashing task failed: {e}")))
+}
+
 /// A candidate's bytes: kept from hashing, or read again (and checked against its hash).
 async fn read_candidate(landing: &Storage, c: &Candidate) -> Result<bytes::Bytes> {
     if let Some(d) = &c.data {
         return Ok(d.clone());
     }
     let data = landing.get(&c.meta.location).await?;
-    let (data, sha) = tokio::task::spawn_blocking(move || {
-        let sha = hex::encode(Sha256::digest(&data));
-        (data, sha)
-    })
-    .await
-    .map_err(|e| Error::Runtime(format!("hashing task failed: {e}")))?;
+    let (data, sha) = sha256(data).await?;
     if sha != c.sha {
         return Err(Error::Input {
             location: crate::error::InputLocation {
