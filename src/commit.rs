@@ -71,6 +71,31 @@ pub async fn append(
     Ok(append_to(table, t, batches, opts).await?.0)
 }
 
+/// Append one batch of silt's own bookkeeping (`_silt/*`: ledger, runs, batch statistics,
+/// erasures, exports) with its `silt.*` commit metadata and, for a new table, its description.
+pub async fn append_record(
+    lake: &Storage,
+    t: &TableRef,
+    batch: RecordBatch,
+    metadata: &[(&str, &str)],
+    description: &str,
+) -> Result<CommitOutcome> {
+    append(
+        lake,
+        t,
+        vec![batch],
+        AppendOptions {
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+                .collect(),
+            description: Some(description.into()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 pub async fn append_to(
     table: DeltaTable,
     t: &TableRef,

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Silt;
 use crate::catalog::{Layer, TableRef};
-use crate::commit::{AppendOptions, append};
+use crate::commit::append_record;
 use crate::config::{ErasurePolicy, Format, Source};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -403,17 +403,12 @@ async fn audit(silt: &Silt, rows: &[AuditRow]) -> Result<()> {
             ),
         ],
     )?;
-    append(
+    append_record(
         &silt.lake,
         &table(),
-        vec![batch],
-        AppendOptions {
-            metadata: vec![("silt.operation".into(), "erasure.audit".into())],
-            description: Some(
-                "silt forget audit: one row per request step; subjects as HMAC-SHA256 only".into(),
-            ),
-            ..Default::default()
-        },
+        batch,
+        &[("silt.operation", "erasure.audit")],
+        "silt forget audit: one row per request step; subjects as HMAC-SHA256 only",
     )
     .await?;
     Ok(())

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::Silt;
 use crate::catalog::{Layer, TableRef};
-use crate::commit::{AppendOptions, append};
+use crate::commit::append_record;
 use crate::config::BigQuerySection;
 use crate::error::{Error, Result};
 use crate::models::Dag;
@@ -584,17 +584,12 @@ async fn record(silt: &Silt, rows: &[TableExport]) -> Result<()> {
             ),
         ],
     )?;
-    append(
+    append_record(
         &silt.lake,
         &table(),
-        vec![batch],
-        AppendOptions {
-            metadata: vec![("silt.operation".into(), "export.bigquery".into())],
-            description: Some(
-                "silt export: the Delta version each table was last exported at".into(),
-            ),
-            ..Default::default()
-        },
+        batch,
+        &[("silt.operation", "export.bigquery")],
+        "silt export: the Delta version each table was last exported at",
     )
     .await?;
     Ok(())

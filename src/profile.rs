@@ -578,18 +578,15 @@ async fn record(
             )),
         ],
     )?;
-    crate::commit::append(
+    crate::commit::append_record(
         catalog.lake(),
         &stats_table(),
-        vec![batch],
-        crate::commit::AppendOptions {
-            metadata: vec![
-                ("silt.operation".into(), "ingest.stats".into()),
-                ("silt.batch_id".into(), batch_id.into()),
-            ],
-            description: Some("per-batch column statistics for the ingest anomaly checks".into()),
-            ..Default::default()
-        },
+        batch,
+        &[
+            ("silt.operation", "ingest.stats"),
+            ("silt.batch_id", batch_id),
+        ],
+        "per-batch column statistics for the ingest anomaly checks",
     )
     .await?;
     Ok(())

@@ -11,7 +11,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
 use crate::catalog::{Catalog, TableRef};
-use crate::commit::{AppendOptions, append};
+use crate::commit::append_record;
 use crate::error::Result;
 use crate::materialize::ModelMetrics;
 
@@ -160,18 +160,12 @@ pub async fn record(
             .map(|m| Some(m.status != "failed" && m.status != "fail")),
     )));
     let batch = RecordBatch::try_new(schema(), cols)?;
-    append(
+    append_record(
         catalog.lake(),
         &table(),
-        vec![batch],
-        AppendOptions {
-            metadata: vec![
-                ("silt.operation".into(), "run".into()),
-                ("silt.run_id".into(), run_id.into()),
-            ],
-            description: Some("silt run log: one row per model per run".into()),
-            ..Default::default()
-        },
+        batch,
+        &[("silt.operation", "run"), ("silt.run_id", run_id)],
+        "silt run log: one row per model per run",
     )
     .await?;
     Ok(())

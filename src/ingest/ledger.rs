@@ -11,7 +11,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit, TimestampMicrosecondType};
 
 use crate::catalog::{Catalog, TableRef};
-use crate::commit::{AppendOptions, append};
+use crate::commit::append_record;
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -150,18 +150,15 @@ pub async fn record(catalog: &Catalog, entries: &[LedgerEntry], batch_id: &str) 
             col_o(&|e| e.detail.clone()),
         ],
     )?;
-    append(
+    append_record(
         catalog.lake(),
         &TableRef::ledger(),
-        vec![batch],
-        AppendOptions {
-            metadata: vec![
-                ("silt.operation".into(), "ingest.ledger".into()),
-                ("silt.batch_id".into(), batch_id.into()),
-            ],
-            description: Some("silt ingest ledger: one row per landing file seen".into()),
-            ..Default::default()
-        },
+        batch,
+        &[
+            ("silt.operation", "ingest.ledger"),
+            ("silt.batch_id", batch_id),
+        ],
+        "silt ingest ledger: one row per landing file seen",
     )
     .await?;
     Ok(())
