@@ -28,9 +28,9 @@ enum ColBuilder {
 }
 
 impl ColBuilder {
-    fn new(ty: &ColumnType, cap: usize) -> ColBuilder {
+    fn new(ty: &ColumnType, cap: usize, bytes: usize) -> ColBuilder {
         match ty {
-            ColumnType::String => ColBuilder::Str(StringBuilder::with_capacity(cap, cap * 16)),
+            ColumnType::String => ColBuilder::Str(StringBuilder::with_capacity(cap, bytes)),
             ColumnType::Int32 => ColBuilder::I32(Int32Builder::with_capacity(cap)),
             ColumnType::Int64 => ColBuilder::I64(Int64Builder::with_capacity(cap)),
             ColumnType::Float64 => ColBuilder::F64(Float64Builder::with_capacity(cap)),
@@ -222,11 +222,19 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
         header_len = field_map.len();
     }
 
+    // Sized from the file up front (one pass over the newlines), so builders do not grow by
+    // doubling and copying. Unused string capacity is never touched, so it costs no memory.
+    let rows_hint = data.iter().filter(|b| **b == b'\n').count() + 1;
     let mut builders: Vec<ColBuilder> = src
         .columns
         .iter()
-        .map(|c| ColBuilder::new(&c.ty, 1024))
+        .map(|c| ColBuilder::new(&c.ty, rows_hint, data.len()))
         .collect();
+    out.lines.reserve(rows_hint);
+    // A field longer than every null token cannot be one.
+    let null_max = p.null_values.iter().map(|n| n.len()).max().unwrap_or(0);
+    // The row of scalars is reused from record to record (see `recycle`).
+    let mut row_buf: Vec<Scalar> = Vec::with_capacity(n_cols);
     let mut errors: Vec<(String, String)> = Vec::new();
     let mut start = rdr.position().clone();
     loop {
@@ -266,8 +274,11 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
             continue; // a blank line
         }
         errors.clear();
-        // Borrows the record's fields; built per row because the record is reused.
-        let mut row: Vec<Scalar> = vec![Scalar::Null; n_cols];
+        // Borrows the record's fields (the record is reused, so the vector is recycled).
+        let mut row: Vec<Scalar> = recycle(std::mem::take(&mut row_buf));
+        row.resize(n_cols, Scalar::Null);
+        // One check for the whole record: an all-ASCII record needs no per-field UTF-8 check.
+        let ascii = record.as_slice().is_ascii();
         if record.len() != header_len {
             let (column, what) = if record.len() > header_len {
                 let c = header_names.last().cloned().unwrap_or_default();
@@ -307,7 +318,12 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
                 };
                 let col = &src.columns[ci];
                 let field = if p.trim { field.trim_ascii() } else { field };
-                let text = match std::str::from_utf8(field) {
+                let text = match if ascii {
+                    // SAFETY: ASCII bytes are valid UTF-8.
+                    Ok(unsafe { std::str::from_utf8_unchecked(field) })
+                } else {
+                    std::str::from_utf8(field)
+                } {
                     Ok(t) => t,
                     Err(e) => {
                         errors.push((
@@ -322,7 +338,7 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
                         continue;
                     }
                 };
-                if p.null_values.iter().any(|n| n == text) {
+                if text.len() <= null_max && p.null_values.iter().any(|n| n == text) {
                     if !col.nullable {
                         errors.push((
                             col.name.clone(),
@@ -340,8 +356,8 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
             }
         }
         if errors.is_empty() {
-            for (b, v) in builders.iter_mut().zip(row.iter_mut()) {
-                b.push(std::mem::replace(v, Scalar::Null));
+            for (b, v) in builders.iter_mut().zip(row.drain(..)) {
+                b.push(v);
             }
             out.lines.push(line as i64);
         } else {
@@ -361,6 +377,7 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
                 raw: escape_raw(trim_newline(raw_bytes)),
             });
         }
+        row_buf = recycle(row);
     }
     let schema = Arc::new(Schema::new(
         src.columns
@@ -371,6 +388,13 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
     let arrays: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
     out.batch = Some(RecordBatch::try_new(schema, arrays)?);
     Ok(out)
+}
+
+/// An empty vector with `v`'s allocation, free of `v`'s borrow (in-place collect reuses the
+/// buffer: same element type, no element survives).
+fn recycle<'b>(mut v: Vec<Scalar<'_>>) -> Vec<Scalar<'b>> {
+    v.clear();
+    v.into_iter().map(|_| Scalar::Null).collect()
 }
 
 fn trim_newline(b: &[u8]) -> &[u8] {

@@ -318,6 +318,89 @@ impl SourceRun<'_> {
         // 1. Hash every file (a few at a time, hashing on the blocking pool) and classify it
         //    against the ledger. The bytes of files to ingest are kept while they fit in
         //    `memory_bytes`; the rest are read again when parsed.
+        let stamp = Stamp {
+            src: Arc::new(self.src.clone()),
+            batch_id: Arc::from(self.batch_id),
+            ingested_at: self.ingested_at,
+        };
+        let mut meta = vec![
+            (
+                "silt.operation".to_string(),
+                serde_json::Value::from("ingest"),
+            ),
+            (
+                "silt.batch_id".to_string(),
+                serde_json::Value::from(self.batch_id),
+            ),
+            (
+                "silt.source".to_string(),
+                serde_json::Value::from(self.src.name.as_str()),
+            ),
+        ];
+        let qt = TableRef::quarantine(&self.src.name);
+        let bt = TableRef::bronze(&self.src.name);
+        let mut q_table = self.catalog.lake().delta_table(&qt.rel_path()).await?;
+        let mut b_table = self.catalog.lake().delta_table(&bt.rel_path()).await?;
+        let q_opts = |ids: Vec<String>,
+                      replace: Option<String>,
+                      meta: &[(String, serde_json::Value)]| AppendOptions {
+            partition_columns: vec![],
+            stats_columns: Some(
+                [
+                    "_source_file",
+                    "_source_line",
+                    "column_name",
+                    "_batch_id",
+                    "_ingested_at",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+            app_ids: ids,
+            metadata: meta.to_vec(),
+            target_file_size: Some(self.cfg.target_file_size),
+            description: Some(format!(
+                "rows of source '{}' refused by its contract",
+                self.src.name
+            )),
+            replace_source_file: replace,
+        };
+        let b_opts = |ids: Vec<String>,
+                      replace: Option<String>,
+                      meta: &[(String, serde_json::Value)]| AppendOptions {
+            partition_columns: self.src.partition.iter().map(|p| p.column_name()).collect(),
+            stats_columns: Some(self.stats_columns()),
+            app_ids: ids,
+            metadata: meta.to_vec(),
+            target_file_size: Some(self.cfg.target_file_size),
+            description: self.src.description.clone(),
+            replace_source_file: replace,
+        };
+
+        // Hashing, parsing and encoding overlap: a unit of consecutive files starts on the
+        // parser pool as soon as it is full, while later files are still being hashed. At most
+        // one unit per core runs at a time (`permits`); units are small enough that memory
+        // does not follow the data, large enough to coalesce small files.
+        let phase = Instant::now();
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let total: u64 = chunk.iter().map(|(_, m)| m.size).sum();
+        let unit_bytes = (total / (4 * workers as u64)).clamp(4 << 20, 16 << 20);
+        let permits = Arc::new(tokio::sync::Semaphore::new(workers));
+        let want_stats = self.src.anomaly.is_some();
+        let schema = stamp.bronze_schema();
+        // Set up on the first file to stream (the table's schema evolves first if the contract
+        // changed): the writer configuration, the store and the partition column.
+        let mut writing: Option<WriterSetup> = None;
+        let mut unit: Vec<Candidate> = Vec::new();
+        let mut unit_size = 0u64;
+        let mut units = Units::default();
+        let mut b_done: Vec<String> = Vec::new();
+        let mut all_ids: Vec<String> = Vec::new();
+        let mut replacing: Vec<Candidate> = Vec::new();
+        let mut candidate_bytes = 0u64;
+        let commit_meta = meta.clone(); // `meta` is a landing file's below
         let landing = self.landing.clone();
         let mut hashed = futures::stream::iter(chunk)
             .map(|(rel, m)| {
@@ -330,7 +413,6 @@ impl SourceRun<'_> {
             })
             .buffered(4);
         let mut ledger_entries: Vec<LedgerEntry> = Vec::new();
-        let mut candidates: Vec<Candidate> = Vec::new();
         let mut held = 0u64;
         while let Some(f) = hashed.next().await {
             let (rel, meta, data, sha) = f?;
@@ -426,7 +508,7 @@ impl SourceRun<'_> {
             if keep {
                 held += size;
             }
-            candidates.push(Candidate {
+            let c = Candidate {
                 app_id: format!("silt.ingest.{}", &key[..32]),
                 rel,
                 meta,
@@ -434,86 +516,66 @@ impl SourceRun<'_> {
                 size,
                 data: keep.then_some(data),
                 replaces,
-            });
+            };
+            all_ids.push(c.app_id.clone());
+            candidate_bytes += c.size;
+            if c.replaces && b_table.version().is_some() {
+                replacing.push(c);
+                continue;
+            }
+            if writing.is_none() {
+                if b_table.version().is_some() && !same_columns(&b_table, &schema) {
+                    // The contract changed: evolve the table's schema first (a commit with no data).
+                    let (_, t) = append_to(
+                        b_table,
+                        &bt,
+                        vec![RecordBatch::new_empty(schema.clone())],
+                        b_opts(Vec::new(), None, &commit_meta),
+                    )
+                    .await?;
+                    b_table = t;
+                }
+                writing = Some(self.writer_setup(&b_table, &schema));
+            }
+            b_done.extend(committed_app_ids(&b_table, std::slice::from_ref(&c.app_id)).await?);
+            unit_size += c.size;
+            unit.push(c);
+            if unit_size >= unit_bytes {
+                let job = self.unit_job(
+                    &stamp,
+                    writing.as_ref().expect("set up above"),
+                    &b_done,
+                    want_stats,
+                );
+                units.spawn(job, std::mem::take(&mut unit), permits.clone());
+                unit_size = 0;
+            }
         }
-        if candidates.is_empty() && ledger_entries.is_empty() {
+        if !unit.is_empty() {
+            let job = self.unit_job(
+                &stamp,
+                writing.as_ref().expect("set up above"),
+                &b_done,
+                want_stats,
+            );
+            units.spawn(job, std::mem::take(&mut unit), permits.clone());
+        }
+        if all_ids.is_empty() && ledger_entries.is_empty() {
             return Ok(());
         }
-        let phase = Instant::now();
         tracing::info!(
             source = %self.src.name,
-            files = candidates.len(),
-            bytes = candidates.iter().map(|c| c.size).sum::<u64>(),
+            files = all_ids.len(),
+            bytes = candidate_bytes,
+            ms = phase.elapsed().as_millis() as u64,
             "hashed and classified"
         );
-
-        let stamp = Stamp {
-            src: Arc::new(self.src.clone()),
-            batch_id: Arc::from(self.batch_id),
-            ingested_at: self.ingested_at,
-        };
-        let mut meta = vec![
-            (
-                "silt.operation".to_string(),
-                serde_json::Value::from("ingest"),
-            ),
-            (
-                "silt.batch_id".to_string(),
-                serde_json::Value::from(self.batch_id),
-            ),
-            (
-                "silt.source".to_string(),
-                serde_json::Value::from(self.src.name.as_str()),
-            ),
-        ];
-        let qt = TableRef::quarantine(&self.src.name);
-        let bt = TableRef::bronze(&self.src.name);
-        let mut q_table = self.catalog.lake().delta_table(&qt.rel_path()).await?;
-        let mut b_table = self.catalog.lake().delta_table(&bt.rel_path()).await?;
-        let ids: Vec<String> = candidates.iter().map(|c| c.app_id.clone()).collect();
-        let q_done = committed_app_ids(&q_table, &ids).await?;
-        let b_done = committed_app_ids(&b_table, &ids).await?;
-        let q_opts = |ids: Vec<String>,
-                      replace: Option<String>,
-                      meta: &[(String, serde_json::Value)]| AppendOptions {
-            partition_columns: vec![],
-            stats_columns: Some(
-                [
-                    "_source_file",
-                    "_source_line",
-                    "column_name",
-                    "_batch_id",
-                    "_ingested_at",
-                ]
-                .map(String::from)
-                .to_vec(),
-            ),
-            app_ids: ids,
-            metadata: meta.to_vec(),
-            target_file_size: Some(self.cfg.target_file_size),
-            description: Some(format!(
-                "rows of source '{}' refused by its contract",
-                self.src.name
-            )),
-            replace_source_file: replace,
-        };
-        let b_opts = |ids: Vec<String>,
-                      replace: Option<String>,
-                      meta: &[(String, serde_json::Value)]| AppendOptions {
-            partition_columns: self.src.partition.iter().map(|p| p.column_name()).collect(),
-            stats_columns: Some(self.stats_columns()),
-            app_ids: ids,
-            metadata: meta.to_vec(),
-            target_file_size: Some(self.cfg.target_file_size),
-            description: self.src.description.clone(),
-            replace_source_file: replace,
-        };
-
+        let q_done = committed_app_ids(&q_table, &all_ids).await?;
+        let replacing_ids: Vec<String> = replacing.iter().map(|c| c.app_id.clone()).collect();
+        b_done.extend(committed_app_ids(&b_table, &replacing_ids).await?);
         // 2. Files that replace an earlier version of themselves: one at a time, each its own
-        //    commit per table that swaps that file's rows (rare; held in memory).
-        let (replacing, streamed): (Vec<Candidate>, Vec<Candidate>) = candidates
-            .into_iter()
-            .partition(|c| c.replaces && b_table.version().is_some());
+        //    commit per table that swaps that file's rows (rare; held in memory). The streamed
+        //    units keep running meanwhile; they only write files.
         let mut done: Vec<Done> = Vec::new();
         let mut stats = BatchStats::default();
         for c in replacing {
@@ -582,90 +644,13 @@ impl SourceRun<'_> {
                 c,
             });
         }
-
-        // 3. Everything else streams: units of consecutive files are parsed and encoded in
-        //    parallel (one task per core), each into Parquet files uploaded as they fill;
-        //    then one commit adds them all with one Delta `txn` per file.
+        // 3. The streamed units: each parsed and encoded its files into Parquet files uploaded
+        //    as they filled; one commit adds them all with one Delta `txn` per file.
         failpoint::hit("ingest.before_bronze");
-        let schema = stamp.bronze_schema();
-        if b_table.version().is_some() && !same_columns(&b_table, &schema) {
-            // The contract changed: evolve the table's schema first (a commit with no data).
-            let (_, t) = append_to(
-                b_table,
-                &bt,
-                vec![RecordBatch::new_empty(schema.clone())],
-                b_opts(Vec::new(), None, &meta),
-            )
-            .await?;
-            b_table = t;
-        }
-        let (table_schema, partition_columns) = match b_table.snapshot() {
-            Ok(s) => (
-                s.snapshot().arrow_schema(),
-                s.metadata().partition_columns().to_vec(),
-            ),
-            Err(_) => (
-                schema.clone(),
-                self.src.partition.iter().map(|p| p.column_name()).collect(),
-            ),
-        };
-        let mut config: HashMap<String, Option<String>> = HashMap::new();
-        config.insert(
-            "delta.dataSkippingStatsColumns".into(),
-            Some(self.stats_columns().join(",")),
-        );
-        let (num_indexed, stats_cols) =
-            deltalake::operations::get_num_idx_cols_and_stats_columns(None, config);
-        let writer_config = deltalake::datafile::writer::WriterConfig::new(
-            table_schema,
-            partition_columns,
-            Some(writer_properties(self.src)),
-            NonZeroU64::new(self.cfg.target_file_size),
-            Some(32 * 1024),
-            num_indexed,
-            stats_cols,
-        );
-        let total: u64 = streamed.iter().map(|c| c.size).sum();
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
-        // Small enough that memory does not follow the data, large enough to coalesce small files.
-        let unit_bytes = (total / (4 * workers as u64)).clamp(4 << 20, 16 << 20);
-        let mut units: Vec<Vec<Candidate>> = Vec::new();
-        let mut unit_size = 0u64;
-        for c in streamed {
-            if units.is_empty() || unit_size >= unit_bytes {
-                units.push(Vec::new());
-                unit_size = 0;
-            }
-            unit_size += c.size;
-            units.last_mut().expect("pushed above").push(c);
-        }
-        let store = b_table.log_store().object_store(None);
-        let want_stats = self.src.anomaly.is_some();
-        let results = futures::stream::iter(units)
-            .map(|unit| {
-                let job = UnitJob {
-                    stamp: stamp.clone(),
-                    landing: self.landing.clone(),
-                    store: store.clone(),
-                    config: writer_config.clone(),
-                    b_done: b_done.clone(),
-                    want_stats,
-                    progress: self.progress.cloned(),
-                };
-                async move {
-                    tokio::spawn(job.run(unit))
-                        .await
-                        .unwrap_or_else(|e| Err(Error::Runtime(format!("ingest task failed: {e}"))))
-                }
-            })
-            .buffered(workers);
-        let mut results = std::pin::pin!(results);
         let mut adds: Vec<deltalake::kernel::Add> = Vec::new();
         let mut quarantine: Vec<(String, RecordBatch)> = Vec::new();
         let mut stream_ids: Vec<String> = Vec::new();
-        while let Some(r) = results.next().await {
+        for r in units.join().await {
             let r = r?;
             adds.extend(r.adds);
             if let Some(s) = r.stats {
@@ -792,6 +777,64 @@ impl SourceRun<'_> {
     }
 
     /// Columns with min/max statistics: every column but the declared PII (DESIGN.md §4.4).
+    /// The writer every unit of a chunk uses, for the table as it is now (its schema and
+    /// partition columns; the contract's when the table does not exist yet).
+    fn writer_setup(&self, b_table: &deltalake::DeltaTable, schema: &Arc<Schema>) -> WriterSetup {
+        let (table_schema, partition_columns) = match b_table.snapshot() {
+            Ok(s) => (
+                s.snapshot().arrow_schema(),
+                s.metadata().partition_columns().to_vec(),
+            ),
+            Err(_) => (
+                schema.clone(),
+                self.src.partition.iter().map(|p| p.column_name()).collect(),
+            ),
+        };
+        let mut config: HashMap<String, Option<String>> = HashMap::new();
+        config.insert(
+            "delta.dataSkippingStatsColumns".into(),
+            Some(self.stats_columns().join(",")),
+        );
+        let partition_column = match partition_columns.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
+        let (num_indexed, stats_cols) =
+            deltalake::operations::get_num_idx_cols_and_stats_columns(None, config);
+        WriterSetup {
+            config: deltalake::datafile::writer::WriterConfig::new(
+                table_schema,
+                partition_columns,
+                Some(writer_properties(self.src)),
+                NonZeroU64::new(self.cfg.target_file_size),
+                Some(32 * 1024),
+                num_indexed,
+                stats_cols,
+            ),
+            store: b_table.log_store().object_store(None),
+            partition_column,
+        }
+    }
+
+    fn unit_job(
+        &self,
+        stamp: &Stamp,
+        w: &WriterSetup,
+        b_done: &[String],
+        want_stats: bool,
+    ) -> UnitJob {
+        UnitJob {
+            stamp: stamp.clone(),
+            landing: self.landing.clone(),
+            store: w.store.clone(),
+            config: w.config.clone(),
+            b_done: b_done.to_vec(),
+            want_stats,
+            progress: self.progress.cloned(),
+            partition_column: w.partition_column.clone(),
+        }
+    }
+
     fn stats_columns(&self) -> Vec<String> {
         let mut cols: Vec<String> = self
             .src
@@ -834,7 +877,9 @@ impl Stamp {
     }
 
     fn parse_with(&self, data: &[u8], rel: &str, want_stats: bool) -> Result<Parsed> {
+        let t0 = Instant::now();
         let p = parse_file(data, rel, &self.src)?;
+        let parse_ms = t0.elapsed().as_millis() as u64;
         let rows = p.lines.len() as u64;
         let stats = match (&p.batch, want_stats) {
             (Some(b), true) if b.num_rows() > 0 => Some(BatchStats::of(
@@ -853,6 +898,13 @@ impl Stamp {
         let quarantine = (!p.rejects.is_empty())
             .then(|| self.quarantine_batch(&p.rejects, rel))
             .transpose()?;
+        tracing::debug!(
+            file = rel,
+            rows,
+            parse_ms,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "parsed"
+        );
         Ok(Parsed {
             bronze,
             quarantine,
@@ -895,10 +947,15 @@ impl Stamp {
         {
             let idx = b.schema().index_of(&p.source_column)?;
             let arr = b.column(idx);
-            // Rows of a file mostly share a partition: remember the last value formatted.
+            // Rows of a file mostly share a partition: format a value only when it changes.
             let mut last: Option<(chrono::NaiveDate, String)> = None;
-            let mut value = |d: chrono::NaiveDate| -> String {
+            let mut values = arrow::array::StringBuilder::with_capacity(n, n * 8);
+            let mut push = |d: Option<chrono::NaiveDate>| {
                 use chrono::Datelike;
+                let Some(d) = d else {
+                    values.append_null();
+                    return;
+                };
                 let same = last.as_ref().is_some_and(|(l, _)| match g {
                     Granularity::Year => l.year() == d.year(),
                     Granularity::Month => l.year() == d.year() && l.month() == d.month(),
@@ -914,30 +971,28 @@ impl Stamp {
                     };
                     last = Some((d, text));
                 }
-                last.as_ref().map(|(_, t)| t.clone()).unwrap_or_default()
+                values.append_value(last.as_ref().map(|(_, t)| t.as_str()).unwrap_or_default());
             };
-            let values: StringArray = match arr.data_type() {
-                DataType::Date32 => arr
-                    .as_primitive::<Date32Type>()
-                    .iter()
-                    .map(|d| {
-                        d.and_then(|d| {
+            match arr.data_type() {
+                DataType::Date32 => {
+                    for d in arr.as_primitive::<Date32Type>().iter() {
+                        push(d.and_then(|d| {
                             chrono::NaiveDate::from_num_days_from_ce_opt(
                                 d + crate::contract::UNIX_EPOCH_DAYS_FROM_CE,
                             )
-                        })
-                        .map(&mut value)
-                    })
-                    .collect(),
-                _ => arr
-                    .as_primitive::<TimestampMicrosecondType>()
-                    .iter()
-                    .map(|t| {
-                        t.and_then(chrono::DateTime::from_timestamp_micros)
-                            .map(|t| value(t.date_naive()))
-                    })
-                    .collect(),
-            };
+                        }))
+                    }
+                }
+                _ => {
+                    for t in arr.as_primitive::<TimestampMicrosecondType>().iter() {
+                        push(
+                            t.and_then(chrono::DateTime::from_timestamp_micros)
+                                .map(|t| t.date_naive()),
+                        )
+                    }
+                }
+            }
+            let values = values.finish();
             fields.push(Field::new(p.column_name(), DataType::Utf8, true));
             cols.push(Arc::new(values));
         }
@@ -990,6 +1045,51 @@ impl Stamp {
     }
 }
 
+/// What every unit of one chunk writes with.
+struct WriterSetup {
+    config: deltalake::datafile::writer::WriterConfig,
+    store: deltalake::logstore::ObjectStoreRef,
+    /// The table's partition column (silt partitions bronze by at most one).
+    partition_column: Option<String>,
+}
+
+/// The units of a chunk in flight, joined in the order they started. Dropped early (the
+/// chunk failed), it aborts them: they have only written files no commit refers to.
+#[derive(Default)]
+struct Units(Vec<tokio::task::JoinHandle<Result<UnitResult>>>);
+
+impl Units {
+    /// Start a unit; it waits for one of `permits` (one per core) before reading its files.
+    fn spawn(&mut self, job: UnitJob, unit: Vec<Candidate>, permits: Arc<tokio::sync::Semaphore>) {
+        self.0.push(tokio::spawn(async move {
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|e| Error::Runtime(format!("ingest task failed: {e}")))?;
+            job.run(unit).await
+        }));
+    }
+
+    async fn join(mut self) -> Vec<Result<UnitResult>> {
+        let mut out = Vec::new();
+        for h in std::mem::take(&mut self.0) {
+            out.push(
+                h.await
+                    .unwrap_or_else(|e| Err(Error::Runtime(format!("ingest task failed: {e}")))),
+            );
+        }
+        out
+    }
+}
+
+impl Drop for Units {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
 /// One unit of consecutive landing files for one parser task: parse each, write its good rows
 /// through a delta-rs `DeltaWriter` (Parquet files roll at the target size and upload as they
 /// fill), keep its refused rows for the quarantine commit.
@@ -1002,6 +1102,8 @@ struct UnitJob {
     b_done: Vec<String>,
     want_stats: bool,
     progress: Option<indicatif::ProgressBar>,
+    /// The table's partition column (silt partitions bronze by at most one).
+    partition_column: Option<String>,
 }
 
 struct UnitFile {
@@ -1053,13 +1155,15 @@ impl UnitJob {
                 }
                 Ok(p) => p,
             };
+            let t0 = Instant::now();
             if let Some(b) = parsed.bronze.take()
                 && !self.b_done.contains(&c.app_id)
-                && let Err(e) = writer.write(&b).await
+                && let Err(e) = write_bronze(&mut writer, self.partition_column.as_deref(), b).await
             {
                 failed = Some(Error::delta(format!("bronze.{}", self.stamp.src.name), e));
                 break;
             }
+            tracing::debug!(file = %c.rel, ms = t0.elapsed().as_millis() as u64, "encoded");
             if let Some(s) = parsed.stats.take() {
                 match &mut stats {
                     Some(all) => all.merge(s),
@@ -1081,6 +1185,40 @@ impl UnitJob {
             .map_err(|e| Error::delta(format!("bronze.{}", self.stamp.src.name), e))?;
         Ok(UnitResult { adds, files, stats })
     }
+}
+
+/// Hand a file's good rows to the writer. Rows of a landing file nearly always share one
+/// partition value; then the batch goes straight to that partition's writer, skipping the
+/// general split (a sort and a copy of every column).
+async fn write_bronze(
+    writer: &mut deltalake::datafile::writer::DeltaWriter,
+    partition_column: Option<&str>,
+    batch: RecordBatch,
+) -> deltalake::DeltaResult<()> {
+    use arrow::array::Array;
+    if let Some(name) = partition_column
+        && let Ok(i) = batch.schema().index_of(name)
+        && let Some(values) = batch.column(i).as_string_opt::<i32>()
+        && !values.is_empty()
+    {
+        let one = if values.null_count() == values.len() {
+            true
+        } else if values.null_count() == 0 {
+            let first = values.value(0);
+            values.iter().all(|v| v == Some(first))
+        } else {
+            false
+        };
+        if one {
+            use deltalake::kernel::scalars::ScalarExt;
+            let value = ScalarExt::from_array(values, 0).ok_or_else(|| {
+                deltalake::DeltaTableError::generic("partition value not readable as a scalar")
+            })?;
+            let key = indexmap::IndexMap::from([(name.to_string(), value)]);
+            return writer.write_partition(batch, &key).await;
+        }
+    }
+    writer.write(&batch).await
 }
 
 /// The hex SHA-256 of a landing file's bytes, computed on the blocking pool.
