@@ -53,6 +53,9 @@ pub struct ModelMetrics {
     /// Partitions written (partition_overwrite) or merged into (incremental).
     pub partitions: Vec<String>,
     pub message: Option<String>,
+    /// The data files this build added (for tests scoped to the rows it wrote).
+    #[serde(skip)]
+    pub added_files: Vec<String>,
 }
 
 /// Recorded in every model commit, atomically with the data: what the model was built from.
@@ -384,6 +387,7 @@ impl Materializer<'_> {
             relations.clear();
             touched.clear();
         }
+        tracing::debug!(model = %m.name, ms = started.elapsed().as_millis() as u64, "planned");
         let result = self
             .write(
                 m,
@@ -405,6 +409,7 @@ impl Materializer<'_> {
             if !before.contains_key(p) {
                 metrics.files_added += 1;
                 metrics.bytes_added += size;
+                metrics.added_files.push(p.clone());
             }
         }
         for (p, (size, _)) in &before {
@@ -419,6 +424,44 @@ impl Materializer<'_> {
         metrics.version = target.version();
         metrics.ms = started.elapsed().as_millis() as u64;
         Ok(metrics)
+    }
+
+    /// Register the files an incremental build of `m` wrote as one relation, for tests that
+    /// check only those rows (`silt run`); `None` when the build was not incremental. Drop it
+    /// with [`Materializer::forget_written`].
+    pub async fn register_written(
+        &self,
+        m: &Model,
+        metrics: &ModelMetrics,
+    ) -> Result<Option<String>> {
+        if metrics.mode != "incremental" || metrics.status != "built" {
+            return Ok(None);
+        }
+        let t = m.table();
+        let table = self.catalog.lake().delta_table(&t.rel_path()).await?;
+        if table.version() != metrics.version {
+            return Ok(None); // written to since: test the whole table
+        }
+        let p = table
+            .table_provider()
+            .with_file_selection(FileSelection::from_file_paths(
+                metrics.added_files.iter().cloned(),
+            ))
+            .await?;
+        let name = format!("{}__{}__written", t.layer.schema_name(), t.name);
+        let schema = self.new_schema()?;
+        let _ = schema.deregister_table(&name);
+        schema.register_table(name.clone(), p)?;
+        Ok(Some(format!("{NEW_SCHEMA}.{name}")))
+    }
+
+    pub fn forget_written(&self, relation: &str) {
+        if let (Ok(s), Some(name)) = (
+            self.new_schema(),
+            relation.strip_prefix(&format!("{NEW_SCHEMA}.")),
+        ) {
+            let _ = s.deregister_table(name);
+        }
     }
 
     /// The first value of a one-row query, as text.
@@ -545,7 +588,9 @@ impl Materializer<'_> {
         // An increment is small by design: run the model's query once, then check and merge its
         // result (instead of running it for the check and again for the MERGE).
         let df = if incremental && cfg.materialized == Materialized::Incremental {
+            let t0 = Instant::now();
             let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+            tracing::debug!(model = %m.name, ms = t0.elapsed().as_millis() as u64, "increment computed");
             self.ctx.read_batches(batches)?
         } else {
             df
@@ -688,7 +733,9 @@ impl Materializer<'_> {
         state: &ModelState,
         metrics: &mut ModelMetrics,
     ) -> Result<DeltaTable> {
+        let phase = Instant::now();
         let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+        tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: increment");
         if batches.iter().all(|b| b.num_rows() == 0) {
             // Nothing new: still record the state so the next run is a no-op.
             return self.record_state(m, t, target, state).await;
@@ -757,6 +804,7 @@ impl Materializer<'_> {
             .collect()
             .await?;
         let _ = self.ctx.deregister_table(src_name);
+        tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: changed rows");
         if changed.iter().all(|b| b.num_rows() == 0) {
             return self.record_state(m, t, target, state).await;
         }
@@ -805,6 +853,7 @@ impl Materializer<'_> {
             .await
             .map_err(|e| sql_error(m, e))?;
         let staged = self.ctx.read_batches(staged.collect().await?)?;
+        tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: staged");
         let _ = self.ctx.deregister_table(src_name);
         let cols2 = cols.clone();
         let (table, mm) = target
@@ -835,6 +884,13 @@ impl Materializer<'_> {
             .map_err(|e| Error::delta(t.to_string(), e))?
             .await
             .map_err(|e| Error::delta(t.to_string(), e))?;
+        tracing::debug!(
+            model = %m.name,
+            ms = phase.elapsed().as_millis() as u64,
+            scan_ms = mm.scan_time_ms,
+            rewrite_ms = mm.rewrite_time_ms,
+            "merge: committed"
+        );
         merge_metrics(metrics, &mm);
         Ok(table)
     }

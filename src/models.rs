@@ -588,11 +588,21 @@ impl Dag {
 
     /// The column tests of a model, compiled.
     pub fn model_tests(&self, m: &Model) -> Result<Vec<crate::quality::DataTest>> {
+        self.model_tests_of(m, None)
+    }
+
+    /// The model's column tests; with `written` (the relation of the rows an incremental build
+    /// wrote), row tests check only those rows and `unique` only their keys.
+    pub fn model_tests_of(
+        &self,
+        m: &Model,
+        written: Option<&str>,
+    ) -> Result<Vec<crate::quality::DataTest>> {
         m.config
             .tests
             .iter()
             .map(|spec| {
-                crate::quality::compile(spec, &m.table(), &m.file, &|to| {
+                crate::quality::compile_scoped(spec, &m.table(), &m.file, written, &|to| {
                     self.resolve(to)
                         .map_err(|e| Error::config(&m.file, e.to_string()))
                 })
@@ -611,6 +621,7 @@ impl Dag {
                         subject: t.file.clone(),
                         kind: "singular".into(),
                         severity: t.severity,
+                        scope: "table".into(),
                         sql: t.sql.clone(),
                     },
                     t,

@@ -323,10 +323,18 @@ async fn build_models(
         } else {
             match mat.build(m).await {
                 Ok(metrics) => {
-                    report.models.push(metrics);
                     // The model's tests run right after it; an error-severity failure stops its
-                    // downstream (the model itself stays built, as in dbt).
-                    match dag.model_tests(m) {
+                    // downstream (the model itself stays built, as in dbt). After an
+                    // incremental build they check the rows it wrote (`silt test` checks all).
+                    let written = match mat.register_written(m, &metrics).await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::warn!("{}: testing the whole table ({e})", m.name);
+                            None
+                        }
+                    };
+                    report.models.push(metrics);
+                    match dag.model_tests_of(m, written.as_deref()) {
                         Ok(tests) => {
                             for t in tests {
                                 match crate::quality::run(ctx, &t).await {
@@ -347,6 +355,9 @@ async fn build_models(
                             broken.insert(name.clone());
                             report.errors.push((name.clone(), e));
                         }
+                    }
+                    if let Some(w) = &written {
+                        mat.forget_written(w);
                     }
                 }
                 Err(e) => {

@@ -57,6 +57,8 @@ pub struct DataTest {
     pub subject: String,
     pub kind: String,
     pub severity: Severity,
+    /// `table`, or `written`: only the rows (for `unique`, the keys) the build just wrote.
+    pub scope: String,
     #[serde(skip)]
     pub sql: String,
 }
@@ -69,6 +71,8 @@ pub struct TestResult {
     pub severity: Severity,
     /// pass | fail | warn
     pub status: String,
+    /// `table`, or `written`: only the rows (for `unique`, the keys) the build just wrote.
+    pub scope: String,
     pub failing_rows: u64,
     /// The first failing rows, as an aligned table.
     pub sample: String,
@@ -93,6 +97,22 @@ pub fn compile(
     file: &str,
     resolve: &dyn Fn(&str) -> Result<TableRef>,
 ) -> Result<DataTest> {
+    compile_scoped(spec, table, file, None, resolve)
+}
+
+/// Like [`compile`]; with `written` (a relation holding the rows a build just wrote), the row
+/// tests (not_null, accepted_values, relationships, expression) read only those rows, and
+/// `unique` counts, in the whole table, only the keys those rows hold. Rows the build did not
+/// touch passed when they were written, so the verdict is the same at a fraction of the cost.
+pub fn compile_scoped(
+    spec: &TestSpec,
+    table: &TableRef,
+    file: &str,
+    written: Option<&str>,
+    resolve: &dyn Fn(&str) -> Result<TableRef>,
+) -> Result<DataTest> {
+    let whole = table.to_string();
+    let rows: &str = written.unwrap_or(&whole);
     let err = |m: String| Error::config(file, format!("test {}: {m}", spec.kind));
     let col = || {
         spec.column
@@ -113,7 +133,7 @@ pub fn compile(
         "not_null" => {
             let c = col()?;
             (
-                format!("select * from {table} where {} is null{and_where}", q(&c)),
+                format!("select * from {rows} where {} is null{and_where}", q(&c)),
                 c,
             )
         }
@@ -124,12 +144,29 @@ pub fn compile(
                 spec.columns.clone()
             };
             let list = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
-            (
-                format!(
+            let sql = match written {
+                None => format!(
                     "select {list}, count(*) as n_rows from {table}{where_only} group by {list} having count(*) > 1"
                 ),
-                cols.join("_"),
-            )
+                Some(w) => {
+                    let on = cols
+                        .iter()
+                        .map(|c| format!("t.{c} is not distinct from n.{c}", c = q(c)))
+                        .collect::<Vec<_>>()
+                        .join(" and ");
+                    let t_list = cols
+                        .iter()
+                        .map(|c| format!("t.{}", q(c)))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    format!(
+                        "select {t_list}, count(*) as n_rows from (select {list} from {table}{where_only}) t \
+                         join (select distinct {list} from {w}{where_only}) n on {on} \
+                         group by {t_list} having count(*) > 1"
+                    )
+                }
+            };
+            (sql, cols.join("_"))
         }
         "accepted_values" => {
             let c = col()?;
@@ -139,7 +176,7 @@ pub fn compile(
             let vals = spec.values.iter().map(lit).collect::<Vec<_>>().join(", ");
             (
                 format!(
-                    "select * from {table} where {qc} is not null and {qc} not in ({vals}){and_where}",
+                    "select * from {rows} where {qc} is not null and {qc} not in ({vals}){and_where}",
                     qc = q(&c)
                 ),
                 c,
@@ -155,7 +192,7 @@ pub fn compile(
             let f = spec.field.clone().unwrap_or_else(|| c.clone());
             (
                 format!(
-                    "select c.* from {table} c left join (select distinct {qf} as __k from {parent}) p on c.{qc} = p.__k \
+                    "select c.* from {rows} c left join (select distinct {qf} as __k from {parent}) p on c.{qc} = p.__k \
                      where c.{qc} is not null and p.__k is null{}",
                     spec.where_
                         .as_ref()
@@ -173,7 +210,7 @@ pub fn compile(
                 .clone()
                 .ok_or_else(|| err("needs expression".into()))?;
             (
-                format!("select * from {table} where not ({e}){and_where}"),
+                format!("select * from {rows} where not ({e}){and_where}"),
                 "expression".into(),
             )
         }
@@ -195,6 +232,12 @@ pub fn compile(
         subject: table.to_string(),
         kind: spec.kind.clone(),
         severity: spec.severity,
+        scope: if written.is_some() {
+            "written"
+        } else {
+            "table"
+        }
+        .into(),
         sql,
     })
 }
@@ -226,6 +269,7 @@ pub async fn run(ctx: &SessionContext, t: &DataTest) -> Result<TestResult> {
         kind: t.kind.clone(),
         severity: t.severity,
         status: status.into(),
+        scope: t.scope.clone(),
         failing_rows: n,
         sample,
         ms: started.elapsed().as_millis() as u64,

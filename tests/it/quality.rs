@@ -396,3 +396,103 @@ fn profile_matches_independently_computed_values() {
         serde_json::from_str(&p.ok(&["--json", "profile", "fees/fees_2026_01.csv"])).unwrap();
     assert_eq!(lf[0]["rows"], 60);
 }
+
+#[test]
+fn after_an_incremental_build_tests_check_the_rows_it_wrote() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    // A late delivery: one new fee in a bad currency, and a correction of an existing fee.
+    let fee = p.query("select fee_id, client_id, adviser_id, cast(fee_date as varchar) as d from silver.stg_fees order by fee_id limit 1");
+    let f = &fee[0];
+    std::fs::write(
+        p.landing().join("fees/fees_2026_07_late.csv"),
+        format!(
+            "fee_id,client_id,adviser_id,fee_date,fee_amount,currency,note\n\
+             F999001,{c},{a},2026-07-30,12.50,XXX,late fee\n\
+             {id},{c},{a},{d},99.99,GBP,corrected\n",
+            id = f["fee_id"].as_str().unwrap(),
+            c = f["client_id"].as_str().unwrap(),
+            a = f["adviser_id"].as_str().unwrap(),
+            d = f["d"].as_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = p.run(&["--json", "run"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(model(&r, "stg_fees")["mode"], "incremental");
+    let written = p.count(&format!(
+        "select count(*) from silver.stg_fees where fee_month in ('2026-07', '{}')",
+        &f["d"].as_str().unwrap()[..7]
+    ));
+    for (name, status, rows) in [
+        ("accepted_values_stg_fees_currency", "fail", 1),
+        ("unique_stg_fees_fee_id", "pass", 0),
+        ("not_null_stg_fees_fee_id", "pass", 0),
+        ("relationships_stg_fees_client_id_to_clients", "pass", 0),
+    ] {
+        let t = test(&r, name);
+        assert_eq!(
+            (
+                t["scope"].as_str().unwrap(),
+                t["status"].as_str().unwrap(),
+                t["failing_rows"].as_u64().unwrap()
+            ),
+            ("written", status, rows),
+            "{name}: {t}"
+        );
+    }
+    assert!(
+        written > 2,
+        "the rewritten partitions hold more than the two delivered rows"
+    );
+    // `silt test` checks whole tables, with the same verdicts.
+    let out = p.run(&["--json", "test"]);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = test(&r, "accepted_values_stg_fees_currency");
+    assert_eq!(
+        (
+            t["scope"].as_str().unwrap(),
+            t["failing_rows"].as_u64().unwrap()
+        ),
+        ("table", 1),
+        "{t}"
+    );
+    assert_eq!(test(&r, "unique_stg_fees_fee_id")["status"], "pass");
+}
+
+#[test]
+fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
+    use silt::catalog::{Layer, TableRef};
+    use silt::quality::{TestSpec, compile_scoped, run};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ctx = datafusion::prelude::SessionContext::new();
+        for sql in [
+            "create schema silver",
+            // k1 is duplicated in the table (once in rows written now, once in an older file);
+            // k2 is duplicated only among rows written before; k3 is written now, once.
+            "create table silver.t as values ('k1', 1), ('k1', 2), ('k2', 3), ('k2', 4), ('k3', 5), (null, 6), (null, 7)",
+            "create table w as values ('k1', 2), ('k3', 5), (null, 7)",
+        ] {
+            ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        }
+        let spec: TestSpec =
+            serde_json::from_value(serde_json::json!({"type": "unique", "column": "column1"})).unwrap();
+        let table = TableRef::new(Layer::Silver, "t");
+        let none = |_: &str| -> silt::Result<TableRef> { unreachable!() };
+        let scoped = compile_scoped(&spec, &table, "t.sql", Some("w"), &none).unwrap();
+        let whole = compile_scoped(&spec, &table, "t.sql", None, &none).unwrap();
+        let r = run(&ctx, &scoped).await.unwrap();
+        // k1 and the NULL key: written now and present twice in the table. Not k2.
+        assert_eq!((r.status.as_str(), r.failing_rows, r.scope.as_str()), ("fail", 2, "written"), "{}", r.sample);
+        assert!(r.sample.contains("k1") && !r.sample.contains("k2"), "{}", r.sample);
+        let r = run(&ctx, &whole).await.unwrap();
+        assert_eq!((r.failing_rows, r.scope.as_str()), (3, "table"));
+    });
+}
