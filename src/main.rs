@@ -52,6 +52,9 @@ fn main() -> ExitCode {
                 .map(|e| e.exit_code())
                 .unwrap_or(3);
             eprintln!("error: {e:#}");
+            if let Some(h) = silt::error::memory_hint(&format!("{e:#}")) {
+                eprintln!("  {h}");
+            }
             ExitCode::from(code as u8)
         }
     }
@@ -116,7 +119,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     }
                     eprintln!("silt: {} change(s): ingested {files} file(s), {rows} row(s); built {built} model(s) in {} ms", changed.len(), r.elapsed_ms);
                     for (name, e) in &r.errors {
-                        eprintln!("error: {name}: {e}");
+                        print_error(name, e);
                     }
                 }
                 Err(e) => eprintln!("error: {e}"),
@@ -132,7 +135,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             print_tests(&report, json)?;
             for (name, e) in &report.errors {
-                eprintln!("error: {name}: {e}");
+                print_error(name, e);
             }
             let code = report.exit_code();
             if code != 0 {
@@ -773,7 +776,7 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
     }
     print_tests(&report, json)?;
     for (name, e) in &report.errors {
-        eprintln!("error: {name}: {e}");
+        print_error(name, e);
     }
     let code = report.exit_code();
     if code != 0 {
@@ -916,5 +919,13 @@ fn write_stdout(s: &str) -> anyhow::Result<()> {
     match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r?),
+    }
+}
+
+/// One error of a report (a model, a test), with what to change when the text says it.
+fn print_error(name: &str, e: &Error) {
+    eprintln!("error: {name}: {e}");
+    if let Some(h) = silt::error::memory_hint(&e.to_string()) {
+        eprintln!("  {h}");
     }
 }

@@ -776,7 +776,6 @@ impl SourceRun<'_> {
         ))
     }
 
-    /// Columns with min/max statistics: every column but the declared PII (DESIGN.md §4.4).
     /// The writer every unit of a chunk uses, for the table as it is now (its schema and
     /// partition columns; the contract's when the table does not exist yet).
     fn writer_setup(&self, b_table: &deltalake::DeltaTable, schema: &Arc<Schema>) -> WriterSetup {
@@ -835,6 +834,7 @@ impl SourceRun<'_> {
         }
     }
 
+    /// Columns with min/max statistics: every column but the declared PII (DESIGN.md §4.4).
     fn stats_columns(&self) -> Vec<String> {
         let mut cols: Vec<String> = self
             .src

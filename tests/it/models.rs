@@ -606,3 +606,34 @@ fn model_tables_keep_no_statistics_on_pii_columns() {
     });
     assert!(adds > 0);
 }
+
+#[test]
+fn a_join_beyond_the_engine_memory_limit_fails_the_model_and_says_what_to_raise() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    write_model(
+        &p,
+        "gold/big_join.sql",
+        "select count(*) as n from range(3000000) a join range(3000000) b on a.value = b.value",
+    );
+    let out = p
+        .cmd(&["--json", "build", "--select", "big_join"])
+        .env("SILT_ENGINE_MEMORY_LIMIT_MB", "16")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(model(&report, "big_join")["status"], "failed");
+    assert!(err.contains("Resources exhausted"), "{err}");
+    assert!(err.contains("fix: raise [engine] memory_limit_mb"), "{err}");
+    assert!(
+        !p.lake().join("gold/big_join/_delta_log").exists(),
+        "nothing committed"
+    );
+    // With the default limit the same model builds.
+    let r: Value =
+        serde_json::from_str(&p.ok(&["--json", "build", "--select", "big_join"])).unwrap();
+    assert_eq!(model(&r, "big_join")["status"], "built");
+    assert_eq!(p.count("select n from gold.big_join"), 3_000_000);
+}
