@@ -387,8 +387,13 @@ impl SourceRun<'_> {
             .unwrap_or(2);
         let total: u64 = chunk.iter().map(|(_, m)| m.size).sum();
         let unit_bytes = (total / (4 * workers as u64)).clamp(4 << 20, 16 << 20);
-        let permits = Arc::new(tokio::sync::Semaphore::new(workers));
-        let want_stats = self.src.anomaly.is_some();
+        let starter = UnitStarter {
+            stamp: stamp.clone(),
+            landing: self.landing.clone(),
+            progress: self.progress.cloned(),
+            want_stats: self.src.anomaly.is_some(),
+            permits: Arc::new(tokio::sync::Semaphore::new(workers)),
+        };
         let schema = stamp.bronze_schema();
         // Set up on the first file to stream (the table's schema evolves first if the contract
         // changed): the writer configuration, the store and the partition column.
@@ -541,24 +546,17 @@ impl SourceRun<'_> {
             unit_size += c.size;
             unit.push(c);
             if unit_size >= unit_bytes {
-                let job = self.unit_job(
-                    &stamp,
-                    writing.as_ref().expect("set up above"),
+                units.start(
+                    &starter,
+                    writing.as_ref(),
                     &b_done,
-                    want_stats,
+                    std::mem::take(&mut unit),
                 );
-                units.spawn(job, std::mem::take(&mut unit), permits.clone());
                 unit_size = 0;
             }
         }
         if !unit.is_empty() {
-            let job = self.unit_job(
-                &stamp,
-                writing.as_ref().expect("set up above"),
-                &b_done,
-                want_stats,
-            );
-            units.spawn(job, std::mem::take(&mut unit), permits.clone());
+            units.start(&starter, writing.as_ref(), &b_done, unit);
         }
         if all_ids.is_empty() && ledger_entries.is_empty() {
             return Ok(());
@@ -815,25 +813,6 @@ impl SourceRun<'_> {
         }
     }
 
-    fn unit_job(
-        &self,
-        stamp: &Stamp,
-        w: &WriterSetup,
-        b_done: &[String],
-        want_stats: bool,
-    ) -> UnitJob {
-        UnitJob {
-            stamp: stamp.clone(),
-            landing: self.landing.clone(),
-            store: w.store.clone(),
-            config: w.config.clone(),
-            b_done: b_done.to_vec(),
-            want_stats,
-            progress: self.progress.cloned(),
-            partition_column: w.partition_column.clone(),
-        }
-    }
-
     /// Columns with min/max statistics: every column but the declared PII (DESIGN.md §4.4).
     fn stats_columns(&self) -> Vec<String> {
         let mut cols: Vec<String> = self
@@ -1058,9 +1037,37 @@ struct WriterSetup {
 #[derive(Default)]
 struct Units(Vec<tokio::task::JoinHandle<Result<UnitResult>>>);
 
+/// What every unit of a chunk shares, besides the writer.
+struct UnitStarter {
+    stamp: Stamp,
+    landing: Storage,
+    progress: Option<indicatif::ProgressBar>,
+    want_stats: bool,
+    /// One per core: a unit waits for one before reading its files.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
 impl Units {
-    /// Start a unit; it waits for one of `permits` (one per core) before reading its files.
-    fn spawn(&mut self, job: UnitJob, unit: Vec<Candidate>, permits: Arc<tokio::sync::Semaphore>) {
+    /// Start a unit of files (`b_done`: the ones bronze already holds, from an interrupted run).
+    fn start(
+        &mut self,
+        s: &UnitStarter,
+        w: Option<&WriterSetup>,
+        b_done: &[String],
+        unit: Vec<Candidate>,
+    ) {
+        let w = w.expect("the writer is set up before the first unit");
+        let job = UnitJob {
+            stamp: s.stamp.clone(),
+            landing: s.landing.clone(),
+            store: w.store.clone(),
+            config: w.config.clone(),
+            b_done: b_done.to_vec(),
+            want_stats: s.want_stats,
+            progress: s.progress.clone(),
+            partition_column: w.partition_column.clone(),
+        };
+        let permits = s.permits.clone();
         self.0.push(tokio::spawn(async move {
             let _permit = permits
                 .acquire_owned()
