@@ -796,9 +796,19 @@ impl Materializer<'_> {
             ),
             None => format!("select {target_cols} from {t}"),
         };
+        // An anti join on every column (NULL matching NULL) rather than EXCEPT: the increment's
+        // rows are unique by key (checked above), so EXCEPT's deduplication of every row, a
+        // hash aggregate over all columns, buys nothing.
+        let same = cols
+            .iter()
+            .map(|c| format!("(s.{c} is not distinct from e.{c})", c = q(c)))
+            .collect::<Vec<_>>()
+            .join(" and ");
         let changed = self
             .ctx
-            .sql(&format!("select * from {src_name} except {existing}"))
+            .sql(&format!(
+                "select s.* from {src_name} s left anti join ({existing}) e on {same}"
+            ))
             .await
             .map_err(|e| sql_error(m, e))?
             .collect()

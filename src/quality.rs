@@ -151,7 +151,7 @@ pub fn compile_scoped(
                 Some(w) => {
                     let on = cols
                         .iter()
-                        .map(|c| format!("t.{c} is not distinct from n.{c}", c = q(c)))
+                        .map(|c| format!("(t.{c} is not distinct from n.{c})", c = q(c)))
                         .collect::<Vec<_>>()
                         .join(" and ");
                     let t_list = cols

@@ -477,8 +477,8 @@ fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
             "create schema silver",
             // k1 is duplicated in the table (once in rows written now, once in an older file);
             // k2 is duplicated only among rows written before; k3 is written now, once.
-            "create table silver.t as values ('k1', 1), ('k1', 2), ('k2', 3), ('k2', 4), ('k3', 5), (null, 6), (null, 7)",
-            "create table w as values ('k1', 2), ('k3', 5), (null, 7)",
+            "create table silver.t as values ('k1', 1, 'a'), ('k1', 2, 'a'), ('k2', 3, 'b'), ('k2', 4, 'b'), ('k3', 5, 'c'), (null, 6, 'd'), (null, 7, 'd')",
+            "create table w as values ('k1', 2, 'a'), ('k3', 5, 'c'), (null, 7, 'd')",
         ] {
             ctx.sql(sql).await.unwrap().collect().await.unwrap();
         }
@@ -494,5 +494,14 @@ fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
         assert!(r.sample.contains("k1") && !r.sample.contains("k2"), "{}", r.sample);
         let r = run(&ctx, &whole).await.unwrap();
         assert_eq!((r.failing_rows, r.scope.as_str()), (3, "table"));
+        // The same over two columns (each pair of columns compared NULL-safely).
+        let spec: TestSpec = serde_json::from_value(
+            serde_json::json!({"type": "unique", "columns": ["column1", "column3"]}),
+        )
+        .unwrap();
+        let scoped = compile_scoped(&spec, &table, "t.sql", Some("w"), &none).unwrap();
+        let r = run(&ctx, &scoped).await.unwrap();
+        assert_eq!((r.status.as_str(), r.failing_rows), ("fail", 2), "{}", r.sample);
+        assert!(r.sample.contains("k1") && !r.sample.contains("k2"), "{}", r.sample);
     });
 }
