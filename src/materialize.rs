@@ -80,8 +80,8 @@ pub struct Materializer<'a> {
     pub hmac_key: Option<&'a str>,
 }
 
-/// Active files of a table: path → (size, partition values).
-type FileMap = HashMap<String, (u64, HashMap<String, Option<String>>)>;
+/// Active files of a table: path → (size, rows, partition values).
+type FileMap = HashMap<String, (u64, u64, HashMap<String, Option<String>>)>;
 
 fn files_of(t: &DeltaTable) -> Result<FileMap> {
     if t.version().is_none() {
@@ -96,7 +96,11 @@ fn files_of(t: &DeltaTable) -> Result<FileMap> {
         .map(|f| {
             (
                 f.path().to_string(),
-                (f.size().max(0) as u64, f.partition_values_map()),
+                (
+                    f.size().max(0) as u64,
+                    f.num_records().unwrap_or(0) as u64,
+                    f.partition_values_map(),
+                ),
             )
         })
         .collect())
@@ -110,19 +114,6 @@ fn writer_properties() -> parquet::file::properties::WriterProperties {
         .set_compression(parquet::basic::Compression::SNAPPY)
         .set_max_row_group_row_count(Some(32 * 1024))
         .build()
-}
-
-/// Rows in the files of `table` that `prior` (its files before a write) did not have.
-fn rows_added(prior: &FileMap, table: &DeltaTable) -> Result<u64> {
-    let state = table
-        .snapshot()
-        .map_err(|e| Error::delta(table.table_url().as_str(), e))?;
-    Ok(state
-        .log_data()
-        .iter()
-        .filter(|f| !prior.contains_key(&f.path().to_string()))
-        .map(|f| f.num_records().unwrap_or(0) as u64)
-        .sum())
 }
 
 /// The silt state of the target's latest model commit.
@@ -297,7 +288,7 @@ impl Materializer<'_> {
                             .map(|p| &now_files[*p])
                             .chain(removed.iter().map(|p| &then_files[*p]))
                         {
-                            if let Some(Some(v)) = p.1.get(&pcol) {
+                            if let Some(Some(v)) = p.2.get(&pcol) {
                                 touched.insert(v.clone());
                             }
                         }
@@ -405,14 +396,23 @@ impl Materializer<'_> {
         }
         let target = result?;
         let after = files_of(&target)?;
-        for (p, (size, _)) in &after {
+        // Rows written: from the new files, except where a MERGE reported its own counts.
+        let merged = incremental
+            && matches!(
+                m.config.materialized,
+                Materialized::Incremental | Materialized::Snapshot
+            );
+        for (p, (size, rows, _)) in &after {
             if !before.contains_key(p) {
                 metrics.files_added += 1;
                 metrics.bytes_added += size;
                 metrics.added_files.push(p.clone());
+                if !merged {
+                    metrics.rows_inserted += rows;
+                }
             }
         }
-        for (p, (size, _)) in &before {
+        for (p, (size, _, _)) in &before {
             if !after.contains_key(p) {
                 metrics.files_removed += 1;
                 metrics.bytes_removed += size;
@@ -616,7 +616,6 @@ impl Materializer<'_> {
                 .iter()
                 .map(|f| f.name().clone())
                 .collect();
-            let prior = files_of(&target)?;
             let table = target
                 .write(Vec::new())
                 .with_input_plan(df.into_unoptimized_plan())
@@ -630,12 +629,10 @@ impl Materializer<'_> {
                 .with_commit_properties(self.props(m, state))
                 .await
                 .map_err(|e| Error::delta(t.to_string(), e))?;
-            metrics.rows_inserted = rows_added(&prior, &table)?;
             return Ok(table);
         }
         match cfg.materialized {
             Materialized::Append => {
-                let prior = files_of(&target)?;
                 let table = target
                     .write(Vec::new())
                     .with_input_plan(df.into_unoptimized_plan())
@@ -645,7 +642,6 @@ impl Materializer<'_> {
                     .with_commit_properties(self.props(m, state))
                     .await
                     .map_err(|e| Error::delta(t.to_string(), e))?;
-                metrics.rows_inserted = rows_added(&prior, &table)?;
                 Ok(table)
             }
             Materialized::PartitionOverwrite => {
@@ -661,7 +657,6 @@ impl Materializer<'_> {
                     cast(col(pcol.as_str()), DataType::Utf8)
                 };
                 let pred = pc.in_list(touched.iter().map(|v| lit(v.clone())).collect(), false);
-                let prior = files_of(&target)?;
                 let table = target
                     .write(Vec::new())
                     .with_input_plan(df.into_unoptimized_plan())
@@ -672,7 +667,6 @@ impl Materializer<'_> {
                     .with_commit_properties(self.props(m, state))
                     .await
                     .map_err(|e| Error::delta(t.to_string(), e))?;
-                metrics.rows_inserted = rows_added(&prior, &table)?;
                 Ok(table)
             }
             Materialized::Incremental => self.merge(m, t, target, df, state, metrics).await,
