@@ -577,7 +577,7 @@ impl SourceRun<'_> {
         let mut done: Vec<Done> = Vec::new();
         let mut stats = BatchStats::default();
         for c in replacing {
-            let data = read_candidate(&self.landing, &c).await?;
+            let data = read_candidate(self.landing, &c).await?;
             let st = stamp.clone();
             let rel = c.rel.clone();
             let parsed = tokio::task::spawn_blocking(move || st.parse(&data, &rel))
