@@ -235,7 +235,7 @@ pub async fn commit_files(
                 // Someone else created it meanwhile: append to theirs.
                 table.load().await.map_err(err)?;
                 if table.version().is_none() {
-                    return Err(err(e.into()));
+                    return Err(err(e));
                 }
             }
         }
@@ -245,7 +245,7 @@ pub async fn commit_files(
         .with_actions(actions)
         .build(Some(&snapshot), table.log_store(), operation)
         .await
-        .map_err(|e| err(e.into()))?;
+        .map_err(&err)?;
     table
         .update_incremental(Some(done.version()))
         .await

@@ -939,7 +939,7 @@ impl Run<'_> {
                 },
             )
             .await
-            .map_err(|e| Error::delta(t.to_string(), e.into()))?;
+            .map_err(|e| Error::delta(t.to_string(), e))?;
         Ok(done.version() as u64)
     }
 

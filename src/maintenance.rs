@@ -47,10 +47,10 @@ pub async fn optimize(
     let (table, m) = b.await.map_err(|e| Error::delta(t.to_string(), e))?;
     Ok(OptimizeReport {
         table: t.to_string(),
-        version: table.version().map(|v| v as u64),
+        version: table.version(),
         files_added: m.num_files_added,
         files_removed: m.num_files_removed,
-        partitions_optimized: m.partitions_optimized as u64,
+        partitions_optimized: m.partitions_optimized,
     })
 }
 

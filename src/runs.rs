@@ -120,20 +120,8 @@ pub async fn record(
             "bytes_removed" => m.bytes_removed,
             "ms" => m.ms,
             "failing_rows" => m.failing_rows,
-            "ingested_rows" => {
-                if m.model == "ingest" {
-                    ingested.0
-                } else {
-                    0
-                }
-            }
-            "quarantined_rows" => {
-                if m.model == "ingest" {
-                    ingested.1
-                } else {
-                    0
-                }
-            }
+            "ingested_rows" if m.model == "ingest" => ingested.0,
+            "quarantined_rows" if m.model == "ingest" => ingested.1,
             _ => 0,
         }
     };

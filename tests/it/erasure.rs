@@ -5,10 +5,7 @@
 //! SIGKILL at several points and a re-run completes one request; pseudonymized silver columns.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde_json::Value;

@@ -4,7 +4,7 @@
 //! failure without credentials, and no request that leaves 127.0.0.1 or asks a metadata server.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};

@@ -2,7 +2,6 @@
 //! policies, and the Delta tables themselves (DESIGN.md §4, guarantees 1, 3 and 4).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 

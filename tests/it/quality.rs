@@ -485,6 +485,7 @@ fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
         let spec: TestSpec =
             serde_json::from_value(serde_json::json!({"type": "unique", "column": "column1"})).unwrap();
         let table = TableRef::new(Layer::Silver, "t");
+        #[allow(clippy::result_large_err)] // the library's resolver signature
         let none = |_: &str| -> silt::Result<TableRef> { unreachable!() };
         let scoped = compile_scoped(&spec, &table, "t.sql", Some("w"), &none).unwrap();
         let whole = compile_scoped(&spec, &table, "t.sql", None, &none).unwrap();
