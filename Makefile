@@ -25,9 +25,10 @@ emulators:
 
 ## The pipeline benchmark on a release build (never in CI): make bench SCALE=1
 SCALE ?= 1
+REPEAT ?= 1
 bench:
 	$(CARGO) build --release --bin silt
-	python3 benches/pipeline.py --scale $(SCALE) --silt $${CARGO_TARGET_DIR:-target}/release/silt
+	python3 benches/pipeline.py --scale $(SCALE) --repeat $(REPEAT) --silt $${CARGO_TARGET_DIR:-target}/release/silt
 
 ## Regenerate the reference landing files and their MANIFEST.json.
 fixtures:
