@@ -1,4 +1,4 @@
-//! CSV landing files to an Arrow batch of good rows plus rejected rows with reasons.
+//! CSV landing files to Arrow slices of good rows plus rejected rows with reasons.
 //! Handles header mapping, delimiter, quote, null tokens, BOM, CRLF, quoted commas and newlines,
 //! invalid UTF-8 and ragged rows. It must not do I/O or write tables.
 
@@ -11,7 +11,7 @@ use arrow::array::{
 use arrow::datatypes::{Field, Schema};
 use arrow::record_batch::RecordBatch;
 
-use super::{ParsedFile, Reject, escape_raw};
+use super::{ParsedFile, Reject, Slice, escape_raw};
 use crate::config::{Source, UnexpectedColumnPolicy};
 use crate::contract::{ColumnType, Scalar, TemporalFormats, parse_scalar};
 use crate::error::{Error, InputLocation, Result};
@@ -91,8 +91,16 @@ impl ColBuilder {
     }
 }
 
-/// Parse one CSV file (already decoded to UTF-8 where an encoding is declared, BOM removed).
-pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
+/// Parse one CSV file (already decoded to UTF-8 where an encoding is declared, BOM removed),
+/// handing good rows to `sink` every `slice_rows` rows. Only the header can refuse the file,
+/// so every refusal comes before the first slice.
+pub fn parse(
+    data: &[u8],
+    file: &str,
+    src: &Source,
+    slice_rows: usize,
+    sink: &mut dyn FnMut(Slice) -> Result<()>,
+) -> Result<ParsedFile> {
     let mut out = ParsedFile::default();
     if data.iter().all(|b| b.is_ascii_whitespace()) {
         out.warnings
@@ -222,18 +230,36 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
         header_len = field_map.len();
     }
 
-    // Sized from the file up front (one pass over the newlines), so builders rarely grow by
-    // doubling and copying: a string column gets 1.5× an average column's share of the bytes
-    // (a wider one grows once). Not the whole file per column: large allocations come back
-    // from the allocator's heap already resident, so oversizing them shows up as memory.
+    // Each slice's builders are sized up front from the file's average row (one pass over the
+    // newlines), so they rarely grow by doubling and copying: a string column gets 1.5× an
+    // average column's share of a slice's bytes (a wider one grows once). A slice's buffers
+    // are freed once it is encoded, and the next slice's come back from the allocator's heap.
     let rows_hint = data.iter().filter(|b| **b == b'\n').count() + 1;
-    let str_bytes = data.len() / n_cols.max(1) * 3 / 2;
-    let mut builders: Vec<ColBuilder> = src
-        .columns
-        .iter()
-        .map(|c| ColBuilder::new(&c.ty, rows_hint, str_bytes))
-        .collect();
-    out.lines.reserve(rows_hint);
+    let cap = rows_hint.min(slice_rows);
+    let str_bytes = data.len() / rows_hint * cap / n_cols.max(1) * 3 / 2;
+    let schema = Arc::new(Schema::new(
+        src.columns
+            .iter()
+            .map(|c| c.to_arrow_field())
+            .collect::<Vec<Field>>(),
+    ));
+    let new_builders = || -> Vec<ColBuilder> {
+        src.columns
+            .iter()
+            .map(|c| ColBuilder::new(&c.ty, cap, str_bytes))
+            .collect()
+    };
+    let mut builders = new_builders();
+    let mut emitted = false;
+    let mut emit = |builders: &mut Vec<ColBuilder>, lines: &mut Vec<i64>| -> Result<()> {
+        let arrays: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
+        let batch = RecordBatch::try_new(schema.clone(), arrays)?;
+        sink(Slice {
+            batch,
+            lines: std::mem::replace(lines, Vec::with_capacity(cap)),
+        })
+    };
+    out.lines.reserve(cap);
     // A field longer than every null token cannot be one.
     let null_max = p.null_values.iter().map(|n| n.len()).max().unwrap_or(0);
     // The row of scalars is reused from record to record (see `recycle`).
@@ -363,6 +389,11 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
                 b.push(v);
             }
             out.lines.push(line as i64);
+            if out.lines.len() >= slice_rows {
+                emit(&mut builders, &mut out.lines)?;
+                emitted = true;
+                builders = new_builders();
+            }
         } else {
             let column = errors
                 .iter()
@@ -382,14 +413,11 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
         }
         row_buf = recycle(row);
     }
-    let schema = Arc::new(Schema::new(
-        src.columns
-            .iter()
-            .map(|c| c.to_arrow_field())
-            .collect::<Vec<Field>>(),
-    ));
-    let arrays: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
-    out.batch = Some(RecordBatch::try_new(schema, arrays)?);
+    // The rest; a file whose rows were all refused still yields its one (empty) slice.
+    if !out.lines.is_empty() || !emitted {
+        emit(&mut builders, &mut out.lines)?;
+    }
+    out.lines = Vec::new();
     Ok(out)
 }
 

@@ -1,4 +1,4 @@
-//! JSON landing files (newline-delimited, or one top-level array) to an Arrow batch of good rows
+//! JSON landing files (newline-delimited, or one top-level array) to Arrow slices of good rows
 //! plus rejected records with reasons. Nested objects become structs and arrays lists, per the
 //! contract. A truncated document keeps every complete record and quarantines the rest.
 //! It must not do I/O or write tables.
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow::datatypes::{Field, Schema};
 use serde_json::Value;
 
-use super::{ParsedFile, Reject, escape_raw};
+use super::{ParsedFile, Reject, Slice, escape_raw};
 use crate::config::{Format, Source, UnexpectedColumnPolicy};
 use crate::contract::{TemporalFormats, check_json};
 use crate::error::{Error, InputLocation, Result};
@@ -21,8 +21,16 @@ struct RawRecord<'a> {
     value: std::result::Result<(), String>,
 }
 
-/// Parse one JSON file (already UTF-8 where an encoding is declared, BOM removed).
-pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
+/// Parse one JSON file (already UTF-8 where an encoding is declared, BOM removed), handing good
+/// rows to `sink` every `slice_rows` rows. Under `on_unexpected_column = "reject_file"` any
+/// record can refuse the whole file, so the slices are held back until the last record.
+pub fn parse(
+    data: &[u8],
+    file: &str,
+    src: &Source,
+    slice_rows: usize,
+    sink: &mut dyn FnMut(Slice) -> Result<()>,
+) -> Result<ParsedFile> {
     let mut out = ParsedFile::default();
     let first = data.iter().position(|b| !b.is_ascii_whitespace());
     let Some(first) = first else {
@@ -73,8 +81,11 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
         timestamp: src.parse.timestamp_formats.clone(),
     };
     let mut good: Vec<Value> = Vec::new();
+    let mut good_lines: Vec<i64> = Vec::new();
     let mut ignored_warned = false;
-    let mut batches: Vec<arrow::record_batch::RecordBatch> = Vec::new();
+    let hold = src.on_unexpected_column == UnexpectedColumnPolicy::RejectFile;
+    let mut held: Vec<Slice> = Vec::new();
+    let mut emitted = false;
     let schema = Arc::new(Schema::new(
         src.columns
             .iter()
@@ -82,17 +93,26 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
             .collect::<Vec<Field>>(),
     ));
     let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(JSON_BATCH)
+        .with_batch_size(slice_rows)
         .build_decoder()?;
-    let mut to_arrow = |good: &mut Vec<Value>| -> Result<()> {
+    let mut to_arrow = |good: &mut Vec<Value>, lines: &mut Vec<i64>| -> Result<()> {
         decoder.serialize(good).map_err(|e| {
             Error::Runtime(format!(
                 "{file}: building Arrow data from checked records failed: {e}"
             ))
         })?;
         good.clear();
-        if let Some(b) = decoder.flush()? {
-            batches.push(b);
+        let batch = decoder
+            .flush()?
+            .unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema.clone()));
+        let slice = Slice {
+            batch,
+            lines: std::mem::take(lines),
+        };
+        if hold {
+            held.push(slice)
+        } else {
+            sink(slice)?
         }
         Ok(())
     };
@@ -206,24 +226,23 @@ pub fn parse(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
             }),
             None => {
                 good.push(Value::Object(normalized));
-                out.lines.push(rec.line as i64);
-                if good.len() >= JSON_BATCH {
-                    to_arrow(&mut good)?;
+                good_lines.push(rec.line as i64);
+                if good.len() >= slice_rows {
+                    to_arrow(&mut good, &mut good_lines)?;
+                    emitted = true;
                 }
             }
         }
     }
-    to_arrow(&mut good)?;
-    out.batch = Some(if batches.is_empty() {
-        arrow::record_batch::RecordBatch::new_empty(schema)
-    } else {
-        arrow::compute::concat_batches(&schema, &batches)?
-    });
+    // The rest; a file whose records were all refused still yields its one (empty) slice.
+    if !good.is_empty() || !emitted {
+        to_arrow(&mut good, &mut good_lines)?;
+    }
+    for slice in held {
+        sink(slice)?;
+    }
     Ok(out)
 }
-
-/// Checked records handed to the Arrow decoder at a time.
-const JSON_BATCH: usize = 8192;
 
 fn kind(v: &Value) -> &'static str {
     match v {

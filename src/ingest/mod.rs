@@ -37,12 +37,24 @@ use std::num::NonZeroU64;
 /// What parsing one landing file produced.
 #[derive(Debug, Default)]
 pub struct ParsedFile {
-    /// Good rows, contract columns only.
+    /// Good rows, contract columns only (None: the file is empty). Left None by
+    /// [`parse_file_in_slices`], which hands the rows on as they are parsed.
     pub batch: Option<RecordBatch>,
-    /// Source line of each good row.
+    /// Source line of each good row (empty from [`parse_file_in_slices`]).
     pub lines: Vec<i64>,
     pub rejects: Vec<Reject>,
     pub warnings: Vec<String>,
+}
+
+/// Good rows are handed on in slices of at most this many rows, so a landing file of any size
+/// is parsed and encoded in bounded memory (DataFusion's default batch size).
+pub const SLICE_ROWS: usize = 8192;
+
+/// A slice of a landing file's good rows: contract columns, and the source line of each row.
+#[derive(Debug)]
+pub struct Slice {
+    pub batch: RecordBatch,
+    pub lines: Vec<i64>,
 }
 
 /// A row refused by the contract.
@@ -68,8 +80,36 @@ pub fn escape_raw(b: &[u8]) -> String {
     out
 }
 
-/// Parse one landing file's bytes for `src` (public for `silt source new`'s self-check and tests).
+/// Parse one landing file's bytes for `src` into one batch (public for `silt source new`'s
+/// self-check, `silt profile` and tests).
 pub fn parse_file(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
+    let mut slices: Vec<Slice> = Vec::new();
+    let mut out = parse_file_in_slices(data, file, src, SLICE_ROWS, &mut |s| {
+        slices.push(s);
+        Ok(())
+    })?;
+    if !slices.is_empty() {
+        let schema = slices[0].batch.schema();
+        out.batch = Some(arrow::compute::concat_batches(
+            &schema,
+            slices.iter().map(|s| &s.batch),
+        )?);
+        out.lines = slices.into_iter().flat_map(|s| s.lines).collect();
+    }
+    Ok(out)
+}
+
+/// Parse one landing file's bytes for `src`, handing its good rows to `sink` in slices of at
+/// most `slice_rows` rows, in file order. A file with a usable header but no good row yields
+/// one empty slice; an empty file none. A refusal of the whole file (`Error::Input`) always
+/// comes before the first slice, so a caller never holds rows of a refused file.
+pub fn parse_file_in_slices(
+    data: &[u8],
+    file: &str,
+    src: &Source,
+    slice_rows: usize,
+    sink: &mut dyn FnMut(Slice) -> Result<()>,
+) -> Result<ParsedFile> {
     let decoded;
     let data = if src.parse.encoding.eq_ignore_ascii_case("utf-8")
         || src.parse.encoding.eq_ignore_ascii_case("utf8")
@@ -87,9 +127,12 @@ pub fn parse_file(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
         decoded = text.into_owned().into_bytes();
         &decoded[..]
     };
+    let slice_rows = slice_rows.max(1);
     match src.format {
-        Format::Csv => csv::parse(data, file, src),
-        Format::Ndjson | Format::JsonArray | Format::Json => json::parse(data, file, src),
+        Format::Csv => csv::parse(data, file, src, slice_rows, sink),
+        Format::Ndjson | Format::JsonArray | Format::Json => {
+            json::parse(data, file, src, slice_rows, sink)
+        }
     }
 }
 
@@ -614,18 +657,18 @@ impl SourceRun<'_> {
                 }
             }
             if !b_done.contains(&c.app_id) {
-                let b = match &p.bronze {
-                    Some(b) => b.clone(),
-                    None => stamp.bronze_batch(
+                let mut b = p.bronze;
+                if b.is_empty() {
+                    b.push(stamp.bronze_batch(
                         &RecordBatch::new_empty(self.contract_schema()),
                         &[],
                         &c.rel,
-                    )?,
-                };
+                    )?);
+                }
                 let (_, t) = append_to(
                     b_table,
                     &bt,
-                    vec![b],
+                    b,
                     b_opts(vec![c.app_id.clone()], Some(c.rel.clone()), &meta),
                 )
                 .await?;
@@ -840,8 +883,9 @@ struct Stamp {
 
 /// One landing file turned into table rows.
 struct Parsed {
-    /// Contract columns, the partition column, the metadata columns (None: no good rows).
-    bronze: Option<RecordBatch>,
+    /// Bronze rows (contract columns, the partition column, the metadata columns) when they
+    /// were kept ([`Stamp::parse`]); empty when they went to a sink.
+    bronze: Vec<RecordBatch>,
     quarantine: Option<RecordBatch>,
     rows: u64,
     rejects: u64,
@@ -851,41 +895,60 @@ struct Parsed {
 }
 
 impl Stamp {
+    /// The whole file's bronze rows in memory (the rare replace path).
     fn parse(&self, data: &[u8], rel: &str) -> Result<Parsed> {
-        self.parse_with(data, rel, self.src.anomaly.is_some())
+        let mut bronze = Vec::new();
+        let mut p = self.parse_with(data, rel, self.src.anomaly.is_some(), &mut |b| {
+            bronze.push(b);
+            Ok(())
+        })?;
+        p.bronze = bronze;
+        Ok(p)
     }
 
-    fn parse_with(&self, data: &[u8], rel: &str, want_stats: bool) -> Result<Parsed> {
+    /// Parse a file slice by slice, handing each slice's bronze rows to `sink` (slices without
+    /// rows are not handed on). Statistics are merged across slices.
+    fn parse_with(
+        &self,
+        data: &[u8],
+        rel: &str,
+        want_stats: bool,
+        sink: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<Parsed> {
         let t0 = Instant::now();
-        let p = parse_file(data, rel, &self.src)?;
-        let parse_ms = t0.elapsed().as_millis() as u64;
-        let rows = p.lines.len() as u64;
-        let stats = match (&p.batch, want_stats) {
-            (Some(b), true) if b.num_rows() > 0 => Some(BatchStats::of(
-                b,
-                self.src
-                    .anomaly
-                    .as_ref()
-                    .and_then(|a| a.date_column.as_deref()),
-            )?),
-            _ => None,
-        };
-        let bronze = match &p.batch {
-            Some(b) if b.num_rows() > 0 => Some(self.bronze_batch(b, &p.lines, rel)?),
-            _ => None,
-        };
+        let date_column = self
+            .src
+            .anomaly
+            .as_ref()
+            .and_then(|a| a.date_column.as_deref());
+        let mut rows = 0u64;
+        let mut stats: Option<BatchStats> = None;
+        let p = parse_file_in_slices(data, rel, &self.src, SLICE_ROWS, &mut |s: Slice| {
+            let n = s.batch.num_rows();
+            if n == 0 {
+                return Ok(());
+            }
+            rows += n as u64;
+            if want_stats {
+                let st = BatchStats::of(&s.batch, date_column)?;
+                match &mut stats {
+                    Some(all) => all.merge(st),
+                    None => stats = Some(st),
+                }
+            }
+            sink(self.bronze_batch(&s.batch, &s.lines, rel)?)
+        })?;
         let quarantine = (!p.rejects.is_empty())
             .then(|| self.quarantine_batch(&p.rejects, rel))
             .transpose()?;
         tracing::debug!(
             file = rel,
             rows,
-            parse_ms,
-            total_ms = t0.elapsed().as_millis() as u64,
+            ms = t0.elapsed().as_millis() as u64,
             "parsed"
         );
         Ok(Parsed {
-            bronze,
+            bronze: Vec::new(),
             quarantine,
             rows,
             rejects: p.rejects.len() as u64,
@@ -1142,35 +1205,59 @@ impl UnitJob {
             };
             c.data = None; // the parser's copy is the last one
 
+            // The parser hands slices over a short channel while this task encodes the ones
+            // before: a file is never whole in memory, and parsing overlaps encoding.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(2);
             let st = self.stamp.clone();
             let rel = c.rel.clone();
             let want = self.want_stats;
-            let parsed = tokio::task::spawn_blocking(move || st.parse_with(&data, &rel, want))
+            let parser = tokio::task::spawn_blocking(move || {
+                st.parse_with(&data, &rel, want, &mut |b| {
+                    tx.blocking_send(b)
+                        .map_err(|_| Error::Runtime("the bronze writer stopped".into()))
+                })
+            });
+            // Rows an earlier, interrupted ingest already committed are parsed (for the ledger
+            // and the quarantine) but not written again.
+            let write = !self.b_done.contains(&c.app_id);
+            let mut slices = 0usize;
+            let mut write_failed = None;
+            while let Some(b) = rx.recv().await {
+                slices += 1;
+                if write
+                    && let Err(e) =
+                        write_bronze(&mut writer, self.partition_column.as_deref(), b).await
+                {
+                    write_failed = Some(Error::delta(format!("bronze.{}", self.stamp.src.name), e));
+                    break;
+                }
+            }
+            drop(rx); // a parser still sending stops
+            let parsed = parser
                 .await
                 .unwrap_or_else(|e| Err(Error::Runtime(format!("parser task failed: {e}"))));
+            if let Some(e) = write_failed {
+                failed = Some(e);
+                break;
+            }
             if let Some(p) = &self.progress {
                 p.inc(c.size);
             }
             let mut parsed = match parsed {
-                Err(e @ (Error::Input { .. } | Error::Config { .. })) => {
+                // Refused as a whole: parsers refuse before their first slice, so the writer
+                // holds none of its rows.
+                Err(e @ (Error::Input { .. } | Error::Config { .. })) if slices == 0 => {
                     files.push(UnitFile { c, outcome: Err(e) });
                     continue;
                 }
+                // Refused after rows went to the writer (a parser broke its promise): fail
+                // the unit, so nothing of it is committed.
                 Err(e) => {
                     failed = Some(e);
                     break;
                 }
                 Ok(p) => p,
             };
-            let t0 = Instant::now();
-            if let Some(b) = parsed.bronze.take()
-                && !self.b_done.contains(&c.app_id)
-                && let Err(e) = write_bronze(&mut writer, self.partition_column.as_deref(), b).await
-            {
-                failed = Some(Error::delta(format!("bronze.{}", self.stamp.src.name), e));
-                break;
-            }
-            tracing::debug!(file = %c.rel, ms = t0.elapsed().as_millis() as u64, "encoded");
             if let Some(s) = parsed.stats.take() {
                 match &mut stats {
                     Some(all) => all.merge(s),

@@ -654,3 +654,111 @@ fn batch_statistics_distinct_counts_match_the_data() {
         );
     }
 }
+
+#[test]
+fn a_file_of_many_slices_keeps_every_row_its_line_and_its_rejects() {
+    // Good rows are parsed and written in slices of silt::ingest::SLICE_ROWS rows. A file of
+    // several slices, with refused rows and a quoted line break on both sides of the slice
+    // boundaries, must land row for row with the line each row started on.
+    let p = Project::empty_reference();
+    let n = 2 * silt::ingest::SLICE_ROWS + 1_000;
+    let mut csv = format!("{HEADER}\n");
+    let mut line = 2u64; // the header is line 1
+    let (mut good, mut bad) = (Vec::new(), Vec::new());
+    for i in 1..=n {
+        if i % 997 == 0 {
+            csv.push_str(&format!("F{i},C1,A1,2026-01-02,not-a-number,GBP,\n"));
+            bad.push(line);
+            line += 1;
+        } else if i % 3001 == 0 {
+            csv.push_str(&format!("F{i},C1,A1,2026-01-02,1.00,GBP,\"two\nlines\"\n"));
+            good.push((format!("F{i}"), line));
+            line += 2;
+        } else {
+            csv.push_str(&format!(
+                "F{i},C{},A1,2026-01-02,{}.{:02},GBP,\n",
+                i % 500,
+                i % 900,
+                i % 100
+            ));
+            good.push((format!("F{i}"), line));
+            line += 1;
+        }
+    }
+    write(&p, "fees/big.csv", csv.as_bytes());
+    p.ok(&["ingest", "--source", "fees"]);
+
+    let rows = p.query("select fee_id, _source_line from bronze.fees");
+    assert_eq!(rows.len(), good.len());
+    let got: std::collections::HashMap<String, i64> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["fee_id"].as_str().unwrap().to_string(),
+                r["_source_line"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for (id, l) in &good {
+        assert_eq!(got.get(id), Some(&(*l as i64)), "line of {id}");
+    }
+    let q = p.query("select _source_line from quarantine.fees order by 1");
+    let q: Vec<u64> = q
+        .iter()
+        .map(|r| r["_source_line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(q, bad);
+}
+
+#[test]
+fn a_file_refused_after_its_first_slices_leaves_no_row_behind() {
+    // Under reject_file a JSON record far past the first slice can refuse the whole file. Its
+    // earlier slices must not reach bronze, while another file of the same run lands whole.
+    let p = Project::empty_reference();
+    set_policy(&p, "clients", "on_unexpected_column", "reject_file");
+    let record = |i: usize, extra: &str| {
+        format!(
+            r#"{{"client_id":"C{i}","full_name":"N {i}","email":"e{i}@example.com","nino":"AB{i:06}C","date_of_birth":"1980-01-01","address":{{"line1":"1 Street","city":"Leeds","postcode":"LS1 1AA"}},"signup_date":"2026-01-01","accounts":["GIA"]{extra}}}"#
+        )
+    };
+    let n = silt::ingest::SLICE_ROWS + 500;
+    let refused: Vec<String> = (1..=n)
+        .map(|i| {
+            record(
+                i,
+                if i == n - 10 {
+                    r#","channel":"web""#
+                } else {
+                    ""
+                },
+            )
+        })
+        .collect();
+    write(
+        &p,
+        "clients/refused.json",
+        format!("[{}]", refused.join(",\n")).as_bytes(),
+    );
+    let kept: Vec<String> = (1..=n).map(|i| record(100_000 + i, "")).collect();
+    write(
+        &p,
+        "clients/kept.json",
+        format!("[{}]", kept.join(",\n")).as_bytes(),
+    );
+
+    let out = p.run(&["ingest", "--source", "clients"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("clients/refused.json:{}", n - 10)),
+        "{err}"
+    );
+    assert_eq!(
+        p.count("select count(*) from bronze.clients where _source_file = 'clients/refused.json'"),
+        0
+    );
+    assert_eq!(
+        p.count("select count(*) from bronze.clients where _source_file = 'clients/kept.json'"),
+        n as i64
+    );
+}
