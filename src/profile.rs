@@ -233,13 +233,16 @@ impl BatchStats {
             } else {
                 let mut reg = vec![0u8; 1 << HLL_BITS];
                 create_hashes([c], &HLL_RANDOM_STATE, &mut hashes)?;
-                for (i, h) in hashes.iter().enumerate() {
-                    if c.is_valid(i) {
-                        let idx = (h >> (64 - HLL_BITS)) as usize;
-                        let rank =
-                            ((h << HLL_BITS) | (1 << (HLL_BITS - 1))).leading_zeros() as u8 + 1;
-                        reg[idx] = reg[idx].max(rank);
-                    }
+                let mut add = |h: u64| {
+                    let idx = (h >> (64 - HLL_BITS)) as usize;
+                    let rank = ((h << HLL_BITS) | (1 << (HLL_BITS - 1))).leading_zeros() as u8 + 1;
+                    reg[idx] = reg[idx].max(rank);
+                };
+                match c.logical_nulls() {
+                    None => hashes.iter().for_each(|h| add(*h)),
+                    Some(nulls) => nulls
+                        .valid_indices()
+                        .for_each(|i| add(hashes[i])),
                 }
                 Some(reg)
             };

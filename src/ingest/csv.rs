@@ -5,91 +5,146 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder, Int32Builder,
-    Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array, Int64Array,
+    StringArray, TimestampMicrosecondArray,
 };
-use arrow::datatypes::{Field, Schema};
+use arrow::array::NullBufferBuilder;
+use arrow::buffer::{BooleanBuffer, OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 
+use super::csv_records::Records;
 use super::{ParsedFile, Reject, Slice, escape_raw};
 use crate::config::{Source, UnexpectedColumnPolicy};
 use crate::contract::{ColumnType, Scalar, TemporalFormats, parse_scalar};
 use crate::error::{Error, InputLocation, Result};
 
-enum ColBuilder {
-    Str(StringBuilder),
-    I32(Int32Builder),
-    I64(Int64Builder),
-    F64(Float64Builder),
-    Bool(BooleanBuilder),
-    Date(Date32Builder),
-    Ts(TimestampMicrosecondBuilder),
-    Dec(Decimal128Builder),
+/// One contract column's values in the slice being built. A row's fields go straight into
+/// their columns as they are parsed; a refused row is taken back by `truncate`, so no row of
+/// scalars is held in between and nothing of a refused row reaches a slice.
+struct ColumnBuf {
+    field: Arc<Field>,
+    nulls: NullBufferBuilder,
+    values: Values,
 }
 
-impl ColBuilder {
-    fn new(ty: &ColumnType, cap: usize, bytes: usize) -> ColBuilder {
-        match ty {
-            ColumnType::String => ColBuilder::Str(StringBuilder::with_capacity(cap, bytes)),
-            ColumnType::Int32 => ColBuilder::I32(Int32Builder::with_capacity(cap)),
-            ColumnType::Int64 => ColBuilder::I64(Int64Builder::with_capacity(cap)),
-            ColumnType::Float64 => ColBuilder::F64(Float64Builder::with_capacity(cap)),
-            ColumnType::Bool => ColBuilder::Bool(BooleanBuilder::with_capacity(cap)),
-            ColumnType::Date => ColBuilder::Date(Date32Builder::with_capacity(cap)),
-            ColumnType::Timestamp => {
-                ColBuilder::Ts(TimestampMicrosecondBuilder::with_capacity(cap).with_timezone("UTC"))
+enum Values {
+    Str { offsets: Vec<i32>, data: Vec<u8> },
+    /// Int32 and Date (days since the epoch).
+    I32(Vec<i32>),
+    /// Int64 and Timestamp (microseconds, UTC).
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+    Bool(Vec<bool>),
+    Dec(Vec<i128>),
+}
+
+impl ColumnBuf {
+    fn new(field: Arc<Field>, ty: &ColumnType, cap: usize, bytes: usize) -> ColumnBuf {
+        let values = match ty {
+            ColumnType::String => {
+                let mut offsets = Vec::with_capacity(cap + 1);
+                offsets.push(0);
+                Values::Str { offsets, data: Vec::with_capacity(bytes) }
             }
-            ColumnType::Decimal(p, s) => ColBuilder::Dec(
-                Decimal128Builder::with_capacity(cap)
-                    .with_precision_and_scale(*p, *s)
-                    .expect("precision checked by the contract"),
-            ),
+            ColumnType::Int32 | ColumnType::Date => Values::I32(Vec::with_capacity(cap)),
+            ColumnType::Int64 | ColumnType::Timestamp => Values::I64(Vec::with_capacity(cap)),
+            ColumnType::Float64 => Values::F64(Vec::with_capacity(cap)),
+            ColumnType::Bool => Values::Bool(Vec::with_capacity(cap)),
+            ColumnType::Decimal(..) => Values::Dec(Vec::with_capacity(cap)),
             ColumnType::Struct(_) | ColumnType::List(_) => {
                 unreachable!("nested CSV columns are refused before building")
             }
+        };
+        ColumnBuf { field, nulls: NullBufferBuilder::new(cap), values }
+    }
+
+    fn push_str(&mut self, v: &str) {
+        if let Values::Str { offsets, data } = &mut self.values {
+            data.extend_from_slice(v.as_bytes());
+            offsets.push(data.len() as i32);
+            self.nulls.append_non_null();
         }
     }
 
     fn push(&mut self, v: Scalar<'_>) {
-        match (self, v) {
-            (ColBuilder::Str(b), Scalar::String(s)) => b.append_value(s),
-            (ColBuilder::I32(b), Scalar::Int32(x)) => b.append_value(x),
-            (ColBuilder::I64(b), Scalar::Int64(x)) => b.append_value(x),
-            (ColBuilder::F64(b), Scalar::Float64(x)) => b.append_value(x),
-            (ColBuilder::Bool(b), Scalar::Bool(x)) => b.append_value(x),
-            (ColBuilder::Date(b), Scalar::Date(x)) => b.append_value(x),
-            (ColBuilder::Ts(b), Scalar::Timestamp(x)) => b.append_value(x),
-            (ColBuilder::Dec(b), Scalar::Decimal(x)) => b.append_value(x),
-            (b, _) => b.push_null(),
+        match (&mut self.values, v) {
+            (Values::Str { .. }, Scalar::String(s)) => return self.push_str(s),
+            (Values::I32(b), Scalar::Int32(x) | Scalar::Date(x)) => b.push(x),
+            (Values::I64(b), Scalar::Int64(x) | Scalar::Timestamp(x)) => b.push(x),
+            (Values::F64(b), Scalar::Float64(x)) => b.push(x),
+            (Values::Bool(b), Scalar::Bool(x)) => b.push(x),
+            (Values::Dec(b), Scalar::Decimal(x)) => b.push(x),
+            _ => return self.push_null(),
         }
+        self.nulls.append_non_null();
     }
 
     fn push_null(&mut self) {
-        match self {
-            ColBuilder::Str(b) => b.append_null(),
-            ColBuilder::I32(b) => b.append_null(),
-            ColBuilder::I64(b) => b.append_null(),
-            ColBuilder::F64(b) => b.append_null(),
-            ColBuilder::Bool(b) => b.append_null(),
-            ColBuilder::Date(b) => b.append_null(),
-            ColBuilder::Ts(b) => b.append_null(),
-            ColBuilder::Dec(b) => b.append_null(),
+        match &mut self.values {
+            Values::Str { offsets, data } => offsets.push(data.len() as i32),
+            Values::I32(b) => b.push(0),
+            Values::I64(b) => b.push(0),
+            Values::F64(b) => b.push(0.0),
+            Values::Bool(b) => b.push(false),
+            Values::Dec(b) => b.push(0),
+        }
+        self.nulls.append_null();
+    }
+
+    /// Keep the first `rows` values (take back a refused row).
+    fn truncate(&mut self, rows: usize) {
+        match &mut self.values {
+            Values::Str { offsets, data } => {
+                offsets.truncate(rows + 1);
+                data.truncate(offsets[rows] as usize);
+            }
+            Values::I32(b) => b.truncate(rows),
+            Values::I64(b) => b.truncate(rows),
+            Values::F64(b) => b.truncate(rows),
+            Values::Bool(b) => b.truncate(rows),
+            Values::Dec(b) => b.truncate(rows),
+        }
+        self.nulls.truncate(rows);
+    }
+
+    /// String bytes held (offsets are 32-bit: a slice is cut before they could overflow).
+    fn bytes(&self) -> usize {
+        match &self.values {
+            Values::Str { data, .. } => data.len(),
+            _ => 0,
         }
     }
 
-    fn finish(&mut self) -> ArrayRef {
-        match self {
-            ColBuilder::Str(b) => Arc::new(b.finish()),
-            ColBuilder::I32(b) => Arc::new(b.finish()),
-            ColBuilder::I64(b) => Arc::new(b.finish()),
-            ColBuilder::F64(b) => Arc::new(b.finish()),
-            ColBuilder::Bool(b) => Arc::new(b.finish()),
-            ColBuilder::Date(b) => Arc::new(b.finish()),
-            ColBuilder::Ts(b) => Arc::new(b.finish()),
-            ColBuilder::Dec(b) => Arc::new(b.finish()),
-        }
+    fn finish(self) -> Result<ArrayRef> {
+        let nulls = { self.nulls }.finish();
+        let ty = self.field.data_type().clone();
+        Ok(match self.values {
+            Values::Str { offsets, data } => {
+                let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
+                // Checked again as a whole (cheap next to parsing): no unchecked construction.
+                Arc::new(StringArray::try_new(offsets, data.into(), nulls)?)
+            }
+            Values::I32(v) => match ty {
+                DataType::Date32 => Arc::new(Date32Array::new(v.into(), nulls)),
+                _ => Arc::new(Int32Array::new(v.into(), nulls)),
+            },
+            Values::I64(v) => match ty {
+                DataType::Timestamp(..) => Arc::new(
+                    TimestampMicrosecondArray::new(v.into(), nulls).with_data_type(ty),
+                ),
+                _ => Arc::new(Int64Array::new(v.into(), nulls)),
+            },
+            Values::F64(v) => Arc::new(Float64Array::new(v.into(), nulls)),
+            Values::Bool(v) => Arc::new(BooleanArray::new(BooleanBuffer::from(v), nulls)),
+            Values::Dec(v) => Arc::new(Decimal128Array::new(v.into(), nulls).with_data_type(ty)),
+        })
     }
 }
+
+/// A slice is handed on at `slice_rows` rows, or earlier once a string column holds this many
+/// bytes (Arrow's 32-bit offsets).
+const SLICE_STRING_BYTES: usize = 1 << 30;
 
 /// Parse one CSV file (already decoded to UTF-8 where an encoding is declared, BOM removed),
 /// handing good rows to `sink` every `slice_rows` rows. Only the header can refuse the file,
@@ -119,20 +174,12 @@ pub fn parse(
         }
     }
     let p = &src.parse;
-    let mut rdr = csv::ReaderBuilder::new()
-        .delimiter(p.delimiter as u8)
-        .quote(p.quote as u8)
-        .has_headers(false)
-        .flexible(true)
-        // Fields are trimmed below, only when they need it (the csv crate's trim rewrites
-        // every record).
-        .trim(csv::Trim::None)
-        .from_reader(data);
+    // Fields are trimmed below, only when they need it.
+    let mut record = Records::new(data, p.delimiter as u8, p.quote as u8);
     let fmts = TemporalFormats {
         date: p.date_formats.clone(),
         timestamp: p.timestamp_formats.clone(),
     };
-    let mut record = csv::ByteRecord::new();
 
     // Map file fields to contract columns.
     let n_cols = src.columns.len();
@@ -142,10 +189,7 @@ pub fn parse(
     let mut header_len;
     let mut header_names: Vec<String> = Vec::new();
     if p.header {
-        let more = rdr
-            .read_byte_record(&mut record)
-            .map_err(|e| csv_error(file, &e))?;
-        if !more {
+        if record.next_record().is_none() {
             out.warnings
                 .push(format!("{file}: empty file, nothing to ingest"));
             return Ok(out);
@@ -234,7 +278,7 @@ pub fn parse(
     // newlines), so they rarely grow by doubling and copying: a string column gets 1.5× an
     // average column's share of a slice's bytes (a wider one grows once). A slice's buffers
     // are freed once it is encoded, and the next slice's come back from the allocator's heap.
-    let rows_hint = data.iter().filter(|b| **b == b'\n').count() + 1;
+    let rows_hint = memchr::memchr_iter(b'\n', data).count() + 1;
     let cap = rows_hint.min(slice_rows);
     let str_bytes = data.len() / rows_hint * cap / n_cols.max(1) * 3 / 2;
     let schema = Arc::new(Schema::new(
@@ -243,16 +287,24 @@ pub fn parse(
             .map(|c| c.to_arrow_field())
             .collect::<Vec<Field>>(),
     ));
-    let new_builders = || -> Vec<ColBuilder> {
+    let new_columns = || -> Vec<ColumnBuf> {
         src.columns
             .iter()
-            .map(|c| ColBuilder::new(&c.ty, cap, str_bytes))
+            .zip(schema.fields())
+            .map(|(c, f)| ColumnBuf::new(f.clone(), &c.ty, cap, str_bytes))
             .collect()
     };
-    let mut builders = new_builders();
+    // Contract columns the file lacks (nullable, warned above): NULL in every row.
+    let absent: Vec<usize> = (0..n_cols)
+        .filter(|ci| !field_map.contains(&Some(*ci)))
+        .collect();
+    let mut columns = new_columns();
     let mut emitted = false;
-    let mut emit = |builders: &mut Vec<ColBuilder>, lines: &mut Vec<i64>| -> Result<()> {
-        let arrays: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
+    let mut emit = |columns: Vec<ColumnBuf>, lines: &mut Vec<i64>| -> Result<()> {
+        let arrays = columns
+            .into_iter()
+            .map(ColumnBuf::finish)
+            .collect::<Result<Vec<ArrayRef>>>()?;
         let batch = RecordBatch::try_new(schema.clone(), arrays)?;
         sink(Slice {
             batch,
@@ -262,39 +314,10 @@ pub fn parse(
     out.lines.reserve(cap);
     // A field longer than every null token cannot be one.
     let null_max = p.null_values.iter().map(|n| n.len()).max().unwrap_or(0);
-    // The row of scalars is reused from record to record (see `recycle`).
-    let mut row_buf: Vec<Scalar> = Vec::with_capacity(n_cols);
     let mut errors: Vec<(String, String)> = Vec::new();
-    let mut start = rdr.position().clone();
-    loop {
-        let more = match rdr.read_byte_record(&mut record) {
-            Ok(m) => m,
-            Err(e) => {
-                // Only I/O-level errors reach here with flexible(true); keep the rest as one reject.
-                let rest = &data[start.byte() as usize..];
-                out.rejects.push(Reject {
-                    line: start.line(),
-                    column: None,
-                    reason: format!("unreadable CSV from here on: {e}"),
-                    raw: escape_raw(rest),
-                });
-                break;
-            }
-        };
-        if !more {
-            break;
-        }
-        let end = rdr.position().clone();
-        let raw_bytes = &data[start.byte() as usize..(end.byte() as usize).min(data.len())];
-        // The reader's position can sit before the previous record's line ending (CRLF) or
-        // before blank lines: count the newlines ahead of the record's first byte.
-        let line = start.line()
-            + raw_bytes
-                .iter()
-                .take_while(|b| **b == b'\n' || **b == b'\r')
-                .filter(|b| **b == b'\n')
-                .count() as u64;
-        start = end;
+    while let Some(at) = record.next_record() {
+        let raw_bytes = &data[at.start..at.end];
+        let line = at.line;
         if record.len() == 1
             && record
                 .get(0)
@@ -303,11 +326,9 @@ pub fn parse(
             continue; // a blank line
         }
         errors.clear();
-        // Borrows the record's fields (the record is reused, so the vector is recycled).
-        let mut row: Vec<Scalar> = recycle(std::mem::take(&mut row_buf));
-        row.resize(n_cols, Scalar::Null);
+        let kept = out.lines.len();
         // One check for the whole record: an all-ASCII record needs no per-field UTF-8 check.
-        let ascii = record.as_slice().is_ascii();
+        let ascii = raw_bytes.is_ascii();
         if record.len() != header_len {
             let (column, what) = if record.len() > header_len {
                 let c = header_names.last().cloned().unwrap_or_default();
@@ -374,10 +395,16 @@ pub fn parse(
                             format!("column '{}' is required (not null) but empty", col.name),
                         ));
                     }
+                    columns[ci].push_null();
+                    continue;
+                }
+                let buf = &mut columns[ci];
+                if let ColumnType::String = col.ty {
+                    buf.push_str(text);
                     continue;
                 }
                 match parse_scalar(text, &col.ty, &fmts) {
-                    Ok(v) => row[ci] = v,
+                    Ok(v) => buf.push(v),
                     Err(m) => {
                         errors.push((col.name.clone(), format!("column '{}': {m}", col.name)))
                     }
@@ -385,16 +412,20 @@ pub fn parse(
             }
         }
         if errors.is_empty() {
-            for (b, v) in builders.iter_mut().zip(row.drain(..)) {
-                b.push(v);
+            for ci in &absent {
+                columns[*ci].push_null();
             }
             out.lines.push(line as i64);
-            if out.lines.len() >= slice_rows {
-                emit(&mut builders, &mut out.lines)?;
+            if out.lines.len() >= slice_rows
+                || columns.iter().any(|c| c.bytes() >= SLICE_STRING_BYTES)
+            {
+                emit(std::mem::replace(&mut columns, new_columns()), &mut out.lines)?;
                 emitted = true;
-                builders = new_builders();
             }
         } else {
+            for c in &mut columns {
+                c.truncate(kept);
+            }
             let column = errors
                 .iter()
                 .map(|(c, _)| c.clone())
@@ -411,21 +442,13 @@ pub fn parse(
                 raw: escape_raw(trim_newline(raw_bytes)),
             });
         }
-        row_buf = recycle(row);
     }
     // The rest; a file whose rows were all refused still yields its one (empty) slice.
     if !out.lines.is_empty() || !emitted {
-        emit(&mut builders, &mut out.lines)?;
+        emit(columns, &mut out.lines)?;
     }
     out.lines = Vec::new();
     Ok(out)
-}
-
-/// An empty vector with `v`'s allocation, free of `v`'s borrow (in-place collect reuses the
-/// buffer: same element type, no element survives).
-fn recycle<'b>(mut v: Vec<Scalar<'_>>) -> Vec<Scalar<'b>> {
-    v.clear();
-    v.into_iter().map(|_| Scalar::Null).collect()
 }
 
 fn trim_newline(b: &[u8]) -> &[u8] {
@@ -441,15 +464,3 @@ fn trim_newline(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-fn csv_error(file: &str, e: &csv::Error) -> Error {
-    let line = e.position().map(|p| p.line()).unwrap_or(1);
-    Error::Input {
-        location: InputLocation {
-            file: file.into(),
-            line,
-            column: None,
-        },
-        message: format!("cannot read the CSV: {e}"),
-        fix: "check the delimiter, quote and encoding in the source's [parse] options".into(),
-    }
-}

@@ -9,6 +9,7 @@
 //! (commit.rs does) or talk SQL; parsing lives in csv.rs / json.rs.
 
 mod csv;
+pub mod csv_records;
 mod json;
 pub mod ledger;
 
@@ -1039,17 +1040,12 @@ impl Stamp {
             cols.push(Arc::new(values));
         }
         fields.extend(metadata_fields());
-        cols.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(rel, n),
-        )));
+        cols.push(Arc::new(repeated(rel, n)));
         cols.push(Arc::new(Int64Array::from(lines.to_vec())));
         cols.push(Arc::new(
-            TimestampMicrosecondArray::from_iter_values(std::iter::repeat_n(self.ingested_at, n))
-                .with_timezone("UTC"),
+            TimestampMicrosecondArray::from_value(self.ingested_at, n).with_timezone("UTC"),
         ));
-        cols.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(&*self.batch_id, n),
-        )));
+        cols.push(Arc::new(repeated(&self.batch_id, n)));
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
     }
 
@@ -1370,6 +1366,13 @@ fn same_columns(table: &deltalake::DeltaTable, schema: &Schema) -> bool {
             have.field_with_name(f.name())
                 .is_ok_and(|h| h.data_type() == f.data_type())
         })
+}
+
+/// `n` copies of `value`, its buffers sized exactly once.
+fn repeated(value: &str, n: usize) -> StringArray {
+    let len = value.len();
+    let offsets = arrow::buffer::OffsetBuffer::from_repeated_length(len, n);
+    StringArray::new(offsets, value.repeat(n).into_bytes().into(), None)
 }
 
 fn metadata_fields() -> Vec<Field> {

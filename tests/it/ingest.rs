@@ -145,6 +145,74 @@ fn quoted_fields_crlf_and_bom_parse_like_an_independent_reader() {
     );
 }
 
+/// Ingest splits CSV with its own reader (`silt::ingest::csv_records`); the csv crate is the
+/// reference. Random inputs built from the bytes that matter (delimiters, quotes, doubled
+/// quotes, CR, LF, CRLF, spaces, multi-byte UTF-8) must give the same records, fields, lines
+/// and raw bytes.
+#[test]
+fn the_record_splitter_reads_random_csv_as_the_csv_crate_does() {
+    use silt::ingest::csv_records::Records;
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let trim = |b: &[u8]| -> Vec<u8> {
+        let s = b.iter().position(|c| *c != b'\n' && *c != b'\r').unwrap_or(b.len());
+        let e = b.iter().rposition(|c| *c != b'\n' && *c != b'\r').map_or(s, |e| e + 1);
+        b[s..e.max(s)].to_vec()
+    };
+    let mut records = 0;
+    for case in 0..20_000 {
+        let (delim, quote) = if case % 3 == 0 { (b';', b'\'') } else { (b',', b'"') };
+        let pieces: [&[u8]; 12] = [
+            b"a", b"bc", &[delim], &[delim], &[quote], &[quote, quote], b"\n", b"\r", b"\r\n",
+            b" ", "\u{e9}".as_bytes(), b"12",
+        ];
+        let mut data = Vec::new();
+        for _ in 0..next() % 40 {
+            data.extend_from_slice(pieces[(next() % 12) as usize]);
+        }
+        let mut ours = Records::new(&data, delim, quote);
+        let mut rdr = csv::ReaderBuilder::new()
+            .delimiter(delim)
+            .quote(quote)
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(&data[..]);
+        let mut rec = csv::ByteRecord::new();
+        let mut start = rdr.position().clone();
+        loop {
+            let more = rdr.read_byte_record(&mut rec).unwrap();
+            let got = ours.next_record();
+            let shown = String::from_utf8_lossy(&data);
+            if !more {
+                assert!(got.is_none(), "{shown:?}: an extra record");
+                break;
+            }
+            let got = got.unwrap_or_else(|| panic!("{shown:?}: a record is missing"));
+            records += 1;
+            let end = rdr.position().clone();
+            let raw = &data[start.byte() as usize..end.byte() as usize];
+            let line = start.line()
+                + raw
+                    .iter()
+                    .take_while(|b| **b == b'\n' || **b == b'\r')
+                    .filter(|b| **b == b'\n')
+                    .count() as u64;
+            start = end;
+            let want: Vec<&[u8]> = rec.iter().collect();
+            let have: Vec<&[u8]> = ours.iter().collect();
+            assert_eq!(have, want, "{shown:?}: fields");
+            assert_eq!(got.line, line, "{shown:?}: line");
+            assert_eq!(trim(&data[got.start..got.end]), trim(raw), "{shown:?}: raw bytes");
+        }
+    }
+    assert!(records > 50_000, "the inputs hold records ({records})");
+}
+
 #[test]
 fn nested_json_becomes_structs_and_lists() {
     let p = Project::reference();

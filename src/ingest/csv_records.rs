@@ -1,0 +1,182 @@
+//! Splits CSV bytes into records and fields, with the csv crate's reading rules for the options
+//! a source can set (delimiter, quote; records end at `\n`, `\r` or `\r\n`; a doubled quote inside
+//! quotes is one quote; blank lines are skipped), and each record's line and raw bytes.
+//! Fields borrow from the input unless a doubled quote has to be undone, so the common record
+//! costs one pass over its bytes and no copy. It must not interpret field values: that is
+//! `csv.rs`. A test in `tests/it/ingest.rs` reads random inputs with both readers and wants
+//! the same records.
+
+/// One field of the current record: a range of the input, or of the record's scratch buffer
+/// (a quoted field with a doubled quote, or text after the closing quote).
+#[derive(Clone, Copy)]
+enum Span {
+    Input(usize, usize),
+    Scratch(usize, usize),
+}
+
+/// A reader over CSV bytes; `next_record` fills its fields.
+pub struct Records<'a> {
+    data: &'a [u8],
+    delimiter: u8,
+    quote: u8,
+    pos: usize,
+    /// 1 + the newlines before `pos`.
+    line: u64,
+    fields: Vec<Span>,
+    scratch: Vec<u8>,
+    /// Bytes that end an unquoted field: the delimiter, `\r` and `\n`.
+    stops: [bool; 256],
+}
+
+/// Where the record just read sits in the input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordPos {
+    /// The line its first byte is on (1-based).
+    pub line: u64,
+    /// Its bytes, from its first byte to its last before the line ending.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl<'a> Records<'a> {
+    pub fn new(data: &'a [u8], delimiter: u8, quote: u8) -> Records<'a> {
+        let mut stops = [false; 256];
+        stops[delimiter as usize] = true;
+        stops[b'\r' as usize] = true;
+        stops[b'\n' as usize] = true;
+        Records {
+            data,
+            delimiter,
+            quote,
+            pos: 0,
+            line: 1,
+            fields: Vec::new(),
+            scratch: Vec::new(),
+            stops,
+        }
+    }
+
+    /// Read the next record; `None` at the end of the input.
+    pub fn next_record(&mut self) -> Option<RecordPos> {
+        let data = self.data;
+        let n = data.len();
+        // Line endings between records, and blank lines.
+        while self.pos < n && (data[self.pos] == b'\n' || data[self.pos] == b'\r') {
+            if data[self.pos] == b'\n' {
+                self.line += 1;
+            }
+            self.pos += 1;
+        }
+        if self.pos >= n {
+            return None;
+        }
+        let start = self.pos;
+        let line = self.line;
+        self.fields.clear();
+        self.scratch.clear();
+        loop {
+            // One field starting at `pos`.
+            let mut pos = self.pos;
+            if pos < n && data[pos] == self.quote {
+                pos += 1;
+                let mut seg = pos; // the quoted text not yet taken
+                let mut owned: Option<usize> = None; // scratch start, once copying
+                let span;
+                loop {
+                    let Some(k) = memchr::memchr(self.quote, &data[pos..]) else {
+                        // The input ends inside the quotes: the field is the rest.
+                        self.line += newlines(&data[pos..]);
+                        span = self.take(owned, seg, n);
+                        pos = n;
+                        break;
+                    };
+                    let q = pos + k;
+                    self.line += newlines(&data[pos..q]);
+                    if q + 1 < n && data[q + 1] == self.quote {
+                        // A doubled quote: keep one, go on inside the quotes.
+                        owned.get_or_insert(self.scratch.len());
+                        self.scratch.extend_from_slice(&data[seg..=q]);
+                        pos = q + 2;
+                        seg = pos;
+                        continue;
+                    }
+                    pos = q + 1;
+                    if pos < n && !self.stops[data[pos] as usize] {
+                        // Text after the closing quote belongs to the field, as written.
+                        let s = *owned.get_or_insert(self.scratch.len());
+                        self.scratch.extend_from_slice(&data[seg..q]);
+                        let mut j = pos;
+                        while j < n && !self.stops[data[j] as usize] {
+                            j += 1;
+                        }
+                        self.scratch.extend_from_slice(&data[pos..j]);
+                        span = Span::Scratch(s, self.scratch.len());
+                        pos = j;
+                    } else {
+                        span = self.take(owned, seg, q);
+                    }
+                    break;
+                }
+                self.fields.push(span);
+            } else {
+                let mut j = pos;
+                while j < n && !self.stops[data[j] as usize] {
+                    j += 1;
+                }
+                self.fields.push(Span::Input(pos, j));
+                pos = j;
+            }
+            if pos < n && data[pos] == self.delimiter {
+                self.pos = pos + 1;
+                if self.pos >= n {
+                    // A delimiter at the very end: one more, empty field.
+                    self.fields.push(Span::Input(n, n));
+                    return Some(RecordPos { line, start, end: n });
+                }
+                continue;
+            }
+            // A line ending or the end of the input ends the record.
+            self.pos = pos;
+            return Some(RecordPos {
+                line,
+                start,
+                end: pos,
+            });
+        }
+    }
+
+    /// The quoted text `seg..end`, appended to what is already in scratch (if copying).
+    fn take(&mut self, owned: Option<usize>, seg: usize, end: usize) -> Span {
+        match owned {
+            None => Span::Input(seg, end),
+            Some(s) => {
+                self.scratch.extend_from_slice(&self.data[seg..end]);
+                Span::Scratch(s, self.scratch.len())
+            }
+        }
+    }
+
+    /// Fields of the record just read.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        self.fields.get(i).map(|s| match *s {
+            Span::Input(a, b) => &self.data[a..b],
+            Span::Scratch(a, b) => &self.scratch[a..b],
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        (0..self.fields.len()).filter_map(|i| self.get(i))
+    }
+}
+
+fn newlines(b: &[u8]) -> u64 {
+    memchr::memchr_iter(b'\n', b).count() as u64
+}
