@@ -971,6 +971,7 @@ impl Run<'_> {
             full_refresh,
             pii: &pii,
             hmac_key: Some(key),
+            changes: Default::default(),
         };
         let mut rebuilt: Vec<ModelMetrics> = Vec::new();
         for name in &dag.order {

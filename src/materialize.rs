@@ -78,6 +78,22 @@ pub struct Materializer<'a> {
     pub pii: &'a BTreeSet<String>,
     /// `[gdpr] hmac_key`, for `pseudonymize` columns.
     pub hmac_key: Option<&'a str>,
+    /// Upstream changes already worked out in this run (see [`Materializer::changes_of`]).
+    pub changes: ChangeCache,
+}
+
+/// The rows that differ between two versions of a table, by (table, from, to): models of one
+/// run that read the same upstream change share one diff.
+pub type ChangeCache =
+    std::sync::Mutex<HashMap<(String, u64, u64), Arc<dyn datafusion::catalog::TableProvider>>>;
+
+/// A `recompute_by` build: the column, and the relation of its values to recompute.
+struct Recompute {
+    column: String,
+    keys: String,
+    /// How many values are recomputed, and the target's rows before the build.
+    values: u64,
+    target_rows: u64,
 }
 
 /// Active files of a table: path → (size, rows, partition values).
@@ -113,6 +129,8 @@ fn writer_properties() -> parquet::file::properties::WriterProperties {
     parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
         .set_max_row_group_row_count(Some(32 * 1024))
+        // As in bronze: high-cardinality columns fall back to plain encoding early.
+        .set_dictionary_page_size_limit(64 * 1024)
         .build()
 }
 
@@ -225,7 +243,35 @@ impl Materializer<'_> {
         let mut touched: BTreeSet<String> = BTreeSet::new();
         let new_schema = self.new_schema()?;
         let mut registered = Vec::new();
-        if let Some(prev) = &prev
+        let mut recompute: Option<Recompute> = None;
+        if let (Some(prev), Some(column)) = (&prev, &m.config.recompute_by)
+            && incremental
+        {
+            let target_rows: u64 = before.values().map(|f| f.1).sum();
+            match self
+                .recompute_plan(
+                    m,
+                    column,
+                    &ups,
+                    &up_tables,
+                    prev,
+                    target_rows,
+                    &mut registered,
+                )
+                .await?
+            {
+                Some((rels, keys, values)) => {
+                    relations = rels;
+                    recompute = Some(Recompute {
+                        column: column.clone(),
+                        keys,
+                        values,
+                        target_rows,
+                    });
+                }
+                None => incremental = false,
+            }
+        } else if let Some(prev) = &prev
             && incremental
         {
             for u in &ups {
@@ -377,6 +423,7 @@ impl Materializer<'_> {
         if !incremental {
             relations.clear();
             touched.clear();
+            recompute = None;
         }
         tracing::debug!(model = %m.name, ms = started.elapsed().as_millis() as u64, "planned");
         let result = self
@@ -387,6 +434,7 @@ impl Materializer<'_> {
                 incremental,
                 relations,
                 &touched,
+                recompute.as_ref(),
                 &new_state,
                 &mut metrics,
             )
@@ -464,6 +512,239 @@ impl Materializer<'_> {
         }
     }
 
+    /// The relations of a `recompute_by` build of `m`: the values of `column` that changed in
+    /// any upstream since the versions in `prev`, registered as one relation (its name is
+    /// returned), and each upstream that has the column filtered to them. `None` means a full
+    /// rebuild: an upstream without the column changed (any of the model's rows may depend on
+    /// it), a version read last time is gone, or the values cover most of the target anyway
+    /// (recomputing them would hold most of the table in memory).
+    #[allow(clippy::too_many_arguments)]
+    async fn recompute_plan(
+        &self,
+        m: &Model,
+        column: &str,
+        ups: &[TableRef],
+        up_tables: &BTreeMap<String, DeltaTable>,
+        prev: &ModelState,
+        target_rows: u64,
+        registered: &mut Vec<String>,
+    ) -> Result<Option<(BTreeMap<String, String>, String, u64)>> {
+        let new_schema = self.new_schema()?;
+        let mut relations = BTreeMap::new();
+        let mut changed_parts = Vec::new();
+        for u in ups {
+            let key = u.to_string();
+            let ut = &up_tables[&key];
+            let has_col = ut
+                .snapshot()
+                .map(|s| s.schema().field(column).is_some())
+                .unwrap_or(false);
+            let Some(pv) = prev.upstream.get(&key).copied() else {
+                tracing::info!("{}: {u} is a new upstream; full rebuild", m.name);
+                return Ok(None);
+            };
+            let now = ut.version().unwrap_or(pv);
+            if pv != now {
+                if !has_col {
+                    tracing::info!(
+                        "{}: {u} changed and has no column '{column}'; full rebuild",
+                        m.name
+                    );
+                    return Ok(None);
+                }
+                let Some(changes) = self.changes_of(u, ut, pv).await? else {
+                    tracing::info!("{}: {u} version {pv} is not readable; full rebuild", m.name);
+                    return Ok(None);
+                };
+                let name = format!("{}__{}__{}__changes", m.name, u.layer.schema_name(), u.name);
+                new_schema.register_table(name.clone(), changes)?;
+                registered.push(name.clone());
+                changed_parts.push(format!(
+                    "select {c} from {NEW_SCHEMA}.{name}",
+                    c = q(column)
+                ));
+            }
+            if has_col {
+                relations.insert(key, String::new()); // filled in below, once keys exist
+            }
+        }
+        let keys_name = format!("{}__recompute", m.name);
+        let keys = if changed_parts.is_empty() {
+            Vec::new()
+        } else {
+            let sql = format!(
+                "select distinct {c} from ({}) k where {c} is not null",
+                changed_parts.join(" union all "),
+                c = q(column)
+            );
+            self.ctx
+                .sql(&sql)
+                .await
+                .map_err(|e| sql_error(m, e))?
+                .collect()
+                .await?
+        };
+        let n: u64 = keys.iter().map(|b| b.num_rows() as u64).sum();
+        if n * 2 > target_rows.max(1) && n > 0 {
+            tracing::info!(
+                "{}: {n} values of '{column}' changed upstream, against {target_rows} rows in the table; full rebuild",
+                m.name
+            );
+            return Ok(None);
+        }
+        tracing::debug!(model = %m.name, values = n, "recompute: values changed upstream");
+        let provider: Arc<dyn datafusion::catalog::TableProvider> = match keys.first() {
+            Some(b) => Arc::new(datafusion::datasource::MemTable::try_new(
+                b.schema(),
+                vec![keys.clone()],
+            )?),
+            None => {
+                // Nothing changed in an upstream carrying the column: an empty set of values,
+                // typed like the first such upstream's column.
+                let dt = ups
+                    .iter()
+                    .find_map(|u| {
+                        up_tables[&u.to_string()].snapshot().ok().and_then(|s| {
+                            s.snapshot()
+                                .arrow_schema()
+                                .field_with_name(column)
+                                .ok()
+                                .map(|f| f.data_type().clone())
+                        })
+                    })
+                    .unwrap_or(DataType::Utf8);
+                let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+                    arrow::datatypes::Field::new(column, dt, true),
+                ]));
+                Arc::new(datafusion::datasource::MemTable::try_new(
+                    schema,
+                    vec![vec![]],
+                )?)
+            }
+        };
+        new_schema.register_table(keys_name.clone(), provider)?;
+        registered.push(keys_name.clone());
+        let keys_rel = format!("{NEW_SCHEMA}.{keys_name}");
+        for (u, rel) in relations.iter_mut() {
+            *rel = format!(
+                "(select * from {u} where {c} in (select {c} from {keys_rel}))",
+                c = q(column)
+            );
+        }
+        Ok(Some((relations, keys_rel, n)))
+    }
+
+    /// The rows of `u` that differ between version `from` and `ut`'s version: rows of the
+    /// files added since that are not in the files removed since, and the other way round
+    /// (a copy-on-write rewrite copies unchanged rows; they cancel out). `None` when version
+    /// `from` is no longer readable (purged by an erasure). Cached for the run.
+    async fn changes_of(
+        &self,
+        u: &TableRef,
+        ut: &DeltaTable,
+        from: u64,
+    ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+        let to = ut.version().unwrap_or(from);
+        let cache_key = (u.to_string(), from, to);
+        if let Some(p) = self.changes.lock().unwrap().get(&cache_key) {
+            return Ok(Some(p.clone()));
+        }
+        let then = match self
+            .catalog
+            .lake()
+            .delta_table_at(&u.rel_path(), from)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!("{u} version {from}: {e}");
+                return Ok(None);
+            }
+        };
+        let (now_files, then_files) = (files_of(ut)?, files_of(&then)?);
+        let added: Vec<String> = now_files
+            .keys()
+            .filter(|p| !then_files.contains_key(*p))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = then_files
+            .keys()
+            .filter(|p| !now_files.contains_key(*p))
+            .cloned()
+            .collect();
+        let a = ut
+            .table_provider()
+            .with_file_selection(FileSelection::from_file_paths(added))
+            .await?;
+        let provider = if removed.is_empty() {
+            // Only appends: the new files are the change.
+            a
+        } else {
+            let r = then
+                .table_provider()
+                .with_file_selection(FileSelection::from_file_paths(removed))
+                .await?;
+            let schema = self.new_schema()?;
+            let side = |s: &str| format!("{}__{}__{from}_{to}__{s}", u.layer.schema_name(), u.name);
+            let (an, rn) = (side("added"), side("removed"));
+            schema.register_table(an.clone(), a.clone())?;
+            schema.register_table(rn.clone(), r.clone())?;
+            let cols_of = |p: &Arc<dyn datafusion::catalog::TableProvider>| -> Vec<String> {
+                p.schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect()
+            };
+            let (ca, cr) = (cols_of(&a), cols_of(&r));
+            let nested = a
+                .schema()
+                .fields()
+                .iter()
+                .any(|f| f.data_type().is_nested());
+            let sql = if ca == cr && !nested {
+                let same = ca
+                    .iter()
+                    .map(|c| format!("(x.{c} is not distinct from y.{c})", c = q(c)))
+                    .collect::<Vec<_>>()
+                    .join(" and ");
+                format!(
+                    "select x.* from {NEW_SCHEMA}.{an} x left anti join {NEW_SCHEMA}.{rn} y on {same} \
+                     union all select x.* from {NEW_SCHEMA}.{rn} x left anti join {NEW_SCHEMA}.{an} y on {same}"
+                )
+            } else {
+                // Another schema, or columns that cannot be compared: every row of both sides
+                // counts as changed (more to recompute, never less).
+                let common: Vec<String> =
+                    ca.iter().filter(|c| cr.contains(c)).map(|c| q(c)).collect();
+                let list = common.join(", ");
+                format!(
+                    "select {list} from {NEW_SCHEMA}.{an} union all select {list} from {NEW_SCHEMA}.{rn}"
+                )
+            };
+            let batches = match self.ctx.sql(&sql).await {
+                Ok(df) => df.collect().await,
+                Err(e) => Err(e),
+            };
+            let _ = schema.deregister_table(&an);
+            let _ = schema.deregister_table(&rn);
+            let batches = batches?;
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| a.schema());
+            Arc::new(datafusion::datasource::MemTable::try_new(
+                schema,
+                vec![batches],
+            )?)
+        };
+        self.changes
+            .lock()
+            .unwrap()
+            .insert(cache_key, provider.clone());
+        Ok(Some(provider))
+    }
+
     /// The first value of a one-row query, as text.
     async fn scalar(&self, sql: &str) -> Result<Option<String>> {
         let df = self.ctx.sql(sql).await?;
@@ -484,12 +765,31 @@ impl Materializer<'_> {
         target: DeltaTable,
         state: &ModelState,
     ) -> Result<DeltaTable> {
-        target
-            .write(Vec::<RecordBatch>::new())
-            .with_save_mode(SaveMode::Append)
-            .with_commit_properties(self.props(m, state))
+        use deltalake::kernel::transaction::CommitBuilder;
+        use deltalake::protocol::DeltaOperation;
+        let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
+        let mut target = target;
+        let snapshot = target.snapshot().map_err(err)?.clone();
+        // No actions but the commit info carrying the state (delta-rs's write refuses an
+        // empty input).
+        let done = CommitBuilder::from(self.props(m, state))
+            .with_actions(Vec::new())
+            .build(
+                Some(&snapshot),
+                target.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )
             .await
-            .map_err(|e| Error::delta(t.to_string(), e))
+            .map_err(|e| err(e.into()))?;
+        target
+            .update_incremental(Some(done.version()))
+            .await
+            .map_err(err)?;
+        Ok(target)
     }
 
     /// `delta.dataSkippingStatsColumns`: every column but the PII ones.
@@ -543,6 +843,7 @@ impl Materializer<'_> {
         incremental: bool,
         relations: BTreeMap<String, String>,
         touched: &BTreeSet<String>,
+        recompute: Option<&Recompute>,
         state: &ModelState,
         metrics: &mut ModelMetrics,
     ) -> Result<DeltaTable> {
@@ -554,6 +855,7 @@ impl Materializer<'_> {
             },
         )?;
         let cfg = &m.config;
+        let previous = target.version();
         let partition_cols: Vec<String> = cfg.partition_by.iter().cloned().collect();
         // Plan first: a SQL error writes nothing.
         let df = crate::time_travel::sql(self.ctx, self.catalog, &sql)
@@ -585,6 +887,16 @@ impl Materializer<'_> {
         if let Some(contract) = &cfg.contract {
             check_contract(m, df.schema().as_arrow(), contract)?;
         }
+        if let Some(c) = &cfg.recompute_by
+            && df.schema().field_with_unqualified_name(c).is_err()
+        {
+            return Err(Error::config(
+                &m.file,
+                format!(
+                    "recompute_by='{c}': the model's output has no column '{c}'; select it, or name an output column"
+                ),
+            ));
+        }
         // An increment is small by design: run the model's query once, then check and merge its
         // result (instead of running it for the check and again for the MERGE).
         let df = if incremental && cfg.materialized == Materialized::Incremental {
@@ -595,10 +907,15 @@ impl Materializer<'_> {
         } else {
             df
         };
-        if matches!(
-            cfg.materialized,
-            Materialized::Incremental | Materialized::Snapshot
-        ) {
+        // An increment is checked before it is merged. A full build is checked after its
+        // write, on the key columns of what it wrote (checking first would run the whole
+        // model twice), and rolled back if it is not unique.
+        if incremental
+            && matches!(
+                cfg.materialized,
+                Materialized::Incremental | Materialized::Snapshot
+            )
+        {
             self.check_unique(m, &df, incremental).await?;
         }
         if !incremental {
@@ -629,6 +946,12 @@ impl Materializer<'_> {
                 .with_commit_properties(self.props(m, state))
                 .await
                 .map_err(|e| Error::delta(t.to_string(), e))?;
+            if cfg.materialized == Materialized::Incremental {
+                let written = self.ctx.read_table(table.table_provider().await?)?;
+                if let Err(e) = self.check_unique(m, &written, false).await {
+                    return Err(self.roll_back(m, t, table, previous, e).await);
+                }
+            }
             return Ok(table);
         }
         match cfg.materialized {
@@ -669,10 +992,129 @@ impl Materializer<'_> {
                     .map_err(|e| Error::delta(t.to_string(), e))?;
                 Ok(table)
             }
-            Materialized::Incremental => self.merge(m, t, target, df, state, metrics).await,
+            Materialized::Incremental => {
+                self.merge(m, t, target, df, recompute, state, metrics)
+                    .await
+            }
             Materialized::Snapshot => self.scd2_merge(m, t, target, &sql, state, metrics).await,
             Materialized::Table => unreachable!("tables are always rebuilt"),
         }
+    }
+
+    /// Undo a full build whose output broke its unique_key: the table goes back to the
+    /// version before it (with that version's build state, so the next run builds again), or,
+    /// if the build created the table, loses its rows and its build state. Returns `why`, told
+    /// what was undone.
+    async fn roll_back(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        table: DeltaTable,
+        previous: Option<u64>,
+        why: Error,
+    ) -> Error {
+        let undone = match previous {
+            Some(v) => {
+                crate::time_travel::restore(self.catalog, t, &crate::time_travel::AsOf::Version(v))
+                    .await
+                    .map(|_| format!("{t} is back at version {v}"))
+            }
+            None => {
+                let invalid = ModelState {
+                    upstream: BTreeMap::new(),
+                    sql_hash: "rolled back".into(),
+                };
+                table
+                    .delete()
+                    .with_commit_properties(self.props(m, &invalid))
+                    .await
+                    .map(|_| format!("{t} holds no rows"))
+                    .map_err(|e| Error::delta(t.to_string(), e))
+            }
+        };
+        match (why, undone) {
+            (Error::Config { file, message }, Ok(what)) => Error::Config {
+                file,
+                message: format!("{message}\nThe build was rolled back: {what}."),
+            },
+            (why, Ok(_)) => why,
+            (why, Err(e)) => {
+                Error::Runtime(format!("{why}; and rolling the build back failed: {e}"))
+            }
+        }
+    }
+
+    /// The table written again as its rows whose key is neither recomputed (`__silt_src`, the
+    /// changed rows) nor stale (`__silt_stale`), followed by the changed rows: one streamed
+    /// overwrite. Metrics count the changed rows that replace a row (updated), the others
+    /// (inserted) and the stale rows (deleted).
+    #[allow(clippy::too_many_arguments)]
+    async fn rewrite_recomputed(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        rc: &Recompute,
+        cols: &[String],
+        target_cols: &str,
+        stale_rows: usize,
+        state: &ModelState,
+        metrics: &mut ModelMetrics,
+    ) -> Result<DeltaTable> {
+        let keys = &m.config.unique_key;
+        let klist = keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+        let same = keys
+            .iter()
+            .map(|k| format!("(t.{c} is not distinct from x.{c})", c = q(k)))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        let replaced = keys
+            .iter()
+            .map(|k| format!("t.{c} = s.{c}", c = q(k)))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        let changed_rows: u64 = self
+            .scalar("select count(*) from __silt_src")
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let updated: u64 = self
+            .scalar(&format!(
+                "select count(*) from __silt_src s join (select {klist} from {t}) t on {replaced}"
+            ))
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let gone = if stale_rows > 0 {
+            format!(" union all select {klist} from __silt_stale")
+        } else {
+            String::new()
+        };
+        let list = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "select {target_cols} from (select t.* from {t} t left anti join \
+             (select {klist} from __silt_src{gone}) x on {same}) kept \
+             union all select {list} from __silt_src"
+        );
+        let df = self.ctx.sql(&sql).await.map_err(|e| sql_error(m, e))?;
+        let table = target
+            .write(Vec::new())
+            .with_input_plan(df.into_unoptimized_plan())
+            .with_session_state(Arc::new(self.ctx.state()))
+            .with_writer_properties(writer_properties())
+            .with_save_mode(SaveMode::Overwrite)
+            .with_configuration(self.stats_config(m, cols))
+            .with_commit_properties(self.props(m, state))
+            .await
+            .map_err(|e| Error::delta(t.to_string(), e))?;
+        metrics.rows_updated = updated;
+        metrics.rows_inserted = changed_rows.saturating_sub(updated);
+        metrics.rows_deleted = stale_rows as u64;
+        metrics.message = Some(format!(
+            "{} value(s) of {} recomputed; the table was rewritten in one pass",
+            rc.values, rc.column
+        ));
+        Ok(table)
     }
 
     async fn check_unique(&self, m: &Model, df: &DataFrame, incremental: bool) -> Result<()> {
@@ -718,19 +1160,23 @@ impl Materializer<'_> {
     /// Incremental MERGE on unique_key. With partition_by, the join carries the partition
     /// column (`t.p = s.p`) so delta-rs prunes target files to the source's partitions, and a
     /// row whose partition changed is deleted from its old partition in the same commit.
+    /// With `recompute`, the increment is every output row of the recomputed values, and
+    /// target rows of those values that it no longer holds are deleted in the same commit.
+    #[allow(clippy::too_many_arguments)]
     async fn merge(
         &self,
         m: &Model,
         t: &TableRef,
         target: DeltaTable,
         df: DataFrame,
+        recompute: Option<&Recompute>,
         state: &ModelState,
         metrics: &mut ModelMetrics,
     ) -> Result<DeltaTable> {
         let phase = Instant::now();
         let batches = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
         tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: increment");
-        if batches.iter().all(|b| b.num_rows() == 0) {
+        if recompute.is_none() && batches.iter().all(|b| b.num_rows() == 0) {
             // Nothing new: still record the state so the next run is a no-op.
             return self.record_state(m, t, target, state).await;
         }
@@ -783,12 +1229,37 @@ impl Materializer<'_> {
             })
             .collect::<Vec<_>>()
             .join(", ");
+        // The source's partitions as literals: a subquery would not prune the target's files.
         let existing = match &m.config.partition_by {
-            Some(p) => format!(
-                "select {target_cols} from {t} where {pq} in (select distinct {pq} from {src_name})",
-                pq = q(p)
-            ),
-            None => format!("select {target_cols} from {t}"),
+            Some(p) if target_schema.field(p.as_str()).is_some() => {
+                let pq = q(p);
+                let parts = self
+                    .ctx
+                    .sql(&format!(
+                        "select distinct cast({pq} as varchar) from {src_name} where {pq} is not null"
+                    ))
+                    .await
+                    .map_err(|e| sql_error(m, e))?
+                    .collect()
+                    .await?;
+                let mut list = Vec::new();
+                for b in &parts {
+                    let c = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+                    let c = c.as_any().downcast_ref::<arrow::array::StringArray>();
+                    for v in c.into_iter().flatten().flatten() {
+                        list.push(format!("'{}'", v.replace('\'', "''")));
+                    }
+                }
+                if list.is_empty() {
+                    format!("select {target_cols} from {t} where false")
+                } else {
+                    format!(
+                        "select {target_cols} from {t} where cast({pq} as varchar) in ({})",
+                        list.join(", ")
+                    )
+                }
+            }
+            _ => format!("select {target_cols} from {t}"),
         };
         // An anti join on every column (NULL matching NULL) rather than EXCEPT: the increment's
         // rows are unique by key (checked above), so EXCEPT's deduplication of every row, a
@@ -807,16 +1278,78 @@ impl Materializer<'_> {
             .map_err(|e| sql_error(m, e))?
             .collect()
             .await?;
+        let keys = &m.config.unique_key;
+        // Recompute: target rows of the recomputed values whose key the new result lacks.
+        let stale_name = "__silt_stale";
+        let _ = self.ctx.deregister_table(stale_name);
+        let mut stale_rows = 0;
+        if let Some(rc) = recompute {
+            let key_same = keys
+                .iter()
+                .map(|k| format!("(t.{c} is not distinct from s.{c})", c = q(k)))
+                .collect::<Vec<_>>()
+                .join(" and ");
+            let stale = self
+                .ctx
+                .sql(&format!(
+                    "select {target_cols} from (select t.* from {t} t left anti join {src_name} s on {key_same} \
+                     where t.{c} in (select {c} from {keys_rel})) x",
+                    c = q(&rc.column),
+                    keys_rel = rc.keys
+                ))
+                .await
+                .map_err(|e| sql_error(m, e))?
+                .collect()
+                .await?;
+            stale_rows = stale.iter().map(|b| b.num_rows()).sum::<usize>();
+            if stale_rows > 0 {
+                self.ctx.register_batch(
+                    stale_name,
+                    arrow::compute::concat_batches(&stale[0].schema(), &stale)?,
+                )?;
+            }
+        }
         let _ = self.ctx.deregister_table(src_name);
-        tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: changed rows");
-        if changed.iter().all(|b| b.num_rows() == 0) {
+        let changed_rows: usize = changed.iter().map(|b| b.num_rows()).sum();
+        tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, stale = stale_rows, changed = changed_rows, "merge: changed rows");
+        if changed.iter().all(|b| b.num_rows() == 0) && stale_rows == 0 {
             return self.record_state(m, t, target, state).await;
         }
         self.ctx.register_batch(
             src_name,
             arrow::compute::concat_batches(&changed[0].schema(), &changed)?,
         )?;
-        let keys = &m.config.unique_key;
+        // Rows to replace spread over the whole of an unpartitioned table (one in twenty rows
+        // or more): every file holds one, so a MERGE would rewrite them all after a join with
+        // the whole table. Writing the table again — the rows of other keys, then the new
+        // ones — is the same rewrite in one streamed pass.
+        if let Some(rc) = recompute
+            && m.config.partition_by.is_none()
+            && !evolve
+            && (changed_rows + stale_rows) as u64 * 20 >= rc.target_rows
+        {
+            let result = self
+                .rewrite_recomputed(
+                    m,
+                    t,
+                    target,
+                    rc,
+                    &cols,
+                    &target_cols,
+                    stale_rows,
+                    state,
+                    metrics,
+                )
+                .await;
+            let _ = self.ctx.deregister_table(src_name);
+            let _ = self.ctx.deregister_table(stale_name);
+            return result;
+        }
+        let stale_union = if stale_rows > 0 {
+            format!(" union all select *, 'delete' as __silt_op from {stale_name}")
+        } else {
+            String::new()
+        };
         let key_eq = keys
             .iter()
             .map(|k| format!("t.{c} = s.{c}", c = q(k)))
@@ -840,14 +1373,14 @@ impl Materializer<'_> {
                         "select s.*, 'upsert' as __silt_op from {src_name} s \
                          union all \
                          select distinct {select_old}, 'delete' as __silt_op from {src_name} s join {t} t on {key_eq} \
-                         where t.{pq} is distinct from s.{pq}",
+                         where t.{pq} is distinct from s.{pq}{stale_union}",
                         pq = q(p)
                     ),
                     format!("{key_eq} AND t.{pq} = s.{pq}", pq = q(p)),
                 )
             }
             None => (
-                format!("select s.*, 'upsert' as __silt_op from {src_name} s"),
+                format!("select s.*, 'upsert' as __silt_op from {src_name} s{stale_union}"),
                 key_eq.clone(),
             ),
         };
@@ -859,6 +1392,7 @@ impl Materializer<'_> {
         let staged = self.ctx.read_batches(staged.collect().await?)?;
         tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: staged");
         let _ = self.ctx.deregister_table(src_name);
+        let _ = self.ctx.deregister_table(stale_name);
         let cols2 = cols.clone();
         let (table, mm) = target
             .merge(staged, predicate)
@@ -896,6 +1430,12 @@ impl Materializer<'_> {
             "merge: committed"
         );
         merge_metrics(metrics, &mm);
+        if let Some(rc) = recompute {
+            metrics.message = Some(format!(
+                "{} value(s) of {} recomputed; merged",
+                rc.values, rc.column
+            ));
+        }
         Ok(table)
     }
 
@@ -952,15 +1492,43 @@ impl Materializer<'_> {
         let cols = self.model_columns(m, sql).await?;
         let (keys, hash, vt) = self.scd2_parts(m, &cols);
         let c = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        // One ordered pass over (key, time) instead of windows partitioned by key: DataFusion
+        // keeps state per window partition, and a history has about one partition per row.
+        // A row's neighbour in that order belongs to the same key when every key column
+        // matches (NULL-safe).
+        let w = format!("over (order by {keys}, __vt)");
+        let key_cols = &m.config.unique_key;
+        let prev_keys = key_cols
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("lag({}) {w} as __pk{i}", q(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let next_keys = key_cols
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("lead({}) {w} as __nk{i}", q(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let same = |p: &str| {
+            key_cols
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("({p}{i} is not distinct from {})", q(k)))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        };
+        let (same_prev, same_next) = (same("__pk"), same("__nk"));
         let full = format!(
             "with src as ({sql}), \
              h as (select *, {vt} as __vt, {hash} as _scd_hash from src), \
-             o as (select *, lag(_scd_hash) over (partition by {keys} order by __vt) as __prev from h), \
-             k as (select * from o where __prev is null or __prev <> _scd_hash) \
-             select {c}, _scd_hash, __vt as valid_from, \
-               lead(__vt) over (partition by {keys} order by __vt) as valid_to, \
-               lead(__vt) over (partition by {keys} order by __vt) is null as is_current \
-             from k"
+             o as (select *, lag(_scd_hash) {w} as __prev, {prev_keys} from h), \
+             k as (select * from o where not ({same_prev}) or __prev is null or __prev <> _scd_hash), \
+             n as (select *, lead(__vt) {w} as __next, {next_keys} from k), \
+             v as (select *, case when {same_next} then __next end as __valid_to from n) \
+             select {c}, _scd_hash, __vt as valid_from, __valid_to as valid_to, \
+               __valid_to is null as is_current \
+             from v"
         );
         self.ctx.sql(&full).await.map_err(|e| sql_error(m, e))
     }

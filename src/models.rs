@@ -49,6 +49,11 @@ pub struct ModelConfig {
     /// the latest value already in the target.
     pub lookback_days: Option<i64>,
     pub lookback_column: Option<String>,
+    /// Incremental: recompute the output rows of every value of this column that changed
+    /// upstream (from whole upstream rows filtered to those values), instead of merging rows
+    /// computed from new upstream rows only. For models whose rows for a value depend only on
+    /// upstream rows carrying that value (`group by client_id`, `partition by client_id`).
+    pub recompute_by: Option<String>,
     /// Snapshot: `check` (compare `check_cols`) or `timestamp` (a new `updated_at` is a change).
     pub strategy: String,
     pub check_cols: Vec<String>,
@@ -80,6 +85,7 @@ impl Default for ModelConfig {
             partition_by: None,
             lookback_days: None,
             lookback_column: None,
+            recompute_by: None,
             strategy: "check".into(),
             check_cols: vec![],
             updated_at: None,
@@ -269,6 +275,7 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
         .get::<Option<i64>>("lookback_days")
         .map_err(|e| format!("config(lookback_days=…): {e}"))?;
     c.lookback_column = s("lookback_column")?;
+    c.recompute_by = s("recompute_by")?;
     if let Some(st) = s("strategy")? {
         c.strategy = st;
     }
@@ -344,6 +351,17 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     }
     if c.lookback_days.is_some() != c.lookback_column.is_some() {
         return Err("lookback_days and lookback_column go together".into());
+    }
+    if c.recompute_by.is_some() {
+        if c.materialized != Materialized::Incremental {
+            return Err("recompute_by goes with materialized='incremental'".into());
+        }
+        if c.lookback_days.is_some() {
+            return Err(
+                "recompute_by reads every upstream row of the values it recomputes: lookback_days is not needed (remove it)"
+                    .into(),
+            );
+        }
     }
     Ok(c)
 }

@@ -283,6 +283,7 @@ async fn build_models(
         full_refresh,
         pii: &pii,
         hmac_key: silt.project.file.gdpr.hmac_key.as_deref(),
+        changes: Default::default(),
     };
     let mut broken: BTreeSet<String> = BTreeSet::new();
     if let Some(p) = &progress {

@@ -240,9 +240,7 @@ impl BatchStats {
                 };
                 match c.logical_nulls() {
                     None => hashes.iter().for_each(|h| add(*h)),
-                    Some(nulls) => nulls
-                        .valid_indices()
-                        .for_each(|i| add(hashes[i])),
+                    Some(nulls) => nulls.valid_indices().for_each(|i| add(hashes[i])),
                 }
                 Some(reg)
             };

@@ -1,4 +1,7 @@
-{{ config(materialized='table', description='One row per current client: cohort month and first-touch adviser (no PII)') }}
+{{ config(materialized='incremental', unique_key='client_id', recompute_by='client_id',
+    description='One row per current client: cohort month and first-touch adviser (no PII)') }}
+-- A client's row depends only on that client's profile and fees: a batch recomputes just the
+-- clients whose profile or fees changed (recompute_by), from their whole fee history.
 
 with first_fee as (
     select

@@ -1,4 +1,5 @@
-{{ config(materialized='table', description='Lifetime value per client at 1, 3, 6 and 12 months from the first fee; refunds count',
+{{ config(materialized='incremental', unique_key='client_id', recompute_by='client_id',
+    description='Lifetime value per client at 1, 3, 6 and 12 months from the first fee; refunds count',
     columns={'ltv_total': 'Net fees of the client to date (refunds negative)', 'cohort_month': 'Month of the first fee (YYYY-MM)'}) }}
 
 -- Sums per client first (grouped by the one key), then the client's attributes joined on.

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
+use arrow::array::NullBufferBuilder;
 use arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array, Int64Array,
     StringArray, TimestampMicrosecondArray,
 };
-use arrow::array::NullBufferBuilder;
 use arrow::buffer::{BooleanBuffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
@@ -29,7 +29,10 @@ struct ColumnBuf {
 }
 
 enum Values {
-    Str { offsets: Vec<i32>, data: Vec<u8> },
+    Str {
+        offsets: Vec<i32>,
+        data: Vec<u8>,
+    },
     /// Int32 and Date (days since the epoch).
     I32(Vec<i32>),
     /// Int64 and Timestamp (microseconds, UTC).
@@ -45,7 +48,10 @@ impl ColumnBuf {
             ColumnType::String => {
                 let mut offsets = Vec::with_capacity(cap + 1);
                 offsets.push(0);
-                Values::Str { offsets, data: Vec::with_capacity(bytes) }
+                Values::Str {
+                    offsets,
+                    data: Vec::with_capacity(bytes),
+                }
             }
             ColumnType::Int32 | ColumnType::Date => Values::I32(Vec::with_capacity(cap)),
             ColumnType::Int64 | ColumnType::Timestamp => Values::I64(Vec::with_capacity(cap)),
@@ -56,7 +62,11 @@ impl ColumnBuf {
                 unreachable!("nested CSV columns are refused before building")
             }
         };
-        ColumnBuf { field, nulls: NullBufferBuilder::new(cap), values }
+        ColumnBuf {
+            field,
+            nulls: NullBufferBuilder::new(cap),
+            values,
+        }
     }
 
     fn push_str(&mut self, v: &str) {
@@ -130,9 +140,9 @@ impl ColumnBuf {
                 _ => Arc::new(Int32Array::new(v.into(), nulls)),
             },
             Values::I64(v) => match ty {
-                DataType::Timestamp(..) => Arc::new(
-                    TimestampMicrosecondArray::new(v.into(), nulls).with_data_type(ty),
-                ),
+                DataType::Timestamp(..) => {
+                    Arc::new(TimestampMicrosecondArray::new(v.into(), nulls).with_data_type(ty))
+                }
                 _ => Arc::new(Int64Array::new(v.into(), nulls)),
             },
             Values::F64(v) => Arc::new(Float64Array::new(v.into(), nulls)),
@@ -419,7 +429,10 @@ pub fn parse(
             if out.lines.len() >= slice_rows
                 || columns.iter().any(|c| c.bytes() >= SLICE_STRING_BYTES)
             {
-                emit(std::mem::replace(&mut columns, new_columns()), &mut out.lines)?;
+                emit(
+                    std::mem::replace(&mut columns, new_columns()),
+                    &mut out.lines,
+                )?;
                 emitted = true;
             }
         } else {
@@ -463,4 +476,3 @@ fn trim_newline(b: &[u8]) -> &[u8] {
     }
     &b[..end]
 }
-

@@ -131,7 +131,11 @@ impl<'a> Records<'a> {
                 if self.pos >= n {
                     // A delimiter at the very end: one more, empty field.
                     self.fields.push(Span::Input(n, n));
-                    return Some(RecordPos { line, start, end: n });
+                    return Some(RecordPos {
+                        line,
+                        start,
+                        end: n,
+                    });
                 }
                 continue;
             }

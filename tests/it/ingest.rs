@@ -160,16 +160,36 @@ fn the_record_splitter_reads_random_csv_as_the_csv_crate_does() {
         seed
     };
     let trim = |b: &[u8]| -> Vec<u8> {
-        let s = b.iter().position(|c| *c != b'\n' && *c != b'\r').unwrap_or(b.len());
-        let e = b.iter().rposition(|c| *c != b'\n' && *c != b'\r').map_or(s, |e| e + 1);
+        let s = b
+            .iter()
+            .position(|c| *c != b'\n' && *c != b'\r')
+            .unwrap_or(b.len());
+        let e = b
+            .iter()
+            .rposition(|c| *c != b'\n' && *c != b'\r')
+            .map_or(s, |e| e + 1);
         b[s..e.max(s)].to_vec()
     };
     let mut records = 0;
     for case in 0..20_000 {
-        let (delim, quote) = if case % 3 == 0 { (b';', b'\'') } else { (b',', b'"') };
+        let (delim, quote) = if case % 3 == 0 {
+            (b';', b'\'')
+        } else {
+            (b',', b'"')
+        };
         let pieces: [&[u8]; 12] = [
-            b"a", b"bc", &[delim], &[delim], &[quote], &[quote, quote], b"\n", b"\r", b"\r\n",
-            b" ", "\u{e9}".as_bytes(), b"12",
+            b"a",
+            b"bc",
+            &[delim],
+            &[delim],
+            &[quote],
+            &[quote, quote],
+            b"\n",
+            b"\r",
+            b"\r\n",
+            b" ",
+            "\u{e9}".as_bytes(),
+            b"12",
         ];
         let mut data = Vec::new();
         for _ in 0..next() % 40 {
@@ -207,7 +227,11 @@ fn the_record_splitter_reads_random_csv_as_the_csv_crate_does() {
             let have: Vec<&[u8]> = ours.iter().collect();
             assert_eq!(have, want, "{shown:?}: fields");
             assert_eq!(got.line, line, "{shown:?}: line");
-            assert_eq!(trim(&data[got.start..got.end]), trim(raw), "{shown:?}: raw bytes");
+            assert_eq!(
+                trim(&data[got.start..got.end]),
+                trim(raw),
+                "{shown:?}: raw bytes"
+            );
         }
     }
     assert!(records > 50_000, "the inputs hold records ({records})");

@@ -637,3 +637,246 @@ fn a_join_beyond_the_engine_memory_limit_fails_the_model_and_says_what_to_raise(
     assert_eq!(model(&r, "big_join")["status"], "built");
     assert_eq!(p.count("select n from gold.big_join"), 3_000_000);
 }
+
+/// `recompute_by`: a batch recomputes only the clients it changed, from their whole history;
+/// a (client, adviser) row the new data no longer produces is deleted; the result equals a full
+/// refresh; and a change in an upstream without the column rebuilds the model in full.
+#[test]
+fn recompute_by_rebuilds_only_the_changed_values_and_deletes_what_they_no_longer_produce() {
+    let p = Project::reference();
+    std::fs::write(
+        p.path().join("sql/gold/client_adviser_fees.sql"),
+        "{{ config(materialized='incremental', unique_key=['client_id', 'adviser_id'], recompute_by='client_id') }}\n\
+         select f.client_id, f.adviser_id, a.team, count(*) as fees, sum(f.fee_amount) as total\n\
+         from {{ ref('stg_fees') }} f join {{ ref('advisers') }} a on a.adviser_id = f.adviser_id\n\
+         where f.fee_amount > 0\n\
+         group by f.client_id, f.adviser_id, a.team\n",
+    )
+    .unwrap();
+    let first = run_json(&p, &["run"]);
+    assert_eq!(model(&first, "client_adviser_fees")["mode"], "full");
+    assert_eq!(model(&first, "dim_clients")["mode"], "full");
+    let before = p.count("select count(*) from gold.client_adviser_fees");
+
+    // A (client, adviser) pair with a single positive fee: correcting it to a refund removes
+    // the pair. And one new fee for another client.
+    let single = p.query(
+        "select f.* from silver.stg_fees f join (select client_id, adviser_id from silver.stg_fees \
+         where fee_amount > 0 group by client_id, adviser_id having count(*) = 1) o \
+         on o.client_id = f.client_id and o.adviser_id = f.adviser_id where f.fee_amount > 0 \
+         order by f.fee_id limit 1",
+    );
+    let s = &single[0];
+    let (cid, adv) = (
+        s["client_id"].as_str().unwrap(),
+        s["adviser_id"].as_str().unwrap(),
+    );
+    let other = p.query(&format!(
+        "select client_id, adviser_id, cast(fee_date as varchar) as d from silver.stg_fees \
+         where client_id <> '{cid}' and fee_amount > 0 order by fee_id limit 1"
+    ));
+    let o = &other[0];
+    let (ocid, oadv) = (
+        o["client_id"].as_str().unwrap(),
+        o["adviser_id"].as_str().unwrap(),
+    );
+    // The same model over five clients only: its two changed rows are more than one in twenty,
+    // so the build rewrites the table in one pass instead of a MERGE; the outcome must be the same.
+    std::fs::write(
+        p.path().join("sql/gold/few_client_adviser_fees.sql"),
+        format!(
+            "{{{{ config(materialized='incremental', unique_key=['client_id', 'adviser_id'], recompute_by='client_id') }}}}\n\
+             select client_id, adviser_id, team, fees, total from ( \
+             select f.client_id, f.adviser_id, a.team, count(*) as fees, sum(f.fee_amount) as total\n\
+             from {{{{ ref('stg_fees') }}}} f join {{{{ ref('advisers') }}}} a on a.adviser_id = f.adviser_id\n\
+             where f.fee_amount > 0 and f.client_id in ('{cid}', '{ocid}', 'C0001', 'C0002', 'C0003')\n\
+             group by f.client_id, f.adviser_id, a.team) x\n"
+        ),
+    )
+    .unwrap();
+    let second = run_json(&p, &["run"]);
+    assert_eq!(model(&second, "few_client_adviser_fees")["mode"], "full");
+    let few_before = p.count("select count(*) from gold.few_client_adviser_fees");
+    assert!(
+        few_before < 40,
+        "{few_before} rows: two changed rows must be one in twenty"
+    );
+    let pairs_of_other = p.count(&format!(
+        "select count(*) from gold.client_adviser_fees where client_id = '{ocid}' and adviser_id = '{oadv}'"
+    ));
+    assert_eq!(pairs_of_other, 1);
+    std::fs::write(
+        p.landing().join("fees/fees_recompute_fix.csv"),
+        format!(
+            "fee_id,client_id,adviser_id,fee_date,fee_amount,currency,note\n\
+             {},{cid},{adv},{},-5.00,GBP,refunded\n\
+             F999901,{ocid},{oadv},{},12.34,GBP,new\n",
+            s["fee_id"].as_str().unwrap(),
+            p.query(&format!(
+                "select cast(fee_date as varchar) as d from silver.stg_fees where fee_id = '{}'",
+                s["fee_id"].as_str().unwrap()
+            ))[0]["d"]
+                .as_str()
+                .unwrap(),
+            o["d"].as_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let report = run_json(&p, &["run"]);
+    let m = model(&report, "client_adviser_fees");
+    assert_eq!(m["mode"], "incremental", "{m}");
+    // Only the two clients' rows were recomputed; of those, one pair is gone and one changed.
+    assert_eq!(m["rows_deleted"], 1, "{m}");
+    assert_eq!(m["rows_updated"], 1, "{m}");
+    assert_eq!(m["rows_inserted"], 0, "{m}");
+    let few = model(&report, "few_client_adviser_fees");
+    assert_eq!(few["mode"], "incremental", "{few}");
+    assert_eq!(
+        (
+            few["rows_deleted"].clone(),
+            few["rows_updated"].clone(),
+            few["rows_inserted"].clone()
+        ),
+        (Value::from(1), Value::from(1), Value::from(0)),
+        "{few}"
+    );
+    assert_eq!(
+        few["message"],
+        "2 value(s) of client_id recomputed; the table was rewritten in one pass"
+    );
+    assert_eq!(m["message"], "2 value(s) of client_id recomputed; merged");
+    assert_eq!(
+        p.count("select count(*) from gold.few_client_adviser_fees"),
+        few_before - 1
+    );
+    for g in ["dim_clients", "rpt_client_ltv"] {
+        assert_eq!(model(&report, g)["mode"], "incremental", "{g}");
+    }
+    assert_eq!(
+        p.count(&format!(
+            "select count(*) from gold.client_adviser_fees where client_id = '{cid}' and adviser_id = '{adv}'"
+        )),
+        0
+    );
+    assert_eq!(
+        p.count("select count(*) from gold.client_adviser_fees"),
+        before - 1
+    );
+    let fees_now = p.count(&format!(
+        "select fees from gold.client_adviser_fees where client_id = '{ocid}' and adviser_id = '{oadv}'"
+    ));
+    let few_incremental = table_csv(&p, "gold.few_client_adviser_fees");
+    let incremental = table_csv(&p, "gold.client_adviser_fees");
+    let ltv = table_csv(&p, "gold.rpt_client_ltv");
+    let dim = table_csv(&p, "gold.dim_clients");
+    p.ok(&[
+        "build",
+        "--full-refresh",
+        "--select",
+        "client_adviser_fees,few_client_adviser_fees,dim_clients,rpt_client_ltv",
+    ]);
+    assert_eq!(
+        table_csv(&p, "gold.few_client_adviser_fees"),
+        few_incremental
+    );
+    assert_eq!(table_csv(&p, "gold.client_adviser_fees"), incremental);
+    assert_eq!(table_csv(&p, "gold.rpt_client_ltv"), ltv);
+    assert_eq!(table_csv(&p, "gold.dim_clients"), dim);
+    assert!(fees_now >= 2, "the new fee counts: {fees_now}");
+
+    // silver.advisers has no client_id: when it changes, any row may change, so a full rebuild.
+    std::fs::write(
+        p.landing().join("advisers/advisers_2026_09.ndjson"),
+        format!("{{\"adviser_id\": \"{oadv}\", \"name\": \"Moved Adviser\", \"team\": \"Recompute\", \"region\": \"York\", \"joined_date\": \"2020-01-01\"}}\n"),
+    )
+    .unwrap();
+    let report = run_json(&p, &["run"]);
+    assert_eq!(model(&report, "client_adviser_fees")["mode"], "full");
+    assert_eq!(
+        p.count(&format!(
+            "select count(*) from gold.client_adviser_fees where adviser_id = '{oadv}' and team <> 'Recompute'"
+        )),
+        0
+    );
+}
+
+/// recompute_by is checked: it needs an incremental model and an output column of that name.
+#[test]
+fn recompute_by_without_its_column_or_on_a_table_is_a_config_error() {
+    let p = Project::reference();
+    std::fs::write(
+        p.path().join("sql/gold/bad_recompute.sql"),
+        "{{ config(materialized='table', recompute_by='client_id') }}\nselect 1 as a\n",
+    )
+    .unwrap();
+    let out = p.run(&["build"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sql/gold/bad_recompute.sql")
+            && err.contains("recompute_by goes with materialized='incremental'"),
+        "{err}"
+    );
+    std::fs::write(
+        p.path().join("sql/gold/bad_recompute.sql"),
+        "{{ config(materialized='incremental', unique_key='a', recompute_by='client_id') }}\nselect client_id as a from {{ ref('stg_fees') }} group by client_id\n",
+    )
+    .unwrap();
+    let out = p.run(&["run"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sql/gold/bad_recompute.sql") && err.contains("has no column 'client_id'"),
+        "{err}"
+    );
+}
+
+/// A full build of an incremental model whose output breaks its unique_key fails naming the
+/// duplicates, and is rolled back: a new table is left with no rows, an existing one goes back
+/// to the version before (its rows intact), and the next run tries again.
+#[test]
+fn a_full_build_that_breaks_its_unique_key_is_rolled_back() {
+    let p = Project::reference();
+    let file = p.path().join("sql/gold/adviser_fee_keys.sql");
+    let write = |sql: &str| std::fs::write(&file, sql).unwrap();
+    write(
+        "{{ config(materialized='incremental', unique_key='adviser_id') }}\n\
+         select adviser_id, client_id from {{ ref('stg_fees') }}\n",
+    );
+    let out = p.run(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sql/gold/adviser_fee_keys.sql")
+            && err.contains("unique_key (adviser_id) is not unique")
+            && err.contains("rolled back: gold.adviser_fee_keys holds no rows"),
+        "{err}"
+    );
+    assert_eq!(p.count("select count(*) from gold.adviser_fee_keys"), 0);
+    // Fixed: it builds. Broken again with a full refresh: the good version comes back.
+    write(
+        "{{ config(materialized='incremental', unique_key='adviser_id') }}\n\
+         select adviser_id, count(*) as fees from {{ ref('stg_fees') }} group by adviser_id\n",
+    );
+    let report = run_json(&p, &["run"]);
+    assert_eq!(model(&report, "adviser_fee_keys")["mode"], "full");
+    let good = table_csv(&p, "gold.adviser_fee_keys");
+    assert!(good.lines().count() > 2, "{good}");
+    write(
+        "{{ config(materialized='incremental', unique_key='adviser_id') }}\n\
+         select adviser_id, client_id as fees from {{ ref('stg_fees') }}\n",
+    );
+    let out = p.run(&["build", "--full-refresh", "--select", "adviser_fee_keys"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rolled back: gold.adviser_fee_keys is back at version"),
+        "{err}"
+    );
+    assert_eq!(table_csv(&p, "gold.adviser_fee_keys"), good);
+}
