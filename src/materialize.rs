@@ -82,10 +82,12 @@ pub struct Materializer<'a> {
     pub changes: ChangeCache,
 }
 
-/// The rows that differ between two versions of a table, by (table, from, to): models of one
-/// run that read the same upstream change share one diff.
-pub type ChangeCache =
-    std::sync::Mutex<HashMap<(String, u64, u64), Arc<dyn datafusion::catalog::TableProvider>>>;
+/// The values of a column on the rows that differ between two versions of a table, by
+/// (table, from, to, column): models of one run that read the same upstream change share one
+/// diff.
+pub type ChangeCache = std::sync::Mutex<
+    HashMap<(String, u64, u64, String), Arc<dyn datafusion::catalog::TableProvider>>,
+>;
 
 /// A `recompute_by` build: the column, and the relation of its values to recompute.
 struct Recompute {
@@ -552,8 +554,8 @@ impl Materializer<'_> {
                     );
                     return Ok(None);
                 }
-                let Some(changes) = self.changes_of(u, ut, pv).await? else {
-                    tracing::info!("{}: {u} version {pv} is not readable; full rebuild", m.name);
+                let Some(changes) = self.changes_of(u, ut, pv, column).await? else {
+                    tracing::info!("{}: the change of {u} cannot be told; full rebuild", m.name);
                     return Ok(None);
                 };
                 let name = format!("{}__{}__{}__changes", m.name, u.layer.schema_name(), u.name);
@@ -577,12 +579,7 @@ impl Materializer<'_> {
                 changed_parts.join(" union all "),
                 c = q(column)
             );
-            self.ctx
-                .sql(&sql)
-                .await
-                .map_err(|e| sql_error(m, e))?
-                .collect()
-                .await?
+            self.collect(m, &sql).await?
         };
         let n: u64 = keys.iter().map(|b| b.num_rows() as u64).sum();
         if n * 2 > target_rows.max(1) && n > 0 {
@@ -634,18 +631,22 @@ impl Materializer<'_> {
         Ok(Some((relations, keys_rel, n)))
     }
 
-    /// The rows of `u` that differ between version `from` and `ut`'s version: rows of the
-    /// files added since that are not in the files removed since, and the other way round
-    /// (a copy-on-write rewrite copies unchanged rows; they cancel out). `None` when version
-    /// `from` is no longer readable (purged by an erasure). Cached for the run.
+    /// The distinct values of `column` on the rows of `u` that differ between version `from`
+    /// and `ut`'s version: rows of the files added since that are not in the files removed
+    /// since, and the other way round (a copy-on-write rewrite copies unchanged rows; they
+    /// cancel out). `None` when that cannot be told: version `from` is no longer readable
+    /// (purged by an erasure), or the change is too large to compare within the engine's memory
+    /// limit (the anti joins hold one side). Cached for the run, so models recomputing by the
+    /// same column share one diff.
     async fn changes_of(
         &self,
         u: &TableRef,
         ut: &DeltaTable,
         from: u64,
+        column: &str,
     ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
         let to = ut.version().unwrap_or(from);
-        let cache_key = (u.to_string(), from, to);
+        let cache_key = (u.to_string(), from, to, column.to_string());
         if let Some(p) = self.changes.lock().unwrap().get(&cache_key) {
             return Ok(Some(p.clone()));
         }
@@ -657,7 +658,7 @@ impl Materializer<'_> {
         {
             Ok(t) => t,
             Err(e) => {
-                tracing::debug!("{u} version {from}: {e}");
+                tracing::info!("{u} version {from} is not readable ({e})");
                 return Ok(None);
             }
         };
@@ -676,73 +677,103 @@ impl Materializer<'_> {
             .table_provider()
             .with_file_selection(FileSelection::from_file_paths(added))
             .await?;
-        let provider = if removed.is_empty() {
-            // Only appends: the new files are the change.
-            a
-        } else {
-            let r = then
-                .table_provider()
-                .with_file_selection(FileSelection::from_file_paths(removed))
-                .await?;
-            let schema = self.new_schema()?;
-            let side = |s: &str| format!("{}__{}__{from}_{to}__{s}", u.layer.schema_name(), u.name);
-            let (an, rn) = (side("added"), side("removed"));
-            schema.register_table(an.clone(), a.clone())?;
-            schema.register_table(rn.clone(), r.clone())?;
-            let cols_of = |p: &Arc<dyn datafusion::catalog::TableProvider>| -> Vec<String> {
-                p.schema()
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().clone())
-                    .collect()
-            };
-            let (ca, cr) = (cols_of(&a), cols_of(&r));
-            let nested = a
-                .schema()
+        let r = then
+            .table_provider()
+            .with_file_selection(FileSelection::from_file_paths(removed.clone()))
+            .await?;
+        let schema = self.new_schema()?;
+        let side = |s: &str| format!("{}__{}__{from}_{to}__{s}", u.layer.schema_name(), u.name);
+        let (an, rn) = (side("added"), side("removed"));
+        schema.register_table(an.clone(), a.clone())?;
+        schema.register_table(rn.clone(), r.clone())?;
+        let cols_of = |p: &Arc<dyn datafusion::catalog::TableProvider>| -> Vec<String> {
+            p.schema()
                 .fields()
                 .iter()
-                .any(|f| f.data_type().is_nested());
-            let sql = if ca == cr && !nested {
-                let same = ca
-                    .iter()
-                    .map(|c| format!("(x.{c} is not distinct from y.{c})", c = q(c)))
-                    .collect::<Vec<_>>()
-                    .join(" and ");
-                format!(
-                    "select x.* from {NEW_SCHEMA}.{an} x left anti join {NEW_SCHEMA}.{rn} y on {same} \
-                     union all select x.* from {NEW_SCHEMA}.{rn} x left anti join {NEW_SCHEMA}.{an} y on {same}"
-                )
-            } else {
-                // Another schema, or columns that cannot be compared: every row of both sides
-                // counts as changed (more to recompute, never less).
-                let common: Vec<String> =
-                    ca.iter().filter(|c| cr.contains(c)).map(|c| q(c)).collect();
-                let list = common.join(", ");
-                format!(
-                    "select {list} from {NEW_SCHEMA}.{an} union all select {list} from {NEW_SCHEMA}.{rn}"
-                )
-            };
-            let batches = match self.ctx.sql(&sql).await {
-                Ok(df) => df.collect().await,
-                Err(e) => Err(e),
-            };
-            let _ = schema.deregister_table(&an);
-            let _ = schema.deregister_table(&rn);
-            let batches = batches?;
-            let schema = batches
-                .first()
-                .map(|b| b.schema())
-                .unwrap_or_else(|| a.schema());
-            Arc::new(datafusion::datasource::MemTable::try_new(
-                schema,
-                vec![batches],
-            )?)
+                .map(|f| f.name().clone())
+                .collect()
         };
+        let (ca, cr) = (cols_of(&a), cols_of(&r));
+        let nested = a
+            .schema()
+            .fields()
+            .iter()
+            .any(|f| f.data_type().is_nested());
+        let c = q(column);
+        let rows = if removed.is_empty() {
+            // Only appends: the new files are the change.
+            format!("select {c} from {NEW_SCHEMA}.{an}")
+        } else if ca == cr && !nested {
+            let same = ca
+                .iter()
+                .map(|c| format!("(x.{c} is not distinct from y.{c})", c = q(c)))
+                .collect::<Vec<_>>()
+                .join(" and ");
+            format!(
+                "select x.{c} from {NEW_SCHEMA}.{an} x left anti join {NEW_SCHEMA}.{rn} y on {same} \
+                 union all select x.{c} from {NEW_SCHEMA}.{rn} x left anti join {NEW_SCHEMA}.{an} y on {same}"
+            )
+        } else {
+            // Another schema, or columns that cannot be compared: every row of both sides
+            // counts as changed (more to recompute, never less).
+            format!("select {c} from {NEW_SCHEMA}.{an} union all select {c} from {NEW_SCHEMA}.{rn}")
+        };
+        let sql = format!("select distinct {c} from ({rows}) k where {c} is not null");
+        let batches = match self.ctx.sql(&sql).await {
+            Ok(df) => df.collect().await,
+            Err(e) => Err(e),
+        };
+        let _ = schema.deregister_table(&an);
+        let _ = schema.deregister_table(&rn);
+        let batches = match batches {
+            Ok(b) => b,
+            Err(e)
+                if matches!(
+                    e.find_root(),
+                    datafusion::error::DataFusionError::ResourcesExhausted(_)
+                ) =>
+            {
+                tracing::info!(
+                    "{u}: the change since version {from} is too large to compare in memory ({e})"
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => Arc::new(arrow::datatypes::Schema::new(vec![
+                a.schema().field_with_name(column)?.clone(),
+            ])),
+        };
+        let provider: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
+            datafusion::datasource::MemTable::try_new(schema, vec![batches])?,
+        );
         self.changes
             .lock()
             .unwrap()
             .insert(cache_key, provider.clone());
         Ok(Some(provider))
+    }
+
+    /// A delta-rs write that executes `df` in this session and streams its batches into the
+    /// model's Parquet files.
+    fn write_plan(
+        &self,
+        target: DeltaTable,
+        df: DataFrame,
+    ) -> deltalake::operations::write::WriteBuilder {
+        target
+            .write(Vec::new())
+            .with_input_plan(df.into_unoptimized_plan())
+            .with_session_state(Arc::new(self.ctx.state()))
+            .with_writer_properties(writer_properties())
+    }
+
+    /// Every row of a query of `m`'s build (SQL errors name the model file).
+    async fn collect(&self, m: &Model, sql: &str) -> Result<Vec<RecordBatch>> {
+        let df = self.ctx.sql(sql).await.map_err(|e| sql_error(m, e))?;
+        Ok(df.collect().await?)
     }
 
     /// The first value of a one-row query, as text.
@@ -784,7 +815,7 @@ impl Materializer<'_> {
                 },
             )
             .await
-            .map_err(|e| err(e.into()))?;
+            .map_err(err)?;
         target
             .update_incremental(Some(done.version()))
             .await
@@ -933,11 +964,8 @@ impl Materializer<'_> {
                 .iter()
                 .map(|f| f.name().clone())
                 .collect();
-            let table = target
-                .write(Vec::new())
-                .with_input_plan(df.into_unoptimized_plan())
-                .with_session_state(Arc::new(self.ctx.state()))
-                .with_writer_properties(writer_properties())
+            let table = self
+                .write_plan(target, df)
                 .with_save_mode(SaveMode::Overwrite)
                 .with_schema_mode(SchemaMode::Overwrite)
                 .with_partition_columns(partition_cols)
@@ -956,11 +984,8 @@ impl Materializer<'_> {
         }
         match cfg.materialized {
             Materialized::Append => {
-                let table = target
-                    .write(Vec::new())
-                    .with_input_plan(df.into_unoptimized_plan())
-                    .with_session_state(Arc::new(self.ctx.state()))
-                    .with_writer_properties(writer_properties())
+                let table = self
+                    .write_plan(target, df)
                     .with_save_mode(SaveMode::Append)
                     .with_commit_properties(self.props(m, state))
                     .await
@@ -980,11 +1005,8 @@ impl Materializer<'_> {
                     cast(col(pcol.as_str()), DataType::Utf8)
                 };
                 let pred = pc.in_list(touched.iter().map(|v| lit(v.clone())).collect(), false);
-                let table = target
-                    .write(Vec::new())
-                    .with_input_plan(df.into_unoptimized_plan())
-                    .with_session_state(Arc::new(self.ctx.state()))
-                    .with_writer_properties(writer_properties())
+                let table = self
+                    .write_plan(target, df)
                     .with_save_mode(SaveMode::Overwrite)
                     .with_replace_where(pred)
                     .with_commit_properties(self.props(m, state))
@@ -1097,11 +1119,8 @@ impl Materializer<'_> {
              union all select {list} from __silt_src"
         );
         let df = self.ctx.sql(&sql).await.map_err(|e| sql_error(m, e))?;
-        let table = target
-            .write(Vec::new())
-            .with_input_plan(df.into_unoptimized_plan())
-            .with_session_state(Arc::new(self.ctx.state()))
-            .with_writer_properties(writer_properties())
+        let table = self
+            .write_plan(target, df)
             .with_save_mode(SaveMode::Overwrite)
             .with_configuration(self.stats_config(m, cols))
             .with_commit_properties(self.props(m, state))
@@ -1233,15 +1252,9 @@ impl Materializer<'_> {
         let existing = match &m.config.partition_by {
             Some(p) if target_schema.field(p.as_str()).is_some() => {
                 let pq = q(p);
-                let parts = self
-                    .ctx
-                    .sql(&format!(
+                let parts = self.collect(m, &format!(
                         "select distinct cast({pq} as varchar) from {src_name} where {pq} is not null"
-                    ))
-                    .await
-                    .map_err(|e| sql_error(m, e))?
-                    .collect()
-                    .await?;
+                    )).await?;
                 let mut list = Vec::new();
                 for b in &parts {
                     let c = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
@@ -1270,13 +1283,10 @@ impl Materializer<'_> {
             .collect::<Vec<_>>()
             .join(" and ");
         let changed = self
-            .ctx
-            .sql(&format!(
-                "select s.* from {src_name} s left anti join ({existing}) e on {same}"
-            ))
-            .await
-            .map_err(|e| sql_error(m, e))?
-            .collect()
+            .collect(
+                m,
+                &format!("select s.* from {src_name} s left anti join ({existing}) e on {same}"),
+            )
             .await?;
         let keys = &m.config.unique_key;
         // Recompute: target rows of the recomputed values whose key the new result lacks.
@@ -1289,18 +1299,12 @@ impl Materializer<'_> {
                 .map(|k| format!("(t.{c} is not distinct from s.{c})", c = q(k)))
                 .collect::<Vec<_>>()
                 .join(" and ");
-            let stale = self
-                .ctx
-                .sql(&format!(
+            let stale = self.collect(m, &format!(
                     "select {target_cols} from (select t.* from {t} t left anti join {src_name} s on {key_same} \
                      where t.{c} in (select {c} from {keys_rel})) x",
                     c = q(&rc.column),
                     keys_rel = rc.keys
-                ))
-                .await
-                .map_err(|e| sql_error(m, e))?
-                .collect()
-                .await?;
+                )).await?;
             stale_rows = stale.iter().map(|b| b.num_rows()).sum::<usize>();
             if stale_rows > 0 {
                 self.ctx.register_batch(
