@@ -219,7 +219,10 @@ pub async fn commit_files(
         .map_err(|e| err(e.into()))?;
         let mut first = vec![Action::Protocol(protocol), Action::Metadata(metadata)];
         first.extend(actions.iter().cloned());
-        let created = CommitBuilder::from(props())
+        // No retries: when another writer created version 0 first, delta-rs would retry this
+        // commit on top of it without checking its txn ids (the new snapshot already holds
+        // them), so two ingests of one file into a new table would both land it.
+        let created = CommitBuilder::from(props().with_max_retries(0))
             .with_actions(first)
             .build(None, table.log_store(), operation.clone())
             .await;
@@ -232,10 +235,15 @@ pub async fn commit_files(
                 return Ok(table);
             }
             Err(e) => {
-                // Someone else created it meanwhile: append to theirs.
+                // Someone else created it meanwhile: append to theirs, unless theirs already
+                // holds one of our files (two ingests of the same file into a new table; the
+                // conflict checker cannot see it, since the creation is our read snapshot).
                 table.load().await.map_err(err)?;
                 if table.version().is_none() {
                     return Err(err(e));
+                }
+                if !committed_app_ids(&table, &app_ids).await?.is_empty() {
+                    return Err(Error::concurrent_step(&t.to_string()));
                 }
             }
         }

@@ -70,6 +70,10 @@ pub enum Error {
 
     #[error("{0}")]
     Runtime(String),
+
+    /// Another silt process holds the lake's run lease (DESIGN.md §4.5).
+    #[error("{0}")]
+    Busy(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -92,10 +96,26 @@ impl Error {
     }
 
     pub fn delta(table: impl Into<String>, source: deltalake::DeltaTableError) -> Self {
-        Error::Delta {
-            table: table.into(),
-            source,
+        use deltalake::kernel::transaction::{CommitConflictError, TransactionError};
+        let table = table.into();
+        // Every silt commit that carries a `txn` id is an idempotent step (one landing file's
+        // rows): losing that race means another process did the same step at the same time.
+        if let deltalake::DeltaTableError::Transaction {
+            source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
+        } = &source
+        {
+            return Error::concurrent_step(&table);
         }
+        Error::Delta { table, source }
+    }
+
+    /// Another process committed the same idempotent step (`txn` id) to `table` first.
+    pub fn concurrent_step(table: &str) -> Self {
+        Error::Busy(format!(
+            "Delta table {table}: another silt process committed the same landing file(s) at \
+             the same time, so this commit was refused and nothing of it landed. Run the \
+             command again: it skips what the other process committed."
+        ))
     }
 
     pub fn storage(url: impl Into<String>, source: object_store::Error) -> Self {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod failpoint;
 pub mod ingest;
+pub mod lease;
 pub mod maintenance;
 pub mod materialize;
 pub mod models;

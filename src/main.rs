@@ -34,7 +34,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // At least two workers, so the lease's renewal runs beside a busy one on a 1-core machine.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -46,6 +49,9 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
+            ExitCode::from(e.downcast_ref::<ExitWith>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             let code = e
                 .downcast_ref::<Error>()
@@ -60,7 +66,65 @@ fn main() -> ExitCode {
     }
 }
 
+/// An exit code chosen by a command after it printed its own report (failed data tests,
+/// findings): main exits with it and prints nothing more. Returned instead of exiting on the
+/// spot, so the lake's lease is released first.
+#[derive(Debug)]
+struct ExitWith(u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
+/// The commands that rewrite the lake's tables, which take its run lease (DESIGN.md §4.5), by
+/// the verb the lease names. `ingest` does not: it only appends, and each landing file's Delta
+/// `txn` id makes a second process's commit of the same file fail (ARCHITECTURE.md). `watch`
+/// takes the lease per cycle (watch.rs), so it never keeps other commands out while it waits.
+fn lease_verb(c: &Command) -> Option<&'static str> {
+    match c {
+        Command::Run(_) => Some("run"),
+        Command::Build(_) => Some("build"),
+        Command::Restore { .. } => Some("restore"),
+        Command::Export { .. } => Some("export"),
+        Command::Optimize { .. } => Some("optimize"),
+        Command::Vacuum { dry_run: false, .. } => Some("vacuum"),
+        Command::Forget { verify: false, .. } => Some("forget"),
+        _ => None,
+    }
+}
+
+/// Run the command, holding the lake's lease around it when it writes.
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let Some(verb) = lease_verb(&cli.command) else {
+        return execute(cli).await;
+    };
+    let silt = Silt::open(&cli.project)?;
+    let opts = silt::lease::LeaseOptions::from_env()?;
+    let lease = silt::lease::acquire(&silt.lake, verb, opts, |h| {
+        eprintln!(
+            "silt: waiting for the lake's lease, held by {h} (up to {} s; SILT_LEASE_WAIT sets it)",
+            opts.wait.as_secs()
+        )
+    })
+    .await?;
+    let result = execute(cli).await;
+    if lease.lost() {
+        eprintln!(
+            "warning: this process stalled past its lease's time to live and another process took \
+             the lease over; each commit is still whole (Delta's optimistic concurrency)"
+        );
+    }
+    let released = lease.release().await;
+    result?;
+    released?;
+    Ok(())
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Init { dir } => {
@@ -139,7 +203,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             let code = report.exit_code();
             if code != 0 {
-                std::process::exit(code);
+                return Err(ExitWith(code as u8).into());
             }
         }
         Command::Freshness => {
@@ -168,7 +232,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 ))?;
             }
             if rows.iter().any(|r| r.status == "error") {
-                std::process::exit(1);
+                return Err(ExitWith(1).into());
             }
         }
         Command::Profile { target, top } => {
@@ -434,7 +498,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
                 if !r.findings.is_empty() {
-                    std::process::exit(1);
+                    return Err(ExitWith(1).into());
                 }
                 return Ok(());
             }
@@ -695,7 +759,7 @@ async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result
         return Err(Error::Rejected(report.rejected).into());
     }
     if anomalies_failed {
-        std::process::exit(1);
+        return Err(ExitWith(1).into());
     }
     Ok(())
 }
@@ -780,7 +844,7 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
     }
     let code = report.exit_code();
     if code != 0 {
-        std::process::exit(code);
+        return Err(ExitWith(code as u8).into());
     }
     export_after(silt, json).await
 }

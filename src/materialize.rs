@@ -1499,7 +1499,8 @@ impl Materializer<'_> {
         // One ordered pass over (key, time) instead of windows partitioned by key: DataFusion
         // keeps state per window partition, and a history has about one partition per row.
         // A row's neighbour in that order belongs to the same key when every key column
-        // matches (NULL-safe).
+        // matches (NULL-safe). (Splitting the order into buckets of keys, as stg_fees does,
+        // ran out of memory at S=4 here: the two windows' sorts then share the pool.)
         let w = format!("over (order by {keys}, __vt)");
         let key_cols = &m.config.unique_key;
         let prev_keys = key_cols

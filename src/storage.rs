@@ -403,6 +403,20 @@ impl Storage {
         Ok(())
     }
 
+    /// Create `p` only if no object is there: false when one already is. Every backend does
+    /// this atomically (local disk by a hard link, GCS by `ifGenerationMatch=0`).
+    pub async fn put_if_absent(&self, p: &Path, data: Bytes) -> Result<bool> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(p, PutPayload::from(data), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(Error::storage(p.as_ref(), e)),
+        }
+    }
+
     /// Delete one object; a missing object is not an error (deletes are retried after crashes).
     pub async fn delete(&self, p: &Path) -> Result<()> {
         match self.store.delete(p).await {

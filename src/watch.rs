@@ -119,7 +119,24 @@ pub async fn watch(
             full_refresh: false,
             ingest: true,
         };
-        let report = crate::pipeline::run(silt, opts, None).await;
+        // The lake's lease is held per cycle, so other commands (a forget, a restore) run
+        // between cycles; a cycle that cannot get it reports why and the next one tries again.
+        let lease_opts = crate::lease::LeaseOptions::from_env()?;
+        let report = match crate::lease::acquire(&silt.lake, "watch", lease_opts, |h| {
+            tracing::warn!("waiting for the lake's lease, held by {h}")
+        })
+        .await
+        {
+            Ok(lease) => {
+                let r = crate::pipeline::run(silt, opts, None).await;
+                let released = lease.release().await;
+                match (r, released) {
+                    (Ok(r), Ok(())) => Ok(r),
+                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
         on_run(&changed, report);
     }
 }

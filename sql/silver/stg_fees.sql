@@ -29,14 +29,16 @@ select
     to_char(fee_date, '%Y-%m') as fee_month,
     _ingested_at as loaded_at
 from (
-    -- The latest delivery of each fee_id is the first row of that fee_id in this order. (The
-    -- usual `row_number() over (partition by fee_id …) = 1` gives the same rows, but DataFusion
-    -- keeps state per window partition: with one partition per fee it is 3x slower.)
+    -- The latest delivery of each fee_id. One ordered pass (`lag(fee_id) over (order by fee_id,
+    -- …)`) is 2x faster at S=1, but its sort ends in a merge that cannot spill: at S=4 it
+    -- needed 1.7x the memory of S=1 and once failed outright; partitioning by fee_id keeps
+    -- memory flat (benches/, ARCHITECTURE.md).
     select
         *,
-        lag(fee_id) over (
-            order by fee_id, _ingested_at desc, _source_file desc, _source_line desc
-        ) as previous_fee_id
+        row_number() over (
+            partition by fee_id
+            order by _ingested_at desc, _source_file desc, _source_line desc
+        ) as delivery_rank
     from {{ source('fees') }}
 ) deliveries
-where previous_fee_id is distinct from fee_id
+where delivery_rank = 1

@@ -31,7 +31,7 @@ fn quarantine_rows(p: &Project) -> Vec<(Bad, String)> {
 }
 
 /// Bronze holds every good row once and the quarantine every planted bad row once.
-fn assert_exactly_once(p: &Project, m: &Manifest) {
+pub fn assert_exactly_once(p: &Project, m: &Manifest) {
     for s in SOURCES {
         assert_eq!(
             p.count(&format!("select count(*) from bronze.{s}")),

@@ -7,6 +7,7 @@ mod contract;
 mod erasure;
 mod gcs;
 mod ingest;
+mod lease;
 mod maintenance;
 mod models;
 mod quality;
