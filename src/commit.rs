@@ -103,8 +103,36 @@ pub async fn append_to(
     opts: AppendOptions,
 ) -> Result<(CommitOutcome, DeltaTable)> {
     let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-    let is_new = table.version().is_none();
-    let w = builder(table.write(batches), is_new, t, &opts);
+    let mut table = table;
+    if table.version().is_none() {
+        // Create the table without retries: when another writer created it first, delta-rs
+        // would retry this commit on top of theirs without checking its txn ids (the reloaded
+        // snapshot already holds them), so two ingests of one file would both land it.
+        let w = builder(table.clone().write(batches.clone()), true, t, &opts)
+            .with_commit_properties(commit_properties(&opts).with_max_retries(0));
+        match w.await {
+            Ok(created) => {
+                return Ok((
+                    CommitOutcome {
+                        version: created.version().unwrap_or(0),
+                        rows,
+                    },
+                    created,
+                ));
+            }
+            Err(e) => {
+                table.load().await.ok();
+                if table.version().is_none() {
+                    return Err(Error::delta(t.to_string(), e));
+                }
+                if !committed_app_ids(&table, &opts.app_ids).await?.is_empty() {
+                    return Err(Error::concurrent_step(&t.to_string()));
+                }
+                // Theirs holds none of our files: append to it.
+            }
+        }
+    }
+    let w = builder(table.write(batches), false, t, &opts);
     let table = w.await.map_err(|e| Error::delta(t.to_string(), e))?;
     Ok((
         CommitOutcome {
@@ -115,18 +143,23 @@ pub async fn append_to(
     ))
 }
 
-/// The write options every append shares: save mode, schema merge, commit properties, file
-/// size, and for a new table its partitioning, statistics columns and description.
-fn builder(w: WriteBuilder, is_new: bool, t: &TableRef, opts: &AppendOptions) -> WriteBuilder {
-    let mut props = CommitProperties::default()
+/// The commit metadata and txn ids of an append, retried up to 15 times on conflicts.
+fn commit_properties(opts: &AppendOptions) -> CommitProperties {
+    CommitProperties::default()
         .with_metadata(opts.metadata.clone())
         .with_application_transactions(
             opts.app_ids
                 .iter()
                 .map(|id| Transaction::new(id, 1))
                 .collect(),
-        );
-    props = props.with_max_retries(15);
+        )
+        .with_max_retries(15)
+}
+
+/// The write options every append shares: save mode, schema merge, commit properties, file
+/// size, and for a new table its partitioning, statistics columns and description.
+fn builder(w: WriteBuilder, is_new: bool, t: &TableRef, opts: &AppendOptions) -> WriteBuilder {
+    let props = commit_properties(opts);
     let w = match &opts.replace_source_file {
         Some(path) => {
             use datafusion::prelude::{col, lit};

@@ -299,3 +299,48 @@ fn two_ingests_of_the_same_files_at_once_land_each_file_once() {
         }
     }
 }
+
+#[test]
+fn a_file_of_refused_rows_ingested_twice_at_once_is_quarantined_once() {
+    // No good row: bronze gets no commit, and the race is on creating the quarantine table.
+    let p = Project::empty_reference();
+    std::fs::create_dir_all(p.landing().join("fees")).unwrap();
+    std::fs::write(
+        p.landing().join("fees/fees_2026_01.csv"),
+        "fee_id,client_id,adviser_id,fee_date,fee_amount,currency,note\n\
+         F1,C0001,A001,2026-01-05,lots,GBP,a\n\
+         F2,C0001,A001,2026-01-06,many,GBP,b\n\
+         F3,C0001,A001,not-a-date,1.00,GBP,c\n",
+    )
+    .unwrap();
+    let gate = tempfile::tempdir().unwrap();
+    let release = gate.path().join("go");
+    let args = ["ingest", "--source", "fees"];
+    let (a, a_lines) = start_held(&p, &args, "ingest.before_bronze", &release, &[]);
+    let (b, b_lines) = start_held(&p, &args, "ingest.before_bronze", &release, &[]);
+    std::fs::write(&release, b"go").unwrap();
+    let outs = [
+        (
+            a.wait_with_output().unwrap(),
+            a_lines.iter().collect::<Vec<_>>().join("\n"),
+        ),
+        (
+            b.wait_with_output().unwrap(),
+            b_lines.iter().collect::<Vec<_>>().join("\n"),
+        ),
+    ];
+    assert_eq!(
+        outs.iter().filter(|(o, _)| o.status.success()).count(),
+        1,
+        "{outs:?}"
+    );
+    let (lost, err) = outs.iter().find(|(o, _)| !o.status.success()).unwrap();
+    assert_eq!(lost.status.code(), Some(3), "{err}");
+    assert!(err.contains("another silt process committed"), "{err}");
+    p.ok(&["ingest", "--source", "fees"]);
+    assert_eq!(p.count("select count(*) from quarantine.fees"), 3);
+    assert_eq!(
+        p.count("select count(distinct _source_line) from quarantine.fees"),
+        3
+    );
+}
