@@ -57,6 +57,34 @@ fn wait_for(lines: &Receiver<String>, needle: &str, what: &str) -> String {
     }
 }
 
+/// Two `silt <args>` lined up at the first bronze commit and released together: exactly one
+/// must succeed, and the other exit 3 saying another process committed the same files.
+fn race(p: &Project, args: &[&str], what: &str) {
+    let gate = tempfile::tempdir().unwrap();
+    let release = gate.path().join("go");
+    let (a, a_lines) = start_held(p, args, "ingest.before_bronze", &release, &[]);
+    let (b, b_lines) = start_held(p, args, "ingest.before_bronze", &release, &[]);
+    std::fs::write(&release, b"go").unwrap();
+    let outs = [
+        (
+            a.wait_with_output().unwrap(),
+            a_lines.iter().collect::<Vec<_>>().join("\n"),
+        ),
+        (
+            b.wait_with_output().unwrap(),
+            b_lines.iter().collect::<Vec<_>>().join("\n"),
+        ),
+    ];
+    let won = outs.iter().filter(|(o, _)| o.status.success()).count();
+    assert_eq!(won, 1, "{what}: exactly one commits the files: {outs:?}");
+    let (lost, err) = outs.iter().find(|(o, _)| !o.status.success()).unwrap();
+    assert_eq!(lost.status.code(), Some(3), "{what}: {err}");
+    assert!(
+        err.contains("another silt process committed the same landing file(s)"),
+        "{what}: {err}"
+    );
+}
+
 /// The lease entries under the lake, oldest first.
 fn entries(p: &Project) -> Vec<(u64, Value)> {
     let dir = p.lake().join("_silt/lease");
@@ -250,38 +278,13 @@ fn two_ingests_of_the_same_files_at_once_land_each_file_once() {
         if round == 1 {
             copy_dir(&repo().join("fixtures/batch2"), &p.landing());
         }
-        let gate = tempfile::tempdir().unwrap();
-        let release = gate.path().join("go");
         // The barrier is the first source's commit: in round 1, the one with new files.
         let args: &[&str] = if round == 0 {
             &["ingest"]
         } else {
             &["ingest", "--source", "fees"]
         };
-        let (a, a_lines) = start_held(&p, args, "ingest.before_bronze", &release, &[]);
-        let (b, b_lines) = start_held(&p, args, "ingest.before_bronze", &release, &[]);
-        std::fs::write(&release, b"go").unwrap();
-        let outs = [
-            (
-                a.wait_with_output().unwrap(),
-                a_lines.iter().collect::<Vec<_>>().join("\n"),
-            ),
-            (
-                b.wait_with_output().unwrap(),
-                b_lines.iter().collect::<Vec<_>>().join("\n"),
-            ),
-        ];
-        let won = outs.iter().filter(|(o, _)| o.status.success()).count();
-        assert_eq!(
-            won, 1,
-            "round {round}: exactly one commits the files: {outs:?}"
-        );
-        let (lost, err) = outs.iter().find(|(o, _)| !o.status.success()).unwrap();
-        assert_eq!(lost.status.code(), Some(3), "{err}");
-        assert!(
-            err.contains("another silt process committed the same landing file(s)"),
-            "round {round}: {err}"
-        );
+        race(&p, args, &format!("round {round}"));
         // The loser's re-run finds nothing left to do.
         let again: Vec<&str> = ["--json"].iter().chain(args).copied().collect();
         let r: Value = serde_json::from_str(&p.ok(&again)).unwrap();
@@ -313,30 +316,7 @@ fn a_file_of_refused_rows_ingested_twice_at_once_is_quarantined_once() {
          F3,C0001,A001,not-a-date,1.00,GBP,c\n",
     )
     .unwrap();
-    let gate = tempfile::tempdir().unwrap();
-    let release = gate.path().join("go");
-    let args = ["ingest", "--source", "fees"];
-    let (a, a_lines) = start_held(&p, &args, "ingest.before_bronze", &release, &[]);
-    let (b, b_lines) = start_held(&p, &args, "ingest.before_bronze", &release, &[]);
-    std::fs::write(&release, b"go").unwrap();
-    let outs = [
-        (
-            a.wait_with_output().unwrap(),
-            a_lines.iter().collect::<Vec<_>>().join("\n"),
-        ),
-        (
-            b.wait_with_output().unwrap(),
-            b_lines.iter().collect::<Vec<_>>().join("\n"),
-        ),
-    ];
-    assert_eq!(
-        outs.iter().filter(|(o, _)| o.status.success()).count(),
-        1,
-        "{outs:?}"
-    );
-    let (lost, err) = outs.iter().find(|(o, _)| !o.status.success()).unwrap();
-    assert_eq!(lost.status.code(), Some(3), "{err}");
-    assert!(err.contains("another silt process committed"), "{err}");
+    race(&p, &["ingest", "--source", "fees"], "refused rows only");
     p.ok(&["ingest", "--source", "fees"]);
     assert_eq!(p.count("select count(*) from quarantine.fees"), 3);
     assert_eq!(
