@@ -120,16 +120,7 @@ pub async fn append_to(
                     created,
                 ));
             }
-            Err(e) => {
-                table.load().await.ok();
-                if table.version().is_none() {
-                    return Err(Error::delta(t.to_string(), e));
-                }
-                if !committed_app_ids(&table, &opts.app_ids).await?.is_empty() {
-                    return Err(Error::concurrent_step(&t.to_string()));
-                }
-                // Theirs holds none of our files: append to it.
-            }
+            Err(e) => lost_creation(&mut table, t, &opts.app_ids, e).await?,
         }
     }
     let w = builder(table.write(batches), false, t, &opts);
@@ -141,6 +132,29 @@ pub async fn append_to(
         },
         table,
     ))
+}
+
+/// Our commit creating `table` failed with `e`. If someone else created it meanwhile, load
+/// theirs so the caller appends to it, unless it already holds one of our files (two ingests
+/// of the same file into a new table; the conflict checker cannot see that, since their
+/// creation is then our read snapshot). Otherwise the creation failed for its own reason.
+async fn lost_creation(
+    table: &mut DeltaTable,
+    t: &TableRef,
+    app_ids: &[String],
+    e: deltalake::DeltaTableError,
+) -> Result<()> {
+    table
+        .load()
+        .await
+        .map_err(|e| Error::delta(t.to_string(), e))?;
+    if table.version().is_none() {
+        return Err(Error::delta(t.to_string(), e));
+    }
+    if !committed_app_ids(table, app_ids).await?.is_empty() {
+        return Err(Error::concurrent_step(&t.to_string()));
+    }
+    Ok(())
 }
 
 /// The commit metadata and txn ids of an append, retried up to 15 times on conflicts.
@@ -267,18 +281,7 @@ pub async fn commit_files(
                     .map_err(err)?;
                 return Ok(table);
             }
-            Err(e) => {
-                // Someone else created it meanwhile: append to theirs, unless theirs already
-                // holds one of our files (two ingests of the same file into a new table; the
-                // conflict checker cannot see it, since the creation is our read snapshot).
-                table.load().await.map_err(err)?;
-                if table.version().is_none() {
-                    return Err(err(e));
-                }
-                if !committed_app_ids(&table, &app_ids).await?.is_empty() {
-                    return Err(Error::concurrent_step(&t.to_string()));
-                }
-            }
+            Err(e) => lost_creation(&mut table, t, &app_ids, e).await?,
         }
     }
     let snapshot = table.snapshot().map_err(err)?.clone();

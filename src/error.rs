@@ -71,7 +71,8 @@ pub enum Error {
     #[error("{0}")]
     Runtime(String),
 
-    /// Another silt process holds the lake's run lease (DESIGN.md §4.5).
+    /// Another silt process holds the lake's run lease (DESIGN.md §4.5), or committed the same
+    /// idempotent ingest step first.
     #[error("{0}")]
     Busy(String),
 }

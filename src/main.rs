@@ -49,8 +49,8 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
-            ExitCode::from(e.downcast_ref::<ExitWith>().map_or(1, |x| x.0))
+        Err(ref e) if let Some(ExitWith(code)) = e.downcast_ref::<ExitWith>() => {
+            ExitCode::from(*code)
         }
         Err(e) => {
             let code = e

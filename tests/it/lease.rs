@@ -3,7 +3,7 @@
 //! lease from another host holds until it expires.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
@@ -85,6 +85,20 @@ fn race(p: &Project, args: &[&str], what: &str) {
     );
 }
 
+/// `silt <args>` that waits at most `wait` seconds for the lake's lease.
+fn waiting(p: &Project, args: &[&str], wait: &str) -> Output {
+    p.cmd(args).env("SILT_LEASE_WAIT", wait).output().unwrap()
+}
+
+/// Insist that a command exited 0, showing its stderr otherwise.
+fn ok_with(out: Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The lease entries under the lake, oldest first.
 fn entries(p: &Project) -> Vec<(u64, Value)> {
     let dir = p.lake().join("_silt/lease");
@@ -134,11 +148,7 @@ fn a_second_writer_waits_for_the_lease_or_is_told_who_holds_it() {
     let before = p.log_files();
 
     // A writer that will not wait is told who holds the lease, and writes nothing.
-    let busy = p
-        .cmd(&["build"])
-        .env("SILT_LEASE_WAIT", "0")
-        .output()
-        .unwrap();
+    let busy = waiting(&p, &["build"], "0");
     let err = String::from_utf8_lossy(&busy.stderr);
     assert_eq!(busy.status.code(), Some(3), "{err}");
     assert!(err.contains("is in use"), "{err}");
@@ -149,7 +159,7 @@ fn a_second_writer_waits_for_the_lease_or_is_told_who_holds_it() {
     // Past three of the holder's TTLs, it still holds it: it renews.
     std::thread::sleep(Duration::from_millis(4500));
     for cmd in [&["build"][..], &["forget", "C000001"], &["vacuum"]] {
-        let busy = p.cmd(cmd).env("SILT_LEASE_WAIT", "0").output().unwrap();
+        let busy = waiting(&p, cmd, "0");
         assert_eq!(
             busy.status.code(),
             Some(3),
@@ -211,16 +221,7 @@ fn a_killed_holders_lease_is_free_at_once_on_its_host_and_another_hosts_holds_un
     kill_at_failpoint(p.cmd(&["run"]), "ingest.before_bronze");
     let (_, left) = entries(&p).pop().unwrap();
     assert_eq!(left["released"], json!(false), "{left}");
-    let out = p
-        .cmd(&["run"])
-        .env("SILT_LEASE_WAIT", "0")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_with(waiting(&p, &["run"], "0"));
 
     // A lease held on another machine holds until it expires, whatever its pid.
     let now = chrono::Utc::now();
@@ -237,11 +238,7 @@ fn a_killed_holders_lease_is_free_at_once_on_its_host_and_another_hosts_holds_un
     };
     write_entry(&p, elsewhere(now + chrono::Duration::hours(1)));
     let before = p.log_files();
-    let busy = p
-        .cmd(&["build", "--full-refresh"])
-        .env("SILT_LEASE_WAIT", "0.3")
-        .output()
-        .unwrap();
+    let busy = waiting(&p, &["build", "--full-refresh"], "0.3");
     let err = String::from_utf8_lossy(&busy.stderr);
     assert_eq!(busy.status.code(), Some(3), "{err}");
     assert!(
@@ -252,16 +249,7 @@ fn a_killed_holders_lease_is_free_at_once_on_its_host_and_another_hosts_holds_un
 
     // Expired: free.
     write_entry(&p, elsewhere(now - chrono::Duration::seconds(1)));
-    let out = p
-        .cmd(&["build", "--full-refresh"])
-        .env("SILT_LEASE_WAIT", "0")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_with(waiting(&p, &["build", "--full-refresh"], "0"));
     assert_ne!(p.log_files(), before, "the build committed");
 }
 
