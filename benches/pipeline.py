@@ -2,9 +2,10 @@
 """The pipeline benchmark (`make bench SCALE=…`): generate the reference domain at scale S
 (benches/generate.py), then run the real silt binary stage by stage on a fresh project and lake:
 ingest, build silver, build gold, an incremental batch (1% corrections + 1% new fees in the last 2
-months), forget of 100 clients, and a time-travel query. Each stage is one silt process; per stage
-it prints wall seconds, rows/s, input MB/s and the process's peak RSS (wait4), and for the MERGE
-and the erasure the files and bytes rewritten against the table totals. Writes a JSON report.
+months), the same run again with nothing new, forget of 100 clients, and a time-travel query.
+Each stage is one silt process; per stage it prints wall seconds, rows/s, input MB/s and the
+process's peak RSS (wait4), and for the MERGE and the erasure the files and bytes rewritten
+against the table totals. Writes a JSON report.
 `--repeat N` runs the whole pipeline N times on fresh copies and keeps each stage's fastest run
 (and the highest RSS seen): this machine's speed drifts by ±20% within minutes.
 Never run by CI or `make test`.
@@ -160,6 +161,9 @@ def pipeline(a, work, generated):
                 "tests_ms": sum(t.get("ms", 0) for t in o.get("tests", []))}
     stage("incremental batch", ["run"], rows=lambda o: sum(x["rows"] for x in o["ingest"]["sources"]),
           input_bytes=batch_bytes, extra=merge_stats)
+
+    # The same run again with nothing new: what a scheduler's idle tick costs.
+    stage("run, nothing new", ["run"])
 
     before = tables(a.silt, project, env)
 

@@ -774,7 +774,19 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                     .join(", ");
                 let data = rows_as_parquet(
                     &ctx,
-                    &format!("select * from {rel} where cast(\"{p}\" as varchar) in ({dlist})"),
+                    &format!(
+                        "select * from {rel} where {}",
+                        crate::materialize::partition_in(
+                            p,
+                            arrow_schema.field_with_name(p).is_ok_and(|f| matches!(
+                                f.data_type(),
+                                arrow::datatypes::DataType::Utf8
+                                    | arrow::datatypes::DataType::LargeUtf8
+                                    | arrow::datatypes::DataType::Utf8View
+                            )),
+                            &dlist
+                        )
+                    ),
                     &load_schema,
                     &mut te,
                 )

@@ -4,7 +4,7 @@
 //! `_silt/runs` entry. It must not write data tables itself (materialize.rs and ingest do) nor
 //! print.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
@@ -262,6 +262,28 @@ async fn record_run(
     crate::runs::record(&silt.catalog, &report.run_id, started_at, &rows, totals).await
 }
 
+/// Run a model's tests into the report; false when one failed (error severity) or could not run.
+async fn model_tests(
+    ctx: &SessionContext,
+    tests: &[crate::quality::DataTest],
+    report: &mut RunReport,
+) -> bool {
+    let mut ok = true;
+    for t in tests {
+        match crate::quality::run(ctx, t).await {
+            Ok(r) => {
+                ok &= r.status != "fail";
+                report.tests.push(r);
+            }
+            Err(e) => {
+                ok = false;
+                report.errors.push((t.name.clone(), e));
+            }
+        }
+    }
+    ok
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn build_models(
     silt: &Silt,
@@ -298,10 +320,29 @@ async fn build_models(
         message: Some(why),
         ..Default::default()
     };
+    // An up-to-date model's tests wait until a model reading it is about to build: they gate
+    // that build (a failing model stays failing across runs), and a run with nothing to build
+    // tests nothing (`silt test` checks every table).
+    let mut deferred: BTreeMap<String, Vec<crate::quality::DataTest>> = BTreeMap::new();
+    let mut built: BTreeSet<String> = BTreeSet::new();
     for name in selected {
         let m = &dag.models[name];
         if let Some(p) = &progress {
             p.set_message(m.table().to_string());
+        }
+        let waiting: Vec<String> = m
+            .refs
+            .iter()
+            .filter(|r| deferred.contains_key(*r))
+            .cloned()
+            .collect();
+        if !waiting.is_empty() && !mat.up_to_date(m).await? {
+            for r in waiting {
+                let tests = deferred.remove(&r).unwrap_or_default();
+                if !model_tests(ctx, &tests, report).await {
+                    broken.insert(r);
+                }
+            }
         }
         let bad_up = m
             .refs
@@ -323,7 +364,20 @@ async fn build_models(
             ));
         } else {
             match mat.build(m).await {
+                Ok(metrics) if metrics.status == "up_to_date" => {
+                    report.models.push(metrics);
+                    match dag.model_tests_of(m, None) {
+                        Ok(tests) => {
+                            deferred.insert(name.clone(), tests);
+                        }
+                        Err(e) => {
+                            broken.insert(name.clone());
+                            report.errors.push((name.clone(), e));
+                        }
+                    }
+                }
                 Ok(metrics) => {
+                    built.insert(name.clone());
                     // The model's tests run right after it; an error-severity failure stops its
                     // downstream (the model itself stays built, as in dbt). After an
                     // incremental build they check the rows it wrote (`silt test` checks all).
@@ -337,19 +391,8 @@ async fn build_models(
                     report.models.push(metrics);
                     match dag.model_tests_of(m, written.as_deref()) {
                         Ok(tests) => {
-                            for t in tests {
-                                match crate::quality::run(ctx, &t).await {
-                                    Ok(r) => {
-                                        if r.status == "fail" {
-                                            broken.insert(name.clone());
-                                        }
-                                        report.tests.push(r);
-                                    }
-                                    Err(e) => {
-                                        broken.insert(name.clone());
-                                        report.errors.push((t.name.clone(), e));
-                                    }
-                                }
+                            if !model_tests(ctx, &tests, report).await {
+                                broken.insert(name.clone());
                             }
                         }
                         Err(e) => {
@@ -384,7 +427,11 @@ async fn build_models(
     for (t, st) in dag.singular_tests() {
         // Only when every model it reads was part of this selection: a stale model would make a
         // reconciliation fail for no reason.
-        let touches = !st.refs.is_empty() && st.refs.iter().all(|r| selected_set.contains(r));
+        // And only when one of them was built: over unchanged tables it would say again what
+        // it said when they were built.
+        let touches = !st.refs.is_empty()
+            && st.refs.iter().all(|r| selected_set.contains(r))
+            && st.refs.iter().any(|r| built.contains(r));
         let clean = st.refs.iter().all(|r| !broken.contains(r))
             && st.sources.iter().all(|s| !broken_sources.contains(s));
         let mut exists = true;

@@ -2,8 +2,6 @@
     materialized='incremental',
     unique_key='fee_id',
     partition_by='fee_month',
-    lookback_column='fee_date',
-    lookback_days=3,
     description='Platform fees, cleaned: one row per fee_id, the latest delivery wins (late corrections replace the original; exact re-deliveries collapse)',
     contract={'fee_id': 'string', 'client_id': 'string', 'adviser_id': 'string', 'fee_date': 'date',
               'fee_amount': 'decimal(12,2)', 'currency': 'string', 'note': 'string', 'fee_month': 'string',
@@ -29,7 +27,9 @@ select
     to_char(fee_date, '%Y-%m') as fee_month,
     _ingested_at as loaded_at
 from (
-    -- The latest delivery of each fee_id. One ordered pass (`lag(fee_id) over (order by fee_id,
+    -- The latest delivery of each fee_id. Incrementally the window sees only the new deliveries
+    -- (no lookback_days): they are later than every row the table holds, so the MERGE on fee_id
+    -- gives what a full rebuild would. One ordered pass (`lag(fee_id) over (order by fee_id,
     -- …)`) is 2x faster at S=1, but its sort ends in a merge that cannot spill: at S=4 it
     -- needed 1.7x the memory of S=1 and once failed outright; partitioning by fee_id keeps
     -- memory flat (benches/, ARCHITECTURE.md).

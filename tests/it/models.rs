@@ -294,6 +294,101 @@ fn run_again_without_new_data_writes_no_version() {
         "{report}"
     );
     assert_eq!(p.log_files(), before);
+    // Nothing was built, so no model test and no singular test ran (source tests still do).
+    let model_tests: Vec<&Value> = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| !t["subject"].as_str().unwrap().starts_with("bronze."))
+        .collect();
+    assert!(model_tests.is_empty(), "{model_tests:?}");
+}
+
+#[test]
+fn an_up_to_date_model_with_a_failing_test_keeps_its_downstream_skipped() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    // A gate whose unique test fails: two rows with the same adviser.
+    write_model(
+        &p,
+        "gold/qa_gate.sql",
+        "{{ config(materialized='table', tests=[{'type': 'unique', 'column': 'adviser_id'}]) }}\n\
+         select 'A_SAME' as adviser_id from {{ ref('stg_fees') }} limit 2\n",
+    );
+    write_model(
+        &p,
+        "gold/qa_after_gate.sql",
+        "{{ config(materialized='table') }}\nselect count(*) as n from {{ ref('qa_gate') }}\n",
+    );
+    for round in ["first", "second"] {
+        let out = p.run(&["--json", "run"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            model(&r, "qa_after_gate")["status"],
+            "skipped",
+            "{round}: {r}"
+        );
+        let t = r["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "unique_qa_gate_adviser_id")
+            .unwrap_or_else(|| panic!("{round}: the gate's test in {r}"));
+        assert_eq!(t["status"], "fail", "{round}: {t}");
+    }
+    // In the second round the gate was up to date: its test ran again because its downstream
+    // was to be built, and the downstream never was.
+    assert!(!p.lake().join("gold/qa_after_gate").exists());
+}
+
+#[test]
+fn a_correction_that_moves_a_fee_to_another_client_recomputes_both() {
+    let p = Project::reference();
+    p.ok(&["run"]);
+    let two = p.query(
+        "select fee_id, client_id, adviser_id, cast(fee_date as varchar) as d from silver.stg_fees \
+         where client_id in (select client_id from gold.dim_clients) order by client_id, fee_id limit 1",
+    );
+    let f = &two[0];
+    let other = p.query(&format!(
+        "select client_id from gold.dim_clients where client_id <> '{}' order by client_id limit 1",
+        f["client_id"].as_str().unwrap()
+    ));
+    let to = other[0]["client_id"].as_str().unwrap().to_string();
+    std::fs::write(
+        p.landing().join("fees/fees_reassigned.csv"),
+        format!(
+            "fee_id,client_id,adviser_id,fee_date,fee_amount,currency,note\n{id},{to},{a},{d},1000.00,GBP,reassigned\n",
+            id = f["fee_id"].as_str().unwrap(),
+            a = f["adviser_id"].as_str().unwrap(),
+            d = f["d"].as_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let report = run_json(&p, &["run"]);
+    assert_eq!(model(&report, "rpt_client_ltv")["mode"], "incremental");
+    let mut incremental = BTreeMap::new();
+    for t in [
+        "gold.dim_clients",
+        "gold.rpt_client_ltv",
+        "gold.rpt_cohort_ltv",
+    ] {
+        incremental.insert(t, table_csv(&p, t));
+    }
+    p.ok(&["build", "--full-refresh"]);
+    for (t, inc) in &incremental {
+        assert_eq!(
+            &table_csv(&p, t),
+            inc,
+            "{t}: incremental build differs from a full refresh"
+        );
+    }
 }
 
 fn write_model(p: &Project, rel: &str, sql: &str) {

@@ -210,8 +210,8 @@ fn a_contract_mismatch_fails_before_any_write_and_schema_change_is_opt_in() {
     std::fs::write(
         &model_file,
         widened.replace(
-            "lookback_days=3,",
-            "lookback_days=3,\n    on_schema_change='append_new_columns',",
+            "partition_by='fee_month',",
+            "partition_by='fee_month',\n    on_schema_change='append_new_columns',",
         ),
     )
     .unwrap();
