@@ -211,7 +211,6 @@ impl Materializer<'_> {
         Ok(s)
     }
 
-    /// Build `m`. SQL and config errors come back as `Error::Config` naming the model file.
     /// The model's target, the state its last build recorded, its upstream tables at their
     /// current versions and the state a build now would record.
     async fn states(&self, m: &Model) -> Result<Current> {
@@ -263,6 +262,7 @@ impl Materializer<'_> {
         }
     }
 
+    /// Build `m`. SQL and config errors come back as `Error::Config` naming the model file.
     pub async fn build(&self, m: &Model) -> Result<ModelMetrics> {
         let started = Instant::now();
         let t = m.table();

@@ -367,6 +367,8 @@ async fn build_models(
                 Ok(metrics) if metrics.status == "up_to_date" => {
                     report.models.push(metrics);
                     match dag.model_tests_of(m, None) {
+                        // No tests, nothing to wait for (and no second look at its state).
+                        Ok(tests) if tests.is_empty() => {}
                         Ok(tests) => {
                             deferred.insert(name.clone(), tests);
                         }
