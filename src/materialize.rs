@@ -11,7 +11,8 @@ use std::time::Instant;
 use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::DataType;
 use datafusion::catalog::MemorySchemaProvider;
-use datafusion::prelude::{DataFrame, SessionContext, cast, col, lit};
+use datafusion::common::ScalarValue;
+use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident, lit};
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::FileSelection;
 use deltalake::kernel::transaction::CommitProperties;
@@ -66,6 +67,9 @@ pub struct ModelState {
 }
 
 pub const NEW_SCHEMA: &str = "__silt";
+
+/// A MERGE's target restricted to the key range of its increment ([`Materializer::in_key_range`]).
+const KEY_RANGE: &str = "__silt_in_range";
 
 pub struct Materializer<'a> {
     pub catalog: &'a Catalog,
@@ -1449,14 +1453,20 @@ impl Materializer<'_> {
                 )
                 .collect::<Vec<_>>()
                 .join(", ");
+            let in_range = self.in_key_range(m, t, src_name).await?;
             let df = self
                 .ctx
                 .sql(&format!(
-                    "select {picked} from {src_name} s join {t} t on {key_eq}"
+                    "select {picked} from {src_name} s join {in_range} t on {key_eq}"
                 ))
                 .await
-                .map_err(|e| sql_error(m, e))?;
-            let old = collect_nonempty(df).await.map_err(|e| sql_error(m, e))?;
+                .map_err(|e| sql_error(m, e));
+            let old = match df {
+                Ok(df) => collect_nonempty(df).await.map_err(|e| sql_error(m, e)),
+                Err(e) => Err(e),
+            };
+            let _ = self.ctx.deregister_table(KEY_RANGE);
+            let old = old?;
             self.ctx.register_table(
                 old_name,
                 Arc::new(datafusion::datasource::MemTable::try_new(
@@ -1571,6 +1581,40 @@ impl Materializer<'_> {
             ));
         }
         Ok(table)
+    }
+
+    /// The relation to join with `src` to find the target rows of its keys: `t` restricted to
+    /// the rows whose first unique_key column lies between the smallest and the largest value
+    /// in `src`, registered as [`KEY_RANGE`] (or `t` itself when `src` has no such value). Only
+    /// those rows can match, and the bounds are literals: when keys grow with time, as ids
+    /// usually do, the scan skips every file whose statistics lie outside (a batch touching
+    /// the last 2 of 36 months reads about 2 months of the table, not 36).
+    async fn in_key_range(&self, m: &Model, t: &TableRef, src: &str) -> Result<String> {
+        let Some(k) = m.config.unique_key.first() else {
+            return Ok(t.to_string());
+        };
+        let b = self
+            .collect(
+                m,
+                &format!("select min({c}), max({c}) from {src}", c = q(k)),
+            )
+            .await?;
+        let Some(b) = b.iter().find(|b| b.num_rows() > 0) else {
+            return Ok(t.to_string());
+        };
+        let lo = ScalarValue::try_from_array(b.column(0), 0)?;
+        let hi = ScalarValue::try_from_array(b.column(1), 0)?;
+        if lo.is_null() || hi.is_null() {
+            return Ok(t.to_string());
+        }
+        let df = self
+            .ctx
+            .table(t.to_string())
+            .await?
+            .filter(ident(k).between(lit(lo), lit(hi)))?;
+        let _ = self.ctx.deregister_table(KEY_RANGE);
+        self.ctx.register_table(KEY_RANGE, df.into_view())?;
+        Ok(KEY_RANGE.to_string())
     }
 
     /// The columns of `m` that models reading it recompute by (`recompute_by`).
