@@ -1454,17 +1454,17 @@ impl Materializer<'_> {
                 .collect::<Vec<_>>()
                 .join(", ");
             let in_range = self.in_key_range(m, t, src_name).await?;
-            let df = self
-                .ctx
-                .sql(&format!(
-                    "select {picked} from {src_name} s join {in_range} t on {key_eq}"
-                ))
-                .await
-                .map_err(|e| sql_error(m, e));
-            let old = match df {
-                Ok(df) => collect_nonempty(df).await.map_err(|e| sql_error(m, e)),
-                Err(e) => Err(e),
-            };
+            let old = async {
+                let df = self
+                    .ctx
+                    .sql(&format!(
+                        "select {picked} from {src_name} s join {in_range} t on {key_eq}"
+                    ))
+                    .await?;
+                collect_nonempty(df).await
+            }
+            .await
+            .map_err(|e| sql_error(m, e));
             let _ = self.ctx.deregister_table(KEY_RANGE);
             let old = old?;
             self.ctx.register_table(
