@@ -302,44 +302,53 @@ pub fn parse_timestamp(s: &str, formats: &[String]) -> Option<i64> {
 /// Parse a decimal literal into its unscaled value at `scale`, refusing values that would lose
 /// digits or overflow the precision.
 pub fn parse_decimal(s: &str, precision: u8, scale: i8) -> Result<i128, String> {
+    // One pass over the bytes (ingest's hot loop): digits accumulate as they are read, with
+    // wrapping arithmetic, since a value too wide is refused below before it is used.
     let t = s.trim();
-    let (neg, digits) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
+    let b = t.as_bytes();
+    let (neg, mut i) = match b.first() {
+        Some(b'-') => (true, 1),
+        Some(b'+') => (false, 1),
+        _ => (false, 0),
     };
-    let (int_part, frac_part) = match digits.split_once('.') {
-        Some((a, b)) => (a, b),
-        None => (digits, ""),
-    };
-    if (int_part.is_empty() && frac_part.is_empty())
-        || !int_part.bytes().all(|b| b.is_ascii_digit())
-        || !frac_part.bytes().all(|b| b.is_ascii_digit())
-    {
+    let scale = scale as usize;
+    let mut v: i128 = 0;
+    let (mut int_len, mut int_digits) = (0usize, 0usize); // all digits; without leading zeros
+    while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+        int_len += 1;
+        if int_digits > 0 || c != b'0' {
+            int_digits += 1;
+            v = v.wrapping_mul(10).wrapping_add(i128::from(c - b'0'));
+        }
+        i += 1;
+    }
+    let (mut frac_len, mut frac_kept, mut beyond_scale) = (0usize, 0usize, false);
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+            if frac_len < scale {
+                v = v.wrapping_mul(10).wrapping_add(i128::from(c - b'0'));
+                frac_kept += 1;
+            } else if c != b'0' {
+                beyond_scale = true;
+            }
+            frac_len += 1;
+            i += 1;
+        }
+    }
+    if i != b.len() || (int_len == 0 && frac_len == 0) {
         return Err(format!(
             "'{s}' is not a decimal number (use digits with an optional '.' and sign, no thousands separators)"
         ));
     }
-    let scale = scale as usize;
-    let frac_trimmed = frac_part.trim_end_matches('0');
-    if frac_trimmed.len() > scale {
+    if beyond_scale {
         return Err(format!("'{s}' has more than {scale} decimal places"));
     }
-    let int_digits = int_part.trim_start_matches('0');
-    if int_digits.len() + scale > precision as usize {
+    if int_digits + scale > precision as usize {
         return Err(format!("'{s}' does not fit decimal({precision},{scale})"));
     }
-    let mut v: i128 = 0;
-    for b in int_digits.bytes() {
-        v = v * 10 + (b - b'0') as i128;
-    }
-    for i in 0..scale {
-        let d = frac_part
-            .as_bytes()
-            .get(i)
-            .map(|b| (b - b'0') as i128)
-            .unwrap_or(0);
-        v = v * 10 + d;
+    for _ in frac_kept..scale {
+        v *= 10;
     }
     Ok(if neg { -v } else { v })
 }

@@ -284,11 +284,14 @@ pub fn parse(
         header_len = field_map.len();
     }
 
-    // Each slice's builders are sized up front from the file's average row (one pass over the
-    // newlines), so they rarely grow by doubling and copying: a string column gets 1.5× an
+    // Each slice's builders are sized up front from the file's average row (newlines of its first
+    // MiB), so they rarely grow by doubling and copying: a string column gets 1.5× an
     // average column's share of a slice's bytes (a wider one grows once). A slice's buffers
     // are freed once it is encoded, and the next slice's come back from the allocator's heap.
-    let rows_hint = memchr::memchr_iter(b'\n', data).count() + 1;
+    // The average row is read off the first MiB (a whole-file count cost a pass over every byte).
+    let sample = &data[..data.len().min(1 << 20)];
+    let sample_rows = memchr::memchr_iter(b'\n', sample).count() + 1;
+    let rows_hint = (data.len() / (sample.len() / sample_rows).max(1)).max(1);
     let cap = rows_hint.min(slice_rows);
     let str_bytes = data.len() / rows_hint * cap / n_cols.max(1) * 3 / 2;
     let schema = Arc::new(Schema::new(

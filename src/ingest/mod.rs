@@ -272,6 +272,8 @@ struct Candidate {
     size: u64,
     /// Its bytes, when they fitted in the memory budget (else read again to parse).
     data: Option<bytes::Bytes>,
+    /// Its share of the memory budget while `data` is held (released when parsed).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     replaces: bool,
     /// The Delta `txn` app id that marks this content as committed to a table.
     app_id: String,
@@ -360,8 +362,10 @@ impl SourceRun<'_> {
         rejected: &mut Vec<Error>,
     ) -> Result<()> {
         // 1. Hash every file (a few at a time, hashing on the blocking pool) and classify it
-        //    against the ledger. The bytes of files to ingest are kept while they fit in
-        //    `memory_bytes`; the rest are read again when parsed.
+        //    against the ledger. The bytes of a file to ingest stay in memory until its parser
+        //    is done with them, within `memory_bytes`: when the budget is spent, hashing waits
+        //    for the parsers (so no file is read and hashed twice); only a file larger than the
+        //    whole budget, or one that replaces an earlier version, is read again when parsed.
         let stamp = Stamp {
             src: Arc::new(self.src.clone()),
             batch_id: Arc::from(self.batch_id),
@@ -424,13 +428,14 @@ impl SourceRun<'_> {
         // Hashing, parsing and encoding overlap: a unit of consecutive files starts on the
         // parser pool as soon as it is full, while later files are still being hashed. At most
         // one unit per core runs at a time (`permits`); units are small enough that memory
-        // does not follow the data, large enough to coalesce small files.
+        // does not follow the data and the last one does not leave a core idle for long
+        // (about 8 per core), large enough to coalesce small files.
         let phase = Instant::now();
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let total: u64 = chunk.iter().map(|(_, m)| m.size).sum();
-        let unit_bytes = (total / (4 * workers as u64)).clamp(4 << 20, 16 << 20);
+        let unit_bytes = (total / (8 * workers as u64)).clamp(4 << 20, 16 << 20);
         let starter = UnitStarter {
             stamp: stamp.clone(),
             landing: self.landing.clone(),
@@ -462,7 +467,9 @@ impl SourceRun<'_> {
             })
             .buffered(4);
         let mut ledger_entries: Vec<LedgerEntry> = Vec::new();
-        let mut held = 0u64;
+        // The budget in KiB permits; a kept file holds its permits until its parser ends.
+        let budget_kib = (self.cfg.memory_bytes / 1024).clamp(1, u32::MAX as u64) as u32;
+        let memory = Arc::new(tokio::sync::Semaphore::new(budget_kib as usize));
         while let Some(f) = hashed.next().await {
             let (rel, meta, data, sha) = f?;
             let entry = |status: &str, detail: Option<String>| LedgerEntry {
@@ -553,24 +560,49 @@ impl SourceRun<'_> {
             let key = hex::encode(Sha256::digest(
                 format!("{}\0{}\0{}", self.src.name, rel, sha).as_bytes(),
             ));
-            let keep = held + size <= self.cfg.memory_bytes;
-            if keep {
-                held += size;
-            }
-            let c = Candidate {
+            let mut c = Candidate {
                 app_id: format!("silt.ingest.{}", &key[..32]),
                 rel,
                 meta,
                 sha,
                 size,
-                data: keep.then_some(data),
+                data: None,
+                permit: None,
                 replaces,
             };
             all_ids.push(c.app_id.clone());
             candidate_bytes += c.size;
             if c.replaces && b_table.version().is_some() {
+                // Parsed after every unit has started: it must not hold the budget (read again).
                 replacing.push(c);
                 continue;
+            }
+            let kib = size.div_ceil(1024).max(1);
+            if kib <= budget_kib as u64 {
+                let kib = kib as u32;
+                let permit = match memory.clone().try_acquire_many_owned(kib) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // The budget is spent: the files held wait in units, so start the one
+                        // being filled (it could otherwise wait for this very file), then wait.
+                        if !unit.is_empty() {
+                            units.start(
+                                &starter,
+                                writing.as_ref(),
+                                &b_done,
+                                std::mem::take(&mut unit),
+                            );
+                            unit_size = 0;
+                        }
+                        memory
+                            .clone()
+                            .acquire_many_owned(kib)
+                            .await
+                            .map_err(|e| Error::Runtime(format!("ingest task failed: {e}")))?
+                    }
+                };
+                c.data = Some(data);
+                c.permit = Some(permit);
             }
             if writing.is_none() {
                 if b_table.version().is_some() && !same_columns(&b_table, &schema) {
@@ -990,48 +1022,32 @@ impl Stamp {
         {
             let idx = b.schema().index_of(&p.source_column)?;
             let arr = b.column(idx);
-            // Rows of a file mostly share a partition: format a value only when it changes.
-            let mut last: Option<(chrono::NaiveDate, String)> = None;
+            // Rows of a file mostly share a partition: a value is formatted only when a row's
+            // day falls outside the period of the row before (an integer range check per row).
+            let mut period: Option<(i32, i32, String)> = None; // [first day, end day), text
             let mut values = arrow::array::StringBuilder::with_capacity(n, n * 8);
-            let mut push = |d: Option<chrono::NaiveDate>| {
-                use chrono::Datelike;
-                let Some(d) = d else {
+            let mut push = |day: Option<i32>| {
+                let Some(day) = day else {
                     values.append_null();
                     return;
                 };
-                let same = last.as_ref().is_some_and(|(l, _)| match g {
-                    Granularity::Year => l.year() == d.year(),
-                    Granularity::Month => l.year() == d.year() && l.month() == d.month(),
-                    Granularity::Day => *l == d,
-                });
-                if !same {
-                    let text = match g {
-                        Granularity::Year => format!("{:04}", d.year()),
-                        Granularity::Month => format!("{:04}-{:02}", d.year(), d.month()),
-                        Granularity::Day => {
-                            format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day())
-                        }
-                    };
-                    last = Some((d, text));
+                if !period
+                    .as_ref()
+                    .is_some_and(|(lo, hi, _)| (*lo..*hi).contains(&day))
+                {
+                    period = partition_period(day, g);
                 }
-                values.append_value(last.as_ref().map(|(_, t)| t.as_str()).unwrap_or_default());
+                match &period {
+                    Some((_, _, text)) => values.append_value(text),
+                    None => values.append_null(), // outside chrono's calendar
+                }
             };
             match arr.data_type() {
-                DataType::Date32 => {
-                    for d in arr.as_primitive::<Date32Type>().iter() {
-                        push(d.and_then(|d| {
-                            chrono::NaiveDate::from_num_days_from_ce_opt(
-                                d + crate::contract::UNIX_EPOCH_DAYS_FROM_CE,
-                            )
-                        }))
-                    }
-                }
+                DataType::Date32 => arr.as_primitive::<Date32Type>().iter().for_each(&mut push),
                 _ => {
+                    const DAY_MICROS: i64 = 86_400_000_000;
                     for t in arr.as_primitive::<TimestampMicrosecondType>().iter() {
-                        push(
-                            t.and_then(chrono::DateTime::from_timestamp_micros)
-                                .map(|t| t.date_naive()),
-                        )
+                        push(t.and_then(|t| i32::try_from(t.div_euclid(DAY_MICROS)).ok()))
                     }
                 }
             }
@@ -1200,6 +1216,7 @@ impl UnitJob {
                 }
             };
             c.data = None; // the parser's copy is the last one
+            let permit = c.permit.take(); // released once the parser drops its copy
 
             // The parser hands slices over a short channel while this task encodes the ones
             // before: a file is never whole in memory, and parsing overlaps encoding.
@@ -1208,10 +1225,13 @@ impl UnitJob {
             let rel = c.rel.clone();
             let want = self.want_stats;
             let parser = tokio::task::spawn_blocking(move || {
-                st.parse_with(&data, &rel, want, &mut |b| {
+                let parsed = st.parse_with(&data, &rel, want, &mut |b| {
                     tx.blocking_send(b)
                         .map_err(|_| Error::Runtime("the bronze writer stopped".into()))
-                })
+                });
+                drop(data);
+                drop(permit);
+                parsed
             });
             // Rows an earlier, interrupted ingest already committed are parsed (for the ledger
             // and the quarantine) but not written again.
@@ -1311,6 +1331,39 @@ async fn write_bronze(
     writer.write(&batch).await
 }
 
+/// The partition period holding `day` (days since the epoch): its first day, the day after
+/// its last, and its partition value (`YYYY`, `YYYY-MM` or `YYYY-MM-DD`).
+fn partition_period(day: i32, g: Granularity) -> Option<(i32, i32, String)> {
+    use chrono::{Datelike, NaiveDate};
+    let epoch = crate::contract::UNIX_EPOCH_DAYS_FROM_CE;
+    let d = NaiveDate::from_num_days_from_ce_opt(day.checked_add(epoch)?)?;
+    let (first, next, text) = match g {
+        Granularity::Year => (
+            NaiveDate::from_ymd_opt(d.year(), 1, 1)?,
+            NaiveDate::from_ymd_opt(d.year() + 1, 1, 1),
+            format!("{:04}", d.year()),
+        ),
+        Granularity::Month => (
+            NaiveDate::from_ymd_opt(d.year(), d.month(), 1)?,
+            if d.month() == 12 {
+                NaiveDate::from_ymd_opt(d.year() + 1, 1, 1)
+            } else {
+                NaiveDate::from_ymd_opt(d.year(), d.month() + 1, 1)
+            },
+            format!("{:04}-{:02}", d.year(), d.month()),
+        ),
+        Granularity::Day => (
+            d,
+            d.succ_opt(),
+            format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()),
+        ),
+    };
+    let lo = first.num_days_from_ce() - epoch;
+    // The last day chrono knows ends a period of its own.
+    let hi = next.map_or(lo + 1, |n| n.num_days_from_ce() - epoch);
+    Some((lo, hi, text))
+}
+
 /// The hex SHA-256 of a landing file's bytes, computed on the blocking pool.
 async fn sha256(data: bytes::Bytes) -> Result<(bytes::Bytes, String)> {
     tokio::task::spawn_blocking(move || {
@@ -1342,12 +1395,14 @@ async fn read_candidate(landing: &Storage, c: &Candidate) -> Result<bytes::Bytes
     Ok(data)
 }
 
-/// Parquet settings of bronze files: Snappy (fast to write and read), dictionaries except on
+/// Parquet settings of bronze files: LZ4 (raw; faster to write and read than Snappy, and
+/// smaller here; bronze is read by silt's models, silver and gold stay Snappy for other
+/// readers), dictionaries except on
 /// columns that are unique by design (the primary key, the line number), where a dictionary
 /// only costs hashing.
 fn writer_properties(src: &Source) -> parquet::file::properties::WriterProperties {
     let mut b = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_compression(parquet::basic::Compression::LZ4_RAW)
         // A column whose dictionary outgrows 64 KiB (ids, amounts: most values distinct) falls
         // back to plain encoding early instead of interning every value into a 1 MiB
         // dictionary: less CPU, and smaller files. Categories (currencies, notes, adviser
