@@ -585,15 +585,13 @@ impl SourceRun<'_> {
                     Err(_) => {
                         // The budget is spent: the files held wait in units, so start the one
                         // being filled (it could otherwise wait for this very file), then wait.
-                        if !unit.is_empty() {
-                            units.start(
-                                &starter,
-                                writing.as_ref(),
-                                &b_done,
-                                std::mem::take(&mut unit),
-                            );
-                            unit_size = 0;
-                        }
+                        units.start(
+                            &starter,
+                            writing.as_ref(),
+                            &b_done,
+                            &mut unit,
+                            &mut unit_size,
+                        );
                         memory
                             .clone()
                             .acquire_many_owned(kib)
@@ -626,14 +624,18 @@ impl SourceRun<'_> {
                     &starter,
                     writing.as_ref(),
                     &b_done,
-                    std::mem::take(&mut unit),
+                    &mut unit,
+                    &mut unit_size,
                 );
-                unit_size = 0;
             }
         }
-        if !unit.is_empty() {
-            units.start(&starter, writing.as_ref(), &b_done, unit);
-        }
+        units.start(
+            &starter,
+            writing.as_ref(),
+            &b_done,
+            &mut unit,
+            &mut unit_size,
+        );
         if all_ids.is_empty() && ledger_entries.is_empty() {
             return Ok(());
         }
@@ -1123,14 +1125,21 @@ struct UnitStarter {
 }
 
 impl Units {
-    /// Start a unit of files (`b_done`: the ones bronze already holds, from an interrupted run).
+    /// Start the unit being filled, if it holds a file, and leave it empty (`size`: its bytes;
+    /// `b_done`: the files bronze already holds, from an interrupted run).
     fn start(
         &mut self,
         s: &UnitStarter,
         w: Option<&WriterSetup>,
         b_done: &[String],
-        unit: Vec<Candidate>,
+        unit: &mut Vec<Candidate>,
+        size: &mut u64,
     ) {
+        if unit.is_empty() {
+            return;
+        }
+        let unit = std::mem::take(unit);
+        *size = 0;
         let w = w.expect("the writer is set up before the first unit");
         let job = UnitJob {
             stamp: s.stamp.clone(),
@@ -1397,9 +1406,8 @@ async fn read_candidate(landing: &Storage, c: &Candidate) -> Result<bytes::Bytes
 
 /// Parquet settings of bronze files: LZ4 (raw; faster to write and read than Snappy, and
 /// smaller here; bronze is read by silt's models, silver and gold stay Snappy for other
-/// readers), dictionaries except on
-/// columns that are unique by design (the primary key, the line number), where a dictionary
-/// only costs hashing.
+/// readers), dictionaries except on columns that are unique by design (the primary key, the
+/// line number), where a dictionary only costs hashing.
 fn writer_properties(src: &Source) -> parquet::file::properties::WriterProperties {
     let mut b = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::LZ4_RAW)
