@@ -256,11 +256,19 @@ impl BatchStats {
                 .column_by_name(dc)
                 .and_then(|c| arrow::compute::cast(c, &DataType::Date32).ok())
         {
-            out.days.extend(
-                c.as_primitive::<arrow::datatypes::Date32Type>()
-                    .iter()
-                    .flatten(),
-            );
+            // Rows of a landing file mostly come in date order: a day goes into the set once
+            // per run of equal days, not once per row.
+            let mut last = None;
+            for d in c
+                .as_primitive::<arrow::datatypes::Date32Type>()
+                .iter()
+                .flatten()
+            {
+                if last != Some(d) {
+                    out.days.insert(d);
+                    last = Some(d);
+                }
+            }
         }
         Ok(out)
     }
