@@ -110,6 +110,8 @@ def pipeline(a, work, generated):
     for d in ("data", "project", "lake"):
         shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     shutil.copytree(generated, os.path.join(work, "data"))
+    # The copy's dirty pages are flushed now, not by the kernel during the first timed stage.
+    os.sync()
     project = os.path.join(work, "project")
     os.makedirs(project)
     shutil.copy(os.path.join(REPO, "silt.toml"), project)
@@ -146,6 +148,7 @@ def pipeline(a, work, generated):
     batch = os.path.join(work, "data", "batch")
     batch_bytes = dir_bytes(batch)
     shutil.copytree(batch, landing, dirs_exist_ok=True)
+    os.sync()
 
     def merge_stats(o):
         m = next(x for x in o["models"] if x["model"] == "stg_fees")

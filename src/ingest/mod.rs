@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::catalog::{Catalog, TableRef};
 use crate::commit::{AppendOptions, append_to, commit_files, committed_app_ids};
 use crate::config::{ChangedFilePolicy, DuplicateFilePolicy, Format, Granularity, Project, Source};
+use crate::contract::ColumnType;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::profile::BatchStats;
@@ -1407,8 +1408,11 @@ async fn read_candidate(landing: &Storage, c: &Candidate) -> Result<bytes::Bytes
 /// Parquet settings of bronze files: LZ4 (raw; faster to write and read than Snappy, and
 /// smaller here; bronze is read by silt's models, silver and gold stay Snappy for other
 /// readers), dictionaries except on columns that are unique by design (the primary key, the
-/// line number), where a dictionary only costs hashing.
+/// line number), where a dictionary only costs hashing. Those two are delta-encoded instead:
+/// line numbers rise by one, and ids share long prefixes, so a few bits per value replace
+/// plain 8-byte integers and whole strings (S=1 fees: bronze 20.6 → 12.6 MB, at the same CPU).
 fn writer_properties(src: &Source) -> parquet::file::properties::WriterProperties {
+    use parquet::basic::Encoding;
     let mut b = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::LZ4_RAW)
         // A column whose dictionary outgrows 64 KiB (ids, amounts: most values distinct) falls
@@ -1416,9 +1420,18 @@ fn writer_properties(src: &Source) -> parquet::file::properties::WriterPropertie
         // dictionary: less CPU, and smaller files. Categories (currencies, notes, adviser
         // ids) stay dictionary-encoded.
         .set_dictionary_page_size_limit(64 * 1024)
-        .set_column_dictionary_enabled("_source_line".into(), false);
+        .set_column_dictionary_enabled("_source_line".into(), false)
+        .set_column_encoding("_source_line".into(), Encoding::DELTA_BINARY_PACKED);
     if let [pk] = src.primary_key.as_slice() {
         b = b.set_column_dictionary_enabled(pk.as_str().into(), false);
+        let encoding = match src.columns.iter().find(|c| &c.name == pk).map(|c| &c.ty) {
+            Some(ColumnType::String) => Some(Encoding::DELTA_BYTE_ARRAY),
+            Some(ColumnType::Int32 | ColumnType::Int64) => Some(Encoding::DELTA_BINARY_PACKED),
+            _ => None, // plain
+        };
+        if let Some(e) = encoding {
+            b = b.set_column_encoding(pk.as_str().into(), e);
+        }
     }
     b.build()
 }
