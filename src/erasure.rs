@@ -7,9 +7,10 @@
 //! render templates (models.rs does); model rebuilds go through materialize.rs.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use aho_corasick::AhoCorasick;
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
@@ -51,18 +52,85 @@ pub struct Needles {
     pub pii: BTreeSet<String>,
     /// The subject key columns the sources declare (`client_id`).
     pub keys: BTreeSet<String>,
+    /// Every id and PII value in one automaton, built on the first `find_in` (the sets above
+    /// are complete by then and do not change).
+    matcher: OnceLock<Option<Matcher>>,
+}
+
+/// One Aho-Corasick automaton over all needles: a text is scanned once, not once per needle
+/// (a forget of 100 clients has a few hundred needles, checked against every cell of tables
+/// without the key column and every landing file).
+#[derive(Debug, Clone)]
+struct Matcher {
+    ac: Option<AhoCorasick>,
+    /// How many of the automaton's patterns (the first ones) are ids; the rest are PII values.
+    ids: usize,
 }
 
 impl Needles {
-    /// Which kind of needle `text` holds, if any: a whole-word occurrence.
+    /// Which kind of needle `text` holds, if any: a whole-word occurrence (`C0042` is not in
+    /// `C00421`). A subject key wins over a PII value.
     pub fn find_in(&self, text: &str) -> Option<&'static str> {
+        let m = self
+            .matcher
+            .get_or_init(|| {
+                let ids: Vec<&str> = self
+                    .ids
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                let pii = self
+                    .pii
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|s| !s.is_empty());
+                let n = ids.len();
+                let all: Vec<&str> = ids.into_iter().chain(pii).collect();
+                if all.is_empty() {
+                    return None;
+                }
+                // Standard match semantics: overlapping matches are all reported, so a needle
+                // that is part of a longer word does not hide another that stands alone. An
+                // automaton too large to build falls back to one search per needle.
+                Some(Matcher {
+                    ac: AhoCorasick::new(&all)
+                        .map_err(|e| tracing::warn!("erasure needles: no automaton ({e})"))
+                        .ok(),
+                    ids: n,
+                })
+            })
+            .as_ref()?;
+        let Some(ac) = &m.ac else {
+            return self.find_in_each(text);
+        };
+        let hb = text.as_bytes();
+        let mut pii = false;
+        for hit in ac.find_overlapping_iter(text) {
+            let (s, e) = (hit.start(), hit.end());
+            let (first, last) = (hb[s], hb[e - 1]);
+            let before = s == 0 || !is_word(first) || !is_word(hb[s - 1]);
+            let after = e == hb.len() || !is_word(last) || !is_word(hb[e]);
+            if before && after {
+                if hit.pattern().as_usize() < m.ids {
+                    return Some("subject key");
+                }
+                pii = true;
+            }
+        }
+        pii.then_some("PII value")
+    }
+
+    /// `find_in` by one search per needle: the fallback when the automaton cannot be built,
+    /// and the reference it is tested against.
+    pub fn find_in_each(&self, text: &str) -> Option<&'static str> {
         if self.ids.iter().any(|n| contains_token(text, n)) {
             return Some("subject key");
         }
-        if self.pii.iter().any(|n| contains_token(text, n)) {
-            return Some("PII value");
-        }
-        None
+        self.pii
+            .iter()
+            .any(|n| contains_token(text, n))
+            .then_some("PII value")
     }
 }
 
@@ -70,22 +138,22 @@ fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
-/// `needle` occurs in `hay` not as part of a longer word (`C0042` is not in `C00421`).
-pub fn contains_token(hay: &str, needle: &str) -> bool {
+/// `needle` occurs in `hay` not as part of a longer word (`C0042` is not in `C00421`): the
+/// search `Needles::find_in` falls back to without an automaton.
+fn contains_token(hay: &str, needle: &str) -> bool {
     if needle.is_empty() {
         return false;
     }
     let hb = hay.as_bytes();
+    let (first, last) = (needle.as_bytes()[0], needle.as_bytes()[needle.len() - 1]);
+    // Every occurrence, overlapping ones too: the next search starts one character on.
     let step = needle.chars().next().map(|c| c.len_utf8()).unwrap_or(1);
     let mut start = 0;
     while let Some(i) = hay.get(start..).and_then(|h| h.find(needle)) {
-        let s = start + i;
-        let e = s + needle.len();
-        let first = needle.as_bytes()[0];
-        let last = needle.as_bytes()[needle.len() - 1];
-        let before = s == 0 || !is_word(first) || !is_word(hb[s - 1]);
-        let after = e == hb.len() || !is_word(last) || !is_word(hb[e]);
-        if before && after {
+        let (s, e) = (start + i, start + i + needle.len());
+        if (s == 0 || !is_word(first) || !is_word(hb[s - 1]))
+            && (e == hb.len() || !is_word(last) || !is_word(hb[e]))
+        {
             return true;
         }
         start = s + step;
@@ -629,6 +697,22 @@ impl<'a> ForgetBuilder<'a> {
     }
 }
 
+/// How many bytes of rewritten landing files wait for one ledger commit (a commit per file made
+/// the landing step of an S=1 forget mostly ledger writes).
+const LANDING_GROUP_BYTES: usize = 32 << 20;
+
+/// A landing file's location, its path relative to the landing root, and its rewrite.
+type LandingFile = (object_store::path::Path, String, Option<(Vec<u8>, u64)>);
+
+/// Landing files rewritten (`Some`: new content, records dropped) or to delete (`None`), with
+/// their ledger entries, not yet landed.
+#[derive(Default)]
+struct LandingGroup {
+    files: Vec<LandingFile>,
+    entries: Vec<LedgerEntry>,
+    bytes: usize,
+}
+
 struct Run<'a> {
     silt: &'a Silt,
     n: &'a Needles,
@@ -675,6 +759,8 @@ impl Run<'_> {
         for e in entries {
             latest.insert(e.path.clone(), e);
         }
+        let batch_id = format!("erasure-{}", self.request);
+        let mut group = LandingGroup::default();
         for m in landing.list("").await? {
             let Some(rel) = landing.relative(&m.location) else {
                 continue;
@@ -695,58 +781,76 @@ impl Run<'_> {
                     Format::JsonArray | Format::Json => drop_json_elements(&data, &key, self.n),
                 },
             };
-            let batch_id = format!("erasure-{}", self.request);
             let now = chrono::Utc::now().timestamp_micros();
-            match rewritten {
-                Some((bytes, dropped)) => {
-                    // Ledger first: the new content is known as ingested before it lands, and the
-                    // old one stays known, so a crash between the two never re-ingests the file.
-                    if let Some(prev) = latest.get(&rel) {
-                        ledger::record(
-                            &self.silt.catalog,
-                            &[LedgerEntry {
-                                source: src.name.clone(),
-                                path: rel.clone(),
-                                size: bytes.len() as i64,
-                                e_tag: None,
-                                sha256: hex::encode(Sha256::digest(&bytes)),
-                                status: "rewritten".into(),
-                                rows: prev.rows,
-                                quarantined: prev.quarantined,
-                                batch_id: batch_id.clone(),
-                                ingested_at: now,
-                                detail: Some(format!(
-                                    "GDPR erasure {}: {dropped} record(s) removed",
-                                    self.request
-                                )),
-                            }],
-                            &batch_id,
-                        )
-                        .await?;
-                    }
-                    failpoint::hit("forget.landing_ledger");
-                    landing.put(&m.location, Bytes::from(bytes)).await?;
-                    step.rows_deleted += dropped;
-                    step.files_rewritten.push(rel);
-                }
-                None => {
-                    if let Some(prev) = latest.get(&rel) {
-                        let mut e = prev.clone();
-                        e.status = "erased".into();
-                        e.batch_id = batch_id.clone();
-                        e.ingested_at = now;
-                        e.detail = Some(format!("GDPR erasure {}: file removed", self.request));
-                        ledger::record(&self.silt.catalog, &[e], &batch_id).await?;
-                    }
-                    landing.delete(&m.location).await?;
-                    step.files_purged.push(rel);
-                }
+            let entry = latest.get(&rel).map(|prev| match &rewritten {
+                Some((bytes, dropped)) => LedgerEntry {
+                    source: src.name.clone(),
+                    path: rel.clone(),
+                    size: bytes.len() as i64,
+                    e_tag: None,
+                    sha256: hex::encode(Sha256::digest(bytes)),
+                    status: "rewritten".into(),
+                    rows: prev.rows,
+                    quarantined: prev.quarantined,
+                    batch_id: batch_id.clone(),
+                    ingested_at: now,
+                    detail: Some(format!(
+                        "GDPR erasure {}: {dropped} record(s) removed",
+                        self.request
+                    )),
+                },
+                None => LedgerEntry {
+                    status: "erased".into(),
+                    batch_id: batch_id.clone(),
+                    ingested_at: now,
+                    detail: Some(format!("GDPR erasure {}: file removed", self.request)),
+                    ..prev.clone()
+                },
+            });
+            group.bytes += rewritten.as_ref().map_or(0, |r| r.0.len());
+            group.entries.extend(entry);
+            group.files.push((m.location, rel, rewritten));
+            if group.bytes >= LANDING_GROUP_BYTES {
+                self.land(std::mem::take(&mut group), &batch_id, &mut step)
+                    .await?;
             }
         }
+        self.land(group, &batch_id, &mut step).await?;
         if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
             self.step_audit(&step).await?;
         }
         self.steps.push(step);
+        Ok(())
+    }
+
+    /// Land one group of landing rewrites: ledger first, in one commit for the group (the new
+    /// content is known as ingested before it lands, and the old one stays known, so a crash
+    /// in between never re-ingests a file), then each file's new content or its deletion.
+    async fn land(
+        &self,
+        group: LandingGroup,
+        batch_id: &str,
+        step: &mut TableErasure,
+    ) -> Result<()> {
+        let landing = &self.silt.landing;
+        if group.files.is_empty() {
+            return Ok(());
+        }
+        ledger::record(&self.silt.catalog, &group.entries, batch_id).await?;
+        failpoint::hit("forget.landing_ledger");
+        for (location, rel, rewritten) in group.files {
+            match rewritten {
+                Some((bytes, dropped)) => {
+                    landing.put(&location, Bytes::from(bytes)).await?;
+                    step.rows_deleted += dropped;
+                    step.files_rewritten.push(rel);
+                }
+                None => {
+                    landing.delete(&location).await?;
+                    step.files_purged.push(rel);
+                }
+            }
+        }
         Ok(())
     }
 

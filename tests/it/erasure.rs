@@ -397,3 +397,38 @@ fn silver_pseudonymizes_pii_so_gold_never_sees_it() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn needles_match_whole_words_and_a_subject_key_wins() {
+    use silt::erasure::Needles;
+    let mut n = Needles::default();
+    n.ids.extend(["C0042".to_string(), "C004".to_string()]);
+    n.pii.extend([
+        "Jane Doe".to_string(),
+        "jane@x.com".to_string(),
+        "Zoë Ångström".to_string(),
+    ]);
+    let cases = [
+        // Part of a longer word is no match, for every needle that overlaps there.
+        ("fee,C00421,12.50", None),
+        ("C0042_old", None),
+        ("Jane Does", None),
+        ("xC0042", None),
+        // A needle standing alone after one that does not.
+        ("C00421 C004", Some("subject key")),
+        ("x,C0042,y", Some("subject key")),
+        ("C0042", Some("subject key")),
+        ("Dear Jane Doe,", Some("PII value")),
+        ("mail jane@x.com.", Some("PII value")),
+        ("«Zoë Ångström»", Some("PII value")),
+        // The key wins over a PII value found before it.
+        ("Jane Doe pays for C0042", Some("subject key")),
+        ("", None),
+    ];
+    for (text, want) in cases {
+        // The automaton and the one-search-per-needle fallback agree with the expected verdict.
+        assert_eq!(n.find_in(text), want, "{text:?}");
+        assert_eq!(n.find_in_each(text), want, "{text:?} (per needle)");
+    }
+    assert_eq!(Needles::default().find_in("C0042"), None);
+}
