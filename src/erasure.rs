@@ -885,15 +885,31 @@ impl Run<'_> {
             .iter()
             .map(|f| (f.path().to_string(), f.remove_action(true)))
             .collect();
-        let mut hits = Vec::new();
-        for (path, remove) in files {
-            step.files_scanned += 1;
+        // Two files at a time (one per core): the scan decodes the key column of every file.
+        let needles = Arc::new(self.n.clone());
+        step.files_scanned = files.len() as u64;
+        let counts: Vec<Result<usize>> = futures::stream::iter(files.iter().map(|(path, _)| {
             let loc = lake.path(&format!("{}/{}", t.rel_path(), path));
-            let mut n = 0;
-            for b in decode_parquet_for(lake.get(&loc).await?, &path, Some(self.n))? {
-                n += row_mask(&b, self.n, &how).true_count();
+            let (lake, path, n, how) = (lake.clone(), path.clone(), needles.clone(), how.clone());
+            async move {
+                let data = lake.get(&loc).await?;
+                tokio::task::spawn_blocking(move || {
+                    let mut hits = 0;
+                    for b in decode_parquet_for(data, &path, Some(&n))? {
+                        hits += row_mask(&b, &n, &how).true_count();
+                    }
+                    Ok(hits)
+                })
+                .await
+                .map_err(|e| Error::Runtime(format!("erasure scan: {e}")))?
             }
-            if n > 0 {
+        }))
+        .buffered(2)
+        .collect()
+        .await;
+        let mut hits = Vec::new();
+        for ((path, remove), n) in files.into_iter().zip(counts) {
+            if n? > 0 {
                 hits.push((path, remove));
             }
         }
@@ -932,49 +948,33 @@ impl Run<'_> {
             stats_cols,
         );
         let ctx = SessionContext::new();
-        let mut adds = Vec::new();
-        for (path, _) in &hits {
-            let provider = table
-                .table_provider()
-                .with_file_selection(FileSelection::from_file_paths([path.clone()]))
-                .await
-                .map_err(Error::from_datafusion)?;
-            let mut stream = ctx.read_table(provider)?.execute_stream().await?;
-            let mut writer = deltalake::datafile::writer::DeltaWriter::new(
-                table.log_store().object_store(None),
-                writer_config.clone(),
-            );
-            while let Some(b) = stream.next().await {
-                let b = b?;
-                let mask = row_mask(&b, self.n, &how);
-                step.rows_deleted += mask.true_count() as u64;
-                let keep = arrow::compute::not(&mask)?;
-                let kept = arrow::compute::filter_record_batch(&b, &keep)?;
-                if kept.num_rows() == 0 {
-                    continue;
+        // Each file in its own task, two at a time: one batch per file in memory, both cores busy.
+        let written: Vec<Result<(Vec<deltalake::kernel::Add>, u64)>> =
+            futures::stream::iter(hits.iter().map(|(path, _)| {
+                let job = FileRewrite {
+                    table: table.clone(),
+                    ctx: ctx.clone(),
+                    path: path.clone(),
+                    needles: needles.clone(),
+                    how: how.clone(),
+                    target: target.clone(),
+                    writer_config: writer_config.clone(),
+                    t: t.clone(),
+                };
+                async move {
+                    tokio::spawn(job.run())
+                        .await
+                        .map_err(|e| Error::Runtime(format!("erasure rewrite: {e}")))?
                 }
-                let cols = target
-                    .fields()
-                    .iter()
-                    .map(|f| {
-                        let c = kept.column_by_name(f.name()).ok_or_else(|| {
-                            Error::Runtime(format!("{t}: column {} missing on read", f.name()))
-                        })?;
-                        Ok(arrow::compute::cast(c, f.data_type())?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let kept = RecordBatch::try_new(target.clone(), cols)?;
-                writer
-                    .write(&kept)
-                    .await
-                    .map_err(|e| Error::delta(t.to_string(), e))?;
-            }
-            adds.extend(
-                writer
-                    .close()
-                    .await
-                    .map_err(|e| Error::delta(t.to_string(), e))?,
-            );
+            }))
+            .buffered(2)
+            .collect()
+            .await;
+        let mut adds = Vec::new();
+        for w in written {
+            let (a, deleted) = w?;
+            adds.extend(a);
+            step.rows_deleted += deleted;
         }
         step.files_added = adds.len() as u64;
         step.files_rewritten = hits.iter().map(|h| h.0.clone()).collect();
@@ -1255,6 +1255,75 @@ impl Run<'_> {
         }
         self.steps.push(step);
         Ok(())
+    }
+}
+
+/// One data file of an in-place erasure: its rows without the subjects' go to new files.
+struct FileRewrite {
+    table: DeltaTable,
+    ctx: SessionContext,
+    path: String,
+    needles: Arc<Needles>,
+    how: Match,
+    target: Arc<Schema>,
+    writer_config: deltalake::datafile::writer::WriterConfig,
+    t: TableRef,
+}
+
+impl FileRewrite {
+    /// The new files' add actions and the rows left out.
+    async fn run(self) -> Result<(Vec<deltalake::kernel::Add>, u64)> {
+        let Self {
+            table,
+            ctx,
+            path,
+            needles,
+            how,
+            target,
+            writer_config,
+            t,
+        } = self;
+        let provider = table
+            .table_provider()
+            .with_file_selection(FileSelection::from_file_paths([path]))
+            .await
+            .map_err(Error::from_datafusion)?;
+        let mut stream = ctx.read_table(provider)?.execute_stream().await?;
+        let mut writer = deltalake::datafile::writer::DeltaWriter::new(
+            table.log_store().object_store(None),
+            writer_config,
+        );
+        let mut deleted = 0;
+        while let Some(b) = stream.next().await {
+            let b = b?;
+            let mask = row_mask(&b, &needles, &how);
+            deleted += mask.true_count() as u64;
+            let keep = arrow::compute::not(&mask)?;
+            let kept = arrow::compute::filter_record_batch(&b, &keep)?;
+            if kept.num_rows() == 0 {
+                continue;
+            }
+            let cols = target
+                .fields()
+                .iter()
+                .map(|f| {
+                    let c = kept.column_by_name(f.name()).ok_or_else(|| {
+                        Error::Runtime(format!("{t}: column {} missing on read", f.name()))
+                    })?;
+                    Ok(arrow::compute::cast(c, f.data_type())?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let kept = RecordBatch::try_new(target.clone(), cols)?;
+            writer
+                .write(&kept)
+                .await
+                .map_err(|e| Error::delta(t.to_string(), e))?;
+        }
+        let adds = writer
+            .close()
+            .await
+            .map_err(|e| Error::delta(t.to_string(), e))?;
+        Ok((adds, deleted))
     }
 }
 
