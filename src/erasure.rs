@@ -107,11 +107,7 @@ impl Needles {
         let hb = text.as_bytes();
         let mut pii = false;
         for hit in ac.find_overlapping_iter(text) {
-            let (s, e) = (hit.start(), hit.end());
-            let (first, last) = (hb[s], hb[e - 1]);
-            let before = s == 0 || !is_word(first) || !is_word(hb[s - 1]);
-            let after = e == hb.len() || !is_word(last) || !is_word(hb[e]);
-            if before && after {
+            if stands_alone(hb, hit.start(), hit.end()) {
                 if hit.pattern().as_usize() < m.ids {
                     return Some("subject key");
                 }
@@ -138,22 +134,26 @@ fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
+/// The occurrence `hay[s..e]` is not part of a longer word: a word character at either end of
+/// it has no word character beside it.
+fn stands_alone(hay: &[u8], s: usize, e: usize) -> bool {
+    let before = s == 0 || !is_word(hay[s]) || !is_word(hay[s - 1]);
+    let after = e == hay.len() || !is_word(hay[e - 1]) || !is_word(hay[e]);
+    before && after
+}
+
 /// `needle` occurs in `hay` not as part of a longer word (`C0042` is not in `C00421`): the
 /// search `Needles::find_in` falls back to without an automaton.
 fn contains_token(hay: &str, needle: &str) -> bool {
     if needle.is_empty() {
         return false;
     }
-    let hb = hay.as_bytes();
-    let (first, last) = (needle.as_bytes()[0], needle.as_bytes()[needle.len() - 1]);
     // Every occurrence, overlapping ones too: the next search starts one character on.
     let step = needle.chars().next().map(|c| c.len_utf8()).unwrap_or(1);
     let mut start = 0;
     while let Some(i) = hay.get(start..).and_then(|h| h.find(needle)) {
-        let (s, e) = (start + i, start + i + needle.len());
-        if (s == 0 || !is_word(first) || !is_word(hb[s - 1]))
-            && (e == hb.len() || !is_word(last) || !is_word(hb[e]))
-        {
+        let s = start + i;
+        if stands_alone(hay.as_bytes(), s, s + needle.len()) {
             return true;
         }
         start = s + step;
@@ -627,11 +627,11 @@ impl<'a> ForgetBuilder<'a> {
                 audit(silt, &[row(&report.request_id, "started")]).await?;
             }
         }
-        let n = needles(silt, &self.ids).await?;
+        let n = Arc::new(needles(silt, &self.ids).await?);
         failpoint::hit("forget.started");
         let mut run = Run {
             silt,
-            n: &n,
+            n: n.clone(),
             request: report.request_id.clone(),
             subjects: subjects.clone(),
             steps: Vec::new(),
@@ -715,7 +715,8 @@ struct LandingGroup {
 
 struct Run<'a> {
     silt: &'a Silt,
-    n: &'a Needles,
+    /// Shared with the tasks that scan and rewrite files: one automaton per request.
+    n: Arc<Needles>,
     request: String,
     subjects: String,
     steps: Vec<TableErasure>,
@@ -776,9 +777,9 @@ impl Run<'_> {
             let rewritten = match src.on_erasure {
                 ErasurePolicy::Remove => None,
                 ErasurePolicy::Rewrite => match src.format {
-                    Format::Csv => Some(drop_csv_records(&data, src, &key, self.n)),
-                    Format::Ndjson => Some(drop_ndjson_lines(&data, &key, self.n)),
-                    Format::JsonArray | Format::Json => drop_json_elements(&data, &key, self.n),
+                    Format::Csv => Some(drop_csv_records(&data, src, &key, &self.n)),
+                    Format::Ndjson => Some(drop_ndjson_lines(&data, &key, &self.n)),
+                    Format::JsonArray | Format::Json => drop_json_elements(&data, &key, &self.n),
                 },
             };
             let now = chrono::Utc::now().timestamp_micros();
@@ -870,7 +871,7 @@ impl Run<'_> {
             .snapshot()
             .map_err(|e| Error::delta(t.to_string(), e))?;
         let schema: Schema = snap.snapshot().arrow_schema().as_ref().clone();
-        let how = how_for(&schema, self.n);
+        let how = how_for(&schema, &self.n);
         if matches!(how, Match::Text) && t.layer != Layer::Quarantine {
             // Without the key column a table is rebuilt (models) or left to verify.
             return Ok(None);
@@ -885,28 +886,21 @@ impl Run<'_> {
             .iter()
             .map(|f| (f.path().to_string(), f.remove_action(true)))
             .collect();
-        // Two files at a time (one per core): the scan decodes the key column of every file.
-        let needles = Arc::new(self.n.clone());
+        // The scan decodes the key column of every file, `FILES_AT_ONCE` files at a time.
+        let needles = self.n.clone();
         step.files_scanned = files.len() as u64;
-        let counts: Vec<Result<usize>> = futures::stream::iter(files.iter().map(|(path, _)| {
+        let scans = files.iter().map(|(path, _)| {
             let loc = lake.path(&format!("{}/{}", t.rel_path(), path));
             let (lake, path, n, how) = (lake.clone(), path.clone(), needles.clone(), how.clone());
             async move {
-                let data = lake.get(&loc).await?;
-                tokio::task::spawn_blocking(move || {
-                    let mut hits = 0;
-                    for b in decode_parquet_for(data, &path, Some(&n))? {
-                        hits += row_mask(&b, &n, &how).true_count();
-                    }
-                    Ok(hits)
-                })
-                .await
-                .map_err(|e| Error::Runtime(format!("erasure scan: {e}")))?
+                let mut hits = 0;
+                for b in decode_parquet_for(lake.get(&loc).await?, &path, Some(&n))? {
+                    hits += row_mask(&b, &n, &how).true_count();
+                }
+                Ok(hits)
             }
-        }))
-        .buffered(2)
-        .collect()
-        .await;
+        });
+        let counts = each_in_a_task(scans, "erasure scan").await;
         let mut hits = Vec::new();
         for ((path, remove), n) in files.into_iter().zip(counts) {
             if n? > 0 {
@@ -948,28 +942,21 @@ impl Run<'_> {
             stats_cols,
         );
         let ctx = SessionContext::new();
-        // Each file in its own task, two at a time: one batch per file in memory, both cores busy.
-        let written: Vec<Result<(Vec<deltalake::kernel::Add>, u64)>> =
-            futures::stream::iter(hits.iter().map(|(path, _)| {
-                let job = FileRewrite {
-                    table: table.clone(),
-                    ctx: ctx.clone(),
-                    path: path.clone(),
-                    needles: needles.clone(),
-                    how: how.clone(),
-                    target: target.clone(),
-                    writer_config: writer_config.clone(),
-                    t: t.clone(),
-                };
-                async move {
-                    tokio::spawn(job.run())
-                        .await
-                        .map_err(|e| Error::Runtime(format!("erasure rewrite: {e}")))?
-                }
-            }))
-            .buffered(2)
-            .collect()
-            .await;
+        // Each file in its own task: one batch per file in memory, both cores busy.
+        let jobs = hits.iter().map(|(path, _)| {
+            FileRewrite {
+                table: table.clone(),
+                ctx: ctx.clone(),
+                path: path.clone(),
+                needles: needles.clone(),
+                how: how.clone(),
+                target: target.clone(),
+                writer_config: writer_config.clone(),
+                t: t.clone(),
+            }
+            .run()
+        });
+        let written = each_in_a_task(jobs, "erasure rewrite").await;
         let mut adds = Vec::new();
         for w in written {
             let (a, deleted) = w?;
@@ -1095,7 +1082,7 @@ impl Run<'_> {
                 .arrow_schema()
                 .as_ref()
                 .clone();
-            let keyed = matches!(how_for(&schema, self.n), Match::Key(_));
+            let keyed = matches!(how_for(&schema, &self.n), Match::Key(_));
             let keeps_history = matches!(
                 m.config.materialized,
                 Materialized::Incremental | Materialized::Snapshot | Materialized::Append
@@ -1165,9 +1152,9 @@ impl Run<'_> {
         for (inner, loc) in data_files(self.silt, t).await? {
             step.files_scanned += 1;
             let mut hit = false;
-            for b in decode_parquet_for(lake.get(&loc).await?, &inner, Some(self.n))? {
-                let how = how_for(&b.schema(), self.n);
-                if row_mask(&b, self.n, &how).true_count() > 0 {
+            for b in decode_parquet_for(lake.get(&loc).await?, &inner, Some(&self.n))? {
+                let how = how_for(&b.schema(), &self.n);
+                if row_mask(&b, &self.n, &how).true_count() > 0 {
                     hit = true;
                     break;
                 }
@@ -1256,6 +1243,26 @@ impl Run<'_> {
         self.steps.push(step);
         Ok(())
     }
+}
+
+/// How many files an in-place erasure scans or rewrites at once: one per core of the 2-core
+/// machine it is measured on, each holding one batch.
+const FILES_AT_ONCE: usize = 2;
+
+/// Each job in its own tokio task, `FILES_AT_ONCE` at a time; the results in the jobs' order.
+async fn each_in_a_task<T, F>(jobs: impl Iterator<Item = F>, what: &str) -> Vec<Result<T>>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    futures::stream::iter(jobs.map(|job| async move {
+        tokio::spawn(job)
+            .await
+            .map_err(|e| Error::Runtime(format!("{what}: {e}")))?
+    }))
+    .buffered(FILES_AT_ONCE)
+    .collect()
+    .await
 }
 
 /// One data file of an in-place erasure: its rows without the subjects' go to new files.
