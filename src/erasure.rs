@@ -635,6 +635,7 @@ impl<'a> ForgetBuilder<'a> {
             request: report.request_id.clone(),
             subjects: subjects.clone(),
             steps: Vec::new(),
+            seen: HashMap::new(),
         };
         // 1. Landing files (PII values are still in bronze to find them by).
         for s in subject_sources(silt) {
@@ -720,6 +721,18 @@ struct Run<'a> {
     request: String,
     subjects: String,
     steps: Vec<TableErasure>,
+    /// Per table, what this request's in-place rewrite already knows of its files: the ones it
+    /// found holding a subject (and removed), and the ones it found or wrote without any. The
+    /// purge dooms the first and skips the second instead of decoding them again; files the
+    /// rewrite never saw (older versions, a resumed request) are scanned.
+    seen: HashMap<String, SeenFiles>,
+}
+
+/// Files of one table the rewrite judged with the same needles and match as the purge.
+#[derive(Default)]
+struct SeenFiles {
+    hit: HashSet<String>,
+    clean: HashSet<String>,
 }
 
 impl Run<'_> {
@@ -902,12 +915,16 @@ impl Run<'_> {
         });
         let counts = each_in_a_task(scans, "erasure scan").await;
         let mut hits = Vec::new();
+        let mut seen = SeenFiles::default();
         for ((path, remove), n) in files.into_iter().zip(counts) {
             if n? > 0 {
                 hits.push((path, remove));
+            } else {
+                seen.clean.insert(path);
             }
         }
         if hits.is_empty() {
+            self.seen.insert(t.to_string(), seen);
             // Nothing to delete; a model still records that its upstream moved on.
             if let Some((model, st)) = state
                 && last_state(&table).await?.as_ref() != Some(&st)
@@ -965,11 +982,14 @@ impl Run<'_> {
         }
         step.files_added = adds.len() as u64;
         step.files_rewritten = hits.iter().map(|h| h.0.clone()).collect();
+        seen.hit.extend(step.files_rewritten.iter().cloned());
+        seen.clean.extend(adds.iter().map(|a| a.path.clone()));
         let mut actions: Vec<Action> = hits.into_iter().map(|h| Action::Remove(h.1)).collect();
         actions.extend(adds.into_iter().map(Action::Add));
         let v = self
             .commit(&table, t, actions, step.rows_deleted, state)
             .await?;
+        self.seen.insert(t.to_string(), seen);
         let _ = version;
         step.version = Some(v);
         self.step_audit(&step).await?;
@@ -1148,8 +1168,16 @@ impl Run<'_> {
             action: "purge".into(),
             ..Default::default()
         };
+        let seen = self.seen.remove(&t.to_string()).unwrap_or_default();
         let mut doomed = Vec::new();
         for (inner, loc) in data_files(self.silt, t).await? {
+            if seen.hit.contains(&inner) && !live.contains(&inner) {
+                doomed.push((inner, loc));
+                continue;
+            }
+            if seen.clean.contains(&inner) {
+                continue;
+            }
             step.files_scanned += 1;
             let mut hit = false;
             for b in decode_parquet_for(lake.get(&loc).await?, &inner, Some(&self.n))? {

@@ -3,8 +3,11 @@
 -- A client's row depends only on that client's profile and fees: a batch recomputes just the
 -- clients whose profile or fees changed (recompute_by), from their whole fee history.
 
--- The first fee of each client: an aggregate (first_value with its own order) rather than a
--- window partitioned by client, which DataFusion runs with state per client.
+-- The first fee of each client: its day, and the adviser of its smallest fee_id that day.
+{% if is_incremental() %}
+-- A batch recomputes a fraction of the clients: one pass over their fees, with an aggregate
+-- (first_value with its own order) rather than a window partitioned by client, which
+-- DataFusion runs with state per client.
 with first_fee as (
     select
         client_id,
@@ -13,6 +16,26 @@ with first_fee as (
     from {{ ref('stg_fees') }}
     group by client_id
 )
+{% else %}
+-- A full build reads every fee, where that aggregate is slow (DataFusion compares its
+-- two-column order value by value: 0.5 s at S=1): the day by a plain min, then the fees of
+-- that day joined back (0.2 s), a second pass that costs more than it saves on a batch.
+-- `first_day` comes first in the join, so the side held in memory is one row per client.
+with first_day as (
+    select client_id, min(fee_date) as fee_date
+    from {{ ref('stg_fees') }}
+    group by client_id
+),
+first_fee as (
+    select
+        d.client_id,
+        d.fee_date,
+        first_value(f.adviser_id order by f.fee_id) as adviser_id
+    from first_day d
+    join {{ ref('stg_fees') }} f on f.client_id = d.client_id and f.fee_date = d.fee_date
+    group by d.client_id, d.fee_date
+)
+{% endif %}
 select
     c.client_id,
     c.signup_date,
