@@ -775,25 +775,45 @@ impl Run<'_> {
         }
         let batch_id = format!("erasure-{}", self.request);
         let mut group = LandingGroup::default();
+        let mut files = Vec::new();
         for m in landing.list("").await? {
             let Some(rel) = landing.relative(&m.location) else {
                 continue;
             };
-            if !src.glob.is_match(&rel) {
-                continue;
+            if src.glob.is_match(&rel) {
+                files.push((m.location, rel));
             }
-            step.files_scanned += 1;
-            let data = landing.get(&m.location).await?;
-            if self.n.find_in(&String::from_utf8_lossy(&data)).is_none() {
-                continue;
+        }
+        step.files_scanned = files.len() as u64;
+        // Each file is read, searched and rewritten in its own task, two at a time; the
+        // results come back in listing order, so the ledger groups are as before.
+        let shared = Arc::new((src.clone(), key));
+        let jobs = files.into_iter().map(|(location, rel)| {
+            let (landing, n, shared) = (landing.clone(), self.n.clone(), shared.clone());
+            async move {
+                let (src, key) = (&shared.0, shared.1.as_str());
+                let data = landing.get(&location).await?;
+                if n.find_in(&String::from_utf8_lossy(&data)).is_none() {
+                    return Ok(None);
+                }
+                let rewritten = match src.on_erasure {
+                    ErasurePolicy::Remove => None,
+                    ErasurePolicy::Rewrite => match src.format {
+                        Format::Csv => Some(drop_csv_records(&data, src, key, &n)),
+                        Format::Ndjson => Some(drop_ndjson_lines(&data, key, &n)),
+                        Format::JsonArray | Format::Json => drop_json_elements(&data, key, &n),
+                    },
+                };
+                let sha = rewritten
+                    .as_ref()
+                    .map(|(bytes, _)| hex::encode(Sha256::digest(bytes)));
+                Ok(Some((location, rel, rewritten, sha)))
             }
-            let rewritten = match src.on_erasure {
-                ErasurePolicy::Remove => None,
-                ErasurePolicy::Rewrite => match src.format {
-                    Format::Csv => Some(drop_csv_records(&data, src, &key, &self.n)),
-                    Format::Ndjson => Some(drop_ndjson_lines(&data, &key, &self.n)),
-                    Format::JsonArray | Format::Json => drop_json_elements(&data, &key, &self.n),
-                },
+        });
+        let mut found = Box::pin(in_tasks(jobs, "landing erasure"));
+        while let Some(r) = found.next().await {
+            let Some((location, rel, rewritten, sha)) = r? else {
+                continue;
             };
             let now = chrono::Utc::now().timestamp_micros();
             let entry = latest.get(&rel).map(|prev| match &rewritten {
@@ -802,7 +822,7 @@ impl Run<'_> {
                     path: rel.clone(),
                     size: bytes.len() as i64,
                     e_tag: None,
-                    sha256: hex::encode(Sha256::digest(bytes)),
+                    sha256: sha.clone().unwrap_or_default(),
                     status: "rewritten".into(),
                     rows: prev.rows,
                     quarantined: prev.quarantined,
@@ -823,12 +843,13 @@ impl Run<'_> {
             });
             group.bytes += rewritten.as_ref().map_or(0, |r| r.0.len());
             group.entries.extend(entry);
-            group.files.push((m.location, rel, rewritten));
+            group.files.push((location, rel, rewritten));
             if group.bytes >= LANDING_GROUP_BYTES {
                 self.land(std::mem::take(&mut group), &batch_id, &mut step)
                     .await?;
             }
         }
+        drop(found);
         self.land(group, &batch_id, &mut step).await?;
         if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
             self.step_audit(&step).await?;
@@ -1283,14 +1304,25 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
 {
-    futures::stream::iter(jobs.map(|job| async move {
+    in_tasks(jobs, what).collect().await
+}
+
+/// Like [`each_in_a_task`], as a stream: a result is handed over as soon as it and the ones
+/// before it are done, so at most `FILES_AT_ONCE` jobs (and what they hold) are in flight.
+fn in_tasks<'w, T, F>(
+    jobs: impl Iterator<Item = F> + 'w,
+    what: &'w str,
+) -> impl futures::Stream<Item = Result<T>> + 'w
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    futures::stream::iter(jobs.map(move |job| async move {
         tokio::spawn(job)
             .await
             .map_err(|e| Error::Runtime(format!("{what}: {e}")))?
     }))
     .buffered(FILES_AT_ONCE)
-    .collect()
-    .await
 }
 
 /// One data file of an in-place erasure: its rows without the subjects' go to new files.
