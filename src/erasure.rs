@@ -849,7 +849,6 @@ impl Run<'_> {
                     .await?;
             }
         }
-        drop(found);
         self.land(group, &batch_id, &mut step).await?;
         if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
             self.step_audit(&step).await?;
