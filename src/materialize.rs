@@ -18,7 +18,7 @@ use deltalake::delta_datafusion::FileSelection;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -53,6 +53,9 @@ pub struct ModelMetrics {
     pub upstream: BTreeMap<String, u64>,
     /// Partitions written (partition_overwrite) or merged into (incremental).
     pub partitions: Vec<String>,
+    /// Queries the build ran: 1, or one per chunk of partitions (a partition_overwrite build
+    /// over more upstream rows than one chunk holds); 0 when nothing was built.
+    pub chunks: u64,
     pub message: Option<String>,
     /// The data files this build added (for tests scoped to the rows it wrote).
     #[serde(skip)]
@@ -493,6 +496,13 @@ impl Materializer<'_> {
             touched.clear();
             recompute = None;
         }
+        let chunks = if m.config.materialized == Materialized::PartitionOverwrite {
+            self.partition_chunks(m, &up_tables, &relations, incremental.then_some(&touched))?
+        } else {
+            None
+        };
+        let relations = chunks.unwrap_or_else(|| vec![relations]);
+        metrics.chunks = relations.len() as u64;
         tracing::debug!(model = %m.name, ms = started.elapsed().as_millis() as u64, "planned");
         let result = self
             .write(
@@ -931,19 +941,15 @@ impl Materializer<'_> {
         ])
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn write(
+    /// The model's SQL rendered with `relations` and planned in the session (pseudonymized
+    /// columns replaced in the SQL itself, so every materialization, and a snapshot's re-plan,
+    /// sees only the pseudonyms). SQL errors name the model file.
+    async fn plan(
         &self,
         m: &Model,
-        t: &TableRef,
-        target: DeltaTable,
         incremental: bool,
         relations: BTreeMap<String, String>,
-        touched: &BTreeSet<String>,
-        recompute: Option<&Recompute>,
-        state: &ModelState,
-        metrics: &mut ModelMetrics,
-    ) -> Result<DeltaTable> {
+    ) -> Result<(String, DataFrame)> {
         let sql = self.dag.render(
             m,
             RenderContext {
@@ -951,35 +957,143 @@ impl Materializer<'_> {
                 relations,
             },
         )?;
+        let named = |e| match e {
+            Error::Sql(msg) => Error::config(&m.file, msg),
+            other => other,
+        };
+        let df = crate::time_travel::sql(self.ctx, self.catalog, &sql)
+            .await
+            .map_err(named)?;
+        if m.config.pseudonymize.is_empty() {
+            return Ok((sql, df));
+        }
+        let cols: Vec<String> = df
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let wrapped = crate::pseudonym::wrap_sql(m, &sql, &cols, self.hmac_key, self.ctx)?;
+        let df = crate::time_travel::sql(self.ctx, self.catalog, &wrapped)
+            .await
+            .map_err(named)?;
+        Ok((wrapped, df))
+    }
+
+    /// The relations of a partition_overwrite build that runs once per chunk of partitions:
+    /// each upstream partitioned by the model's `partition_by` column filtered to the chunk's
+    /// values (and `base`, the relations of the whole build, otherwise). The partitions are
+    /// those of `only` (an incremental build's touched set) or all the upstream holds. A chunk
+    /// has at most one upstream row per 2 KiB of the session's memory pool (131,072 rows at
+    /// 256 MiB), so a model with about as many groups as rows (fct_monthly_revenue: one per
+    /// client, adviser and month) holds one chunk's groups instead of spilling all of them.
+    /// `None` when one query will do:
+    /// no upstream is partitioned by that column, the rows fit one chunk, or a file has a NULL
+    /// partition value (`IN` would leave its rows out).
+    fn partition_chunks(
+        &self,
+        m: &Model,
+        up_tables: &BTreeMap<String, DeltaTable>,
+        base: &BTreeMap<String, String>,
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<Option<Vec<BTreeMap<String, String>>>> {
+        let Some(pcol) = &m.config.partition_by else {
+            return Ok(None);
+        };
+        let limit = match self.ctx.runtime_env().memory_pool.memory_limit() {
+            datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => (bytes >> 11) as u64,
+            _ => return Ok(None),
+        };
+        let mut rows: BTreeMap<String, u64> = BTreeMap::new();
+        let mut partitioned = Vec::new();
+        for (u, ut) in up_tables {
+            let parts = ut
+                .snapshot()
+                .map(|s| s.metadata().partition_columns().to_vec())
+                .unwrap_or_default();
+            if !parts.contains(pcol) {
+                continue;
+            }
+            partitioned.push((u, string_column(ut, pcol)));
+            for (_, n, values) in files_of(ut)?.into_values() {
+                match values.get(pcol) {
+                    Some(Some(v)) if only.is_none_or(|o| o.contains(v)) => {
+                        *rows.entry(v.clone()).or_default() += n
+                    }
+                    Some(Some(_)) => {}
+                    _ => return Ok(None),
+                }
+            }
+        }
+        if partitioned.is_empty() || rows.values().sum::<u64>() <= limit {
+            return Ok(None);
+        }
+        let mut chunks: Vec<Vec<&String>> = vec![Vec::new()];
+        let mut held = 0;
+        for (v, n) in &rows {
+            let last = chunks.last_mut().expect("one chunk at least");
+            if !last.is_empty() && held + n > limit {
+                chunks.push(vec![v]);
+                held = *n;
+            } else {
+                last.push(v);
+                held += n;
+            }
+        }
+        Ok(Some(
+            chunks
+                .into_iter()
+                .map(|values| {
+                    let list = values
+                        .iter()
+                        .map(|v| format!("'{}'", v.replace('\'', "''")))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let mut rels = base.clone();
+                    for (u, string) in &partitioned {
+                        rels.insert(
+                            u.to_string(),
+                            format!(
+                                "(select * from {u} where {})",
+                                partition_in(pcol, *string, &list)
+                            ),
+                        );
+                    }
+                    rels
+                })
+                .collect(),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        incremental: bool,
+        relations: Vec<BTreeMap<String, String>>,
+        touched: &BTreeSet<String>,
+        recompute: Option<&Recompute>,
+        state: &ModelState,
+        metrics: &mut ModelMetrics,
+    ) -> Result<DeltaTable> {
         let cfg = &m.config;
         let previous = target.version();
         let partition_cols: Vec<String> = cfg.partition_by.iter().cloned().collect();
-        // Plan first: a SQL error writes nothing.
-        let df = crate::time_travel::sql(self.ctx, self.catalog, &sql)
-            .await
-            .map_err(|e| match e {
-                Error::Sql(msg) => Error::config(&m.file, msg),
-                other => other,
-            })?;
-        // Pseudonymized columns are replaced in the SQL itself, so every materialization
-        // (snapshots re-plan it) sees only the pseudonyms.
-        let (sql, df) = if cfg.pseudonymize.is_empty() {
-            (sql, df)
+        // Plan first (every chunk): a SQL error writes nothing.
+        let mut planned = Vec::with_capacity(relations.len());
+        for rels in relations {
+            planned.push(self.plan(m, incremental, rels).await?);
+        }
+        let (sql, df) = if planned.len() == 1 {
+            planned.remove(0)
         } else {
-            let cols: Vec<String> = df
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect();
-            let wrapped = crate::pseudonym::wrap_sql(m, &sql, &cols, self.hmac_key, self.ctx)?;
-            let df = crate::time_travel::sql(self.ctx, self.catalog, &wrapped)
-                .await
-                .map_err(|e| match e {
-                    Error::Sql(msg) => Error::config(&m.file, msg),
-                    other => other,
-                })?;
-            (wrapped, df)
+            let sql = planned[0].0.clone();
+            (
+                sql,
+                in_sequence(self.ctx, planned.into_iter().map(|p| p.1).collect())?,
+            )
         };
         if let Some(contract) = &cfg.contract {
             check_contract(m, df.schema().as_arrow(), contract)?;
@@ -1850,6 +1964,58 @@ impl Materializer<'_> {
 }
 
 /// Collect a result; an empty result still carries its schema as one empty batch.
+/// The queries of a chunked build, run one after the other as one single-partition relation
+/// (delta-rs writes it in one commit); only one chunk executes, and holds memory, at a time.
+fn in_sequence(ctx: &SessionContext, chunks: Vec<DataFrame>) -> Result<DataFrame> {
+    let schema: arrow::datatypes::SchemaRef = Arc::new(chunks[0].schema().as_arrow().clone());
+    let table = datafusion::catalog::streaming::StreamingTable::try_new(
+        schema.clone(),
+        vec![Arc::new(Sequence { schema, chunks })],
+    )?;
+    Ok(ctx.read_table(Arc::new(table))?)
+}
+
+struct Sequence {
+    schema: arrow::datatypes::SchemaRef,
+    chunks: Vec<DataFrame>,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sequence({} chunks)", self.chunks.len())
+    }
+}
+
+impl datafusion::physical_plan::streaming::PartitionStream for Sequence {
+    fn schema(&self) -> &arrow::datatypes::SchemaRef {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        _ctx: Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::execution::SendableRecordBatchStream {
+        let n = self.chunks.len();
+        let batches = futures::stream::iter(self.chunks.clone().into_iter().enumerate())
+            .then(move |(i, df)| {
+                tracing::debug!(
+                    chunk = i + 1,
+                    of = n,
+                    pool_reserved = df.task_ctx().memory_pool().reserved(),
+                    "chunk"
+                );
+                df.execute_stream()
+            })
+            .try_flatten();
+        Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                self.schema.clone(),
+                batches,
+            ),
+        )
+    }
+}
+
 async fn collect_nonempty(
     df: DataFrame,
 ) -> std::result::Result<Vec<RecordBatch>, datafusion::error::DataFusionError> {

@@ -975,3 +975,74 @@ fn a_full_build_that_breaks_its_unique_key_is_rolled_back() {
     );
     assert_eq!(table_csv(&p, "gold.adviser_fee_keys"), good);
 }
+
+/// A partition_overwrite build over more upstream rows than one chunk of the memory pool holds
+/// runs one query per chunk of partitions, in one commit, and writes what one query would:
+/// in a full build and in an incremental one that touches every partition.
+#[test]
+fn a_partition_overwrite_build_beyond_one_chunk_runs_a_query_per_chunk_in_one_commit() {
+    let p = Project::reference();
+    // 48,000 rows in 12 partitions of 4,000; a 16 MiB pool holds 8,192 rows per chunk.
+    let events = |modulus: u32| {
+        format!(
+            "{{{{ config(materialized='table', partition_by='day') }}}}\n\
+             select value as id, value % {modulus} as weight, cast(value % 12 as varchar) as day\n\
+             from range(48000)\n"
+        )
+    };
+    write_model(&p, "silver/many_events.sql", &events(7));
+    write_model(
+        &p,
+        "gold/per_day.sql",
+        "{{ config(materialized='partition_overwrite', partition_by='day') }}\n\
+         select day, count(*) as n, count(distinct weight) as weights, sum(id) as total\n\
+         from {{ ref('many_events') }} group by day\n",
+    );
+    let expected = |p: &Project| {
+        sorted_csv(&p.ok(&[
+            "query",
+            "select day, count(*) as n, count(distinct weight) as weights, sum(id) as total \
+             from silver.many_events group by day",
+            "--format",
+            "csv",
+        ]))
+    };
+    let build = |p: &Project| -> Value {
+        let out = p
+            .cmd(&["--json", "build", "--select", "many_events+"])
+            .env("SILT_ENGINE_MEMORY_LIMIT_MB", "16")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    let full = build(&p);
+    let m = model(&full, "per_day");
+    assert_eq!(m["mode"], "full");
+    assert_eq!(m["chunks"], 6, "{m}");
+    assert_eq!(m["version"], 0, "one commit");
+    assert_eq!(m["rows_inserted"], 12);
+    assert_eq!(table_csv(&p, "gold.per_day"), expected(&p));
+    assert!(table_csv(&p, "gold.per_day").contains("\n0,4000,7,"));
+
+    // New upstream rows in every partition: an incremental build of all 12, chunk by chunk.
+    write_model(&p, "silver/many_events.sql", &events(5));
+    let inc = build(&p);
+    let m = model(&inc, "per_day");
+    assert_eq!(m["mode"], "incremental");
+    assert_eq!(m["chunks"], 6, "{m}");
+    assert_eq!(m["partitions"].as_array().unwrap().len(), 12);
+    assert_eq!(m["version"], 1, "one commit");
+    assert_eq!(table_csv(&p, "gold.per_day"), expected(&p));
+    assert!(table_csv(&p, "gold.per_day").contains("\n0,4000,5,"));
+
+    // With the default pool the same build is one query.
+    let r = run_json(&p, &["build", "--select", "per_day", "--full-refresh"]);
+    assert_eq!(model(&r, "per_day")["chunks"], 1);
+    assert_eq!(table_csv(&p, "gold.per_day"), expected(&p));
+}
