@@ -181,6 +181,34 @@ pub(crate) fn partition_in(column: &str, is_string: bool, values: &str) -> Strin
     }
 }
 
+/// Upstream `u` filtered to the partitions of `column` with these values: the relation an
+/// incremental partition_overwrite build, or one chunk of a chunked build, reads.
+fn in_partitions<'v>(
+    u: &str,
+    column: &str,
+    is_string: bool,
+    values: impl IntoIterator<Item = &'v String>,
+) -> String {
+    let list = values
+        .into_iter()
+        .map(|v| format!("'{}'", v.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "(select * from {u} where {})",
+        partition_in(column, is_string, &list)
+    )
+}
+
+/// The output column names of a planned query.
+fn columns_of(df: &DataFrame) -> Vec<String> {
+    df.schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect()
+}
+
 /// Whether `column` of `t` is a string column (see [`partition_in`]).
 fn string_column(t: &DeltaTable, column: &str) -> bool {
     t.snapshot()
@@ -467,11 +495,6 @@ impl Materializer<'_> {
                     incremental = false;
                 } else {
                     let pcol = m.config.partition_by.clone().unwrap_or_default();
-                    let list = touched
-                        .iter()
-                        .map(|v| format!("'{}'", v.replace('\'', "''")))
-                        .collect::<Vec<_>>()
-                        .join(", ");
                     for u in &ups {
                         let parts = up_tables[&u.to_string()]
                             .snapshot()
@@ -481,10 +504,7 @@ impl Materializer<'_> {
                             let string = string_column(&up_tables[&u.to_string()], &pcol);
                             relations.insert(
                                 u.to_string(),
-                                format!(
-                                    "(select * from {u} where {})",
-                                    partition_in(&pcol, string, &list)
-                                ),
+                                in_partitions(&u.to_string(), &pcol, string, &touched),
                             );
                         }
                     }
@@ -967,12 +987,7 @@ impl Materializer<'_> {
         if m.config.pseudonymize.is_empty() {
             return Ok((sql, df));
         }
-        let cols: Vec<String> = df
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
+        let cols = columns_of(&df);
         let wrapped = crate::pseudonym::wrap_sql(m, &sql, &cols, self.hmac_key, self.ctx)?;
         let df = crate::time_travel::sql(self.ctx, self.catalog, &wrapped)
             .await
@@ -1044,19 +1059,11 @@ impl Materializer<'_> {
             chunks
                 .into_iter()
                 .map(|values| {
-                    let list = values
-                        .iter()
-                        .map(|v| format!("'{}'", v.replace('\'', "''")))
-                        .collect::<Vec<_>>()
-                        .join(", ");
                     let mut rels = base.clone();
                     for (u, string) in &partitioned {
                         rels.insert(
                             u.to_string(),
-                            format!(
-                                "(select * from {u} where {})",
-                                partition_in(pcol, *string, &list)
-                            ),
+                            in_partitions(u, pcol, *string, values.iter().copied()),
                         );
                     }
                     rels
@@ -1138,12 +1145,7 @@ impl Materializer<'_> {
             // Streamed: delta-rs executes the plan and writes files as batches come, so the
             // table is never held in memory (sorts and aggregates spill under the session's
             // memory limit).
-            let schema_cols: Vec<String> = df
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect();
+            let schema_cols = columns_of(&df);
             let table = self
                 .write_plan(target, df)
                 .with_save_mode(SaveMode::Overwrite)
@@ -1831,12 +1833,7 @@ impl Materializer<'_> {
 
     async fn model_columns(&self, m: &Model, sql: &str) -> Result<Vec<String>> {
         let df = self.ctx.sql(sql).await.map_err(|e| sql_error(m, e))?;
-        Ok(df
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect())
+        Ok(columns_of(&df))
     }
 
     /// SCD2 from scratch: every distinct version of each key, in time order.
@@ -1963,7 +1960,6 @@ impl Materializer<'_> {
     }
 }
 
-/// Collect a result; an empty result still carries its schema as one empty batch.
 /// The queries of a chunked build, run one after the other as one single-partition relation
 /// (delta-rs writes it in one commit); only one chunk executes, and holds memory, at a time.
 fn in_sequence(ctx: &SessionContext, chunks: Vec<DataFrame>) -> Result<DataFrame> {
@@ -2016,6 +2012,7 @@ impl datafusion::physical_plan::streaming::PartitionStream for Sequence {
     }
 }
 
+/// Collect a result; an empty result still carries its schema as one empty batch.
 async fn collect_nonempty(
     df: DataFrame,
 ) -> std::result::Result<Vec<RecordBatch>, datafusion::error::DataFusionError> {
