@@ -614,7 +614,7 @@ impl Dag {
     pub fn model_tests_of(
         &self,
         m: &Model,
-        written: Option<&str>,
+        written: Option<&crate::quality::WrittenScope>,
     ) -> Result<Vec<crate::quality::DataTest>> {
         m.config
             .tests

@@ -384,14 +384,17 @@ async fn build_models(
                     // downstream (the model itself stays built, as in dbt). After an
                     // incremental build they check the rows it wrote (`silt test` checks all).
                     let written = match mat.register_written(m, &metrics).await {
-                        Ok(w) => w,
+                        Ok(Some(w)) => {
+                            Some(crate::quality::WrittenScope::new(ctx, w, &m.config.tests).await)
+                        }
+                        Ok(None) => None,
                         Err(e) => {
                             tracing::warn!("{}: testing the whole table ({e})", m.name);
                             None
                         }
                     };
                     report.models.push(metrics);
-                    match dag.model_tests_of(m, written.as_deref()) {
+                    match dag.model_tests_of(m, written.as_ref()) {
                         Ok(tests) => {
                             if !model_tests(ctx, &tests, report).await {
                                 broken.insert(name.clone());
@@ -403,7 +406,7 @@ async fn build_models(
                         }
                     }
                     if let Some(w) = &written {
-                        mat.forget_written(w);
+                        mat.forget_written(&w.relation);
                     }
                 }
                 Err(e) => {

@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
+use datafusion::scalar::ScalarValue;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::TableRef;
@@ -90,6 +91,80 @@ fn lit(v: &serde_json::Value) -> String {
     }
 }
 
+/// The rows an incremental build just wrote, as the scope of its model's column tests: the
+/// relation holding them, and for the first column of each `unique` test the smallest and the
+/// largest value they hold, as SQL literals. A duplicate of a written key lies within those
+/// bounds, so the test reads only the part of the table between them: when keys grow with
+/// time, as ids usually do, the scan skips every file whose statistics lie outside.
+#[derive(Debug, Clone)]
+pub struct WrittenScope {
+    pub relation: String,
+    pub ranges: std::collections::BTreeMap<String, (String, String)>,
+}
+
+impl WrittenScope {
+    /// The scope of `relation` for these tests. Bounds it cannot read (a failed query, a type
+    /// without a literal here, no non-NULL value) are left out: that test reads the whole table.
+    pub async fn new(ctx: &SessionContext, relation: String, specs: &[TestSpec]) -> Self {
+        let cols: std::collections::BTreeSet<String> = specs
+            .iter()
+            .filter(|s| s.kind == "unique")
+            .filter_map(|s| s.columns.first().or(s.column.as_ref()).cloned())
+            .collect();
+        let mut ranges = std::collections::BTreeMap::new();
+        if !cols.is_empty() {
+            let sql = format!(
+                "select {} from {relation}",
+                cols.iter()
+                    .map(|c| format!("min({qc}), max({qc})", qc = q(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let bounds = async { ctx.sql(&sql).await?.collect().await }.await;
+            match bounds {
+                Ok(b) => {
+                    if let Some(b) = b.iter().find(|b| b.num_rows() > 0) {
+                        for (i, c) in cols.iter().enumerate() {
+                            let lo = ScalarValue::try_from_array(b.column(2 * i), 0).ok();
+                            let hi = ScalarValue::try_from_array(b.column(2 * i + 1), 0).ok();
+                            if let (Some(lo), Some(hi)) = (
+                                lo.as_ref().and_then(sql_literal),
+                                hi.as_ref().and_then(sql_literal),
+                            ) {
+                                ranges.insert(c.clone(), (lo, hi));
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "{relation}: reading the written key range failed ({e}); unique tests read the whole table"
+                ),
+            }
+        }
+        WrittenScope { relation, ranges }
+    }
+}
+
+/// A value as an SQL literal, for the types keys usually have (strings, integers, dates).
+fn sql_literal(v: &ScalarValue) -> Option<String> {
+    match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::Utf8View(Some(s))
+        | ScalarValue::LargeUtf8(Some(s)) => Some(format!("'{}'", s.replace('\'', "''"))),
+        ScalarValue::Int8(Some(_))
+        | ScalarValue::Int16(Some(_))
+        | ScalarValue::Int32(Some(_))
+        | ScalarValue::Int64(Some(_))
+        | ScalarValue::UInt8(Some(_))
+        | ScalarValue::UInt16(Some(_))
+        | ScalarValue::UInt32(Some(_))
+        | ScalarValue::UInt64(Some(_)) => Some(v.to_string()),
+        ScalarValue::Date32(Some(d)) => chrono::NaiveDate::from_num_days_from_ce_opt(d + 719_163)
+            .map(|d| format!("date '{}'", d.format("%Y-%m-%d"))),
+        _ => None,
+    }
+}
+
 /// Compile a column test on `table` into SQL. `resolve` turns a `to` into a table.
 pub fn compile(
     spec: &TestSpec,
@@ -100,19 +175,20 @@ pub fn compile(
     compile_scoped(spec, table, file, None, resolve)
 }
 
-/// Like [`compile`]; with `written` (a relation holding the rows a build just wrote), the row
-/// tests (not_null, accepted_values, relationships, expression) read only those rows, and
-/// `unique` counts, in the whole table, only the keys those rows hold. Rows the build did not
-/// touch passed when they were written, so the verdict is the same at a fraction of the cost.
+/// Like [`compile`]; with `written` (the rows a build just wrote), the row tests (not_null,
+/// accepted_values, relationships, expression) read only those rows, and `unique` counts, in
+/// the table between the written bounds of its first column, only the keys those rows hold.
+/// Rows the build did not touch passed when they were written, so the verdict is the same at
+/// a fraction of the cost.
 pub fn compile_scoped(
     spec: &TestSpec,
     table: &TableRef,
     file: &str,
-    written: Option<&str>,
+    written: Option<&WrittenScope>,
     resolve: &dyn Fn(&str) -> Result<TableRef>,
 ) -> Result<DataTest> {
     let whole = table.to_string();
-    let rows: &str = written.unwrap_or(&whole);
+    let rows: &str = written.map_or(&whole, |w| w.relation.as_str());
     let err = |m: String| Error::config(file, format!("test {}: {m}", spec.kind));
     let col = || {
         spec.column
@@ -149,6 +225,23 @@ pub fn compile_scoped(
                     "select {list}, count(*) as n_rows from {table}{where_only} group by {list} having count(*) > 1"
                 ),
                 Some(w) => {
+                    // The table between the written bounds of the first column, and its NULLs
+                    // (a NULL key counts as a value, as in the whole-table test).
+                    let bounded = w.ranges.get(&cols[0]).map(|(lo, hi)| {
+                        format!(
+                            "({c} between {lo} and {hi} or {c} is null)",
+                            c = q(&cols[0])
+                        )
+                    });
+                    let filter = bounded
+                        .into_iter()
+                        .chain(spec.where_.as_ref().map(|x| format!("({x})")))
+                        .collect::<Vec<_>>();
+                    let table_where = if filter.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" where {}", filter.join(" and "))
+                    };
                     let on = cols
                         .iter()
                         .map(|c| format!("(t.{c} is not distinct from n.{c})", c = q(c)))
@@ -160,9 +253,10 @@ pub fn compile_scoped(
                         .collect::<Vec<_>>()
                         .join(", ");
                     format!(
-                        "select {t_list}, count(*) as n_rows from (select {list} from {table}{where_only}) t \
-                         join (select distinct {list} from {w}{where_only}) n on {on} \
-                         group by {t_list} having count(*) > 1"
+                        "select {t_list}, count(*) as n_rows from (select {list} from {table}{table_where}) t \
+                         join (select distinct {list} from {wr}{where_only}) n on {on} \
+                         group by {t_list} having count(*) > 1",
+                        wr = w.relation
                     )
                 }
             };

@@ -469,7 +469,7 @@ fn after_an_incremental_build_tests_check_the_rows_it_wrote() {
 #[test]
 fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
     use silt::catalog::{Layer, TableRef};
-    use silt::quality::{TestSpec, compile_scoped, run};
+    use silt::quality::{TestSpec, WrittenScope, compile_scoped, run};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ctx = datafusion::prelude::SessionContext::new();
@@ -487,7 +487,15 @@ fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
         let table = TableRef::new(Layer::Silver, "t");
         #[allow(clippy::result_large_err)] // the library's resolver signature
         let none = |_: &str| -> silt::Result<TableRef> { unreachable!() };
-        let scoped = compile_scoped(&spec, &table, "t.sql", Some("w"), &none).unwrap();
+        let w = WrittenScope::new(&ctx, "w".into(), std::slice::from_ref(&spec)).await;
+        // The written keys lie between k1 and k3: the table is read between those bounds (and
+        // its NULL keys, which the bounds leave out).
+        assert_eq!(
+            w.ranges.get("column1"),
+            Some(&("'k1'".to_string(), "'k3'".to_string()))
+        );
+        let scoped = compile_scoped(&spec, &table, "t.sql", Some(&w), &none).unwrap();
+        assert!(scoped.sql.contains("between 'k1' and 'k3'"), "{}", scoped.sql);
         let whole = compile_scoped(&spec, &table, "t.sql", None, &none).unwrap();
         let r = run(&ctx, &scoped).await.unwrap();
         // k1 and the NULL key: written now and present twice in the table. Not k2.
@@ -500,9 +508,25 @@ fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
             serde_json::json!({"type": "unique", "columns": ["column1", "column3"]}),
         )
         .unwrap();
-        let scoped = compile_scoped(&spec, &table, "t.sql", Some("w"), &none).unwrap();
+        let w = WrittenScope::new(&ctx, "w".into(), std::slice::from_ref(&spec)).await;
+        let scoped = compile_scoped(&spec, &table, "t.sql", Some(&w), &none).unwrap();
         let r = run(&ctx, &scoped).await.unwrap();
         assert_eq!((r.status.as_str(), r.failing_rows), ("fail", 2), "{}", r.sample);
         assert!(r.sample.contains("k1") && !r.sample.contains("k2"), "{}", r.sample);
+        // A key type without a literal here (a float) leaves the table unbounded: same verdict.
+        for sql in [
+            "create table silver.f as values (1.5, 'a'), (1.5, 'b'), (2.5, 'c'), (2.5, 'd'), (9.5, 'e')",
+            "create table wf as values (1.5, 'b'), (9.5, 'e')",
+        ] {
+            ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        }
+        let spec: TestSpec =
+            serde_json::from_value(serde_json::json!({"type": "unique", "column": "column1"})).unwrap();
+        let w = WrittenScope::new(&ctx, "wf".into(), std::slice::from_ref(&spec)).await;
+        assert!(w.ranges.is_empty(), "{:?}", w.ranges);
+        let scoped =
+            compile_scoped(&spec, &TableRef::new(Layer::Silver, "f"), "t.sql", Some(&w), &none).unwrap();
+        let r = run(&ctx, &scoped).await.unwrap();
+        assert_eq!((r.status.as_str(), r.failing_rows), ("fail", 1), "{}", r.sample);
     });
 }
