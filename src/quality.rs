@@ -84,9 +84,14 @@ fn q(c: &str) -> String {
     format!("\"{}\"", c.replace('"', "\"\""))
 }
 
+/// A string as an SQL literal.
+fn quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 fn lit(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::String(s) => format!("'{}'", s.replace('\'', "''")),
+        serde_json::Value::String(s) => quoted(s),
         other => other.to_string(),
     }
 }
@@ -150,7 +155,7 @@ fn sql_literal(v: &ScalarValue) -> Option<String> {
     match v {
         ScalarValue::Utf8(Some(s))
         | ScalarValue::Utf8View(Some(s))
-        | ScalarValue::LargeUtf8(Some(s)) => Some(format!("'{}'", s.replace('\'', "''"))),
+        | ScalarValue::LargeUtf8(Some(s)) => Some(quoted(s)),
         ScalarValue::Int8(Some(_))
         | ScalarValue::Int16(Some(_))
         | ScalarValue::Int32(Some(_))
@@ -159,8 +164,10 @@ fn sql_literal(v: &ScalarValue) -> Option<String> {
         | ScalarValue::UInt16(Some(_))
         | ScalarValue::UInt32(Some(_))
         | ScalarValue::UInt64(Some(_)) => Some(v.to_string()),
-        ScalarValue::Date32(Some(d)) => chrono::NaiveDate::from_num_days_from_ce_opt(d + 719_163)
-            .map(|d| format!("date '{}'", d.format("%Y-%m-%d"))),
+        ScalarValue::Date32(Some(d)) => {
+            let day = crate::contract::format_date(*d);
+            (!day.is_empty()).then(|| format!("date '{day}'"))
+        }
         _ => None,
     }
 }
