@@ -115,6 +115,18 @@ impl TableRef {
     }
 }
 
+/// The candidate closest to `name` (Jaro-Winkler similarity of at least 0.8), for "did you
+/// mean …?" hints on mistyped table and model names.
+pub fn closest(name: &str, candidates: impl IntoIterator<Item = String>) -> Option<String> {
+    candidates
+        .into_iter()
+        .filter(|c| c != name)
+        .map(|c| (strsim::jaro_winkler(name, &c), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
 /// The lake's tables, for listing and for SQL.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -189,7 +201,7 @@ impl Catalog {
         // A fair pool: every spilling operator (sorts, aggregates) gets its share and spills
         // beyond it; the rest (merges, hash join build sides) draws from what is left.
         let pool = datafusion::execution::memory_pool::FairSpillPool::new(
-            (self.engine.memory_limit_mb.max(16) as usize) << 20,
+            self.engine.memory_limit_bytes(),
         );
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))

@@ -28,7 +28,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a new project in DIR: silt.toml, sql/ folders, an example source and model.
-    Init { dir: PathBuf },
+    Init {
+        /// The new project's directory (created; it must not hold a silt.toml yet).
+        dir: PathBuf,
+    },
     /// Ingest new landing files into bronze tables, exactly once.
     Ingest(IngestArgs),
     /// Run the pipeline: ingest, then build every model whose inputs changed, in dag order.
@@ -46,8 +49,8 @@ pub enum Command {
     },
     /// Run data tests: column tests of models and sources, and sql/tests/*.sql.
     Test {
-        /// Only the tests of these models (selectors as for build).
-        #[arg(long = "select", short = 's')]
+        /// Only the tests of these models (selectors as for build, comma-separated or repeated).
+        #[arg(long = "select", short = 's', value_delimiter = ',')]
         select: Vec<String>,
     },
     /// How old each source's newest data is, against its [freshness] thresholds.
@@ -65,11 +68,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = DagFormat::Text)]
         format: DagFormat,
     },
-    /// Past runs with per-model metrics.
+    /// Past runs (run, build, test, forget), newest first: one line each; --run ID shows each
+    /// model and test of one run in the order they ran.
     Runs {
         /// How many runs to show.
         #[arg(long, default_value_t = 5)]
         limit: usize,
+        /// One run's models and tests (a run id from the list).
+        #[arg(long)]
+        run: Option<String>,
     },
     /// Run one SQL statement over every table (bronze.x, silver.x, gold.x, quarantine.x, _silt.x).
     Query {
@@ -81,10 +88,15 @@ pub enum Command {
         as_of_run: Option<String>,
     },
     /// A table's versions: operation, time, run and metrics.
-    History { table: String },
+    History {
+        /// The table, as layer.name (bronze.fees, silver.stg_fees, _silt.runs).
+        table: String,
+    },
     /// Make a table's content that of an older version (as a new version).
     Restore {
+        /// The table, as layer.name.
         table: String,
+        /// The version whose content becomes the table's next version (see `silt history`).
         #[arg(
             long,
             conflicts_with = "timestamp",
@@ -97,14 +109,17 @@ pub enum Command {
     },
     /// Rows added, removed and changed between two versions (keyed by the unique key).
     Diff {
+        /// The table, as layer.name.
         table: String,
+        /// The older version to compare (see `silt history`).
         #[arg(long)]
         from: u64,
         /// Default: the latest version.
         #[arg(long)]
         to: Option<u64>,
-        /// Key columns (default: the model's unique_key or the source's primary_key).
-        #[arg(long)]
+        /// Key columns, comma-separated or repeated (default: the model's unique_key or the
+        /// source's primary_key).
+        #[arg(long, value_delimiter = ',')]
         key: Vec<String>,
     },
     /// GDPR erasure: delete data subjects from every layer, the quarantine and the landing
@@ -139,10 +154,16 @@ pub enum Command {
     },
     /// Delete data files that no version younger than --retain-hours needs (all tables, or one).
     Vacuum {
+        /// One table (layer.name, e.g. silver.stg_fees); default: every table of the lake.
         table: Option<String>,
+        /// Keep every file a version younger than this needs (hours). Below Delta's default of
+        /// 168 (7 days) it needs --force: older versions become unreadable.
         #[arg(long, default_value_t = 168)]
         retain_hours: u64,
-        /// List what would be deleted.
+        /// Allow --retain-hours below 168.
+        #[arg(long)]
+        force: bool,
+        /// List the files that would be deleted, and delete nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -157,15 +178,16 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
-    /// Only these sources (repeatable).
-    #[arg(long = "source", short = 's')]
+    /// Only these sources (comma-separated or repeated).
+    #[arg(long = "source", short = 's', value_delimiter = ',')]
     pub sources: Vec<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Selectors: name, name+ (and downstream), +name (and upstream), silver, gold. Repeatable.
-    #[arg(long = "select", short = 's')]
+    /// Selectors: name, name+ (and downstream), +name (and upstream), silver, gold
+    /// (comma-separated or repeated).
+    #[arg(long = "select", short = 's', value_delimiter = ',')]
     pub select: Vec<String>,
     /// Rebuild from scratch instead of incrementally.
     #[arg(long)]
@@ -176,8 +198,9 @@ pub struct BuildArgs {
 pub enum ExportTarget {
     /// BigQuery, per [bigquery] in silt.toml: changed partitions only, each replaced atomically.
     Bigquery {
-        /// Models to export (selectors as in `silt build`; default: [bigquery] models or every gold model).
-        #[arg(long = "select", short = 's')]
+        /// Models to export (selectors as in `silt build`, comma-separated or repeated; default:
+        /// [bigquery] models or every gold model).
+        #[arg(long = "select", short = 's', value_delimiter = ',')]
         select: Vec<String>,
     },
 }

@@ -133,8 +133,9 @@ pub struct BigQuerySection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSection {
-    /// Memory that sorts, aggregates and joins may hold before they spill to disk (MiB).
-    #[serde(default = "default_memory_limit_mb")]
+    /// Memory that sorts, aggregates and joins may hold before they spill to disk (MiB);
+    /// 0 (the default) = a quarter of the machine's memory ([`EngineSection::memory_limit_bytes`]).
+    #[serde(default)]
     pub memory_limit_mb: u64,
     /// Parallel partitions per query; 0 = one per core.
     #[serde(default)]
@@ -147,18 +148,52 @@ pub struct EngineSection {
 impl Default for EngineSection {
     fn default() -> Self {
         EngineSection {
-            memory_limit_mb: default_memory_limit_mb(),
+            memory_limit_mb: 0,
             target_partitions: 0,
             batch_size: default_engine_batch_size(),
         }
     }
 }
 
-/// 256 MiB: at the benchmark's S=4 the pipeline's peak stays within 1.3× of S=1's (512 MiB let
-/// a spilling sort hold twice as much for no measurable speed at S=1); raise it for big joins,
-/// whose build side cannot spill.
-fn default_memory_limit_mb() -> u64 {
-    256
+/// The smallest pool silt sizes by itself.
+const MIN_POOL: u64 = 256 << 20;
+
+impl EngineSection {
+    /// The engine's memory pool in bytes: `memory_limit_mb` when set, else a quarter of the
+    /// memory this process may use (the machine's, or a container's cgroup limit when lower),
+    /// and at least 256 MiB. A quarter, because the pool counts only what DataFusion's
+    /// operators reserve: the Parquet writers (one open file per partition), delta-rs's
+    /// buffers and the allocator's slack come on top (peak RSS measured 3-6x a small pool).
+    pub fn memory_limit_bytes(&self) -> usize {
+        if self.memory_limit_mb > 0 {
+            return (self.memory_limit_mb.max(16) << 20) as usize;
+        }
+        match usable_memory() {
+            Some(total) => (total / 4).max(MIN_POOL) as usize,
+            None => MIN_POOL as usize,
+        }
+    }
+}
+
+/// Bytes of memory this process may use: physical memory, capped by a cgroup limit.
+pub fn usable_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let physical = (pages > 0 && size > 0).then(|| pages as u64 * size as u64)?;
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|f| std::fs::read_to_string(f).ok())
+    .filter_map(|t| t.trim().parse::<u64>().ok())
+    .min();
+    Some(cgroup.map_or(physical, |c| c.min(physical)))
 }
 fn default_engine_batch_size() -> usize {
     8192
@@ -255,8 +290,9 @@ pub struct ParseOptions {
     /// `utf-8` (invalid bytes quarantine the row) or any WHATWG label such as `windows-1252`.
     #[serde(default = "default_encoding")]
     pub encoding: String,
-    /// Trim spaces around unquoted CSV fields.
-    #[serde(default = "default_true")]
+    /// Trim spaces around unquoted CSV fields. Off by default: fields are kept as they are
+    /// (a leading space can be data, as in TPC-H comments).
+    #[serde(default)]
     pub trim: bool,
 }
 
@@ -352,6 +388,14 @@ pub struct SourceFile {
     pub partition_by: Option<String>,
     #[serde(default)]
     pub subject_key: Option<String>,
+    /// How rows without the subject key reach a subject: through a key of another source
+    /// (`{ column = "l_orderkey", table = "orders", key = "o_orderkey" }`).
+    #[serde(default)]
+    pub subject_via: Option<SubjectVia>,
+    /// `false` declares that the source holds no data of the subjects, although a column of it
+    /// looks like a key that leads to one (silt forget then leaves it alone).
+    #[serde(default)]
+    pub holds_subjects: Option<bool>,
     #[serde(default)]
     pub pii: Vec<String>,
     #[serde(default)]
@@ -373,6 +417,24 @@ pub struct SourceFile {
     pub freshness: Option<FreshnessSpec>,
     #[serde(default)]
     pub anomaly: Option<AnomalySpec>,
+}
+
+/// `subject_via = { column = "l_orderkey", table = "orders", key = "o_orderkey" }`: a row
+/// belongs to a subject when its `column` holds the `key` of a row of source `table` that
+/// belongs to one (through that source's own subject_key or subject_via).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectVia {
+    pub column: String,
+    pub table: String,
+    pub key: String,
+}
+
+impl SubjectVia {
+    /// The parent source's name (`orders` or `bronze.orders`).
+    pub fn parent(&self) -> &str {
+        self.table.strip_prefix("bronze.").unwrap_or(&self.table)
+    }
 }
 
 /// `[freshness]`: how old the newest data of a source may be.
@@ -467,6 +529,8 @@ pub struct Source {
     pub primary_key: Vec<String>,
     pub partition: Option<PartitionSpec>,
     pub subject_key: Option<String>,
+    pub subject_via: Option<SubjectVia>,
+    pub holds_subjects: Option<bool>,
     pub pii: Vec<String>,
     pub on_unexpected_column: UnexpectedColumnPolicy,
     pub on_changed_file: ChangedFilePolicy,
@@ -534,6 +598,26 @@ impl Source {
         {
             return Err(err(format!("subject_key '{s}' is not a declared column")));
         }
+        if let Some(v) = &sf.subject_via {
+            if sf.subject_key.is_some() {
+                return Err(err(
+                    "subject_key and subject_via exclude each other: a source reaches its subjects one way".into(),
+                ));
+            }
+            if !has(&v.column) {
+                return Err(err(format!(
+                    "subject_via.column '{}' is not a declared column",
+                    v.column
+                )));
+            }
+        }
+        if sf.holds_subjects == Some(false)
+            && (sf.subject_key.is_some() || sf.subject_via.is_some())
+        {
+            return Err(err(
+                "holds_subjects = false contradicts subject_key / subject_via: remove one".into(),
+            ));
+        }
         let partition = match &sf.partition_by {
             None => None,
             Some(p) => {
@@ -588,6 +672,8 @@ impl Source {
             primary_key: sf.primary_key,
             partition,
             subject_key: sf.subject_key,
+            subject_via: sf.subject_via,
+            holds_subjects: sf.holds_subjects,
             pii: sf.pii,
             on_unexpected_column: sf.on_unexpected_column,
             on_changed_file: sf.on_changed_file,
@@ -645,6 +731,7 @@ impl Project {
         let landing_url = resolve_root(&dir, file.landing.root.as_deref().unwrap_or("landing"))
             .map_err(|m| Error::config(PROJECT_FILE, format!("landing.root: {m}")))?;
         let sources = load_sources(&dir)?;
+        check_subject_paths(&sources)?;
         Ok(Project {
             dir,
             file,
@@ -706,6 +793,52 @@ fn load_sources(dir: &Path) -> Result<BTreeMap<String, Source>> {
         sources.insert(name.clone(), Source::from_file(&name, &rel, sf)?);
     }
     Ok(sources)
+}
+
+/// Every `subject_via` names a declared source and column, and leads to a subject_key without
+/// going round in a circle.
+fn check_subject_paths(sources: &BTreeMap<String, Source>) -> Result<()> {
+    for s in sources.values() {
+        let Some(via) = &s.subject_via else { continue };
+        let mut seen = vec![s.name.clone()];
+        let mut cur = (s, via);
+        loop {
+            let (child, v) = cur;
+            let err = |m: String| Error::config(&child.file, format!("subject_via: {m}"));
+            let Some(parent) = sources.get(v.parent()) else {
+                return Err(err(format!(
+                    "table '{}' is not a source (sources: {})",
+                    v.table,
+                    sources.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            };
+            if !parent.columns.iter().any(|c| c.name == v.key) {
+                return Err(err(format!(
+                    "key '{}' is not a column of source '{}'",
+                    v.key, parent.name
+                )));
+            }
+            if seen.contains(&parent.name) {
+                seen.push(parent.name.clone());
+                return Err(err(format!(
+                    "the sources lead back to themselves: {}",
+                    seen.join(" -> ")
+                )));
+            }
+            seen.push(parent.name.clone());
+            match (&parent.subject_key, &parent.subject_via) {
+                (Some(_), _) => break,
+                (None, Some(pv)) => cur = (parent, pv),
+                (None, None) => {
+                    return Err(err(format!(
+                        "source '{}' has neither subject_key nor subject_via, so '{}' leads to no subject: declare how '{}' reaches one",
+                        parent.name, s.name, parent.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `SILT_<SECTION>_<KEY>` overrides `[section] key`; `SILT_LAKE` and `SILT_LANDING` are short

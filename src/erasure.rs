@@ -6,7 +6,7 @@
 //! scans every object under both roots. It must not build object stores (storage.rs does) nor
 //! render templates (models.rs does); model rebuilds go through materialize.rs.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -44,34 +44,33 @@ pub fn table() -> TableRef {
     TableRef::new(Layer::Silt, "erasures")
 }
 
-/// What one set of subjects looks like in the data.
+/// What one set of subjects looks like in unstructured text: their ids and the string values
+/// of the sources' PII columns on their rows. PII values are searched only in columns (and
+/// fields) that carry PII; ids only where no key field can be read.
 #[derive(Debug, Clone, Default)]
 pub struct Needles {
     pub ids: BTreeSet<String>,
     /// String values of the sources' PII columns on the subjects' rows.
     pub pii: BTreeSet<String>,
-    /// The subject key columns the sources declare (`client_id`).
-    pub keys: BTreeSet<String>,
-    /// Every id and PII value in one automaton, built on the first `find_in` (the sets above
+    /// Every id and PII value in one automaton, built on the first search (the sets above
     /// are complete by then and do not change).
-    matcher: OnceLock<Option<Matcher>>,
+    matcher: OnceLock<Option<Matcher2>>,
 }
 
 /// One Aho-Corasick automaton over all needles: a text is scanned once, not once per needle
-/// (a forget of 100 clients has a few hundred needles, checked against every cell of tables
-/// without the key column and every landing file).
+/// (a forget of 100 clients has a few hundred needles).
 #[derive(Debug, Clone)]
-struct Matcher {
+struct Matcher2 {
     ac: Option<AhoCorasick>,
     /// How many of the automaton's patterns (the first ones) are ids; the rest are PII values.
     ids: usize,
 }
 
 impl Needles {
-    /// Which kind of needle `text` holds, if any: a whole-word occurrence (`C0042` is not in
-    /// `C00421`). A subject key wins over a PII value.
-    pub fn find_in(&self, text: &str) -> Option<&'static str> {
-        let m = self
+    /// Whether `text` holds an id and whether it holds a PII value, each as a whole word
+    /// (`C0042` is not in `C00421`).
+    fn scan(&self, text: &str) -> (bool, bool) {
+        let Some(m) = self
             .matcher
             .get_or_init(|| {
                 let ids: Vec<&str> = self
@@ -93,28 +92,53 @@ impl Needles {
                 // Standard match semantics: overlapping matches are all reported, so a needle
                 // that is part of a longer word does not hide another that stands alone. An
                 // automaton too large to build falls back to one search per needle.
-                Some(Matcher {
+                Some(Matcher2 {
                     ac: AhoCorasick::new(&all)
                         .map_err(|e| tracing::warn!("erasure needles: no automaton ({e})"))
                         .ok(),
                     ids: n,
                 })
             })
-            .as_ref()?;
+            .as_ref()
+        else {
+            return (false, false);
+        };
         let Some(ac) = &m.ac else {
-            return self.find_in_each(text);
+            return (
+                self.ids.iter().any(|n| contains_token(text, n)),
+                self.pii.iter().any(|n| contains_token(text, n)),
+            );
         };
         let hb = text.as_bytes();
-        let mut pii = false;
+        let (mut id, mut pii) = (false, false);
         for hit in ac.find_overlapping_iter(text) {
             if stands_alone(hb, hit.start(), hit.end()) {
                 if hit.pattern().as_usize() < m.ids {
-                    return Some("subject key");
+                    id = true;
+                } else {
+                    pii = true;
                 }
-                pii = true;
+                if id && pii {
+                    break;
+                }
             }
         }
-        pii.then_some("PII value")
+        (id, pii)
+    }
+
+    /// Which kind of needle `text` holds, if any, as a whole word. A subject key wins over a
+    /// PII value.
+    pub fn find_in(&self, text: &str) -> Option<&'static str> {
+        match self.scan(text) {
+            (true, _) => Some("subject key"),
+            (false, true) => Some("PII value"),
+            _ => None,
+        }
+    }
+
+    /// Whether `text` (a cell of a PII column) holds a PII value of the subjects.
+    pub fn find_pii(&self, text: &str) -> bool {
+        !self.pii.is_empty() && self.scan(text).1
     }
 
     /// `find_in` by one search per needle: the fallback when the automaton cannot be built,
@@ -199,71 +223,408 @@ fn cells(a: &ArrayRef) -> Option<Vec<Option<String>>> {
     }
 }
 
-/// How rows of one table are matched: by the subject key column, or by any text cell.
-#[derive(Debug, Clone)]
-enum Match {
-    Key(String),
-    Text,
+/// The values of one key column that belong to the request's subjects: the ids themselves for
+/// a subject key, the keys of the subjects' parent rows for a `subject_via` column. An integer
+/// column is matched as integers (`42`, never the text `42` inside `420` or in another column),
+/// a text column as text.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    text: HashSet<String>,
+    ints: HashSet<i64>,
+    /// HMACs (under the `[gdpr]` key) of values an earlier run of this request derived: the rows
+    /// they came from may be purged by now, so they are matched by their HMAC.
+    hmacs: HashSet<String>,
+    hmac_key: Option<String>,
+    /// Whole-word search of the values in unstructured text (unparseable raw records).
+    tokens: OnceLock<Option<AhoCorasick>>,
 }
 
-fn how_for(schema: &Schema, n: &Needles) -> Match {
-    n.keys
-        .iter()
-        .find(|k| schema.field_with_name(k).is_ok())
-        .map(|k| Match::Key(k.clone()))
-        .unwrap_or(Match::Text)
-}
-
-/// Which rows of `b` belong to a subject.
-fn row_mask(b: &RecordBatch, n: &Needles, how: &Match) -> BooleanArray {
-    let mut hit = vec![false; b.num_rows()];
-    match how {
-        Match::Key(k) => {
-            // The hot path of every erasure scan: compare the key cells in place.
-            if let Some(c) = b
-                .column_by_name(k)
-                .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
-            {
-                let s = c.as_string::<i32>();
-                for (i, h) in hit.iter_mut().enumerate() {
-                    *h = !s.is_null(i) && n.ids.contains(s.value(i).trim());
-                }
-            }
+impl KeySet {
+    pub fn insert(&mut self, v: &str) {
+        let v = v.trim();
+        if v.is_empty() {
+            return;
         }
-        Match::Text => {
-            for col in b.columns() {
-                if let Some(c) = cells(col) {
-                    for (i, v) in c.into_iter().enumerate() {
-                        if !hit[i] && v.is_some_and(|v| n.find_in(&v).is_some()) {
-                            hit[i] = true;
-                        }
-                    }
-                }
-            }
+        if let Ok(i) = v.parse::<i64>() {
+            self.ints.insert(i);
+        }
+        self.text.insert(v.to_string());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty() && self.hmacs.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    fn has_hmac(&self, v: &str) -> bool {
+        match &self.hmac_key {
+            Some(k) if !self.hmacs.is_empty() => self.hmacs.contains(&hmac_hex(k, v)),
+            _ => false,
         }
     }
-    BooleanArray::from(hit)
+
+    /// A value written as text (a CSV field, a JSON string): the value itself, or the integer
+    /// it spells.
+    pub fn matches_text(&self, v: &str) -> bool {
+        let v = v.trim();
+        !v.is_empty()
+            && (self.text.contains(v)
+                || v.parse::<i64>().is_ok_and(|i| self.ints.contains(&i))
+                || self.has_hmac(v))
+    }
+
+    pub fn matches_int(&self, i: i64) -> bool {
+        self.ints.contains(&i) || self.has_hmac(&i.to_string())
+    }
+
+    /// Which cells of `a` hold a value of the set (NULLs never do).
+    pub fn mask(&self, a: &ArrayRef) -> Vec<bool> {
+        match a.data_type() {
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32
+            | DataType::UInt64 => match arrow::compute::cast(a, &DataType::Int64) {
+                Ok(c) => {
+                    let c = c.as_primitive::<Int64Type>();
+                    (0..c.len())
+                        .map(|i| c.is_valid(i) && self.matches_int(c.value(i)))
+                        .collect()
+                }
+                Err(_) => vec![false; a.len()],
+            },
+            _ => match arrow::compute::cast(a, &DataType::Utf8) {
+                Ok(c) => {
+                    let c = c.as_string::<i32>();
+                    (0..c.len())
+                        .map(|i| {
+                            c.is_valid(i) && {
+                                let v = c.value(i).trim();
+                                self.text.contains(v) || self.has_hmac(v)
+                            }
+                        })
+                        .collect()
+                }
+                Err(_) => vec![false; a.len()],
+            },
+        }
+    }
+
+    /// A value of the set standing alone (not part of a longer word) in unstructured text: how
+    /// a raw record that cannot be parsed into fields is judged.
+    pub fn find_in(&self, text: &str) -> bool {
+        let ac = self.tokens.get_or_init(|| {
+            let all: Vec<&str> = self.text.iter().map(String::as_str).collect();
+            if all.is_empty() {
+                return None;
+            }
+            AhoCorasick::new(&all)
+                .map_err(|e| tracing::warn!("erasure keys: no automaton ({e})"))
+                .ok()
+        });
+        match ac {
+            Some(ac) => {
+                let hb = text.as_bytes();
+                ac.find_overlapping_iter(text)
+                    .any(|h| stands_alone(hb, h.start(), h.end()))
+            }
+            None => self.text.iter().any(|n| contains_token(text, n)),
+        }
+    }
+
+    /// The values as HMACs, for the audit (so a resumed request or `--verify` can still match
+    /// them after the rows they came from are purged).
+    fn hmacs(&self, key: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .text
+            .iter()
+            .map(|v| hmac_hex(key, v))
+            .chain(self.hmacs.iter().cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// How the rows of one table are told to belong to a subject: by its key columns (any of them
+/// holding a value of its set), and, on rows whose key columns are all NULL (or a table with
+/// none), by a PII value in one of its PII columns. No other column is ever looked at.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub keys: Vec<(String, Arc<KeySet>)>,
+    pub pii: Vec<String>,
+}
+
+impl Scope {
+    fn is_keyed(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// The columns a match needs.
+    fn columns(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|k| k.0.clone())
+            .chain(self.pii.iter().cloned())
+            .collect()
+    }
+
+    fn mask(&self, b: &RecordBatch, pii: &Needles) -> Vec<bool> {
+        let n = b.num_rows();
+        let mut hit = vec![false; n];
+        let mut keyless = vec![true; n];
+        for (c, set) in &self.keys {
+            let Some(a) = b.column_by_name(c) else {
+                continue;
+            };
+            for (i, m) in set.mask(a).into_iter().enumerate() {
+                hit[i] |= m;
+                keyless[i] &= a.is_null(i);
+            }
+        }
+        if pii.pii.is_empty() {
+            return hit;
+        }
+        for c in &self.pii {
+            let Some(cs) = b.column_by_name(c).and_then(cells) else {
+                continue;
+            };
+            for (i, v) in cs.into_iter().enumerate() {
+                if !hit[i] && keyless[i] && v.is_some_and(|v| pii.find_pii(&v)) {
+                    hit[i] = true;
+                }
+            }
+        }
+        hit
+    }
+}
+
+/// The quarantine of a source: raw records, told apart by parsing them as the source's format
+/// and reading the key field ([`Records`]).
+#[derive(Debug, Clone)]
+struct RawScope {
+    src: Source,
+    keys: Arc<KeySet>,
+    /// The header of each CSV landing file (`_source_file` → fields), read by the landing step.
+    headers: HashMap<String, Vec<String>>,
+}
+
+/// How one table's rows are matched.
+#[derive(Debug, Clone)]
+enum Matcher {
+    Columns(Arc<Scope>),
+    Raw(Arc<RawScope>),
+}
+
+impl Matcher {
+    /// The columns to decode for a match.
+    fn columns(&self) -> Vec<String> {
+        match self {
+            Matcher::Columns(s) => s.columns(),
+            Matcher::Raw(_) => vec!["_source_file".into(), "raw_record".into()],
+        }
+    }
+
+    fn mask(&self, b: &RecordBatch, pii: &Needles) -> BooleanArray {
+        BooleanArray::from(match self {
+            Matcher::Columns(s) => s.mask(b, pii),
+            Matcher::Raw(r) => {
+                let (Some(files), Some(raw)) = (
+                    b.column_by_name("_source_file"),
+                    b.column_by_name("raw_record"),
+                ) else {
+                    return BooleanArray::from(vec![false; b.num_rows()]);
+                };
+                let (files, raw) = (
+                    arrow::compute::cast(files, &DataType::Utf8),
+                    arrow::compute::cast(raw, &DataType::Utf8),
+                );
+                let (Ok(files), Ok(raw)) = (files, raw) else {
+                    return BooleanArray::from(vec![false; b.num_rows()]);
+                };
+                let (files, raw) = (files.as_string::<i32>(), raw.as_string::<i32>());
+                let rec = Records::new(&r.src, &r.keys, pii);
+                (0..b.num_rows())
+                    .map(|i| {
+                        raw.is_valid(i) && {
+                            let header = files
+                                .is_valid(i)
+                                .then(|| r.headers.get(files.value(i)))
+                                .flatten();
+                            rec.raw(raw.value(i), header.map(Vec::as_slice))
+                        }
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+/// How the records of one source (in landing files and raw in its quarantine) are told to
+/// belong to a subject: by the key field (the subject key or the subject_via column, as the
+/// landing files name it) holding a value of the set; a record without a key value by a PII
+/// value in one of its PII fields; a record that cannot be parsed into fields by a key value
+/// or a PII value standing alone in its text.
+struct Records<'a> {
+    src: &'a Source,
+    keys: &'a KeySet,
+    pii: &'a Needles,
+    key_field: Option<String>,
+    pii_fields: Vec<String>,
+}
+
+impl<'a> Records<'a> {
+    fn new(src: &'a Source, keys: &'a KeySet, pii: &'a Needles) -> Self {
+        let file_name = |c: &str| {
+            src.columns
+                .iter()
+                .find(|x| x.name == c)
+                .map(|x| x.source.clone())
+        };
+        let key = src
+            .subject_key
+            .clone()
+            .or_else(|| src.subject_via.as_ref().map(|v| v.column.clone()));
+        Records {
+            src,
+            keys,
+            pii,
+            key_field: key.as_deref().and_then(file_name),
+            pii_fields: src.pii.iter().filter_map(|p| file_name(p)).collect(),
+        }
+    }
+
+    /// Unparseable text: a key value or a PII value standing alone in it.
+    fn text(&self, text: &str) -> bool {
+        self.keys.find_in(text) || self.pii.find_pii(text)
+    }
+
+    /// Where a field sits in a CSV record: by the file's header, or (no header) by the
+    /// contract's order.
+    fn csv_index(&self, name: &str, header: Option<&[String]>) -> Option<usize> {
+        match header {
+            Some(h) => h.iter().position(|f| f == name),
+            None if !self.src.parse.header => {
+                self.src.columns.iter().position(|c| c.source == name)
+            }
+            None => None,
+        }
+    }
+
+    fn csv(&self, rec: &csv::ByteRecord, header: Option<&[String]>) -> bool {
+        let field = |i: usize| rec.get(i).map(|f| String::from_utf8_lossy(f).into_owned());
+        let key_idx = self
+            .key_field
+            .as_deref()
+            .and_then(|k| self.csv_index(k, header));
+        if let Some(v) = key_idx.and_then(field)
+            && !v.trim().is_empty()
+        {
+            return self.keys.matches_text(&v);
+        }
+        let pii_idx: Vec<usize> = self
+            .pii_fields
+            .iter()
+            .filter_map(|p| self.csv_index(p, header))
+            .collect();
+        if key_idx.is_none() && pii_idx.is_empty() {
+            // Neither field can be found: the record's text.
+            let text: Vec<String> = rec
+                .iter()
+                .map(|f| String::from_utf8_lossy(f).into_owned())
+                .collect();
+            return self.text(&text.join(","));
+        }
+        pii_idx
+            .into_iter()
+            .filter_map(field)
+            .any(|v| self.pii.find_pii(&v))
+    }
+
+    fn json(&self, v: &serde_json::Value) -> bool {
+        let Some(obj) = v.as_object() else {
+            return self.text(&v.to_string());
+        };
+        match self.key_field.as_deref().and_then(|k| obj.get(k)) {
+            Some(serde_json::Value::Number(x)) => {
+                return match x.as_i64() {
+                    Some(i) => self.keys.matches_int(i),
+                    None => self.keys.matches_text(&x.to_string()),
+                };
+            }
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {
+                return self.keys.matches_text(s);
+            }
+            Some(serde_json::Value::Null) | Some(serde_json::Value::String(_)) | None => {}
+            Some(other) => return self.text(&other.to_string()),
+        }
+        self.pii_fields
+            .iter()
+            .filter_map(|p| obj.get(p))
+            .any(|v| match v {
+                serde_json::Value::String(s) => self.pii.find_pii(s),
+                serde_json::Value::Null => false,
+                other => self.pii.find_pii(&other.to_string()),
+            })
+    }
+
+    /// One raw record as the quarantine keeps it.
+    fn raw(&self, raw: &str, header: Option<&[String]>) -> bool {
+        match self.src.format {
+            Format::Csv => {
+                let mut rdr = csv::ReaderBuilder::new()
+                    .delimiter(self.src.parse.delimiter as u8)
+                    .quote(self.src.parse.quote as u8)
+                    .has_headers(false)
+                    .flexible(true)
+                    .from_reader(raw.as_bytes());
+                let mut rec = csv::ByteRecord::new();
+                match rdr.read_byte_record(&mut rec) {
+                    Ok(true) => self.csv(&rec, header),
+                    _ => self.text(raw),
+                }
+            }
+            _ => match serde_json::from_str::<serde_json::Value>(raw) {
+                Ok(v) => self.json(&v),
+                Err(_) => self.text(raw),
+            },
+        }
+    }
 }
 
 fn decode_parquet(data: Bytes, what: &str) -> Result<Vec<RecordBatch>> {
     decode_parquet_for(data, what, None)
 }
 
-/// Decode a Parquet file; with `n`, only the subject key column when the file has one (every
-/// match by key needs nothing else), else every column.
-fn decode_parquet_for(data: Bytes, what: &str, n: Option<&Needles>) -> Result<Vec<RecordBatch>> {
+/// Decode a Parquet file; with `cols`, only those of them the file has (none of them: nothing
+/// to match, no rows).
+fn decode_parquet_for(
+    data: Bytes,
+    what: &str,
+    cols: Option<&[String]>,
+) -> Result<Vec<RecordBatch>> {
     let err = |e: parquet::errors::ParquetError| {
         Error::Runtime(format!("{what}: cannot read Parquet: {e}"))
     };
     let mut builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)
         .map_err(err)?;
-    if let Some(n) = n
-        && let Some(k) = n
-            .keys
+    if let Some(cols) = cols {
+        let present: Vec<&str> = cols
             .iter()
-            .find(|k| builder.schema().field_with_name(k).is_ok())
-    {
-        let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), [k.as_str()]);
+            .map(String::as_str)
+            .filter(|c| builder.schema().field_with_name(c).is_ok())
+            .collect();
+        if present.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), present);
         builder = builder.with_projection(mask);
     }
     let reader = builder.build().map_err(err)?;
@@ -294,6 +655,8 @@ pub struct TableErasure {
 pub struct ForgetReport {
     pub request_id: String,
     pub resumed: bool,
+    /// Sources declaring PII that forget did not search (no path to a subject).
+    pub warnings: Vec<String>,
     pub subjects: Vec<String>,
     pub steps: Vec<TableErasure>,
     pub rows_deleted: u64,
@@ -326,15 +689,6 @@ fn key_of(silt: &Silt) -> Result<String> {
     }
 }
 
-/// The sources that carry subjects.
-fn subject_sources(silt: &Silt) -> Vec<&Source> {
-    silt.project
-        .sources
-        .values()
-        .filter(|s| s.subject_key.is_some())
-        .collect()
-}
-
 /// Every parquet data file under a table, live or retained, as (path in table, object path).
 async fn data_files(silt: &Silt, t: &TableRef) -> Result<Vec<(String, object_store::path::Path)>> {
     let rel = t.rel_path();
@@ -354,53 +708,368 @@ async fn data_files(silt: &Silt, t: &TableRef) -> Result<Vec<(String, object_sto
     Ok(out)
 }
 
-/// The ids plus the string PII values on their rows, from every file (live or retained) of the
-/// bronze tables of subject-carrying sources: what is still anywhere is found.
-pub async fn needles(silt: &Silt, ids: &[String]) -> Result<Needles> {
-    let mut n = Needles {
-        ids: ids
-            .iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        ..Default::default()
-    };
-    for s in subject_sources(silt) {
-        n.keys.insert(s.subject_key.clone().unwrap_or_default());
-    }
-    for s in subject_sources(silt) {
-        let key = s.subject_key.clone().unwrap_or_default();
-        if s.pii.is_empty() {
-            continue;
+/// Which tables an erasure reaches, and how it matches rows in each. A table is in scope only
+/// through a declared key: a source's `subject_key`, a source's `subject_via` (the keys of its
+/// parent's subject rows), a model column named like a key of an upstream in scope, or a
+/// model's `config(subject_key=…)`. Models reading a table in scope without such a column are
+/// rebuilt; no other table is read.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// In-scope sources, parents before the sources that reach subjects through them.
+    pub sources: Vec<String>,
+    source_scopes: HashMap<String, Arc<Scope>>,
+    /// Models reading a table in scope (directly or through other models) or declaring a
+    /// subject key, in dag order, with their key columns (empty: rebuilt, not erased in place).
+    pub models: Vec<(String, Arc<Scope>)>,
+    /// The subjects' PII values (and the ids, for unstructured text).
+    pub needles: Arc<Needles>,
+    /// Values derived through `subject_via`, per source, as HMACs for the audit.
+    derived_hmacs: BTreeMap<String, Vec<String>>,
+    /// Sources that declare PII but no path to a subject (not searched).
+    pub warnings: Vec<String>,
+    source_defs: HashMap<String, Source>,
+}
+
+impl Plan {
+    /// Resolve the scope of an erasure of `ids`: validate that every source holding subject
+    /// data declares how (a configuration error before anything is rewritten), derive the
+    /// `subject_via` keys and read the subjects' PII values from bronze (live and retained
+    /// files), and find the models that carry the keys. `stored`: per source, HMACs of derived
+    /// keys an earlier run of the same request recorded.
+    pub async fn resolve(
+        silt: &Silt,
+        dag: &Dag,
+        ids: &[String],
+        hmac_key: &str,
+        stored: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Plan> {
+        let project = &silt.project;
+        check_paths(project)?;
+        let mut plan = Plan {
+            source_defs: project.sources.clone().into_iter().collect(),
+            ..Default::default()
+        };
+        let mut id_set = KeySet {
+            hmac_key: Some(hmac_key.to_string()),
+            ..Default::default()
+        };
+        for i in ids {
+            id_set.insert(i);
         }
-        for (inner, loc) in data_files(silt, &TableRef::bronze(&s.name)).await? {
-            for b in decode_parquet(silt.lake.get(&loc).await?, &inner)? {
-                let mask = row_mask(&b, &n, &Match::Key(key.clone()));
-                if mask.true_count() == 0 {
-                    continue;
+        let id_set = Arc::new(id_set);
+        // Sources in scope, parents first.
+        let mut order: Vec<&Source> = Vec::new();
+        let mut pending: Vec<&Source> = project
+            .sources
+            .values()
+            .filter(|s| s.subject_key.is_some() || s.subject_via.is_some())
+            .collect();
+        while !pending.is_empty() {
+            let before = pending.len();
+            pending.retain(|s| {
+                let ready = match &s.subject_via {
+                    None => true,
+                    Some(v) => order.iter().any(|o| o.name == v.parent()),
+                };
+                if ready {
+                    order.push(s);
                 }
-                let b = arrow::compute::filter_record_batch(&b, &mask)?;
-                for p in &s.pii {
-                    let Some(c) = b.column_by_name(p) else {
-                        continue;
-                    };
-                    if !matches!(
-                        c.data_type(),
-                        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-                    ) {
+                !ready
+            });
+            if pending.len() == before {
+                break; // check_paths has ruled cycles out
+            }
+        }
+        let mut needles = Needles {
+            ids: id_set.text.iter().cloned().collect(),
+            ..Default::default()
+        };
+        for s in &order {
+            let keys = match (&s.subject_key, &s.subject_via) {
+                (Some(k), _) => (k.clone(), id_set.clone()),
+                (None, Some(v)) => {
+                    let parent = &plan.source_scopes[v.parent()];
+                    let mut set =
+                        derive(silt, &TableRef::bronze(v.parent()), parent, &v.key).await?;
+                    set.hmac_key = Some(hmac_key.to_string());
+                    set.hmacs
+                        .extend(stored.get(&s.name).into_iter().flatten().cloned());
+                    let set = Arc::new(set);
+                    plan.derived_hmacs
+                        .insert(s.name.clone(), set.hmacs(hmac_key));
+                    (v.column.clone(), set)
+                }
+                (None, None) => continue,
+            };
+            let scope = Arc::new(Scope {
+                keys: vec![keys],
+                pii: s.pii.clone(),
+            });
+            plan.sources.push(s.name.clone());
+            plan.source_scopes.insert(s.name.clone(), scope);
+        }
+        // The subjects' PII values, from every file (live or retained) of the sources in scope:
+        // what is still anywhere is found.
+        for name in &plan.sources {
+            let src = &project.sources[name];
+            let scope = &plan.source_scopes[name];
+            if src.pii.is_empty() {
+                continue;
+            }
+            let key_only = Scope {
+                keys: scope.keys.clone(),
+                pii: vec![],
+            };
+            let t = TableRef::bronze(name);
+            let cols: Vec<String> = key_only
+                .columns()
+                .into_iter()
+                .chain(src.pii.clone())
+                .collect();
+            for (inner, loc) in data_files(silt, &t).await? {
+                for b in decode_parquet_for(silt.lake.get(&loc).await?, &inner, Some(&cols))? {
+                    let mask = BooleanArray::from(key_only.mask(&b, &Needles::default()));
+                    if mask.true_count() == 0 {
                         continue;
                     }
-                    for v in cells(c).unwrap_or_default().into_iter().flatten() {
-                        let v = v.trim().to_string();
-                        if v.chars().count() >= 4 {
-                            n.pii.insert(v);
+                    let b = arrow::compute::filter_record_batch(&b, &mask)?;
+                    for p in &src.pii {
+                        let Some(c) = b.column_by_name(p) else {
+                            continue;
+                        };
+                        if !matches!(
+                            c.data_type(),
+                            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                        ) {
+                            continue;
+                        }
+                        for v in cells(c).unwrap_or_default().into_iter().flatten() {
+                            let v = v.trim().to_string();
+                            if v.chars().count() >= 4 {
+                                needles.pii.insert(v);
+                            }
                         }
                     }
                 }
             }
         }
+        plan.needles = Arc::new(needles);
+        // Models, in dag order: the key columns they carry from upstream tables in scope.
+        let project_pii = project.pii_columns();
+        let mut model_keys: HashMap<String, Vec<(String, Arc<KeySet>)>> = HashMap::new();
+        for name in &dag.order {
+            let m = &dag.models[name];
+            let mut upstream: Vec<(String, Arc<KeySet>)> = Vec::new();
+            let mut reached = false;
+            for s in &m.sources {
+                if let Some(sc) = plan.source_scopes.get(s) {
+                    reached = true;
+                    upstream.extend(sc.keys.iter().cloned());
+                }
+            }
+            for r in &m.refs {
+                if let Some(k) = model_keys.get(r) {
+                    reached = true;
+                    upstream.extend(k.iter().cloned());
+                }
+            }
+            if let Some(k) = &m.config.subject_key {
+                reached = true;
+                upstream.push((k.clone(), id_set.clone()));
+            }
+            if !reached {
+                continue;
+            }
+            let schema = match silt.lake.delta_table(&m.table().rel_path()).await? {
+                t if t.version().is_some() => Some(
+                    t.snapshot()
+                        .map_err(|e| Error::delta(m.table().to_string(), e))?
+                        .snapshot()
+                        .arrow_schema(),
+                ),
+                _ => None,
+            };
+            let has = |c: &str| {
+                schema
+                    .as_ref()
+                    .is_some_and(|s| s.field_with_name(c).is_ok())
+            };
+            let mut keys: Vec<(String, Arc<KeySet>)> = Vec::new();
+            for (c, set) in upstream {
+                if has(&c) && !keys.iter().any(|(k, s)| *k == c && Arc::ptr_eq(s, &set)) {
+                    keys.push((c, set));
+                }
+            }
+            let pii: Vec<String> = project_pii
+                .iter()
+                .chain(m.config.pii.iter())
+                .filter(|c| has(c) && !m.config.pseudonymize.contains_key(*c))
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            model_keys.insert(name.clone(), keys.clone());
+            plan.models
+                .push((name.clone(), Arc::new(Scope { keys, pii })));
+        }
+        for s in project.sources.values() {
+            if !plan.source_scopes.contains_key(&s.name)
+                && s.holds_subjects.is_none()
+                && !s.pii.is_empty()
+            {
+                plan.warnings.push(format!(
+                    "bronze.{}: declares PII columns ({}) but no subject_key or subject_via, so silt forget does not search it (declare holds_subjects = false in {} to say it holds no subject's data)",
+                    s.name,
+                    s.pii.join(", "),
+                    s.file
+                ));
+            }
+        }
+        Ok(plan)
     }
-    Ok(n)
+
+    /// How rows of `t` are matched, when `t` is in scope.
+    fn matcher(&self, t: &TableRef, headers: &HashMap<String, Vec<String>>) -> Option<Matcher> {
+        match t.layer {
+            Layer::Bronze => self
+                .source_scopes
+                .get(&t.name)
+                .map(|s| Matcher::Columns(s.clone())),
+            Layer::Quarantine => {
+                let scope = self.source_scopes.get(&t.name)?;
+                Some(Matcher::Raw(Arc::new(RawScope {
+                    src: self.source(t)?.clone(),
+                    keys: scope.keys.first()?.1.clone(),
+                    headers: headers.clone(),
+                })))
+            }
+            Layer::Silver | Layer::Gold => self
+                .models
+                .iter()
+                .find(|(n, _)| *n == t.name)
+                .map(|(_, s)| Matcher::Columns(s.clone())),
+            Layer::Silt => None,
+        }
+    }
+
+    fn source(&self, t: &TableRef) -> Option<&Source> {
+        self.source_defs.get(&t.name)
+    }
+
+    /// The key set of an in-scope source's records.
+    fn keys_of(&self, source: &str) -> Option<Arc<KeySet>> {
+        self.source_scopes
+            .get(source)
+            .and_then(|s| s.keys.first())
+            .map(|k| k.1.clone())
+    }
+}
+
+/// The values of column `key` on the rows of `t` (every data file, live or retained) that
+/// belong to a subject by `scope`: the keys a `subject_via` child reaches subjects through.
+async fn derive(silt: &Silt, t: &TableRef, scope: &Scope, key: &str) -> Result<KeySet> {
+    let mut set = KeySet::default();
+    let cols: Vec<String> = scope
+        .keys
+        .iter()
+        .map(|k| k.0.clone())
+        .chain([key.to_string()])
+        .collect();
+    let key_only = Scope {
+        keys: scope.keys.clone(),
+        pii: vec![],
+    };
+    for (inner, loc) in data_files(silt, t).await? {
+        for b in decode_parquet_for(silt.lake.get(&loc).await?, &inner, Some(&cols))? {
+            let Some(values) = b.column_by_name(key) else {
+                continue;
+            };
+            let mask = key_only.mask(&b, &Needles::default());
+            if !mask.iter().any(|m| *m) {
+                continue;
+            }
+            let values = arrow::compute::cast(values, &DataType::Utf8)?;
+            let values = values.as_string::<i32>();
+            for (i, m) in mask.into_iter().enumerate() {
+                if m && values.is_valid(i) {
+                    set.insert(values.value(i));
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Every source that holds subject data declares how it reaches a subject: a configuration
+/// error (before anything is rewritten) when a source without `subject_key`/`subject_via`
+/// has a column named like a subject key of another source, a column named like the primary
+/// key of a source in scope, or a relationships test to one.
+fn check_paths(project: &crate::config::Project) -> Result<()> {
+    let in_scope: Vec<&Source> = project
+        .sources
+        .values()
+        .filter(|s| s.subject_key.is_some() || s.subject_via.is_some())
+        .collect();
+    let mut problems = Vec::new();
+    for s in project.sources.values() {
+        if s.subject_key.is_some() || s.subject_via.is_some() || s.holds_subjects == Some(false) {
+            continue;
+        }
+        let has = |c: &str| s.columns.iter().any(|x| x.name == c);
+        let mut fix: Option<String> = None;
+        for p in &in_scope {
+            if let Some(k) = &p.subject_key
+                && has(k)
+            {
+                fix = Some(format!(
+                    "column '{k}' is the subject key of source '{}': add subject_key = \"{k}\"",
+                    p.name
+                ));
+                break;
+            }
+            if let [pk] = p.primary_key.as_slice()
+                && has(pk)
+            {
+                fix = Some(format!(
+                    "column '{pk}' is the key of source '{}', whose rows belong to subjects: add subject_via = {{ column = \"{pk}\", table = \"{}\", key = \"{pk}\" }}",
+                    p.name, p.name
+                ));
+                break;
+            }
+        }
+        if fix.is_none() {
+            for t in s.tests.iter().filter(|t| t.kind == "relationships") {
+                let (Some(col), Some(to)) = (&t.column, &t.to) else {
+                    continue;
+                };
+                let to = to.strip_prefix("bronze.").unwrap_or(to);
+                if let Some(p) = in_scope.iter().find(|p| p.name == to) {
+                    let key = t.field.clone().unwrap_or_else(|| col.clone());
+                    fix = Some(format!(
+                        "its relationships test leads '{col}' to source '{}', whose rows belong to subjects: add subject_via = {{ column = \"{col}\", table = \"{}\", key = \"{key}\" }}",
+                        p.name, p.name
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(f) = fix {
+            problems.push(format!(
+                "{}: source '{}' holds data of the subjects but declares no path to them; {f} (or holds_subjects = false if its rows belong to no subject)",
+                s.file, s.name
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::config(
+        "sql/bronze",
+        format!(
+            "silt forget cannot reach every table holding the subjects' data; nothing was changed:\n  {}",
+            problems.join("\n  ")
+        ),
+    ))
 }
 
 /// An audit row.
@@ -418,6 +1087,8 @@ struct AuditRow {
     unreadable_from: Option<i64>,
     unreadable_to: Option<i64>,
     detail: Option<String>,
+    /// Per `subject_via` source, HMACs of the keys its rows reach subjects through (JSON).
+    key_hmacs: Option<String>,
     at: i64,
 }
 
@@ -440,6 +1111,7 @@ fn audit_schema() -> Arc<Schema> {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             false,
         ),
+        Field::new("key_hmacs", DataType::Utf8, true),
     ]))
 }
 
@@ -469,6 +1141,7 @@ async fn audit(silt: &Silt, rows: &[AuditRow]) -> Result<()> {
                 TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.at))
                     .with_timezone("UTC"),
             ),
+            s(&|r| r.key_hmacs.clone()),
         ],
     )?;
     append_record(
@@ -491,6 +1164,8 @@ pub struct AuditEntry {
     pub table: Option<String>,
     pub unreadable: Option<(u64, u64)>,
     pub at: i64,
+    /// Per `subject_via` source, HMACs of the derived keys (the `started` row).
+    pub key_hmacs: BTreeMap<String, Vec<String>>,
 }
 
 pub async fn audit_entries(silt_catalog: &crate::catalog::Catalog) -> Result<Vec<AuditEntry>> {
@@ -517,8 +1192,15 @@ pub async fn audit_entries(silt_catalog: &crate::catalog::Catalog) -> Result<Vec
         ) else {
             continue;
         };
+        // Written since subject_via exists: older audit tables lack it.
+        let kh = s("key_hmacs");
         for r in 0..b.num_rows() {
             out.push(AuditEntry {
+                key_hmacs: kh
+                    .as_ref()
+                    .filter(|c| c.is_valid(r))
+                    .and_then(|c| serde_json::from_str(c.value(r)).ok())
+                    .unwrap_or_default(),
                 request_id: req.value(r).to_string(),
                 status: st.value(r).to_string(),
                 subject_hmacs: subj.value(r).to_string(),
@@ -605,8 +1287,13 @@ impl<'a> ForgetBuilder<'a> {
                 && e.subject_hmacs == subjects
                 && !done.contains(e.request_id.as_str())
         });
+        // The scope first: a source holding subject data without a declared path stops the
+        // request before anything is written.
+        let stored = pending.map(|p| p.key_hmacs.clone()).unwrap_or_default();
+        let plan = Plan::resolve(silt, &dag, &self.ids, &key, &stored).await?;
         let mut report = ForgetReport {
             subjects: hmacs.clone(),
+            warnings: plan.warnings.clone(),
             ..Default::default()
         };
         let row = |request_id: &str, status: &str| AuditRow {
@@ -624,47 +1311,86 @@ impl<'a> ForgetBuilder<'a> {
             }
             None => {
                 report.request_id = uuid::Uuid::now_v7().to_string();
-                audit(silt, &[row(&report.request_id, "started")]).await?;
+                let mut started = row(&report.request_id, "started");
+                if !plan.derived_hmacs.is_empty() {
+                    started.key_hmacs = serde_json::to_string(&plan.derived_hmacs).ok();
+                }
+                audit(silt, &[started]).await?;
             }
         }
-        let n = Arc::new(needles(silt, &self.ids).await?);
         failpoint::hit("forget.started");
         let mut run = Run {
             silt,
-            n: n.clone(),
+            n: plan.needles.clone(),
             request: report.request_id.clone(),
             subjects: subjects.clone(),
             steps: Vec::new(),
             seen: HashMap::new(),
+            headers: HashMap::new(),
         };
-        // 1. Landing files (PII values are still in bronze to find them by).
-        for s in subject_sources(silt) {
-            run.landing(s).await?;
+        // 1. Landing files of the sources in scope (PII values are still in bronze to find
+        //    them by).
+        for name in &plan.sources {
+            let src = &silt.project.sources[name];
+            let keys = plan.keys_of(name).expect("a source in scope has keys");
+            run.landing(src, keys).await?;
         }
-        // 2. Quarantine and bronze, in place.
-        for s in silt.project.sources.values() {
-            run.rewrite(&TableRef::quarantine(&s.name), None).await?;
+        // 2. Quarantine and bronze of the sources in scope, in place.
+        for name in &plan.sources {
+            let t = TableRef::quarantine(name);
+            if let Some(m) = plan.matcher(&t, run.headers.get(name).unwrap_or(&HashMap::new())) {
+                run.rewrite(&t, &m, None).await?;
+            }
             failpoint::hit("forget.table");
         }
-        for s in silt.project.sources.values() {
-            run.rewrite(&TableRef::bronze(&s.name), None).await?;
+        for name in &plan.sources {
+            let t = TableRef::bronze(name);
+            if let Some(m) = plan.matcher(&t, &HashMap::new()) {
+                run.rewrite(&t, &m, None).await?;
+            }
             failpoint::hit("forget.table");
         }
-        // 3. Models in dag order: history-keeping ones with the key in place (their build state
-        //    follows upstream erasures); everything downstream of a subject table is rebuilt the
-        //    normal way, so partition_overwrite models redo only the partitions that changed.
-        run.models(&dag, &key).await?;
-        // 4. Purge every file still holding a subject and the log versions that point at them.
+        // 3. Models in dag order: history-keeping ones with a key column in place (their build
+        //    state follows upstream erasures); every other model reading a table in scope is
+        //    rebuilt the normal way, so partition_overwrite models redo only the partitions
+        //    that changed.
+        let started_at = chrono::Utc::now().timestamp_micros();
+        let rebuilt = run.models(&dag, &plan, &key).await?;
+        // The model steps appear in `silt runs` as a run of their own.
+        if !rebuilt.is_empty() {
+            let rows: Vec<crate::runs::RunRow> = rebuilt
+                .into_iter()
+                .map(|metrics| crate::runs::RunRow {
+                    metrics,
+                    severity: None,
+                })
+                .collect();
+            crate::runs::record(
+                &silt.catalog,
+                &format!("erasure-{}", report.request_id),
+                "forget",
+                started_at,
+                &rows,
+                (0, 0),
+            )
+            .await?;
+        }
+        // 4. Purge every file still holding a subject and the log versions that point at them:
+        //    models first, then the sources, children before the parents their keys are
+        //    derived from (a resumed request still finds the children's rows).
         let mut tables: Vec<TableRef> = Vec::new();
-        for s in silt.project.sources.values() {
-            tables.push(TableRef::quarantine(&s.name));
-            tables.push(TableRef::bronze(&s.name));
-        }
-        for name in &dag.order {
+        for (name, _) in plan.models.iter().rev() {
             tables.push(dag.models[name].table());
         }
+        for name in plan.sources.iter().rev() {
+            tables.push(TableRef::quarantine(name));
+            tables.push(TableRef::bronze(name));
+        }
         for t in tables {
-            run.purge(&t).await?;
+            let headers = run.headers.get(&t.name).cloned().unwrap_or_default();
+            if let Some(m) = plan.matcher(&t, &headers) {
+                run.purge(&t, &m).await?;
+            }
         }
         failpoint::hit("forget.before_complete");
         report.steps = run.steps;
@@ -726,6 +1452,9 @@ struct Run<'a> {
     /// purge dooms the first and skips the second instead of decoding them again; files the
     /// rewrite never saw (older versions, a resumed request) are scanned.
     seen: HashMap<String, SeenFiles>,
+    /// Per source, the header of each CSV landing file (its quarantine's raw records are read
+    /// by it).
+    headers: HashMap<String, HashMap<String, Vec<String>>>,
 }
 
 /// Files of one table the rewrite judged with the same needles and match as the purge.
@@ -759,10 +1488,10 @@ impl Run<'_> {
         .await
     }
 
-    /// Rewrite (or remove) the landing files of `src` that hold a subject.
-    async fn landing(&mut self, src: &Source) -> Result<()> {
+    /// Rewrite (or remove) the landing files of `src` that hold a subject's records (by the
+    /// key field, `keys` holding the values that belong to the subjects).
+    async fn landing(&mut self, src: &Source, keys: Arc<KeySet>) -> Result<()> {
         let landing = &self.silt.landing;
-        let key = src.subject_key.clone().unwrap_or_default();
         let mut step = TableErasure {
             table: format!("landing:{}", src.name),
             action: "landing".into(),
@@ -787,22 +1516,45 @@ impl Run<'_> {
         step.files_scanned = files.len() as u64;
         // Each file is read, searched and rewritten in its own task, two at a time; the
         // results come back in listing order, so the ledger groups are as before.
-        let shared = Arc::new((src.clone(), key));
+        let shared = Arc::new(src.clone());
+        let headers: Arc<std::sync::Mutex<HashMap<String, Vec<String>>>> = Default::default();
         let jobs = files.into_iter().map(|(location, rel)| {
-            let (landing, n, shared) = (landing.clone(), self.n.clone(), shared.clone());
+            let (landing, n, shared, keys, headers) = (
+                landing.clone(),
+                self.n.clone(),
+                shared.clone(),
+                keys.clone(),
+                headers.clone(),
+            );
             async move {
-                let (src, key) = (&shared.0, shared.1.as_str());
+                let src = &*shared;
                 let data = landing.get(&location).await?;
-                if n.find_in(&String::from_utf8_lossy(&data)).is_none() {
+                if src.format == Format::Csv
+                    && src.parse.header
+                    && let Some(h) = csv_header(&data, src)
+                {
+                    headers.lock().unwrap().insert(rel.clone(), h);
+                }
+                // A cheap look first: a file without any key value or PII value standing
+                // alone in its text holds no subject record.
+                let text = String::from_utf8_lossy(&data);
+                if keys.hmacs.is_empty() && !keys.find_in(&text) && !n.find_pii(&text) {
+                    return Ok(None);
+                }
+                let rec = Records::new(src, &keys, &n);
+                let Some((bytes, dropped)) = (match src.format {
+                    Format::Csv => Some(drop_csv_records(&data, &rec)),
+                    Format::Ndjson => Some(drop_ndjson_lines(&data, &rec)),
+                    Format::JsonArray | Format::Json => drop_json_elements(&data, &rec),
+                }) else {
+                    return Ok(None);
+                };
+                if dropped == 0 {
                     return Ok(None);
                 }
                 let rewritten = match src.on_erasure {
                     ErasurePolicy::Remove => None,
-                    ErasurePolicy::Rewrite => match src.format {
-                        Format::Csv => Some(drop_csv_records(&data, src, key, &n)),
-                        Format::Ndjson => Some(drop_ndjson_lines(&data, key, &n)),
-                        Format::JsonArray | Format::Json => drop_json_elements(&data, key, &n),
-                    },
+                    ErasurePolicy::Rewrite => Some((bytes, dropped)),
                 };
                 let sha = rewritten
                     .as_ref()
@@ -849,7 +1601,10 @@ impl Run<'_> {
                     .await?;
             }
         }
+        drop(found);
         self.land(group, &batch_id, &mut step).await?;
+        let headers = std::mem::take(&mut *headers.lock().unwrap());
+        self.headers.insert(src.name.clone(), headers);
         if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
             self.step_audit(&step).await?;
         }
@@ -893,6 +1648,7 @@ impl Run<'_> {
     async fn rewrite(
         &mut self,
         t: &TableRef,
+        how: &Matcher,
         state: Option<(&str, ModelState)>,
     ) -> Result<Option<u64>> {
         let lake = &self.silt.lake;
@@ -904,11 +1660,6 @@ impl Run<'_> {
             .snapshot()
             .map_err(|e| Error::delta(t.to_string(), e))?;
         let schema: Schema = snap.snapshot().arrow_schema().as_ref().clone();
-        let how = how_for(&schema, &self.n);
-        if matches!(how, Match::Text) && t.layer != Layer::Quarantine {
-            // Without the key column a table is rebuilt (models) or left to verify.
-            return Ok(None);
-        }
         let mut step = TableErasure {
             table: t.to_string(),
             action: "rewrite".into(),
@@ -919,16 +1670,23 @@ impl Run<'_> {
             .iter()
             .map(|f| (f.path().to_string(), f.remove_action(true)))
             .collect();
-        // The scan decodes the key column of every file, `FILES_AT_ONCE` files at a time.
+        // The scan decodes the matched columns of every file, `FILES_AT_ONCE` files at a time.
         let needles = self.n.clone();
+        let cols = Arc::new(how.columns());
         step.files_scanned = files.len() as u64;
         let scans = files.iter().map(|(path, _)| {
             let loc = lake.path(&format!("{}/{}", t.rel_path(), path));
-            let (lake, path, n, how) = (lake.clone(), path.clone(), needles.clone(), how.clone());
+            let (lake, path, n, how, cols) = (
+                lake.clone(),
+                path.clone(),
+                needles.clone(),
+                how.clone(),
+                cols.clone(),
+            );
             async move {
                 let mut hits = 0;
-                for b in decode_parquet_for(lake.get(&loc).await?, &path, Some(&n))? {
-                    hits += row_mask(&b, &n, &how).true_count();
+                for b in decode_parquet_for(lake.get(&loc).await?, &path, Some(&cols))? {
+                    hits += how.mask(&b, &n).true_count();
                 }
                 Ok(hits)
             }
@@ -1074,23 +1832,10 @@ impl Run<'_> {
         Ok(done.version() as u64)
     }
 
-    /// Models in dag order.
-    async fn models(&mut self, dag: &Dag, key: &str) -> Result<()> {
+    /// The models of the plan, in dag order.
+    /// Returns what each model step did, for the run log.
+    async fn models(&mut self, dag: &Dag, plan: &Plan, key: &str) -> Result<Vec<ModelMetrics>> {
         let silt = self.silt;
-        let subject_sources: BTreeSet<String> = subject_sources(silt)
-            .iter()
-            .map(|s| s.name.clone())
-            .collect();
-        // Models that read a subject table, directly or through other models.
-        let mut affected: BTreeSet<String> = BTreeSet::new();
-        for name in &dag.order {
-            let m = &dag.models[name];
-            if m.sources.iter().any(|s| subject_sources.contains(s))
-                || m.refs.iter().any(|r| affected.contains(r))
-            {
-                affected.insert(name.clone());
-            }
-        }
         let pii: BTreeSet<String> = silt.project.pii_columns();
         let ctx = silt.catalog.session().await?;
         let run_id = format!("erasure-{}", self.request);
@@ -1105,24 +1850,14 @@ impl Run<'_> {
             changes: Default::default(),
         };
         let mut rebuilt: Vec<ModelMetrics> = Vec::new();
-        for name in &dag.order {
-            if !affected.contains(name) {
-                continue;
-            }
+        for (name, scope) in &plan.models {
             let m = &dag.models[name];
             let t = m.table();
             let table = silt.lake.delta_table(&t.rel_path()).await?;
             if table.version().is_none() {
                 continue;
             }
-            let schema: Schema = table
-                .snapshot()
-                .map_err(|e| Error::delta(t.to_string(), e))?
-                .snapshot()
-                .arrow_schema()
-                .as_ref()
-                .clone();
-            let keyed = matches!(how_for(&schema, &self.n), Match::Key(_));
+            let keyed = scope.is_keyed();
             let keeps_history = matches!(
                 m.config.materialized,
                 Materialized::Incremental | Materialized::Snapshot | Materialized::Append
@@ -1141,7 +1876,27 @@ impl Run<'_> {
                     }
                     None => None,
                 };
-                self.rewrite(&t, state.map(|s| (name.as_str(), s))).await?;
+                let how = Matcher::Columns(scope.clone());
+                let started = Instant::now();
+                if let Some(v) = self
+                    .rewrite(&t, &how, state.map(|s| (name.as_str(), s)))
+                    .await?
+                    && let Some(step) = self.steps.last().filter(|s| s.table == t.to_string())
+                {
+                    rebuilt.push(ModelMetrics {
+                        model: name.clone(),
+                        table: t.to_string(),
+                        materialized: "erasure".into(),
+                        status: "built".into(),
+                        mode: "in place".into(),
+                        rows_deleted: step.rows_deleted,
+                        files_added: step.files_added,
+                        files_removed: step.files_rewritten.len() as u64,
+                        version: Some(v),
+                        ms: started.elapsed().as_millis() as u64,
+                        ..Default::default()
+                    });
+                }
                 failpoint::hit("forget.table");
             } else {
                 // Rebuilt from upstream (which no longer holds the subjects). History-keeping
@@ -1165,12 +1920,12 @@ impl Run<'_> {
                 failpoint::hit("forget.table");
             }
         }
-        Ok(())
+        Ok(rebuilt)
     }
 
     /// Delete every data file of `t` that still holds a subject (none is live any more), after
     /// a checkpoint and after the log versions that reference them are gone.
-    async fn purge(&mut self, t: &TableRef) -> Result<()> {
+    async fn purge(&mut self, t: &TableRef, how: &Matcher) -> Result<()> {
         let lake = &self.silt.lake;
         let table = lake.delta_table(&t.rel_path()).await?;
         let Some(current) = table.version() else {
@@ -1189,7 +1944,9 @@ impl Run<'_> {
             ..Default::default()
         };
         let seen = self.seen.remove(&t.to_string()).unwrap_or_default();
+        let cols = how.columns();
         let mut doomed = Vec::new();
+        let mut live_hits = Vec::new();
         for (inner, loc) in data_files(self.silt, t).await? {
             if seen.hit.contains(&inner) && !live.contains(&inner) {
                 doomed.push((inner, loc));
@@ -1200,9 +1957,8 @@ impl Run<'_> {
             }
             step.files_scanned += 1;
             let mut hit = false;
-            for b in decode_parquet_for(lake.get(&loc).await?, &inner, Some(&self.n))? {
-                let how = how_for(&b.schema(), &self.n);
-                if row_mask(&b, &self.n, &how).true_count() > 0 {
+            for b in decode_parquet_for(lake.get(&loc).await?, &inner, Some(&cols))? {
+                if how.mask(&b, &self.n).true_count() > 0 {
                     hit = true;
                     break;
                 }
@@ -1211,12 +1967,22 @@ impl Run<'_> {
                 continue;
             }
             if live.contains(&inner) {
-                step.warnings.push(format!(
-                    "{t}: live file {inner} still holds a subject (the table has no subject key column); rebuild or fix the model"
-                ));
+                live_hits.push(inner);
                 continue;
             }
             doomed.push((inner, loc));
+        }
+        if !live_hits.is_empty() {
+            // A table without a key column that a rebuild did not clear (it reads the PII from
+            // somewhere no erasure reaches): said once, with what to do.
+            step.warnings.push(format!(
+                "{t}: {} live file(s) still hold a PII value of a subject in column(s) {} and the table has no subject key column: give the model config(subject_key='…') or pseudonymize the column",
+                live_hits.len(),
+                match how {
+                    Matcher::Columns(s) => s.pii.join(", "),
+                    Matcher::Raw(_) => "raw_record".into(),
+                }
+            ));
         }
         if doomed.is_empty() {
             if !step.warnings.is_empty() {
@@ -1224,10 +1990,11 @@ impl Run<'_> {
             }
             return Ok(());
         }
-        // The log versions that reference a doomed file (or show a subject) go, down from the
-        // first one; a checkpoint at the current version keeps the table readable.
+        // The log versions that reference a doomed file (or whose file statistics show a
+        // subject's key) go, down from the first one; a checkpoint at the current version
+        // keeps the table readable.
         let log_rel = format!("{}/_delta_log", t.rel_path());
-        let doomed_names: Vec<&str> = doomed.iter().map(|d| d.0.as_str()).collect();
+        let doomed_names: HashSet<&str> = doomed.iter().map(|d| d.0.as_str()).collect();
         let mut first: Option<u64> = None;
         let mut log_files: Vec<(u64, object_store::path::Path)> = Vec::new();
         for o in lake.list(&log_rel).await? {
@@ -1241,28 +2008,7 @@ impl Run<'_> {
                 continue;
             }
             let data = lake.get(&o.location).await?;
-            let mentions = if name.ends_with(".json") {
-                let text = String::from_utf8_lossy(&data);
-                doomed_names.iter().any(|d| text.contains(d)) || self.n.find_in(&text).is_some()
-            } else if name.ends_with(".parquet") {
-                let mut found = false;
-                for b in decode_parquet(data, &name)? {
-                    for c in b.columns() {
-                        if let Some(cs) = cells(c)
-                            && cs.iter().flatten().any(|s| {
-                                doomed_names.iter().any(|d| s.contains(d))
-                                    || self.n.find_in(s).is_some()
-                            })
-                        {
-                            found = true;
-                        }
-                    }
-                }
-                found
-            } else {
-                false
-            };
-            if mentions {
+            if log_mentions(&name, data, &doomed_names, how, &self.n)? {
                 first = Some(first.map_or(v, |f| f.min(v)));
             }
             log_files.push((v, o.location));
@@ -1330,7 +2076,7 @@ struct FileRewrite {
     ctx: SessionContext,
     path: String,
     needles: Arc<Needles>,
-    how: Match,
+    how: Matcher,
     target: Arc<Schema>,
     writer_config: deltalake::datafile::writer::WriterConfig,
     t: TableRef,
@@ -1362,7 +2108,7 @@ impl FileRewrite {
         let mut deleted = 0;
         while let Some(b) = stream.next().await {
             let b = b?;
-            let mask = row_mask(&b, &needles, &how);
+            let mask = how.mask(&b, &needles);
             deleted += mask.true_count() as u64;
             let keep = arrow::compute::not(&mask)?;
             let kept = arrow::compute::filter_record_batch(&b, &keep)?;
@@ -1393,6 +2139,76 @@ impl FileRewrite {
     }
 }
 
+/// Whether a log file (a JSON commit or a Parquet checkpoint) references one of `doomed` or
+/// carries a subject in a file's statistics (a key column's min or max, a PII value).
+fn log_mentions(
+    name: &str,
+    data: Bytes,
+    doomed: &HashSet<&str>,
+    how: &Matcher,
+    n: &Needles,
+) -> Result<bool> {
+    if name.ends_with(".json") {
+        for line in data.split(|b| *b == b'\n') {
+            let Ok(a) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            for kind in ["add", "remove"] {
+                let Some(f) = a.get(kind) else { continue };
+                if f.get("path")
+                    .and_then(|p| p.as_str())
+                    .is_some_and(|p| doomed.contains(p) || doomed.iter().any(|d| p.ends_with(d)))
+                {
+                    return Ok(true);
+                }
+                if let Some(stats) = f.get("stats").and_then(|s| s.as_str())
+                    && let Ok(stats) = serde_json::from_str::<serde_json::Value>(stats)
+                    && stats_mention(&stats, how, n)
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        return Ok(false);
+    }
+    if name.ends_with(".parquet") {
+        for b in decode_parquet(data, name)? {
+            for c in b.columns() {
+                if let Some(cs) = cells(c)
+                    && cs
+                        .iter()
+                        .flatten()
+                        .any(|s| doomed.iter().any(|d| s.contains(d)))
+                {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// A file's statistics show a subject: a key column's min or max is a key of the set, or a PII
+/// column's min or max holds a PII value.
+fn stats_mention(stats: &serde_json::Value, how: &Matcher, n: &Needles) -> bool {
+    let Matcher::Columns(scope) = how else {
+        return false;
+    };
+    ["minValues", "maxValues"].iter().any(|side| {
+        let Some(values) = stats.get(*side) else {
+            return false;
+        };
+        scope.keys.iter().any(|(c, set)| match values.get(c) {
+            Some(serde_json::Value::Number(x)) => x.as_i64().is_some_and(|i| set.matches_int(i)),
+            Some(serde_json::Value::String(s)) => set.matches_text(s),
+            _ => false,
+        }) || scope.pii.iter().any(|c| match values.get(c) {
+            Some(serde_json::Value::String(s)) => n.find_pii(s),
+            _ => false,
+        })
+    })
+}
+
 /// When every commit of `t` after `version` is a GDPR erasure, the current version (a model that
 /// had read `version` has seen everything but erasures it also applies).
 async fn erasure_caught_up(silt: &Silt, t: &TableRef, version: u64) -> Result<Option<u64>> {
@@ -1421,9 +2237,33 @@ async fn erasure_caught_up(silt: &Silt, t: &TableRef, version: u64) -> Result<Op
     Ok(Some(now))
 }
 
-/// CSV: drop the records whose subject key field is a subject (or, where that field cannot be
-/// found, whose bytes hold one); every other byte stays as it was.
-fn drop_csv_records(data: &[u8], src: &Source, key: &str, n: &Needles) -> (Vec<u8>, u64) {
+/// The header of a CSV landing file (its first record's fields, BOM and spaces trimmed).
+fn csv_header(data: &[u8], src: &Source) -> Option<Vec<String>> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(src.parse.delimiter as u8)
+        .quote(src.parse.quote as u8)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(data);
+    let mut rec = csv::ByteRecord::new();
+    match rdr.read_byte_record(&mut rec) {
+        Ok(true) => Some(
+            rec.iter()
+                .map(|f| {
+                    String::from_utf8_lossy(f)
+                        .trim_start_matches('\u{feff}')
+                        .trim()
+                        .to_string()
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// CSV: drop the subjects' records ([`Records::csv`]); every other byte stays as it was.
+fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64) {
+    let src = rec_test.src;
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(src.parse.delimiter as u8)
         .quote(src.parse.quote as u8)
@@ -1431,7 +2271,7 @@ fn drop_csv_records(data: &[u8], src: &Source, key: &str, n: &Needles) -> (Vec<u
         .flexible(true)
         .from_reader(data);
     let mut out = Vec::with_capacity(data.len());
-    let mut key_idx: Option<usize> = None;
+    let mut header: Option<Vec<String>> = None;
     let mut first = src.parse.header;
     let mut rec = csv::ByteRecord::new();
     let mut start = 0usize;
@@ -1442,7 +2282,7 @@ fn drop_csv_records(data: &[u8], src: &Source, key: &str, n: &Needles) -> (Vec<u
             Ok(false) => break,
             Err(_) => {
                 // Unparseable rest: judge it line by line.
-                let (rest, d) = drop_lines(&data[start..], n);
+                let (rest, d) = drop_lines(&data[start..], rec_test);
                 out.extend_from_slice(&rest);
                 dropped += d;
                 return (out, dropped);
@@ -1452,25 +2292,21 @@ fn drop_csv_records(data: &[u8], src: &Source, key: &str, n: &Needles) -> (Vec<u
         let bytes = &data[start..end.min(data.len())];
         if first {
             first = false;
-            key_idx = rec.iter().position(|f| {
-                let f = String::from_utf8_lossy(f);
-                f.trim_start_matches('\u{feff}').trim() == key
-            });
+            header = Some(
+                rec.iter()
+                    .map(|f| {
+                        String::from_utf8_lossy(f)
+                            .trim_start_matches('\u{feff}')
+                            .trim()
+                            .to_string()
+                    })
+                    .collect(),
+            );
             out.extend_from_slice(bytes);
+        } else if rec_test.csv(&rec, header.as_deref()) {
+            dropped += 1;
         } else {
-            let by_key = key_idx
-                .and_then(|i| rec.get(i))
-                .map(|f| n.ids.contains(String::from_utf8_lossy(f).trim()));
-            let hit = match by_key {
-                Some(true) => true,
-                Some(false) => false,
-                None => n.find_in(&String::from_utf8_lossy(bytes)).is_some(),
-            };
-            if hit {
-                dropped += 1;
-            } else {
-                out.extend_from_slice(bytes);
-            }
+            out.extend_from_slice(bytes);
         }
         start = end;
     }
@@ -1478,12 +2314,12 @@ fn drop_csv_records(data: &[u8], src: &Source, key: &str, n: &Needles) -> (Vec<u
     (out, dropped)
 }
 
-/// Lines (terminators kept) without the ones that hold a subject.
-fn drop_lines(data: &[u8], n: &Needles) -> (Vec<u8>, u64) {
+/// Lines (terminators kept) without the ones whose text holds a subject's key or PII value.
+fn drop_lines(data: &[u8], rec: &Records) -> (Vec<u8>, u64) {
     let mut out = Vec::with_capacity(data.len());
     let mut dropped = 0;
     for line in data.split_inclusive(|b| *b == b'\n') {
-        if n.find_in(&String::from_utf8_lossy(line)).is_some() {
+        if rec.text(&String::from_utf8_lossy(line)) {
             dropped += 1;
         } else {
             out.extend_from_slice(line);
@@ -1492,21 +2328,16 @@ fn drop_lines(data: &[u8], n: &Needles) -> (Vec<u8>, u64) {
     (out, dropped)
 }
 
-fn value_is_subject(v: &serde_json::Value, key: &str, n: &Needles) -> bool {
-    match v.get(key) {
-        Some(serde_json::Value::String(s)) => n.ids.contains(s.trim()),
-        Some(serde_json::Value::Number(x)) => n.ids.contains(&x.to_string()),
-        _ => n.find_in(&v.to_string()).is_some(),
-    }
-}
-
-fn drop_ndjson_lines(data: &[u8], key: &str, n: &Needles) -> (Vec<u8>, u64) {
+fn drop_ndjson_lines(data: &[u8], rec: &Records) -> (Vec<u8>, u64) {
     let mut out = Vec::with_capacity(data.len());
     let mut dropped = 0;
     for line in data.split_inclusive(|b| *b == b'\n') {
         let hit = match serde_json::from_slice::<serde_json::Value>(line) {
-            Ok(v) => value_is_subject(&v, key, n),
-            Err(_) => n.find_in(&String::from_utf8_lossy(line)).is_some(),
+            Ok(v) => rec.json(&v),
+            Err(_) => {
+                let text = String::from_utf8_lossy(line);
+                !text.trim().is_empty() && rec.text(&text)
+            }
         };
         if hit {
             dropped += 1;
@@ -1519,14 +2350,14 @@ fn drop_ndjson_lines(data: &[u8], key: &str, n: &Needles) -> (Vec<u8>, u64) {
 
 /// A JSON array without the subjects' elements. The kept elements stay byte for byte; a truncated
 /// document keeps its complete elements and its incomplete tail (unless the tail holds a subject).
-fn drop_json_elements(data: &[u8], key: &str, n: &Needles) -> Option<(Vec<u8>, u64)> {
+fn drop_json_elements(data: &[u8], rec: &Records) -> Option<(Vec<u8>, u64)> {
     let (bom, body) = match data.strip_prefix(b"\xef\xbb\xbf") {
         Some(b) => (&data[..3], b),
         None => (&data[..0], data),
     };
     let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
     if body[open] != b'[' {
-        return Some(drop_ndjson_lines(data, key, n));
+        return Some(drop_ndjson_lines(data, rec));
     }
     // Split the top level of the array into element byte ranges.
     let mut elems: Vec<&[u8]> = Vec::new();
@@ -1580,8 +2411,8 @@ fn drop_json_elements(data: &[u8], key: &str, n: &Needles) -> Option<(Vec<u8>, u
             continue;
         }
         let hit = match serde_json::from_slice::<serde_json::Value>(&e) {
-            Ok(v) => value_is_subject(&v, key, n),
-            Err(_) => n.find_in(&String::from_utf8_lossy(&e)).is_some(),
+            Ok(v) => rec.json(&v),
+            Err(_) => rec.text(&String::from_utf8_lossy(&e)),
         };
         if hit {
             dropped += 1;
@@ -1599,7 +2430,7 @@ fn drop_json_elements(data: &[u8], key: &str, n: &Needles) -> Option<(Vec<u8>, u
         out.extend_from_slice(&body[start..]);
     } else {
         let t = trim(tail);
-        if !t.is_empty() && n.find_in(&String::from_utf8_lossy(&t)).is_some() {
+        if !t.is_empty() && rec.text(&String::from_utf8_lossy(&t)) {
             dropped += 1;
         } else if !t.is_empty() {
             out.extend_from_slice(b",\n  ");
@@ -1612,71 +2443,159 @@ fn drop_json_elements(data: &[u8], key: &str, n: &Needles) -> Option<(Vec<u8>, u
 
 /// `silt forget --verify`: every object under the lake and landing roots.
 pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
-    let n = needles(silt, ids).await?;
+    let key = key_of(silt)?;
+    let dag = Dag::load(&silt.project)?;
+    // The keys that subject_via sources reached the subjects through, as an erasure of them
+    // recorded (the parent rows they came from are gone by now).
+    let wanted: HashSet<String> = ids.iter().map(|i| hmac_hex(&key, i.trim())).collect();
+    let mut stored: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in audit_entries(&silt.catalog).await? {
+        if e.subject_hmacs.split(',').any(|h| wanted.contains(h)) {
+            for (src, hs) in e.key_hmacs {
+                stored.entry(src).or_default().extend(hs);
+            }
+        }
+    }
+    let plan = Plan::resolve(silt, &dag, ids, &key, &stored).await?;
+    let n = plan.needles.clone();
     let mut report = VerifyReport::default();
-    for (storage, root) in [(&silt.lake, "lake"), (&silt.landing, "landing")] {
-        for o in storage.list("").await? {
+    // The lake: every data file and log entry of the tables in scope, live or retained.
+    let mut tables: Vec<TableRef> = plan
+        .models
+        .iter()
+        .map(|(name, _)| dag.models[name].table())
+        .collect();
+    for name in &plan.sources {
+        tables.push(TableRef::bronze(name));
+        tables.push(TableRef::quarantine(name));
+    }
+    let mut headers: HashMap<String, HashMap<String, Vec<String>>> = HashMap::new();
+    // The landing files of the sources in scope: a record the erasure would drop.
+    for name in &plan.sources {
+        let src = &silt.project.sources[name];
+        let keys = plan.keys_of(name).expect("a source in scope has keys");
+        let rec = Records::new(src, &keys, &n);
+        for o in silt.landing.list("").await? {
+            let Some(rel) = silt.landing.relative(&o.location) else {
+                continue;
+            };
+            if !src.glob.is_match(&rel) {
+                continue;
+            }
             report.objects_scanned += 1;
-            let rel = storage.relative(&o.location).unwrap_or_default();
-            let data = storage.get(&o.location).await?;
-            let location = format!("{root}:{rel}");
-            if root == "lake" && rel.ends_with(".parquet") {
-                report.parquet_files += 1;
-                let batches = match decode_parquet(data.clone(), &rel) {
-                    Ok(b) => b,
-                    Err(_) => {
-                        if let Some(kind) = n.find_in(&String::from_utf8_lossy(&data)) {
-                            report.findings.push(Finding {
-                                location,
-                                kind: kind.into(),
-                                column: None,
-                            });
+            let data = silt.landing.get(&o.location).await?;
+            if src.format == Format::Csv
+                && src.parse.header
+                && let Some(h) = csv_header(&data, src)
+            {
+                headers
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(rel.clone(), h);
+            }
+            let dropped = match src.format {
+                Format::Csv => drop_csv_records(&data, &rec).1,
+                Format::Ndjson => drop_ndjson_lines(&data, &rec).1,
+                Format::JsonArray | Format::Json => {
+                    drop_json_elements(&data, &rec).map_or(0, |d| d.1)
+                }
+            };
+            if dropped > 0 {
+                report.findings.push(Finding {
+                    location: format!("landing:{rel}"),
+                    kind: format!("{dropped} subject record(s)"),
+                    column: None,
+                });
+            }
+        }
+    }
+    let no_doomed = HashSet::new();
+    for t in tables {
+        let none = HashMap::new();
+        let Some(how) = plan.matcher(&t, headers.get(&t.name).unwrap_or(&none)) else {
+            continue;
+        };
+        let rel = t.rel_path();
+        for o in silt.lake.list(&rel).await? {
+            let Some(full) = silt.lake.relative(&o.location) else {
+                continue;
+            };
+            let Some(inner) = full.strip_prefix(&format!("{rel}/")) else {
+                continue;
+            };
+            let location = format!("lake:{full}");
+            report.objects_scanned += 1;
+            let data = silt.lake.get(&o.location).await?;
+            if let Some(log) = inner.strip_prefix("_delta_log/") {
+                if log_mentions(log, data, &no_doomed, &how, &n)? {
+                    report.findings.push(Finding {
+                        location,
+                        kind: "file statistics".into(),
+                        column: None,
+                    });
+                }
+                continue;
+            }
+            if !inner.ends_with(".parquet") {
+                continue;
+            }
+            report.parquet_files += 1;
+            let batches = match decode_parquet(data.clone(), &full) {
+                Ok(b) => b,
+                Err(e) => {
+                    report.findings.push(Finding {
+                        location,
+                        kind: format!("unreadable Parquet ({e})"),
+                        column: None,
+                    });
+                    continue;
+                }
+            };
+            let mut seen: BTreeSet<(String, Option<String>)> = BTreeSet::new();
+            for b in batches {
+                match &how {
+                    Matcher::Columns(scope) => {
+                        for (c, set) in &scope.keys {
+                            if let Some(a) = b.column_by_name(c)
+                                && set.mask(a).into_iter().any(|m| m)
+                            {
+                                seen.insert(("subject key".into(), Some(c.clone())));
+                            }
                         }
-                        continue;
-                    }
-                };
-                let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
-                let ids_only = Needles {
-                    ids: n.ids.clone(),
-                    ..Default::default()
-                };
-                for b in batches {
-                    // A PII value on a row that belongs to another subject (two clients share a
-                    // name) is not a finding; the subject's own id always is.
-                    let other: Vec<bool> = match how_for(&b.schema(), &n) {
-                        Match::Key(k) => cells(b.column_by_name(&k).expect("key column"))
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|v| v.is_some_and(|v| !n.ids.contains(v.trim())))
-                            .collect(),
-                        Match::Text => vec![false; b.num_rows()],
-                    };
-                    for (f, c) in b.schema().fields().iter().zip(b.columns()) {
-                        for (i, v) in cells(c).unwrap_or_default().into_iter().enumerate() {
-                            let Some(v) = v else { continue };
-                            let needles = if other.get(i).copied().unwrap_or(false) {
-                                &ids_only
-                            } else {
-                                &n
+                        // PII on rows keyed to nobody (a row of another subject that shares a
+                        // name is not a finding).
+                        let pii_only = Scope {
+                            keys: scope.keys.clone(),
+                            pii: vec![],
+                        };
+                        let keyed = pii_only.mask(&b, &n);
+                        for c in &scope.pii {
+                            let one = Scope {
+                                keys: scope.keys.clone(),
+                                pii: vec![c.clone()],
                             };
-                            if let Some(kind) = needles.find_in(&v) {
-                                seen.insert((kind.to_string(), f.name().clone()));
+                            if one
+                                .mask(&b, &n)
+                                .into_iter()
+                                .zip(&keyed)
+                                .any(|(m, k)| m && !k)
+                            {
+                                seen.insert(("PII value".into(), Some(c.clone())));
                             }
                         }
                     }
+                    Matcher::Raw(_) => {
+                        if how.mask(&b, &n).true_count() > 0 {
+                            seen.insert(("subject record".into(), Some("raw_record".into())));
+                        }
+                    }
                 }
-                for (kind, column) in seen {
-                    report.findings.push(Finding {
-                        location: location.clone(),
-                        kind,
-                        column: Some(column),
-                    });
-                }
-            } else if let Some(kind) = n.find_in(&String::from_utf8_lossy(&data)) {
+            }
+            for (kind, column) in seen {
                 report.findings.push(Finding {
-                    location,
-                    kind: kind.into(),
-                    column: None,
+                    location: location.clone(),
+                    kind,
+                    column,
                 });
             }
         }

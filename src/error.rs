@@ -142,6 +142,6 @@ impl Error {
 /// operator that cannot spill, such as a join's build side, outgrew `[engine] memory_limit_mb`).
 pub fn memory_hint(message: &str) -> Option<&'static str> {
     message.contains("Resources exhausted").then_some(
-        "fix: raise [engine] memory_limit_mb in silt.toml (or SILT_ENGINE_MEMORY_LIMIT_MB; default 256): a join's build side must fit in it, sorts and aggregates spill",
+        "fix: raise [engine] memory_limit_mb in silt.toml (or SILT_ENGINE_MEMORY_LIMIT_MB; default: a quarter of the machine's memory): a join's build side must fit in it, sorts and aggregates spill",
     )
 }

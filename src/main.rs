@@ -21,10 +21,11 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let filter = match cli.verbose {
-        // Dependencies speak only on errors unless asked (-vv).
-        0 => "error,silt=warn",
-        1 => "warn,silt=info",
-        2 => "info,silt=debug",
+        // silt's own steps; dependencies (delta-rs, delta-kernel, DataFusion) only from -vvv:
+        // their errors reach the user as silt's errors, once.
+        0 => "off,silt=warn",
+        1 => "off,silt=info",
+        2 => "off,silt=debug",
         _ => "debug,silt=trace",
     };
     tracing_subscriber::fmt()
@@ -57,13 +58,28 @@ fn main() -> ExitCode {
                 .downcast_ref::<Error>()
                 .map(|e| e.exit_code())
                 .unwrap_or(3);
-            eprintln!("error: {e:#}");
-            if let Some(h) = silt::error::memory_hint(&format!("{e:#}")) {
+            let text = describe(&e);
+            eprintln!("error: {text}");
+            if let Some(h) = silt::error::memory_hint(&text) {
                 eprintln!("  {h}");
             }
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// An error and the causes its text does not already say, each once (a library error's text
+/// usually includes its source's, and anyhow's `{:#}` would repeat it).
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 /// An exit code chosen by a command after it printed its own report (failed data tests,
@@ -176,12 +192,38 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             silt::watch::watch(&silt, opts, stop, |changed, report| match report {
                 Ok(r) => {
-                    let built = r.models.iter().filter(|m| m.status == "built").count();
+                    let built: Vec<String> = r
+                        .models
+                        .iter()
+                        .filter(|m| m.status == "built")
+                        .map(|m| format!("{} ({})", m.table, m.mode))
+                        .collect();
                     let (files, rows) = r.ingest.as_ref().map(|i| i.sources.iter().fold((0, 0), |a, s| (a.0 + s.files_ingested, a.1 + s.rows))).unwrap_or((0, 0));
                     if json {
                         println!("{}", serde_json::to_string(&r).unwrap_or_default());
                     }
-                    eprintln!("silt: {} change(s): ingested {files} file(s), {rows} row(s); built {built} model(s) in {} ms", changed.len(), r.elapsed_ms);
+                    eprintln!(
+                        "silt: {} change(s): ingested {files} file(s), {rows} row(s); built {} model(s){}{} in {} ms",
+                        changed.len(),
+                        built.len(),
+                        if built.is_empty() { "" } else { ": " },
+                        built.join(", "),
+                        r.elapsed_ms
+                    );
+                    for m in &r.models {
+                        for w in &m.warnings {
+                            eprintln!("warning: {}: {w}", m.model);
+                        }
+                    }
+                    for t in r.tests.iter().filter(|t| t.status != "pass") {
+                        eprintln!(
+                            "{} {} on {}: {} failing row(s)",
+                            t.status.to_uppercase(),
+                            t.name,
+                            t.subject,
+                            t.failing_rows
+                        );
+                    }
                     for (name, e) in &r.errors {
                         print_error(name, e);
                     }
@@ -211,6 +253,12 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let rows = silt::quality::freshness(&silt, chrono::Utc::now()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!(
+                    "no source declares [freshness], so there is nothing to check. Add it to a source's \
+                     sql/bronze/<source>.toml, e.g.:\n\n[freshness]\ncolumn = \"<date or timestamp column>\"  \
+                     # omit to measure when the newest landing file arrived\nwarn_after = \"2 days\"\nerror_after = \"7 days\""
+                );
             } else {
                 let table = rows
                     .iter()
@@ -219,15 +267,23 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                             r.source.clone(),
                             r.measured.clone(),
                             r.latest.clone().unwrap_or_else(|| "-".into()),
-                            r.age_hours
-                                .map(|a| format!("{a}"))
-                                .unwrap_or_else(|| "-".into()),
+                            r.age.clone().unwrap_or_else(|| "-".into()),
+                            r.warn_after.clone().unwrap_or_else(|| "-".into()),
+                            r.error_after.clone().unwrap_or_else(|| "-".into()),
                             r.status.clone(),
                         ]
                     })
                     .collect();
                 write_stdout(&simple_table(
-                    &["source", "measured", "latest", "age (hours)", "status"],
+                    &[
+                        "source",
+                        "measured",
+                        "latest",
+                        "age",
+                        "warn after",
+                        "error after",
+                        "status",
+                    ],
                     table,
                 ))?;
             }
@@ -292,15 +348,16 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             write_stdout(&silt::models::render_dag(&dag, f)?)?;
         }
-        Command::Runs { limit } => {
+        Command::Runs { limit, run } => {
             let silt = Silt::open(&cli.project)?;
-            let sql = format!(
-                "select run_id, started_at, model, status, mode, rows_inserted as ins, rows_updated as upd, rows_deleted as del, \
-                 files_scanned as scanned, files_added as added, files_removed as removed, bytes_added, ms, version \
-                 from _silt.runs where run_id in (select run_id from _silt.runs group by run_id order by max(started_at) desc limit {limit}) \
-                 order by started_at desc, model"
-            );
-            let batches = silt::query::run(&silt.catalog, &sql).await?;
+            let batches = match &run {
+                Some(id) => silt::runs::detail(&silt.catalog, id).await?,
+                None => silt::runs::list(&silt.catalog, limit).await?,
+            };
+            if !json && batches.iter().all(|b| b.num_rows() == 0) && run.is_none() {
+                println!("no run recorded yet: `silt run` builds the pipeline and records it");
+                return Ok(());
+            }
             write_stdout(&render(
                 &batches,
                 if json {
@@ -421,6 +478,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Vacuum {
             table,
             retain_hours,
+            force,
             dry_run,
         } => {
             let silt = Silt::open(&cli.project)?;
@@ -431,7 +489,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let mut reports = Vec::new();
             for t in tables {
                 reports.push(
-                    silt::maintenance::vacuum(&silt.catalog, &t, retain_hours, dry_run).await?,
+                    silt::maintenance::vacuum(&silt.catalog, &t, retain_hours, dry_run, force)
+                        .await?,
                 );
             }
             if json {
@@ -448,6 +507,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                             "deleted"
                         }
                     );
+                    if r.dry_run {
+                        for f in &r.files_deleted {
+                            println!("  {f}");
+                        }
+                    }
                 }
             }
         }
@@ -557,10 +621,12 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     r.elapsed_ms
                 );
             }
-            for s in &r.steps {
-                for w in &s.warnings {
-                    eprintln!("warning: {w}");
-                }
+            for w in r
+                .warnings
+                .iter()
+                .chain(r.steps.iter().flat_map(|s| s.warnings.iter()))
+            {
+                eprintln!("warning: {w}");
             }
             export_after(&silt, json).await?;
         }
@@ -767,7 +833,7 @@ async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result
 async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow::Result<()> {
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}")
+        indicatif::ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg} ({elapsed})")
             .context("progress template")?,
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -836,6 +902,11 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
                     a.message
                 );
             }
+        }
+    }
+    for m in &report.models {
+        for w in &m.warnings {
+            eprintln!("warning: {}: {w}", m.model);
         }
     }
     print_tests(&report, json)?;

@@ -3,6 +3,7 @@
 //! returning metrics. It must not change table content (optimize rewrites files with the same
 //! rows) nor decide which tables exist (catalog.rs does).
 
+use std::collections::HashSet;
 use std::num::NonZeroU64;
 
 use deltalake::kernel::transaction::CommitProperties;
@@ -58,21 +59,44 @@ pub async fn optimize(
 pub struct VacuumReport {
     pub table: String,
     pub dry_run: bool,
+    /// The files deleted (or, in a dry run, that would be): only files that existed. Files a
+    /// GDPR erasure already purged are still tombstones in the log; they are not counted.
     pub files_deleted: Vec<String>,
 }
 
+/// Delta's default retention (`delta.deletedFileRetentionDuration`): 7 days.
+pub const DEFAULT_RETAIN_HOURS: u64 = 168;
+
 /// Delete the files of `t` that no version newer than `retain_hours` ago references. Versions
-/// older than that can no longer be read.
+/// older than that can no longer be read, and an incremental build whose last read version
+/// is older rebuilds in full; so a period below Delta's default 7 days needs `force`.
 pub async fn vacuum(
     catalog: &Catalog,
     t: &TableRef,
     retain_hours: u64,
     dry_run: bool,
+    force: bool,
 ) -> Result<VacuumReport> {
+    if retain_hours < DEFAULT_RETAIN_HOURS && !force && !dry_run {
+        return Err(Error::Usage(format!(
+            "--retain-hours {retain_hours} is below Delta's default retention of {DEFAULT_RETAIN_HOURS} hours: versions younger than a week become unreadable (time travel, `silt diff`, and incremental builds that last read them rebuild in full). Add --force to do it anyway, or --dry-run to see the files"
+        )));
+    }
     let table = catalog
         .open(t)
         .await?
         .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
+    // The files that exist now: delta-rs reports every expired tombstone as deleted, files
+    // already gone included.
+    let lake = catalog.lake();
+    let rel = t.rel_path();
+    let present: HashSet<String> = lake
+        .list(&rel)
+        .await?
+        .into_iter()
+        .filter_map(|o| lake.relative(&o.location))
+        .filter_map(|p| p.strip_prefix(&format!("{rel}/")).map(String::from))
+        .collect();
     let (_, m) = table
         .vacuum()
         .with_retention_period(chrono::Duration::hours(retain_hours as i64))
@@ -80,9 +104,23 @@ pub async fn vacuum(
         .with_dry_run(dry_run)
         .await
         .map_err(|e| Error::delta(t.to_string(), e))?;
+    let mut files_deleted: Vec<String> = m
+        .files_deleted
+        .into_iter()
+        .map(|f| {
+            // delta-rs names them under the table (dry run: as URLs or absolute paths).
+            let f = f.trim_start_matches('/').to_string();
+            match f.find(&format!("{rel}/")) {
+                Some(i) => f[i + rel.len() + 1..].to_string(),
+                None => f,
+            }
+        })
+        .filter(|f| present.contains(f))
+        .collect();
+    files_deleted.sort();
     Ok(VacuumReport {
         table: t.to_string(),
         dry_run,
-        files_deleted: m.files_deleted,
+        files_deleted,
     })
 }

@@ -57,6 +57,9 @@ pub struct ModelMetrics {
     /// over more upstream rows than one chunk holds); 0 when nothing was built.
     pub chunks: u64,
     pub message: Option<String>,
+    /// What the user should know about this build (why an incremental model was built in full).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The data files this build added (for tests scoped to the rows it wrote).
     #[serde(skip)]
     pub added_files: Vec<String>,
@@ -103,6 +106,22 @@ struct Current {
     ups: Vec<TableRef>,
     up_tables: BTreeMap<String, DeltaTable>,
     new_state: ModelState,
+}
+
+/// Why an incremental build runs in full instead; `warn`: the user should be told (a version
+/// it needs was vacuumed or purged), not just a choice of the cheaper way.
+struct FullBuild {
+    why: String,
+    warn: bool,
+}
+
+impl FullBuild {
+    fn info(why: String) -> Self {
+        FullBuild { why, warn: false }
+    }
+    fn warn(why: String) -> Self {
+        FullBuild { why, warn: true }
+    }
 }
 
 /// A `recompute_by` build: the column, and the relation of its values to recompute.
@@ -342,6 +361,8 @@ impl Materializer<'_> {
         let new_schema = self.new_schema()?;
         let mut registered = Vec::new();
         let mut recompute: Option<Recompute> = None;
+        // Why an incremental build falls back to a full one, when the user should be told.
+        let mut fallback: Option<FullBuild> = None;
         if let (Some(prev), Some(column)) = (&prev, &m.config.recompute_by)
             && incremental
         {
@@ -358,7 +379,7 @@ impl Materializer<'_> {
                 )
                 .await?
             {
-                Some((rels, keys, values)) => {
+                Ok((rels, keys, values)) => {
                     relations = rels;
                     recompute = Some(Recompute {
                         column: column.clone(),
@@ -367,7 +388,10 @@ impl Materializer<'_> {
                         target_rows,
                     });
                 }
-                None => incremental = false,
+                Err(why) => {
+                    incremental = false;
+                    fallback = Some(why);
+                }
             }
         } else if let Some(prev) = &prev
             && incremental
@@ -399,10 +423,9 @@ impl Materializer<'_> {
                 let then = match lake.delta_table_at(&u.rel_path(), pv).await {
                     Ok(t) => t,
                     Err(e) => {
-                        tracing::info!(
-                            "{}: {u} version {pv} is not readable ({e}); full rebuild",
-                            m.name
-                        );
+                        fallback = Some(FullBuild::warn(format!(
+                            "upstream {u} version {pv}, which the last build read, is not readable ({e}); built in full"
+                        )));
                         incremental = false;
                         break;
                     }
@@ -448,6 +471,24 @@ impl Materializer<'_> {
                         new_schema.register_table(name.clone(), p)?;
                         registered.push(name.clone());
                         let mut rel = format!("{NEW_SCHEMA}.{name}");
+                        // Files were removed too (a compaction, an erasure, a replaced file):
+                        // the rows they held and the added files hold again are not new.
+                        if !removed.is_empty() {
+                            match self
+                                .without_removed(u, ut, &then, &removed, &then_files, &rel, &name)
+                                .await?
+                            {
+                                Ok((r, n)) => {
+                                    rel = r;
+                                    registered.push(n);
+                                }
+                                Err(why) => {
+                                    fallback = Some(why);
+                                    incremental = false;
+                                    break;
+                                }
+                            }
+                        }
                         // Lookback: the upstream rows dated up to N days before the earliest new
                         // row come along as context for the model's window functions.
                         if let (Some(days), Some(lcol)) =
@@ -565,6 +606,13 @@ impl Materializer<'_> {
             }
         }
         metrics.partitions = touched.into_iter().collect();
+        if let Some(f) = fallback.filter(|_| !incremental) {
+            tracing::info!(model = %m.name, "{}", f.why);
+            metrics.message = Some(f.why.clone());
+            if f.warn {
+                metrics.warnings.push(f.why);
+            }
+        }
         metrics.status = "built".into();
         metrics.mode = if incremental { "incremental" } else { "full" }.into();
         metrics.version = target.version();
@@ -626,7 +674,7 @@ impl Materializer<'_> {
         prev: &ModelState,
         target_rows: u64,
         registered: &mut Vec<String>,
-    ) -> Result<Option<(BTreeMap<String, String>, String, u64)>> {
+    ) -> Result<std::result::Result<(BTreeMap<String, String>, String, u64), FullBuild>> {
         let new_schema = self.new_schema()?;
         let mut relations = BTreeMap::new();
         let mut changed_parts = Vec::new();
@@ -638,21 +686,20 @@ impl Materializer<'_> {
                 .map(|s| s.schema().field(column).is_some())
                 .unwrap_or(false);
             let Some(pv) = prev.upstream.get(&key).copied() else {
-                tracing::info!("{}: {u} is a new upstream; full rebuild", m.name);
-                return Ok(None);
+                return Ok(Err(FullBuild::info(format!(
+                    "{u} is a new upstream; built in full"
+                ))));
             };
             let now = ut.version().unwrap_or(pv);
             if pv != now {
                 if !has_col {
-                    tracing::info!(
-                        "{}: {u} changed and has no column '{column}'; full rebuild",
-                        m.name
-                    );
-                    return Ok(None);
+                    return Ok(Err(FullBuild::info(format!(
+                        "{u} changed and has no column '{column}' (any row may depend on it); built in full"
+                    ))));
                 }
-                let Some(changes) = self.changes_of(u, ut, pv, column).await? else {
-                    tracing::info!("{}: the change of {u} cannot be told; full rebuild", m.name);
-                    return Ok(None);
+                let changes = match self.changes_of(u, ut, pv, column).await? {
+                    Ok(c) => c,
+                    Err(why) => return Ok(Err(why)),
                 };
                 let name = format!("{}__{}__{}__changes", m.name, u.layer.schema_name(), u.name);
                 new_schema.register_table(name.clone(), changes)?;
@@ -679,11 +726,9 @@ impl Materializer<'_> {
         };
         let n: u64 = keys.iter().map(|b| b.num_rows() as u64).sum();
         if n * 2 > target_rows.max(1) && n > 0 {
-            tracing::info!(
-                "{}: {n} values of '{column}' changed upstream, against {target_rows} rows in the table; full rebuild",
-                m.name
-            );
-            return Ok(None);
+            return Ok(Err(FullBuild::info(format!(
+                "{n} values of '{column}' changed upstream, against {target_rows} rows in the table; built in full"
+            ))));
         }
         tracing::debug!(model = %m.name, values = n, "recompute: values changed upstream");
         let provider: Arc<dyn datafusion::catalog::TableProvider> = match keys.first() {
@@ -724,7 +769,7 @@ impl Materializer<'_> {
                 c = q(column)
             );
         }
-        Ok(Some((relations, keys_rel, n)))
+        Ok(Ok((relations, keys_rel, n)))
     }
 
     /// The distinct values of `column` on the rows of `u` that differ between version `from`
@@ -740,11 +785,11 @@ impl Materializer<'_> {
         ut: &DeltaTable,
         from: u64,
         column: &str,
-    ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+    ) -> Result<std::result::Result<Arc<dyn datafusion::catalog::TableProvider>, FullBuild>> {
         let to = ut.version().unwrap_or(from);
         let cache_key = (u.to_string(), from, to, column.to_string());
         if let Some(p) = self.changes.lock().unwrap().get(&cache_key) {
-            return Ok(Some(p.clone()));
+            return Ok(Ok(p.clone()));
         }
         let then = match self
             .catalog
@@ -754,8 +799,9 @@ impl Materializer<'_> {
         {
             Ok(t) => t,
             Err(e) => {
-                tracing::info!("{u} version {from} is not readable ({e})");
-                return Ok(None);
+                return Ok(Err(FullBuild::warn(format!(
+                    "upstream {u} version {from}, which the last build read, is not readable ({e}); built in full"
+                ))));
             }
         };
         let (now_files, then_files) = (files_of(ut)?, files_of(&then)?);
@@ -769,6 +815,9 @@ impl Materializer<'_> {
             .filter(|p| !now_files.contains_key(*p))
             .cloned()
             .collect();
+        if let Some(why) = self.missing_files(u, from, &removed).await? {
+            return Ok(Err(why));
+        }
         let a = ut
             .table_provider()
             .with_file_selection(FileSelection::from_file_paths(added))
@@ -829,10 +878,9 @@ impl Materializer<'_> {
                     datafusion::error::DataFusionError::ResourcesExhausted(_)
                 ) =>
             {
-                tracing::info!(
-                    "{u}: the change since version {from} is too large to compare in memory ({e})"
-                );
-                return Ok(None);
+                return Ok(Err(FullBuild::info(format!(
+                    "the change of {u} since version {from} is too large to compare in memory ({e}); built in full"
+                ))));
             }
             Err(e) => return Err(e.into()),
         };
@@ -849,7 +897,118 @@ impl Materializer<'_> {
             .lock()
             .unwrap()
             .insert(cache_key, provider.clone());
-        Ok(Some(provider))
+        Ok(Ok(provider))
+    }
+
+    /// A full build's reason when a file of `paths` (files of version `from` of `u` that the
+    /// current version no longer has) is gone: a vacuum deleted what that version needs.
+    async fn missing_files(
+        &self,
+        u: &TableRef,
+        from: u64,
+        paths: &[String],
+    ) -> Result<Option<FullBuild>> {
+        if paths.is_empty() {
+            return Ok(None);
+        }
+        let lake = self.catalog.lake();
+        let rel = u.rel_path();
+        let present: std::collections::HashSet<String> = lake
+            .list(&rel)
+            .await?
+            .into_iter()
+            .filter_map(|o| lake.relative(&o.location))
+            .filter_map(|p| p.strip_prefix(&format!("{rel}/")).map(String::from))
+            .collect();
+        let mut gone = 0;
+        for p in paths {
+            if !present.contains(p) && !lake.exists(&lake.path(&format!("{rel}/{p}"))).await? {
+                gone += 1;
+            }
+        }
+        Ok((gone > 0).then(|| {
+            FullBuild::warn(format!(
+                "{gone} file(s) of upstream {u} version {from}, which the last build read, were deleted by a vacuum; built in full (vacuum only files older than the time between two builds)"
+            ))
+        }))
+    }
+
+    /// The relation `rel` (the files added to `u` since version `then`) without the rows that
+    /// `removed` (files of `then` the current version no longer has) held: a compaction or an
+    /// erasure writes old rows into new files, and they are not new. Bronze rows are compared
+    /// by where they came from (batch, file, line: unique per row), other tables by every
+    /// column. Returns the relation and the name it registered, or why a full build is needed.
+    #[allow(clippy::too_many_arguments)]
+    async fn without_removed(
+        &self,
+        u: &TableRef,
+        ut: &DeltaTable,
+        then: &DeltaTable,
+        removed: &[&String],
+        then_files: &FileMap,
+        rel: &str,
+        name: &str,
+    ) -> Result<std::result::Result<(String, String), FullBuild>> {
+        let removed: Vec<String> = removed.iter().map(|s| s.to_string()).collect();
+        let from = then.version().unwrap_or(0);
+        if let Some(why) = self.missing_files(u, from, &removed).await? {
+            return Ok(Err(why));
+        }
+        let schema = ut
+            .snapshot()
+            .map_err(|e| Error::delta(u.to_string(), e))?
+            .snapshot()
+            .arrow_schema();
+        let origin = ["_batch_id", "_source_file", "_source_line"];
+        let cols: Vec<String> = if u.layer == crate::catalog::Layer::Bronze
+            && origin.iter().all(|c| schema.field_with_name(c).is_ok())
+        {
+            origin.iter().map(|c| c.to_string()).collect()
+        } else {
+            schema.fields().iter().map(|f| f.name().clone()).collect()
+        };
+        if cols.iter().any(|c| {
+            schema
+                .field_with_name(c)
+                .is_ok_and(|f| f.data_type().is_nested())
+        }) {
+            return Ok(Err(FullBuild::info(format!(
+                "upstream {u} rewrote files since version {from} and has nested columns to compare rows by; built in full"
+            ))));
+        }
+        // The side held in memory is the removed rows' compared columns.
+        let rows: u64 = removed
+            .iter()
+            .filter_map(|p| then_files.get(p))
+            .map(|f| f.1)
+            .sum();
+        let budget = match self.ctx.runtime_env().memory_pool.memory_limit() {
+            datafusion::execution::memory_pool::MemoryLimit::Finite(b) => {
+                b as u64 / (32 * cols.len() as u64).max(64)
+            }
+            _ => u64::MAX,
+        };
+        if rows > budget {
+            return Ok(Err(FullBuild::info(format!(
+                "upstream {u} rewrote {} file(s) ({rows} rows) since version {from} (a compaction or an erasure): more than the engine's memory can compare; built in full",
+                removed.len()
+            ))));
+        }
+        let p = then
+            .table_provider()
+            .with_file_selection(FileSelection::from_file_paths(removed))
+            .await?;
+        let gone = format!("{name}__removed");
+        self.new_schema()?.register_table(gone.clone(), p)?;
+        let same = cols
+            .iter()
+            .map(|c| format!("(a.{c} is not distinct from r.{c})", c = q(c)))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        Ok(Ok((
+            format!("(select a.* from {rel} a left anti join {NEW_SCHEMA}.{gone} r on {same})"),
+            gone,
+        )))
     }
 
     /// A delta-rs write that executes `df` in this session and streams its batches into the
@@ -983,7 +1142,7 @@ impl Materializer<'_> {
         };
         let df = crate::time_travel::sql(self.ctx, self.catalog, &sql)
             .await
-            .map_err(named)?;
+            .map_err(|e| self.dag.locate(m, &sql, e))?;
         if m.config.pseudonymize.is_empty() {
             return Ok((sql, df));
         }
@@ -1646,7 +1805,28 @@ impl Materializer<'_> {
         let _ = self.ctx.deregister_table(src_name);
         let _ = self.ctx.deregister_table(stale_name);
         let _ = self.ctx.deregister_table(old_name);
-        let changes = changes?;
+        // Named for what it serves: this step runs in the upstream's build, for the models
+        // downstream that recompute by these columns.
+        let changes = changes.map_err(|e| {
+            let readers: Vec<String> = self
+                .dag
+                .models
+                .values()
+                .filter(|d| d.refs.contains(&m.name) && d.config.recompute_by.is_some())
+                .map(|d| {
+                    format!(
+                        "{} (recompute_by='{}')",
+                        d.name,
+                        d.config.recompute_by.clone().unwrap_or_default()
+                    )
+                })
+                .collect();
+            Error::Runtime(format!(
+                "finding the values of {} that this MERGE changed, for {}: {e}",
+                consumers.join(", "),
+                readers.join(", ")
+            ))
+        })?;
         let cols2 = cols.clone();
         let (table, mm) = target
             .merge(staged, predicate)
@@ -1780,12 +1960,13 @@ impl Materializer<'_> {
                 ))
                 .await
                 .map_err(|e| sql_error(m, e))?;
-            let schema = Arc::new(df.schema().as_arrow().clone());
-            let batches = df.collect().await?;
+            // The batches' own schema: a partition column is read as a dictionary, which the
+            // plan's schema does not say.
+            let batches = collect_nonempty(df).await?;
             out.push((
                 c.clone(),
                 Arc::new(datafusion::datasource::MemTable::try_new(
-                    schema,
+                    batches[0].schema(),
                     vec![batches],
                 )?) as Arc<dyn datafusion::catalog::TableProvider>,
             ));

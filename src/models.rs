@@ -68,6 +68,9 @@ pub struct ModelConfig {
     /// Columns of this model holding personal data (besides those named PII by sources): no
     /// statistics are kept on them.
     pub pii: Vec<String>,
+    /// The output column holding a data subject's id when its name differs from the sources'
+    /// subject key (`silt forget` erases the model's rows by it).
+    pub subject_key: Option<String>,
     /// Columns replaced in the output: `hash` (HMAC-SHA256 hex with the `[gdpr]` key, stable
     /// and joinable) or `mask` (first character kept). Raw PII then stops at this model.
     pub pseudonymize: BTreeMap<String, Pseudonym>,
@@ -94,6 +97,7 @@ impl Default for ModelConfig {
             contract: None,
             on_schema_change: "fail".into(),
             pii: vec![],
+            subject_key: None,
             pseudonymize: BTreeMap::new(),
             columns: BTreeMap::new(),
             severity: crate::quality::Severity::Error,
@@ -148,6 +152,8 @@ pub struct Dag {
     /// Singular tests of `sql/tests/*.sql`.
     pub singular: Vec<SingularTest>,
     vars: BTreeMap<String, toml::Value>,
+    /// The project's source names (a relationships test may name `bronze.<source>`).
+    sources: BTreeSet<String>,
 }
 
 /// A `sql/tests/<name>.sql` query returning failing rows.
@@ -169,6 +175,27 @@ struct Captured {
     sources: BTreeSet<String>,
 }
 
+/// How many line breaks the `{{ config(…) }}` call of a template spans: it renders as that many
+/// line breaks, so the rendered SQL keeps the file's line numbers after it (a SQL error then
+/// points at the right line of the file).
+fn config_newlines(template: &str) -> usize {
+    let mut from = 0;
+    while let Some(i) = template[from..].find("{{") {
+        let start = from + i;
+        let rest =
+            template[start + 2..].trim_start_matches(|c: char| c.is_whitespace() || c == '-');
+        if rest.starts_with("config(") || rest.starts_with("config (") {
+            let end = template[start..]
+                .find("}}")
+                .map_or(template.len(), |e| start + e);
+            return template[start..end].matches('\n').count();
+        }
+        from = start + 2;
+    }
+    0
+}
+
+#[allow(clippy::too_many_arguments)]
 fn env_for(
     this: String,
     ctx: RenderContext,
@@ -176,6 +203,7 @@ fn env_for(
     known_models: Arc<BTreeMap<String, Layer>>,
     known_sources: Arc<BTreeSet<String>>,
     vars: Arc<BTreeMap<String, toml::Value>>,
+    config_lines: usize,
 ) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
@@ -185,7 +213,7 @@ fn env_for(
         move |kwargs: Kwargs| -> std::result::Result<String, JinjaError> {
             let cfg = parse_config(&kwargs);
             c.lock().unwrap().config = Some(cfg);
-            Ok(String::new())
+            Ok("\n".repeat(config_lines))
         },
     );
     let c = captured.clone();
@@ -281,6 +309,7 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     }
     c.check_cols = list("check_cols")?;
     c.pii = list("pii")?;
+    c.subject_key = s("subject_key")?;
     c.updated_at = s("updated_at")?;
     c.description = s("description")?;
     let json = |k: &str| -> std::result::Result<Option<serde_json::Value>, String> {
@@ -435,6 +464,7 @@ impl Dag {
                     known.clone(),
                     sources.clone(),
                     vars.clone(),
+                    config_newlines(&template),
                 );
                 env.render_str(&template, ())
                     .map_err(|e| Error::config(&rel, jinja_message(&e)))?;
@@ -498,6 +528,7 @@ impl Dag {
                     known.clone(),
                     sources.clone(),
                     vars.clone(),
+                    config_newlines(&template),
                 );
                 let sql = env
                     .render_str(&template, ())
@@ -518,12 +549,15 @@ impl Dag {
                 });
             }
         }
-        Ok(Dag {
+        let dag = Dag {
             models,
             order,
             singular,
             vars: project.file.vars.clone(),
-        })
+            sources: project.sources.keys().cloned().collect(),
+        };
+        dag.check_tests(project)?;
+        Ok(dag)
     }
 
     /// Render a model's SQL for execution.
@@ -543,9 +577,30 @@ impl Dag {
             known,
             sources,
             Arc::new(self.vars.clone()),
+            config_newlines(&m.template),
         );
         env.render_str(&m.template, ())
             .map_err(|e| Error::config(&m.file, jinja_message(&e)))
+    }
+
+    /// A SQL error of model `m`, whose rendered SQL was `rendered`, as a configuration error
+    /// naming the model file's line and column (DataFusion counts in the rendered SQL).
+    pub fn locate(&self, m: &Model, rendered: &str, e: Error) -> Error {
+        let Error::Sql(msg) = e else {
+            return e;
+        };
+        match sql_position(&msg).and_then(|(line, col)| {
+            map_position(&m.template, rendered, line, col).map(|(l, c)| (line, col, l, c))
+        }) {
+            Some((line, col, l, c)) => {
+                let msg = msg.replace(
+                    &format!("Line: {line}, Column: {col}"),
+                    &format!("line {l}, column {c} of {}", m.file),
+                );
+                Error::config(format!("{}:{l}:{c}", m.file), msg)
+            }
+            None => Error::config(&m.file, msg),
+        }
     }
 
     /// Models selected by `--select` terms: `name`, `name+` (and downstream), `+name` (and
@@ -592,16 +647,74 @@ impl Dag {
             .collect())
     }
 
-    /// A `to` of a relationships test: a model name or a `layer.table` name.
+    /// A `to` of a relationships test: a model name or a `layer.table` name of a model or a
+    /// source.
     pub fn resolve(&self, to: &str) -> Result<TableRef> {
         if to.contains('.') {
-            return TableRef::parse(to);
+            let t = TableRef::parse(to)?;
+            let known = match t.layer {
+                Layer::Silver | Layer::Gold => {
+                    self.models.get(&t.name).is_some_and(|m| m.layer == t.layer)
+                }
+                Layer::Bronze => self.sources.contains(&t.name),
+                Layer::Quarantine | Layer::Silt => true,
+            };
+            if !known {
+                return Err(Error::Usage(format!(
+                    "'{to}' is not a table of this project{}",
+                    self.closest(to)
+                        .map(|c| format!(" (did you mean '{c}'?)"))
+                        .unwrap_or_default()
+                )));
+            }
+            return Ok(t);
         }
-        self.models.get(to).map(|m| m.table()).ok_or_else(|| {
-            Error::Usage(format!(
-                "'{to}' is not a model: name a model, or a table as layer.name"
-            ))
-        })
+        if let Some(m) = self.models.get(to) {
+            return Ok(m.table());
+        }
+        if self.sources.contains(to) {
+            return Err(Error::Usage(format!(
+                "'{to}' is a source, not a model: write 'bronze.{to}'"
+            )));
+        }
+        Err(Error::Usage(format!(
+            "'{to}' is not a model: name a model, or a table as layer.name{}",
+            self.closest(to)
+                .map(|c| format!(" (did you mean '{c}'?)"))
+                .unwrap_or_default()
+        )))
+    }
+
+    /// The model or source table whose name is closest to `name` (a typo's likely meaning).
+    fn closest(&self, name: &str) -> Option<String> {
+        let candidates = self
+            .models
+            .values()
+            .flat_map(|m| [m.name.clone(), m.table().to_string()])
+            .chain(
+                self.sources
+                    .iter()
+                    .flat_map(|s| [s.clone(), format!("bronze.{s}")]),
+            );
+        crate::catalog::closest(name, candidates)
+    }
+
+    /// Compile every column test of every model and source and every relationships target, so
+    /// a test that cannot run is a configuration error when the project loads, before anything
+    /// builds (and not a run that stops halfway and leaves later tests unchecked).
+    fn check_tests(&self, project: &Project) -> Result<()> {
+        for m in self.order.iter().map(|n| &self.models[n]) {
+            self.model_tests(m)?;
+        }
+        for src in project.sources.values() {
+            for spec in &src.tests {
+                crate::quality::compile(spec, &TableRef::bronze(&src.name), &src.file, &|to| {
+                    self.resolve(to)
+                        .map_err(|e| Error::config(&src.file, e.to_string()))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// The column tests of a model, compiled.
@@ -734,6 +847,95 @@ fn topo_order(models: &BTreeMap<String, Model>) -> Result<Vec<String>> {
     Ok(order)
 }
 
+/// `Line: 6, Column: 12` in a SQL parser's message.
+fn sql_position(msg: &str) -> Option<(usize, usize)> {
+    let i = msg.rfind("Line: ")?;
+    let rest = &msg[i + 6..];
+    let (line, rest) = rest.split_once(", Column: ")?;
+    let col: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    Some((line.trim().parse().ok()?, col.parse().ok()?))
+}
+
+/// The literal text of a template line: what is left when `{{ … }}`, `{% … %}` and `{# … #}`
+/// are cut out, in pieces.
+fn literal_pieces(line: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    loop {
+        let next = ["{{", "{%", "{#"]
+            .iter()
+            .filter_map(|o| rest.find(o).map(|i| (i, *o)))
+            .min_by_key(|x| x.0);
+        let Some((i, open)) = next else {
+            out.push(rest);
+            break;
+        };
+        out.push(&rest[..i]);
+        let close = match open {
+            "{{" => "}}",
+            "{%" => "%}",
+            _ => "#}",
+        };
+        match rest[i..].find(close) {
+            Some(j) => rest = &rest[i + j + 2..],
+            None => break,
+        }
+    }
+    out.into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Whether rendered line `r` can come from template line `t`: its literal pieces, in order.
+fn line_matches(t: &str, r: &str) -> bool {
+    let pieces = literal_pieces(t);
+    if pieces.is_empty() {
+        return false;
+    }
+    let mut at = 0;
+    for p in pieces {
+        match r[at..].find(p) {
+            Some(i) => at += i + p.len(),
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The file line and column of rendered line `line`, column `col`: the same line when it came
+/// from there (the config block renders as its own line breaks), else the nearest template
+/// line it can come from; the column moves with the token under it.
+fn map_position(template: &str, rendered: &str, line: usize, col: usize) -> Option<(usize, usize)> {
+    let r = rendered.lines().nth(line.checked_sub(1)?)?;
+    let tl: Vec<&str> = template.lines().collect();
+    let l = if tl
+        .get(line - 1)
+        .is_some_and(|t| *t == r || line_matches(t, r))
+    {
+        line
+    } else {
+        (0..tl.len())
+            .filter(|i| line_matches(tl[*i], r))
+            .min_by_key(|i| (*i + 1).abs_diff(line))?
+            + 1
+    };
+    let t = tl[l - 1];
+    if t == r {
+        return Some((l, col));
+    }
+    let token: String = r
+        .chars()
+        .skip(col.saturating_sub(1))
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    let c = (!token.is_empty())
+        .then(|| t.find(&token))
+        .flatten()
+        .map_or(col, |i| t[..i].chars().count() + 1);
+    Some((l, c))
+}
+
 fn rel_path(dir: &Path, p: &Path) -> String {
     p.strip_prefix(dir).unwrap_or(p).display().to_string()
 }
@@ -798,33 +1000,38 @@ pub fn render_dag(dag: &Dag, format: &str) -> Result<String> {
             for m in dag.models.values() {
                 sources.extend(m.sources.iter());
             }
-            fn walk(dag: &Dag, name: &str, depth: usize, out: &mut String) {
+            // `├─` for a node with siblings after it, `└─` for the last; the lines below a
+            // node carry `│` while siblings follow.
+            fn walk(dag: &Dag, name: &str, prefix: &str, last: bool, out: &mut String) {
                 let m = &dag.models[name];
                 out.push_str(&format!(
-                    "{}└─ {} [{}]\n",
-                    "   ".repeat(depth),
+                    "{prefix}{} {} [{}]\n",
+                    if last { "└─" } else { "├─" },
                     m.table(),
                     serde_json::to_value(m.config.materialized)
                         .ok()
                         .and_then(|v| v.as_str().map(String::from))
                         .unwrap_or_default()
                 ));
-                for d in dag
+                let kids: Vec<&String> = dag
                     .order
                     .iter()
                     .filter(|d| dag.models[*d].refs.contains(name))
-                {
-                    walk(dag, d, depth + 1, out);
+                    .collect();
+                let below = format!("{prefix}{}", if last { "   " } else { "│  " });
+                for (i, d) in kids.iter().enumerate() {
+                    walk(dag, d, &below, i + 1 == kids.len(), out);
                 }
             }
             for s in sources {
                 out.push_str(&format!("bronze.{s}\n"));
-                for m in dag
+                let roots: Vec<&String> = dag
                     .order
                     .iter()
                     .filter(|n| dag.models[*n].sources.contains(s))
-                {
-                    walk(dag, m, 0, &mut out);
+                    .collect();
+                for (i, m) in roots.iter().enumerate() {
+                    walk(dag, m, "", i + 1 == roots.len(), &mut out);
                 }
             }
         }

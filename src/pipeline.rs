@@ -172,7 +172,8 @@ pub async fn run(
     )
     .await?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
-    record_run(silt, started_at, &report, ingest_row).await?;
+    let command = if opts.ingest { "run" } else { "build" };
+    record_run(silt, command, started_at, &report, ingest_row).await?;
     Ok(report)
 }
 
@@ -189,7 +190,7 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
     }
     for name in dag.order.iter().filter(|n| selected.contains(*n)) {
         let m = &dag.models[name];
-        if silt.catalog.open(&m.table()).await?.is_none() {
+        let Some(table) = silt.catalog.open(&m.table()).await? else {
             report.errors.push((
                 name.clone(),
                 Error::Usage(format!(
@@ -198,13 +199,16 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
                 )),
             ));
             continue;
-        }
-        for t in dag.model_tests(m)? {
-            match crate::quality::run(&ctx, &t).await {
-                Ok(r) => report.tests.push(r),
-                Err(e) => report.errors.push((t.name.clone(), e)),
-            }
-        }
+        };
+        let tested = Tested {
+            version: table.version(),
+            built_from: crate::materialize::last_state(&table)
+                .await?
+                .map(|s| s.upstream)
+                .unwrap_or_default(),
+        };
+        let tests = dag.model_tests(m)?;
+        model_tests(&ctx, &tests, &tested, &mut report).await;
     }
     for (t, st) in dag.singular_tests() {
         if select.is_empty()
@@ -217,62 +221,162 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
         }
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
-    record_run(silt, started_at, &report, None).await?;
+    record_run(silt, "test", started_at, &report, None).await?;
     Ok(report)
 }
 
 /// One `_silt/runs` entry, when the run changed something or a test did not pass; a run that
-/// found everything up to date and passing writes nothing.
+/// found everything up to date and passing writes nothing. Rows keep the order things ran in:
+/// ingest, then each model followed by its tests.
 async fn record_run(
     silt: &Silt,
+    command: &str,
     started_at: i64,
     report: &RunReport,
     ingest_row: Option<(u64, u64, ModelMetrics)>,
 ) -> Result<()> {
-    let mut rows: Vec<ModelMetrics> = report
-        .models
-        .iter()
-        .filter(|m| m.status != "up_to_date")
-        .cloned()
-        .collect();
+    let changed = report.models.iter().any(|m| m.status != "up_to_date");
     let tests_speak = report.tests.iter().any(|t| t.status != "pass");
+    // A build tested for the first time (an earlier run stopped before its tests) is recorded,
+    // so the next run knows it was.
+    let first_tests = report.tests.iter().any(|t| t.table_version.is_some());
+    if !changed && !tests_speak && !first_tests && ingest_row.is_none() {
+        return Ok(());
+    }
+    let mut rows: Vec<crate::runs::RunRow> = Vec::new();
     let mut totals = (0, 0);
     if let Some((r, q, row)) = ingest_row {
         totals = (r, q);
-        rows.insert(0, row);
+        rows.push(crate::runs::RunRow {
+            metrics: row,
+            severity: None,
+        });
     }
-    if rows.is_empty() && !tests_speak {
-        return Ok(());
-    }
-    rows.extend(report.tests.iter().map(|t| {
-        ModelMetrics {
+    let test_row = |t: &TestResult| crate::runs::RunRow {
+        metrics: ModelMetrics {
             model: t.name.clone(),
             table: t.subject.clone(),
             materialized: "test".into(),
             status: t.status.clone(),
-            mode: serde_json::to_value(t.severity)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            mode: t.scope.clone(),
             failing_rows: t.failing_rows,
             ms: t.ms,
+            version: t.table_version,
+            upstream: t.built_from.clone(),
+            message: (t.failing_rows > 0).then(|| t.sample.clone()),
             ..Default::default()
+        },
+        severity: serde_json::to_value(t.severity)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from)),
+    };
+    // Each model, then the tests of its table that ran after it.
+    let mut placed = vec![false; report.tests.len()];
+    for m in report.models.iter().filter(|m| m.status != "up_to_date") {
+        rows.push(crate::runs::RunRow {
+            metrics: m.clone(),
+            severity: None,
+        });
+        for (i, t) in report.tests.iter().enumerate() {
+            if !placed[i] && t.subject == m.table {
+                placed[i] = true;
+                rows.push(test_row(t));
+            }
         }
-    }));
-    crate::runs::record(&silt.catalog, &report.run_id, started_at, &rows, totals).await
+    }
+    for (i, t) in report.tests.iter().enumerate() {
+        if !placed[i] {
+            rows.push(test_row(t));
+        }
+    }
+    crate::runs::record(
+        &silt.catalog,
+        &report.run_id,
+        command,
+        started_at,
+        &rows,
+        totals,
+    )
+    .await
+}
+
+/// The build a model's tests check: the table's version and the upstream versions it was
+/// built from (its build state).
+#[derive(Debug, Clone, Default)]
+struct Tested {
+    version: Option<u64>,
+    built_from: BTreeMap<String, u64>,
+}
+
+impl Tested {
+    fn of(m: &ModelMetrics) -> Self {
+        Tested {
+            version: m.version,
+            built_from: m.upstream.clone(),
+        }
+    }
+}
+
+/// `  3/8 silver.stg_fees  incremental  built: 1204 row(s) in 0.21 s`.
+fn model_line(i: u64, of: usize, m: &ModelMetrics) -> String {
+    let what = match m.status.as_str() {
+        "built" => format!(
+            "built: +{} ~{} -{} row(s)",
+            m.rows_inserted, m.rows_updated, m.rows_deleted
+        ),
+        "up_to_date" => "up to date".to_string(),
+        "failed" => "FAILED".to_string(),
+        "skipped" => format!("skipped ({})", m.message.clone().unwrap_or_default()),
+        other => other.to_string(),
+    };
+    format!(
+        "{i:>3}/{of} {:<34} {:<11} {what} in {:.2} s",
+        m.table,
+        m.mode,
+        m.ms as f64 / 1000.0
+    )
+}
+
+/// (table, build state) of every model build whose tests ran, from `_silt/runs`.
+async fn read_tested_builds(silt: &Silt) -> Result<BTreeSet<(String, String)>> {
+    use arrow::array::{Array, AsArray};
+    let mut out = BTreeSet::new();
+    if silt.catalog.open(&crate::runs::table()).await?.is_none() {
+        return Ok(out);
+    }
+    let batches = crate::query::run(
+        &silt.catalog,
+        "select distinct table_name, upstream_versions from _silt.runs \
+         where materialized = 'test' and upstream_versions <> '{}'",
+    )
+    .await?;
+    for b in batches {
+        let t = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
+        let u = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8)?;
+        let (t, u) = (t.as_string::<i32>(), u.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            if t.is_valid(i) && u.is_valid(i) {
+                out.insert((t.value(i).to_string(), u.value(i).to_string()));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Run a model's tests into the report; false when one failed (error severity) or could not run.
 async fn model_tests(
     ctx: &SessionContext,
     tests: &[crate::quality::DataTest],
+    tested: &Tested,
     report: &mut RunReport,
 ) -> bool {
     let mut ok = true;
     for t in tests {
         match crate::quality::run(ctx, t).await {
-            Ok(r) => {
+            Ok(mut r) => {
                 ok &= r.status != "fail";
+                r.table_version = tested.version;
+                r.built_from = tested.built_from.clone();
                 report.tests.push(r);
             }
             Err(e) => {
@@ -323,7 +427,11 @@ async fn build_models(
     // An up-to-date model's tests wait until a model reading it is about to build: they gate
     // that build (a failing model stays failing across runs), and a run with nothing to build
     // tests nothing (`silt test` checks every table).
-    let mut deferred: BTreeMap<String, Vec<crate::quality::DataTest>> = BTreeMap::new();
+    let mut deferred: BTreeMap<String, (Vec<crate::quality::DataTest>, Tested)> = BTreeMap::new();
+    // The builds whose tests ran in some run (table, build state), read when a model is first
+    // found up to date: one an earlier run built but never tested (it stopped, or was killed,
+    // in between) is tested now.
+    let mut tested_builds: Option<BTreeSet<(String, String)>> = None;
     let mut built: BTreeSet<String> = BTreeSet::new();
     for name in selected {
         let m = &dag.models[name];
@@ -338,8 +446,8 @@ async fn build_models(
             .collect();
         if !waiting.is_empty() && !mat.up_to_date(m).await? {
             for r in waiting {
-                let tests = deferred.remove(&r).unwrap_or_default();
-                if !model_tests(ctx, &tests, report).await {
+                let (tests, tested) = deferred.remove(&r).unwrap_or_default();
+                if !model_tests(ctx, &tests, &tested, report).await {
                     broken.insert(r);
                 }
             }
@@ -365,12 +473,24 @@ async fn build_models(
         } else {
             match mat.build(m).await {
                 Ok(metrics) if metrics.status == "up_to_date" => {
+                    let tested = Tested::of(&metrics);
                     report.models.push(metrics);
                     match dag.model_tests_of(m, None) {
                         // No tests, nothing to wait for (and no second look at its state).
                         Ok(tests) if tests.is_empty() => {}
                         Ok(tests) => {
-                            deferred.insert(name.clone(), tests);
+                            if tested_builds.is_none() {
+                                tested_builds = Some(read_tested_builds(silt).await?);
+                            }
+                            let key = (
+                                m.table().to_string(),
+                                serde_json::to_string(&tested.built_from).unwrap_or_default(),
+                            );
+                            if tested_builds.as_ref().is_some_and(|t| t.contains(&key)) {
+                                deferred.insert(name.clone(), (tests, tested));
+                            } else if !model_tests(ctx, &tests, &tested, report).await {
+                                broken.insert(name.clone());
+                            }
                         }
                         Err(e) => {
                             broken.insert(name.clone());
@@ -379,7 +499,9 @@ async fn build_models(
                     }
                 }
                 Ok(metrics) => {
+                    crate::failpoint::hit("run.built");
                     built.insert(name.clone());
+                    let tested = Tested::of(&metrics);
                     // The model's tests run right after it; an error-severity failure stops its
                     // downstream (the model itself stays built, as in dbt). After an
                     // incremental build they check the rows it wrote (`silt test` checks all).
@@ -396,7 +518,7 @@ async fn build_models(
                     report.models.push(metrics);
                     match dag.model_tests_of(m, written.as_ref()) {
                         Ok(tests) => {
-                            if !model_tests(ctx, &tests, report).await {
+                            if !model_tests(ctx, &tests, &tested, report).await {
                                 broken.insert(name.clone());
                             }
                         }
@@ -425,6 +547,11 @@ async fn build_models(
         }
         if let Some(p) = &progress {
             p.inc(1);
+            // A line per model, as it finishes (dbt prints one per node): stderr, above the bar.
+            if let Some(mm) = report.models.last().filter(|mm| mm.model == *name) {
+                let line = model_line(p.position(), selected.len(), mm);
+                p.suspend(|| eprintln!("{line}"));
+            }
         }
     }
     // Singular tests over models of this selection that all built cleanly.

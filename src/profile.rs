@@ -34,6 +34,30 @@ pub struct ColumnProfile {
     pub mean: Option<f64>,
     /// The most frequent values with their counts, most frequent first (ties by value).
     pub top: Vec<(String, u64)>,
+    /// A PII column: min, max and top values are masked (first character kept).
+    #[serde(default)]
+    pub masked: bool,
+}
+
+/// Mask the values of the PII columns among `cols` (min, max, top values; counts stay).
+fn mask_pii(
+    mut cols: Vec<ColumnProfile>,
+    pii: &std::collections::BTreeSet<String>,
+) -> Vec<ColumnProfile> {
+    let m = |v: &mut Option<String>| {
+        if let Some(x) = v {
+            *x = crate::pseudonym::mask(x);
+        }
+    };
+    for c in cols.iter_mut().filter(|c| pii.contains(&c.column)) {
+        m(&mut c.min);
+        m(&mut c.max);
+        for (v, _) in c.top.iter_mut() {
+            *v = crate::pseudonym::mask(v);
+        }
+        c.masked = true;
+    }
+    cols
 }
 
 /// Hand an arrow-rs array to polars through the C data interface.
@@ -187,6 +211,7 @@ fn profile_inner(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProf
             max,
             mean,
             top,
+            masked: false,
         });
     }
     Ok(out)
@@ -304,6 +329,7 @@ impl BatchStats {
                 max: None,
                 mean: None,
                 top: Vec::new(),
+                masked: false,
             })
             .collect()
     }
@@ -611,7 +637,8 @@ pub async fn profile_target(
         && silt.catalog.open(&t).await?.is_some()
     {
         let batches = crate::query::run(&silt.catalog, &format!("select * from {t}")).await?;
-        return profile(&batches, top);
+        let pii = pii_of(silt, &t);
+        return Ok(mask_pii(profile(&batches, top)?, &pii));
     }
     // A landing file: a path relative to the landing root, or a path/URL under it.
     let landing = silt.landing.url().as_str().to_string();
@@ -636,5 +663,41 @@ pub async fn profile_target(
     let batch = parsed
         .batch
         .ok_or_else(|| Error::Usage(format!("'{rel}' holds no rows")))?;
-    profile(&[batch], top)
+    Ok(mask_pii(
+        profile(&[batch], top)?,
+        &src.pii.iter().cloned().collect(),
+    ))
+}
+
+/// The columns of `t` that hold raw personal data, as the configuration says: a source's
+/// `pii` (its quarantine's raw records too), a model's columns named PII by a source or by its
+/// own `config(pii=…)`, unless the model pseudonymizes them.
+fn pii_of(silt: &crate::Silt, t: &TableRef) -> std::collections::BTreeSet<String> {
+    use crate::catalog::Layer;
+    match t.layer {
+        Layer::Bronze => silt
+            .project
+            .sources
+            .get(&t.name)
+            .map(|s| s.pii.iter().cloned().collect())
+            .unwrap_or_default(),
+        Layer::Quarantine => silt
+            .project
+            .sources
+            .get(&t.name)
+            .filter(|s| !s.pii.is_empty())
+            .map(|_| ["raw_record".to_string()].into_iter().collect())
+            .unwrap_or_default(),
+        Layer::Silver | Layer::Gold => {
+            let mut pii = silt.project.pii_columns();
+            if let Ok(dag) = crate::models::Dag::load(&silt.project)
+                && let Some(m) = dag.models.get(&t.name)
+            {
+                pii.extend(m.config.pii.iter().cloned());
+                pii.retain(|c| !m.config.pseudonymize.contains_key(c));
+            }
+            pii
+        }
+        Layer::Silt => Default::default(),
+    }
 }

@@ -78,6 +78,12 @@ pub struct TestResult {
     /// The first failing rows, as an aligned table.
     pub sample: String,
     pub ms: u64,
+    /// The version of the tested table, and the build state (upstream versions) it was built
+    /// from, when it is a model: a run knows which builds were tested.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_version: Option<u64>,
+    #[serde(skip)]
+    pub built_from: std::collections::BTreeMap<String, u64>,
 }
 
 fn q(c: &str) -> String {
@@ -374,6 +380,8 @@ pub async fn run(ctx: &SessionContext, t: &DataTest) -> Result<TestResult> {
         failing_rows: n,
         sample,
         ms: started.elapsed().as_millis() as u64,
+        table_version: None,
+        built_from: Default::default(),
     })
 }
 
@@ -385,8 +393,31 @@ pub struct Freshness {
     pub measured: String,
     pub latest: Option<String>,
     pub age_hours: Option<f64>,
+    /// The age for people: `3d 4h`, `5h 12m`, `42m`.
+    pub age: Option<String>,
+    /// The thresholds, as configured.
+    pub warn_after: Option<String>,
+    pub error_after: Option<String>,
     /// ok | warn | error | no_data
     pub status: String,
+}
+
+/// A duration for people, in its two largest units: `3d 4h`, `5h 12m`, `42m 5s`, `7s`.
+pub fn human_age(d: chrono::Duration) -> String {
+    let s = d.num_seconds();
+    let sign = if s < 0 { "-" } else { "" };
+    let s = s.unsigned_abs();
+    let (days, hours, mins, secs) = (s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60);
+    let text = if days > 0 {
+        format!("{days}d {hours}h")
+    } else if hours > 0 {
+        format!("{hours}h {mins}m")
+    } else if mins > 0 {
+        format!("{mins}m {secs}s")
+    } else {
+        format!("{secs}s")
+    };
+    format!("{sign}{text}")
 }
 
 /// "2 days", "12 hours", "30 minutes", "1 week".
@@ -486,6 +517,9 @@ pub async fn freshness(
             measured,
             latest,
             age_hours: age.map(|a| (a.num_minutes() as f64 / 6.0).round() / 10.0),
+            age: age.map(human_age),
+            warn_after: spec.warn_after.clone(),
+            error_after: spec.error_after.clone(),
             status: status.into(),
         });
     }

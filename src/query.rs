@@ -29,7 +29,13 @@ pub async fn run_pinned(
     }
     let ctx = catalog.session_pinned(pins).await?;
     let df = crate::time_travel::sql(&ctx, catalog, sql).await?;
-    df.collect().await.map_err(Error::from_datafusion)
+    // A result without rows still carries its columns (an empty table prints its header).
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let mut batches = df.collect().await.map_err(Error::from_datafusion)?;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(batches)
 }
 
 /// The table versions a run left (`silt query --as-of-run`).

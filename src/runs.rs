@@ -61,18 +61,36 @@ fn schema() -> Arc<Schema> {
         Field::new("message", DataType::Utf8, true),
         Field::new("lake_versions", DataType::Utf8, false),
         Field::new("ok", DataType::Boolean, false),
+        // Added later (nullable: older rows lack them).
+        Field::new("command", DataType::Utf8, true),
+        Field::new("seq", DataType::UInt32, true),
+        Field::new("severity", DataType::Utf8, true),
+        Field::new("failing_rows", DataType::UInt64, true),
     ]);
     Arc::new(Schema::new(f))
 }
 
-/// Record a run's model metrics (plus ingest totals on a pseudo-model row `ingest`).
+/// One row of the run log, as [`record`] takes it: a model's metrics, or a test's result
+/// (`materialized = "test"`, with its severity and failing rows).
+#[derive(Debug, Clone, Default)]
+pub struct RunRow {
+    pub metrics: ModelMetrics,
+    pub severity: Option<String>,
+}
+
+/// Record a run's rows, in the order they ran (plus ingest totals on a pseudo-model row
+/// `ingest`). `command`: run, build, test or forget.
 pub async fn record(
     catalog: &Catalog,
     run_id: &str,
+    command: &str,
     started_at: i64,
-    rows: &[ModelMetrics],
+    rows: &[RunRow],
     ingested: (u64, u64),
 ) -> Result<()> {
+    let severities: Vec<Option<String>> = rows.iter().map(|r| r.severity.clone()).collect();
+    let rows: Vec<ModelMetrics> = rows.iter().map(|r| r.metrics.clone()).collect();
+    let rows = rows.as_slice();
     // Every table's version as the run leaves it: `silt query --as-of-run` reads this.
     let mut versions = std::collections::BTreeMap::new();
     for t in catalog.list().await? {
@@ -147,6 +165,17 @@ pub async fn record(
         rows.iter()
             .map(|m| Some(m.status != "failed" && m.status != "fail")),
     )));
+    cols.push(Arc::new(StringArray::from_iter_values(
+        std::iter::repeat_n(command, n),
+    )));
+    cols.push(Arc::new(arrow::array::UInt32Array::from_iter_values(
+        0..n as u32,
+    )));
+    cols.push(Arc::new(StringArray::from_iter(severities)));
+    cols.push(Arc::new(UInt64Array::from_iter(
+        rows.iter()
+            .map(|m| (m.materialized == "test").then_some(m.failing_rows)),
+    )));
     let batch = RecordBatch::try_new(schema(), cols)?;
     append_record(
         catalog.lake(),
@@ -157,4 +186,88 @@ pub async fn record(
     )
     .await?;
     Ok(())
+}
+
+/// `silt runs`: the last `limit` runs, one line each, newest first: when, what, how it ended,
+/// what it built and tested, and the first error.
+pub async fn list(catalog: &Catalog, limit: usize) -> Result<Vec<RecordBatch>> {
+    if catalog.open(&table()).await?.is_none() {
+        return Ok(Vec::new());
+    }
+    let cols = columns(catalog).await?;
+    let command = if cols.contains("command") {
+        "max(coalesce(command, ''))"
+    } else {
+        "''"
+    };
+    let sql = format!(
+        "select run_id, min(started_at) as started_at, {command} as command, \
+         case when bool_or(status = 'failed') then 'failed' \
+              when bool_or(status = 'fail') then 'tests failed' \
+              when bool_or(status = 'warn') then 'ok (warnings)' else 'ok' end as status, \
+         sum(case when materialized not in ('test', 'ingest') and status = 'built' then 1 else 0 end) as built, \
+         sum(case when status = 'failed' then 1 else 0 end) as failed, \
+         sum(case when status = 'skipped' then 1 else 0 end) as skipped, \
+         sum(case when materialized = 'test' then 1 else 0 end) as tests, \
+         sum(case when materialized = 'test' and status in ('fail', 'warn') then 1 else 0 end) as tests_failing, \
+         sum(case when materialized <> 'test' then rows_inserted + rows_updated + rows_deleted else 0 end) as rows_written, \
+         sum(case when materialized <> 'test' then ms else 0 end) as ms, \
+         max(case when status = 'failed' then model || ': ' || coalesce(message, '') end) as error \
+         from _silt.runs group by run_id order by started_at desc limit {limit}"
+    );
+    crate::query::run(catalog, &sql).await
+}
+
+/// `silt runs --run <id>`: every row of one run in the order it ran, tests with their
+/// severity and failing rows, failed models with their error.
+pub async fn detail(catalog: &Catalog, run_id: &str) -> Result<Vec<RecordBatch>> {
+    if catalog.open(&table()).await?.is_none() {
+        return Err(crate::error::Error::Usage(
+            "no run has been recorded yet".into(),
+        ));
+    }
+    let cols = columns(catalog).await?;
+    let opt = |c: &str, alias: &str| {
+        if cols.contains(c) {
+            format!("{c} as {alias}")
+        } else {
+            format!("null as {alias}")
+        }
+    };
+    let id = run_id.replace('\'', "''");
+    let order = if cols.contains("seq") {
+        "seq, model"
+    } else {
+        "model"
+    };
+    let sql = format!(
+        "select model, materialized as kind, status, \
+         mode, {sev}, {fail}, \
+         rows_inserted as ins, rows_updated as upd, rows_deleted as del, \
+         files_added as files_added, files_removed as files_removed, ms, version, message \
+         from _silt.runs where run_id = '{id}' order by {order}",
+        sev = opt("severity", "severity"),
+        fail = opt("failing_rows", "failing_rows"),
+    );
+    let b = crate::query::run(catalog, &sql).await?;
+    if b.iter().all(|b| b.num_rows() == 0) {
+        return Err(crate::error::Error::Usage(format!(
+            "no run '{run_id}' in _silt.runs (see `silt runs`)"
+        )));
+    }
+    Ok(b)
+}
+
+async fn columns(catalog: &Catalog) -> Result<std::collections::BTreeSet<String>> {
+    let Some(t) = catalog.open(&table()).await? else {
+        return Ok(Default::default());
+    };
+    Ok(t.snapshot()
+        .map_err(|e| crate::error::Error::delta(table().to_string(), e))?
+        .snapshot()
+        .arrow_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect())
 }

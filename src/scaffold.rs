@@ -13,10 +13,57 @@ use crate::error::{Error, Result};
 
 const DATE_FORMATS: [&str; 4] = ["%Y-%m-%d", "%d/%m/%Y", "%m/%d/%Y", "%Y/%m/%d"];
 const TS_FORMATS: [&str; 2] = ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"];
-const PII_HINTS: [&str; 12] = [
-    "name", "email", "phone", "nino", "ssn", "birth", "dob", "address", "postcode", "iban",
-    "passport", "mobile",
+/// Words of a column name that mark it as personal data (the name split at `_`).
+const PII_WORDS: [&str; 20] = [
+    "email",
+    "phone",
+    "mobile",
+    "telephone",
+    "nino",
+    "ssn",
+    "birth",
+    "birthdate",
+    "dob",
+    "address",
+    "street",
+    "postcode",
+    "zipcode",
+    "iban",
+    "passport",
+    "surname",
+    "firstname",
+    "lastname",
+    "fullname",
+    "forename",
 ];
+/// `<word>_name` (or `<word>name`) of a person; a bare `name` may name anything (an airport, a
+/// part), so it is only pointed out.
+const PERSON_WORDS: [&str; 10] = [
+    "first", "last", "full", "given", "family", "customer", "client", "person", "contact", "user",
+];
+/// At most this much of a sample is read to infer a contract.
+const SAMPLE_BYTES: usize = 64 << 20;
+/// Values with up to this many decimal places (amounts, rates) are decimals; more are floats.
+const DECIMAL_PLACES: usize = 4;
+/// The scale an inferred decimal gets: room for more places than the sample shows (a value
+/// with more places than the scale is refused, never rounded), and still BigQuery NUMERIC.
+const DECIMAL_SCALE: u8 = 9;
+
+/// Whether a column name marks personal data.
+fn is_pii_name(name: &str) -> bool {
+    let n = name.to_lowercase();
+    let words: Vec<&str> = n
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.iter().any(|w| PII_WORDS.contains(w))
+        || words
+            .windows(2)
+            .any(|p| p[1] == "name" && PERSON_WORDS.contains(&p[0]))
+        || PERSON_WORDS
+            .iter()
+            .any(|p| words.contains(&format!("{p}name").as_str()))
+}
 
 /// Create a project in `dir`: silt.toml, sql/ folders, an example source, model and landing file.
 pub fn init(dir: &Path) -> Result<Vec<String>> {
@@ -141,7 +188,7 @@ impl Inferred {
             Inferred::Unknown | Inferred::String => "string".into(),
             Inferred::Bool => "bool".into(),
             Inferred::Int => "int64".into(),
-            Inferred::Decimal(s) => format!("decimal(18,{s})"),
+            Inferred::Decimal(_) => format!("decimal(38,{DECIMAL_SCALE})"),
             Inferred::Float => "float64".into(),
             Inferred::Date(_) => "date".into(),
             Inferred::Timestamp => "timestamp".into(),
@@ -171,12 +218,18 @@ fn infer_text(s: &str) -> Inferred {
         return Inferred::Int;
     }
     if let Some((_, frac)) = s.split_once('.')
-        && frac.len() <= 6
+        && frac.len() <= DECIMAL_PLACES
         && parse_decimal(s, 38, frac.len() as i8).is_ok()
     {
         return Inferred::Decimal(frac.len() as u8);
     }
-    if s.parse::<f64>().is_ok_and(|f| f.is_finite()) && s.chars().any(|c| c == 'e' || c == 'E') {
+    // More places (a measurement, a coordinate) or an exponent: a float, which later values
+    // with any number of places fit.
+    if s.parse::<f64>().is_ok_and(|f| f.is_finite())
+        && s.chars().any(|c| c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
+    {
         return Inferred::Float;
     }
     for f in DATE_FORMATS {
@@ -264,6 +317,8 @@ pub struct InferredColumn {
     pub unique: bool,
     date_format: Option<&'static str>,
     months: usize,
+    /// Decimal places the sample showed (decimal columns).
+    scale: u8,
 }
 
 /// A contract inferred from a sample file.
@@ -274,11 +329,60 @@ pub struct InferredSource {
     pub encoding: String,
     pub columns: Vec<InferredColumn>,
     pub rows: usize,
+    /// CSV fields with spaces around them were seen (so `trim` is worth a thought).
+    pub spaced: bool,
+    /// Only the first `SAMPLE_BYTES` of the file were read.
+    pub truncated: bool,
+}
+
+/// The keys of a JSON object in the order the file has them (serde_json's map sorts them).
+struct Keys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Keys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Keys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Keys, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    out.push(k);
+                }
+                Ok(Keys(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The keys of a JSON record's text, in file order (none when it is not an object).
+fn keys_in_order(text: &str) -> Vec<String> {
+    serde_json::from_str::<Keys>(text)
+        .map(|k| k.0)
+        .unwrap_or_default()
 }
 
 /// Infer a contract from a sample file's bytes. `ext` is the file's extension.
 pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
     let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+    // A bounded sample: the whole file up to SAMPLE_BYTES, cut at a line end.
+    let truncated = data.len() > SAMPLE_BYTES;
+    let data = if truncated {
+        let cut = data[..SAMPLE_BYTES]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(SAMPLE_BYTES, |i| i + 1);
+        &data[..cut]
+    } else {
+        data
+    };
     let (text, encoding) = match std::str::from_utf8(data) {
         Ok(t) => (t.to_string(), "utf-8".to_string()),
         Err(_) => {
@@ -300,6 +404,7 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
     let first = text.trim_start().as_bytes()[0];
     let json = matches!(ext, "json" | "ndjson" | "jsonl") || first == b'{' || first == b'[';
     if json {
+        let mut key_order: Vec<Vec<String>> = Vec::new();
         let (records, format): (Vec<Value>, &str) = if first == b'[' {
             let mut recs = Vec::new();
             // Take every complete element, even from a truncated document.
@@ -316,7 +421,9 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
                 let mut s = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
                 match s.next() {
                     Some(Ok(v)) => {
-                        pos += s.byte_offset();
+                        let end = s.byte_offset();
+                        key_order.push(keys_in_order(&rest[..end]));
+                        pos += end;
                         recs.push(v);
                     }
                     _ => break,
@@ -324,21 +431,22 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
             }
             (recs, "json_array")
         } else {
-            (
-                text.lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-                    .collect(),
-                "ndjson",
-            )
+            let mut recs = Vec::new();
+            for l in text.lines() {
+                if let Ok(v) = serde_json::from_str::<Value>(l.trim()) {
+                    key_order.push(keys_in_order(l.trim()));
+                    recs.push(v);
+                }
+            }
+            (recs, "ndjson")
         };
         let objects: Vec<&serde_json::Map<String, Value>> =
             records.iter().filter_map(|r| r.as_object()).collect();
+        // Columns in the order the file names them (first seen first).
         let mut order: Vec<String> = Vec::new();
-        for o in &objects {
-            for k in o.keys() {
-                if !order.contains(k) {
-                    order.push(k.clone());
-                }
+        for k in key_order.into_iter().flatten() {
+            if !order.contains(&k) {
+                order.push(k);
             }
         }
         let columns = order
@@ -367,6 +475,8 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
             encoding,
             columns,
             rows: objects.len(),
+            spaced: false,
+            truncated,
         });
     }
     // CSV: the delimiter is the candidate seen most in the header line.
@@ -375,30 +485,34 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
         .into_iter()
         .max_by_key(|d| header_line.matches(*d).count())
         .unwrap_or(',');
+    // Fields as they are (silt keeps spaces in strings unless `trim` is set); types are
+    // inferred from the trimmed text, as ingest reads typed columns.
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(delimiter as u8)
         .flexible(true)
-        .trim(csv::Trim::All)
         .from_reader(text.as_bytes());
     let headers: Vec<String> = rdr
         .headers()
         .map_err(|e| Error::Runtime(format!("{file}: cannot read the CSV header: {e}")))?
         .iter()
-        .map(|h| h.to_string())
+        .map(|h| h.trim().to_string())
         .collect();
     let mut values: Vec<Vec<String>> = vec![Vec::new(); headers.len()];
     let mut nulls = vec![false; headers.len()];
     let mut rows = 0;
+    let mut spaced = false;
     for rec in rdr.records().flatten() {
         if rec.len() != headers.len() {
             continue;
         }
         rows += 1;
         for (i, f) in rec.iter().enumerate() {
+            let t = f.trim();
+            spaced |= !t.is_empty() && t.len() != f.len();
             if f.is_empty() || f == "NULL" || f == "null" {
                 nulls[i] = true;
             } else {
-                values[i].push(f.to_string());
+                values[i].push(t.to_string());
             }
         }
     }
@@ -419,6 +533,8 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
         encoding,
         columns,
         rows,
+        spaced,
+        truncated,
     })
 }
 
@@ -453,6 +569,10 @@ fn column(name: &str, ty: Inferred, nullable: bool, texts: &[String]) -> Inferre
         Inferred::Date(f) => Some(f),
         _ => None,
     };
+    let scale = match ty {
+        Inferred::Decimal(s) => s,
+        _ => 0,
+    };
     let months = match ty {
         Inferred::Date(f) => {
             let mut m: Vec<String> = texts
@@ -474,6 +594,7 @@ fn column(name: &str, ty: Inferred, nullable: bool, texts: &[String]) -> Inferre
         unique,
         date_format,
         months,
+        scale,
     }
 }
 
@@ -487,8 +608,13 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
     let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
     let mut o = String::new();
     o.push_str(&format!(
-        "# Inferred by `silt source new` from {sample} ({} rows). Review every line.\n",
-        inf.rows
+        "# Inferred by `silt source new` from {sample} ({} rows{}). Review every line.\n",
+        inf.rows,
+        if inf.truncated {
+            format!(", the first {} MiB", SAMPLE_BYTES >> 20)
+        } else {
+            ", the whole file".into()
+        }
     ));
     o.push_str(&format!(
         "description = {}\n",
@@ -499,19 +625,46 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
     let pii: Vec<&InferredColumn> = inf
         .columns
         .iter()
-        .filter(|c| PII_HINTS.iter().any(|h| c.name.to_lowercase().contains(h)))
+        .filter(|c| is_pii_name(&c.name))
         .collect();
-    let pk = inf
+    // A key: a column unique and never empty in the sample; id-like names first.
+    let keys: Vec<&InferredColumn> = inf
         .columns
         .iter()
-        .find(|c| c.unique && !c.nullable && (c.name == "id" || c.name.ends_with("_id")));
+        .filter(|c| {
+            c.unique && !c.nullable && !c.ty.starts_with("struct") && !c.ty.starts_with("list")
+        })
+        .collect();
+    let rank = |c: &InferredColumn| {
+        let n = c.name.as_str();
+        if n == "id" || n.ends_with("_id") {
+            0
+        } else if n.ends_with("key") || n.ends_with("_code") || n.ends_with("_no") {
+            1
+        } else {
+            2
+        }
+    };
+    let pk = keys.iter().min_by_key(|c| rank(c)).copied();
     match pk {
-        Some(c) => o.push_str(&format!(
-            "primary_key = [{}]  # unique and never empty in the sample\n",
-            toml_str(&c.name)
-        )),
+        Some(c) => {
+            let others: Vec<String> = keys
+                .iter()
+                .filter(|k| k.name != c.name)
+                .map(|k| k.name.clone())
+                .collect();
+            o.push_str(&format!(
+                "primary_key = [{}]  # unique and never empty in the sample{}\n",
+                toml_str(&c.name),
+                if others.is_empty() {
+                    String::new()
+                } else {
+                    format!("; also unique: {}", others.join(", "))
+                }
+            ));
+        }
         None => o.push_str(
-            "primary_key = []  # no column was unique in the sample: name the key columns\n",
+            "primary_key = []  # no single column was unique and never empty in the sample: name the key columns\n",
         ),
     }
     let part = inf
@@ -542,7 +695,9 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
             "subject_key = {}  # the data subject for GDPR erasure\n",
             toml_str(&c.name)
         )),
-        None => o.push_str("# subject_key = \"<column identifying the person>\"\n"),
+        None => o.push_str(
+            "# subject_key = \"<column identifying the person>\"  # or subject_via = { column = \"…\", table = \"<source>\", key = \"…\" }\n",
+        ),
     }
     o.push_str(&format!(
         "pii = [{}]  # guessed from column names: no statistics are kept for these\n",
@@ -551,12 +706,31 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    o.push_str("on_unexpected_column = \"quarantine\"\non_changed_file = \"ingest\"\non_duplicate_file = \"skip\"\n\n[parse]\n");
+    for c in inf
+        .columns
+        .iter()
+        .filter(|c| c.name == "name" || c.name.ends_with("_name"))
+    {
+        if !is_pii_name(&c.name) {
+            o.push_str(&format!(
+                "# '{}' may name a person: add it to pii if it does\n",
+                c.name
+            ));
+        }
+    }
+    o.push_str("on_unexpected_column = \"quarantine\"\non_changed_file = \"ingest\"\non_duplicate_file = \"skip\"\n\n");
+    o.push_str("# How the sample was read: every option the inference relied on.\n[parse]\n");
     if inf.format == "csv" {
         o.push_str(&format!(
-            "delimiter = {}\n",
+            "delimiter = {}\nquote = '\"'\nheader = true\n",
             toml_str(&inf.delimiter.to_string())
         ));
+        o.push_str("null_values = [\"\", \"NULL\", \"null\"]\n");
+        if inf.spaced {
+            o.push_str("trim = false  # some fields have spaces around them: kept in strings (numbers and dates read through them); true drops them\n");
+        } else {
+            o.push_str("trim = false  # fields are kept as they are\n");
+        }
     }
     if inf.encoding != "utf-8" {
         o.push_str(&format!(
@@ -587,11 +761,24 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
         ));
     }
     for c in &inf.columns {
+        let is_key = pk.is_some_and(|k| k.name == c.name);
+        let note = if is_key {
+            String::new()
+        } else if c.ty.starts_with("decimal") {
+            format!(
+                "  # at most {} decimal place(s) in the sample; scale {DECIMAL_SCALE} leaves room (more places are refused, never rounded)",
+                c.scale
+            )
+        } else if !c.nullable {
+            "  # never empty in the sample: set false to require a value".into()
+        } else {
+            String::new()
+        };
         o.push_str(&format!(
-            "\n[[columns]]\nname = {}\ntype = {}\nnullable = {}\n",
+            "\n[[columns]]\nname = {}\ntype = {}\nnullable = {}{note}\n",
             toml_str(&c.name),
             toml_str(&c.ty),
-            c.nullable
+            !is_key,
         ));
         if c.source != c.name {
             o.push_str(&format!("source = {}\n", toml_str(&c.source)));

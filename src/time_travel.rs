@@ -193,7 +193,99 @@ pub async fn open_as_of(
     if let Some(e) = crate::erasure::purged_by(catalog, t, version).await? {
         return Err(e);
     }
+    check_version(catalog, t, version).await?;
     lake.delta_table_at(&t.rel_path(), version).await
+}
+
+/// A version that cannot be read is a usage error that says which versions can: one past the
+/// latest, one whose commit is no longer in the log, or one whose data files a later vacuum
+/// deleted.
+async fn check_version(catalog: &Catalog, t: &TableRef, version: u64) -> Result<()> {
+    let lake = catalog.lake();
+    let mut commits: Vec<(u64, object_store::path::Path)> = Vec::new();
+    for o in lake.list(&format!("{}/_delta_log", t.rel_path())).await? {
+        let Some(name) = o.location.filename() else {
+            continue;
+        };
+        if let Some(v) = name
+            .strip_suffix(".json")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            commits.push((v, o.location.clone()));
+        }
+    }
+    commits.sort_by_key(|c| c.0);
+    let (Some(first), Some(latest)) = (commits.first(), commits.last()) else {
+        return Err(Error::Usage(format!("{t} does not exist")));
+    };
+    let (first, latest) = (first.0, latest.0);
+    if version > latest {
+        return Err(Error::Usage(format!(
+            "{t} has no version {version}: its versions are {first} to {latest} (see `silt history {t}`)"
+        )));
+    }
+    if version < first && catalog.open(t).await?.is_some() {
+        // Older commits were cleaned from the log; a checkpoint may still hold the version.
+        if lake.delta_table_at(&t.rel_path(), version).await.is_err() {
+            return Err(Error::Usage(format!(
+                "version {version} of {t} is no longer in its log: the readable versions are {first} to {latest}"
+            )));
+        }
+    }
+    // A vacuum after the version may have deleted files it needs.
+    let mut vacuumed: Option<i64> = None;
+    for (v, loc) in commits.iter().filter(|c| c.0 > version) {
+        let data = lake.get(loc).await?;
+        let info = data
+            .split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+            .find_map(|a| a.get("commitInfo").cloned());
+        if let Some(info) = info
+            && info
+                .get("operation")
+                .and_then(|o| o.as_str())
+                .is_some_and(|o| o.starts_with("VACUUM"))
+        {
+            vacuumed = info.get("timestamp").and_then(|x| x.as_i64());
+            let _ = v;
+            break;
+        }
+    }
+    let Some(at) = vacuumed else {
+        return Ok(());
+    };
+    let then = lake.delta_table_at(&t.rel_path(), version).await?;
+    let needed: Vec<String> = then
+        .snapshot()
+        .map_err(|e| Error::delta(t.to_string(), e))?
+        .log_data()
+        .iter()
+        .map(|f| f.path().to_string())
+        .collect();
+    let rel = t.rel_path();
+    let present: std::collections::HashSet<String> = lake
+        .list(&rel)
+        .await?
+        .into_iter()
+        .filter_map(|o| lake.relative(&o.location))
+        .filter_map(|p| p.strip_prefix(&format!("{rel}/")).map(String::from))
+        .collect();
+    let mut gone = 0;
+    for f in &needed {
+        if !present.contains(f) && !lake.exists(&lake.path(&format!("{rel}/{f}"))).await? {
+            gone += 1;
+        }
+    }
+    if gone == 0 {
+        return Ok(());
+    }
+    let when = chrono::DateTime::from_timestamp_millis(at)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default();
+    Err(Error::Usage(format!(
+        "version {version} of {t} is no longer readable: a vacuum on {when} deleted {gone} of its {} data file(s); read a version written after the vacuum's retention period (the latest is {latest}; see `silt history {t}`)",
+        needed.len()
+    )))
 }
 
 /// The commit info of every version whose commit file is in the log, oldest first (versions a
@@ -230,7 +322,48 @@ pub async fn commit_infos(
 }
 
 /// Plan `sql`, resolving version clauses first. The session must have the `__silt` schema.
+/// A table that does not exist is named as the user wrote it, with the closest one that does.
 pub async fn sql(ctx: &SessionContext, catalog: &Catalog, sql: &str) -> Result<DataFrame> {
+    match plan_sql(ctx, catalog, sql).await {
+        Err(Error::Sql(msg)) => Err(Error::Sql(explain_missing(catalog, msg).await)),
+        other => other,
+    }
+}
+
+/// DataFusion's `table 'datafusion.silver.dim_airline' not found`, as the user wrote the name,
+/// with a suggestion.
+async fn explain_missing(catalog: &Catalog, msg: String) -> String {
+    let Some(i) = msg.find("table '") else {
+        return msg;
+    };
+    let rest = &msg[i + 7..];
+    let Some(j) = rest.find("' not found") else {
+        return msg;
+    };
+    let full = &rest[..j];
+    let name = full.strip_prefix("datafusion.").unwrap_or(full);
+    let name = name.strip_prefix("public.").unwrap_or(name);
+    let tables: Vec<String> = catalog
+        .list()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    // A bare name is most likely a table of some layer with that name.
+    let hint = tables
+        .iter()
+        .find(|t| !name.contains('.') && t.split_once('.').is_some_and(|(_, n)| n == name))
+        .cloned()
+        .or_else(|| crate::catalog::closest(name, tables.iter().cloned()));
+    format!(
+        "table '{name}' not found{}: tables are named layer.name (bronze.*, silver.*, gold.*, quarantine.*, _silt.*; `silt tables` lists them)",
+        hint.map(|h| format!(" (did you mean '{h}'?)"))
+            .unwrap_or_default()
+    )
+}
+
+async fn plan_sql(ctx: &SessionContext, catalog: &Catalog, sql: &str) -> Result<DataFrame> {
     let upper = sql.to_ascii_uppercase();
     if !upper.contains(" AS OF") {
         return ctx.sql(sql).await.map_err(Error::from_datafusion);

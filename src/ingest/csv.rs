@@ -387,7 +387,10 @@ pub fn parse(
                 } else {
                     std::str::from_utf8(field)
                 } {
-                    Ok(t) => t,
+                    // Spaces around a number, a date or a flag are not data: typed columns
+                    // read through them; strings keep them unless `trim` is set.
+                    Ok(t) if matches!(col.ty, ColumnType::String) => t,
+                    Ok(t) => t.trim_matches(|c: char| c.is_ascii_whitespace()),
                     Err(e) => {
                         errors.push((
                             col.name.clone(),

@@ -78,6 +78,7 @@ fn optimize_compacts_without_changing_rows_and_vacuum_deletes_old_files() {
         "silver.stg_fees",
         "--retain-hours",
         "0",
+        "--force",
     ]))
     .unwrap();
     assert_eq!(done[0]["files_deleted"].as_array().unwrap().len(), doomed);

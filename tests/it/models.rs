@@ -562,23 +562,90 @@ fn runs_lists_past_runs_with_metrics() {
     let first = run_json(&p, &["run"]);
     copy_dir(&repo().join("fixtures/batch2"), &p.landing());
     let second = run_json(&p, &["run"]);
+    // A failed run: a model whose SQL no longer plans.
+    let broken = p.path().join("sql/gold/rpt_cohort_ltv.sql");
+    let sql = std::fs::read_to_string(&broken).unwrap();
+    std::fs::write(&broken, sql.replace("from ", "from no_such_table, ")).unwrap();
+    let out = p.run(&[
+        "--json",
+        "run",
+        "--full-refresh",
+        "--select",
+        "rpt_cohort_ltv",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let third: Value = serde_json::from_slice(&out.stdout).unwrap();
+    std::fs::write(&broken, sql).unwrap();
+
+    // --limit counts runs: one line each, newest first.
     let runs: Value = serde_json::from_str(&p.ok(&["--json", "runs", "--limit", "2"])).unwrap();
     let rows = runs.as_array().unwrap();
-    let ids: std::collections::BTreeSet<&str> =
-        rows.iter().map(|r| r["run_id"].as_str().unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{runs}");
+    assert_eq!(rows[0]["run_id"], third["run_id"]);
+    assert_eq!(rows[1]["run_id"], second["run_id"]);
+    assert_eq!(rows[0]["status"], "failed");
     assert!(
-        ids.contains(first["run_id"].as_str().unwrap())
-            && ids.contains(second["run_id"].as_str().unwrap())
+        rows[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("rpt_cohort_ltv")
+            && rows[0]["error"].as_str().unwrap().contains("no_such_table"),
+        "{runs}"
     );
-    let stg = rows
-        .iter()
-        .find(|r| r["run_id"] == second["run_id"] && r["model"] == "stg_fees")
-        .expect("stg_fees in the second run");
+    assert_eq!(rows[1]["status"], "ok");
+    assert_eq!(rows[1]["command"], "run");
+    let all: Value = serde_json::from_str(&p.ok(&["--json", "runs", "--limit", "10"])).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 3);
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["run_id"] == first["run_id"])
+    );
+
+    // One run's rows in the order they ran: each model followed by its tests, with severity
+    // and failing rows in their own columns.
+    let detail: Value = serde_json::from_str(&p.ok(&[
+        "--json",
+        "runs",
+        "--run",
+        second["run_id"].as_str().unwrap(),
+    ]))
+    .unwrap();
+    let d = detail.as_array().unwrap();
+    let names: Vec<&str> = d.iter().map(|r| r["model"].as_str().unwrap()).collect();
+    let pos = |n: &str| {
+        names
+            .iter()
+            .position(|x| *x == n)
+            .unwrap_or_else(|| panic!("{n} in {names:?}"))
+    };
+    assert!(pos("ingest") < pos("stg_fees"));
+    assert!(pos("stg_fees") < pos("unique_stg_fees_fee_id"));
+    assert!(pos("unique_stg_fees_fee_id") < pos("dim_clients"));
+    let stg = &d[pos("stg_fees")];
     assert_eq!(stg["mode"], "incremental");
     assert_eq!(stg["upd"], model(&second, "stg_fees")["rows_updated"]);
+    let t = &d[pos("unique_stg_fees_fee_id")];
+    assert_eq!(t["kind"], "test");
+    assert_eq!(t["severity"], "error");
+    assert_eq!(t["status"], "pass");
+    assert_eq!(t["failing_rows"], 0);
+    let warn = d
+        .iter()
+        .find(|r| r["model"] == "expression_stg_fees_expression")
+        .expect("the warn-level test");
+    assert_eq!(warn["severity"], "warn");
+    assert_eq!(warn["status"], "pass");
+    assert_eq!(warn["mode"], "written");
+    let failed = p.ok(&["runs", "--run", third["run_id"].as_str().unwrap()]);
+    assert!(
+        failed.contains("failed") && failed.contains("no_such_table"),
+        "{failed}"
+    );
     let table = p.ok(&["runs"]);
     assert!(
-        table.contains("stg_fees") && table.contains("incremental"),
+        table.contains(second["run_id"].as_str().unwrap()) && table.contains("failed"),
         "{table}"
     );
 }
@@ -626,7 +693,11 @@ fn watch_ingests_dropped_files_and_stops_cleanly_on_ctrl_c() {
     let lines = wait_for("change(s)", 60);
     let took = dropped_at.elapsed();
     assert!(
-        lines.last().unwrap().contains("ingested 1 file(s)"),
+        lines.last().unwrap().contains("ingested 1 file(s)")
+            && lines
+                .last()
+                .unwrap()
+                .contains("silver.stg_fees (incremental)"),
         "{lines:?}"
     );
     assert!(

@@ -86,7 +86,8 @@ fn init_then_ingest_the_example_and_a_copied_csv() {
     assert!(toml.contains("glob = \"fees/*.csv\""), "{toml}");
     assert!(toml.contains("partition_by = \"fee_date:month\""), "{toml}");
     assert!(toml.contains("primary_key = [\"fee_id\"]"), "{toml}");
-    assert!(toml.contains("type = \"decimal(18,2)\""), "{toml}");
+    // A wide decimal: later values with more places than the sample's two still fit.
+    assert!(toml.contains("type = \"decimal(38,9)\""), "{toml}");
     ok(&dir, &["ingest"]);
     assert_eq!(count(&dir, "select count(*) from bronze.fees"), 60);
     // init refuses to overwrite a project.
@@ -158,4 +159,116 @@ fn source_new_infers_a_contract_each_fixture_file_ingests_under() {
         };
         assert_eq!(b, good, "{rel}: bronze rows");
     }
+}
+
+/// Outside data (airports and flights, TPC-H customers as NDJSON): inference proposes what
+/// later rows fit and says what it relied on.
+#[test]
+fn source_new_infers_types_later_rows_fit_and_keys_beyond_id_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = init(tmp.path());
+    let land = dir.join("landing/airports");
+    std::fs::create_dir_all(&land).unwrap();
+    let mut csv = String::from("faa,name,lat,lon,alt,tz,fare\n");
+    for i in 0..300 {
+        csv.push_str(&format!(
+            "A{i:03},Airport number {i},{}.1234567,-{}.7654321,{},{},{}.{:02}\n",
+            40 + i % 10,
+            70 + i % 5,
+            i * 3,
+            if i % 2 == 0 { "-5" } else { "-8" },
+            100 + i,
+            i % 100
+        ));
+    }
+    std::fs::write(land.join("airports.csv"), &csv).unwrap();
+    ok(
+        &dir,
+        &[
+            "source",
+            "new",
+            "airports",
+            "--from",
+            land.join("airports.csv").to_str().unwrap(),
+        ],
+    );
+    let toml = std::fs::read_to_string(dir.join("sql/bronze/airports.toml")).unwrap();
+    let column = |name: &str| -> String {
+        let start = toml
+            .find(&format!("name = \"{name}\""))
+            .unwrap_or_else(|| panic!("{name}: {toml}"));
+        toml[start..]
+            .split("[[columns]]")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    // Seven decimal places: a float, not a string.
+    assert!(column("lat").contains("type = \"float64\""), "{toml}");
+    // Money with two places gets a decimal wide enough for three.
+    assert!(
+        column("fare").contains("type = \"decimal(38,9)\""),
+        "{toml}"
+    );
+    // A unique column that is not named id is proposed as the key.
+    assert!(toml.contains("primary_key = [\"faa\"]"), "{toml}");
+    // NULL-free in the sample is not NOT NULL; the key is.
+    assert!(column("alt").contains("nullable = true"), "{toml}");
+    assert!(column("faa").contains("nullable = false"), "{toml}");
+    // An airport's name is not marked PII, only pointed out.
+    assert!(toml.contains("pii = []"), "{toml}");
+    assert!(toml.contains("# 'name' may name a person"), "{toml}");
+    // The parse options it relied on are written down.
+    assert!(toml.contains("trim = false"), "{toml}");
+    assert!(toml.contains("header = true"), "{toml}");
+    // A later row with three decimal places of fare and an empty altitude ingests.
+    std::fs::write(
+        land.join("airports_2.csv"),
+        "faa,name,lat,lon,alt,tz,fare\nZZZ,Late,1.5,2.5,,-5,12.345\n",
+    )
+    .unwrap();
+    ok(&dir, &["ingest"]);
+    assert_eq!(count(&dir, "select count(*) from bronze.airports"), 301);
+    assert!(
+        !dir.join("lake/_silt/quarantine/airports").exists(),
+        "nothing quarantined"
+    );
+
+    // NDJSON columns keep the file's order; a person's name is PII.
+    let cust = dir.join("landing/customers");
+    std::fs::create_dir_all(&cust).unwrap();
+    let mut nd = String::new();
+    for i in 1..=50 {
+        nd.push_str(&format!(
+            "{{\"c_custkey\": {i}, \"c_name\": \"Customer#{i:09}\", \"contact_name\": \"Ann {i}\", \"c_phone\": \"11-{i:03}\", \"c_acctbal\": {i}.25}}\n"
+        ));
+    }
+    std::fs::write(cust.join("customers.ndjson"), nd).unwrap();
+    ok(
+        &dir,
+        &[
+            "source",
+            "new",
+            "customers",
+            "--from",
+            cust.join("customers.ndjson").to_str().unwrap(),
+        ],
+    );
+    let toml = std::fs::read_to_string(dir.join("sql/bronze/customers.toml")).unwrap();
+    let pos = |n: &str| {
+        toml.find(&format!("name = \"{n}\""))
+            .unwrap_or_else(|| panic!("{n}: {toml}"))
+    };
+    assert!(
+        pos("c_custkey") < pos("c_name")
+            && pos("c_name") < pos("contact_name")
+            && pos("contact_name") < pos("c_phone")
+            && pos("c_phone") < pos("c_acctbal"),
+        "{toml}"
+    );
+    assert!(toml.contains("primary_key = [\"c_custkey\"]"), "{toml}");
+    assert!(
+        toml.contains("pii = [\"contact_name\", \"c_phone\"]"),
+        "{toml}"
+    );
 }

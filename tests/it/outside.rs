@@ -1,0 +1,583 @@
+//! silt on data nobody here designed, in miniature: an airline on-time table (monthly CSV files)
+//! and a TPC-H-like order schema with integer keys. The scenarios are the ones that broke for a
+//! new user: a `recompute_by` model on its upstream's partition column, a changed landing file
+//! followed by `optimize` and `vacuum`, a forget of a numeric id next to an unrelated table
+//! holding that number, and a child table erased through `subject_via`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::models::sorted_csv;
+use crate::support::{Project, walk};
+
+const SILT_TOML: &str = r#"[project]
+name = "outside"
+
+[lake]
+root = "lake"
+
+[landing]
+root = "landing"
+
+[gdpr]
+hmac_key = "outside-test-key"
+"#;
+
+/// An empty project with these files (paths relative to the project dir).
+pub fn project(files: &[(&str, &str)]) -> Project {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = Project { dir };
+    write(p.path(), "silt.toml", SILT_TOML);
+    std::fs::create_dir_all(p.landing()).unwrap();
+    for (path, text) in files {
+        write(p.path(), path, text);
+    }
+    p
+}
+
+pub fn write(dir: &Path, rel: &str, text: &str) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+pub fn json(p: &Project, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = p.ok(&a);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {out}"))
+}
+
+pub fn model<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == name)
+        .unwrap_or_else(|| panic!("{name} in {report}"))
+}
+
+pub fn csv(p: &Project, sql: &str) -> String {
+    sorted_csv(&p.ok(&["query", sql, "--format", "csv"]))
+}
+
+pub const FLIGHTS_TOML: &str = r#"description = "On-time performance, one CSV per month"
+glob = "flights/*.csv"
+format = "csv"
+primary_key = ["flight_id"]
+partition_by = "flight_date:month"
+on_changed_file = "ingest"
+
+[[columns]]
+name = "flight_id"
+type = "int64"
+nullable = false
+
+[[columns]]
+name = "flight_date"
+type = "date"
+nullable = false
+
+[[columns]]
+name = "carrier"
+type = "string"
+
+[[columns]]
+name = "origin"
+type = "string"
+
+[[columns]]
+name = "dep_delay"
+type = "int64"
+"#;
+
+/// stg_flights: incremental, partitioned by month, no dedupe (a changed file's rows replace the
+/// old ones by key through the MERGE). fct_origin_month recomputes whole months.
+pub const STG_FLIGHTS: &str = "{{ config(materialized='incremental', unique_key='flight_id', partition_by='flight_month') }}
+select flight_id, flight_date, carrier, origin, dep_delay, to_char(flight_date, '%Y-%m') as flight_month
+from {{ source('flights') }}
+";
+
+const FCT_ORIGIN_MONTH: &str = "{{ config(materialized='incremental', unique_key=['origin', 'flight_month'], recompute_by='flight_month') }}
+select origin, flight_month, count(*) as flights, sum(dep_delay) as total_delay
+from {{ ref('stg_flights') }}
+group by origin, flight_month
+";
+
+/// A month of flights: ids from `first`, three origins, delays from the id.
+pub fn month(first: i64, ym: &str, n: i64, bump: i64) -> String {
+    let mut s = String::from("flight_id,flight_date,carrier,origin,dep_delay\n");
+    for i in 0..n {
+        let id = first + i;
+        let day = 1 + i % 28;
+        let origin = ["JFK", "SFO", "ORD"][(id % 3) as usize];
+        s.push_str(&format!(
+            "{id},{ym}-{day:02},AA,{origin},{}\n",
+            (id * 7) % 60 - 10 + bump
+        ));
+    }
+    s
+}
+
+pub fn flights() -> Project {
+    let p = project(&[
+        ("sql/bronze/flights.toml", FLIGHTS_TOML),
+        ("sql/silver/stg_flights.sql", STG_FLIGHTS),
+        ("sql/gold/fct_origin_month.sql", FCT_ORIGIN_MONTH),
+    ]);
+    write(
+        &p.landing(),
+        "flights/2024_01.csv",
+        &month(1, "2024-01", 40, 0),
+    );
+    write(
+        &p.landing(),
+        "flights/2024_02.csv",
+        &month(101, "2024-02", 40, 0),
+    );
+    p
+}
+
+/// The gold table as a full rebuild from silver would make it.
+fn expected_fct(p: &Project) -> String {
+    csv(
+        p,
+        "select origin, flight_month, count(*) as flights, sum(dep_delay) as total_delay \
+         from silver.stg_flights group by origin, flight_month",
+    )
+}
+
+#[test]
+fn recompute_by_on_the_upstream_partition_column_builds_incrementally() {
+    let p = flights();
+    p.ok(&["run"]);
+    // A new month and a late flight in an old month: the MERGE into the partitioned upstream
+    // hands its changed months to the recompute_by model.
+    write(
+        &p.landing(),
+        "flights/2024_03.csv",
+        &month(201, "2024-03", 40, 0),
+    );
+    write(
+        &p.landing(),
+        "flights/2024_01_late.csv",
+        "flight_id,flight_date,carrier,origin,dep_delay\n999,2024-01-30,UA,JFK,45\n",
+    );
+    let r = json(&p, &["run"]);
+    let fct = model(&r, "fct_origin_month");
+    assert_eq!(fct["status"], "built", "{r}");
+    assert_eq!(fct["mode"], "incremental", "{r}");
+    assert_eq!(model(&r, "stg_flights")["mode"], "incremental");
+    assert_eq!(
+        csv(
+            &p,
+            "select origin, flight_month, flights, total_delay from gold.fct_origin_month"
+        ),
+        expected_fct(&p)
+    );
+    assert_eq!(
+        p.count("select flights from gold.fct_origin_month where origin = 'JFK' and flight_month = '2024-01'"),
+        p.count("select count(*) from bronze.flights where origin = 'JFK' and flight_date < date '2024-02-01'"),
+    );
+}
+
+#[test]
+fn a_changed_file_then_optimize_and_vacuum_leave_the_next_runs_whole() {
+    let p = flights();
+    p.ok(&["run"]);
+    // The January file changes in place: its rows are ingested again (on_changed_file =
+    // "ingest"), and the MERGE replaces them by key.
+    write(
+        &p.landing(),
+        "flights/2024_01.csv",
+        &month(1, "2024-01", 40, 5),
+    );
+    let r = json(&p, &["run"]);
+    assert_eq!(model(&r, "stg_flights")["status"], "built", "{r}");
+    assert_eq!(p.count("select count(*) from bronze.flights"), 120);
+    assert_eq!(p.count("select count(*) from silver.stg_flights"), 80);
+    let silver = csv(&p, "select * from silver.stg_flights");
+    let gold = csv(&p, "select * from gold.fct_origin_month");
+
+    // Compaction adds no rows: the next run finds nothing new in its files.
+    let o = json(&p, &["optimize", "bronze.flights"]);
+    assert!(o["files_removed"].as_u64().unwrap() > 1, "{o}");
+    let r = json(&p, &["run"]);
+    let stg = model(&r, "stg_flights");
+    assert_eq!(stg["rows_inserted"], 0, "{r}");
+    assert_eq!(stg["rows_updated"], 0, "{r}");
+    assert_eq!(csv(&p, "select * from silver.stg_flights"), silver);
+    assert_eq!(csv(&p, "select * from gold.fct_origin_month"), gold);
+
+    // Vacuum below the retention period needs --force.
+    let out = p.run(&["vacuum", "silver.stg_flights", "--retain-hours", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--force"), "{err}");
+    // Rewrite every file of the upstream (Z-order), then vacuum every older version away: the
+    // files of the version fct_origin_month last read are gone.
+    let z = json(
+        &p,
+        &["optimize", "silver.stg_flights", "--zorder", "origin"],
+    );
+    assert!(z["files_removed"].as_u64().unwrap() > 0, "{z}");
+    let v = json(
+        &p,
+        &[
+            "vacuum",
+            "silver.stg_flights",
+            "--retain-hours",
+            "0",
+            "--force",
+        ],
+    );
+    let deleted = v[0]["files_deleted"].as_array().unwrap();
+    assert!(!deleted.is_empty(), "{v}");
+    // The downstream build cannot read the version it last read: it rebuilds in full and
+    // says why, instead of failing on a missing file.
+    write(
+        &p.landing(),
+        "flights/2024_03.csv",
+        &month(201, "2024-03", 40, 0),
+    );
+    let out = p.run(&["--json", "run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(model(&r, "fct_origin_month")["mode"], "full", "{r}");
+    assert!(
+        model(&r, "fct_origin_month")["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("vacuum"),
+        "{r}"
+    );
+    assert_eq!(
+        csv(
+            &p,
+            "select origin, flight_month, flights, total_delay from gold.fct_origin_month"
+        ),
+        expected_fct(&p)
+    );
+    // A vacuum reports only the files it deleted: running it again deletes (and reports) none.
+    let again = json(
+        &p,
+        &[
+            "vacuum",
+            "silver.stg_flights",
+            "--retain-hours",
+            "0",
+            "--force",
+        ],
+    );
+    assert_eq!(
+        again[0]["files_deleted"].as_array().unwrap().len(),
+        0,
+        "{again}"
+    );
+}
+
+const CUSTOMERS_TOML: &str = r#"glob = "customers/*.csv"
+format = "csv"
+primary_key = ["c_custkey"]
+subject_key = "c_custkey"
+pii = ["c_name", "c_phone"]
+
+[[columns]]
+name = "c_custkey"
+type = "int64"
+nullable = false
+
+[[columns]]
+name = "c_name"
+type = "string"
+
+[[columns]]
+name = "c_phone"
+type = "string"
+
+[[columns]]
+name = "c_acctbal"
+type = "decimal(12,2)"
+"#;
+
+const ORDERS_TOML: &str = r#"glob = "orders/*.ndjson"
+format = "ndjson"
+primary_key = ["o_orderkey"]
+subject_key = "o_custkey"
+
+[[columns]]
+name = "o_orderkey"
+type = "int64"
+nullable = false
+
+[[columns]]
+name = "o_custkey"
+type = "int64"
+nullable = false
+
+[[columns]]
+name = "o_totalprice"
+type = "decimal(12,2)"
+"#;
+
+const LINEITEM_TOML: &str = r#"glob = "lineitem/*.csv"
+format = "csv"
+primary_key = ["l_orderkey", "l_linenumber"]
+subject_via = { column = "l_orderkey", table = "orders", key = "o_orderkey" }
+
+[[columns]]
+name = "l_orderkey"
+type = "int64"
+nullable = false
+
+[[columns]]
+name = "l_linenumber"
+type = "int32"
+nullable = false
+
+[[columns]]
+name = "l_quantity"
+type = "int64"
+"#;
+
+/// Products: no subject in it, but quantities that equal customer keys.
+const PRODUCTS_TOML: &str = r#"glob = "products/*.csv"
+format = "csv"
+primary_key = ["p_partkey"]
+
+[[columns]]
+name = "p_partkey"
+type = "int64"
+nullable = false
+
+[[columns]]
+name = "p_name"
+type = "string"
+
+[[columns]]
+name = "qty"
+type = "int64"
+"#;
+
+pub fn orders_project() -> Project {
+    let p = project(&[
+        ("sql/bronze/customers.toml", CUSTOMERS_TOML),
+        ("sql/bronze/orders.toml", ORDERS_TOML),
+        ("sql/bronze/lineitem.toml", LINEITEM_TOML),
+        ("sql/bronze/products.toml", PRODUCTS_TOML),
+        (
+            "sql/silver/stg_lineitem.sql",
+            "{{ config(materialized='incremental', unique_key=['l_orderkey', 'l_linenumber']) }}\n\
+             select l_orderkey, l_linenumber, l_quantity from {{ source('lineitem') }}\n",
+        ),
+        (
+            "sql/silver/products.sql",
+            "{{ config(materialized='incremental', unique_key='p_partkey') }}\n\
+             select p_partkey, p_name, qty from {{ source('products') }}\n",
+        ),
+        (
+            "sql/gold/order_volume.sql",
+            "{{ config(materialized='table') }}\n\
+             select o.o_custkey, count(*) as lines, sum(l.l_quantity) as quantity \
+             from {{ source('orders') }} o join {{ ref('stg_lineitem') }} l on l.l_orderkey = o.o_orderkey \
+             group by o.o_custkey\n",
+        ),
+    ]);
+    write(
+        &p.landing(),
+        "customers/customers.csv",
+        "c_custkey,c_name,c_phone,c_acctbal\n\
+         41,Customer#000000041,27-644-224-5210,270.95\n\
+         42,Customer#000000042,14-128-190-5944,8727.68\n\
+         420,Customer#000000420,11-987-654-3210,100.00\n",
+    );
+    write(
+        &p.landing(),
+        "orders/orders_1.ndjson",
+        "{\"o_orderkey\": 1, \"o_custkey\": 41, \"o_totalprice\": \"10.00\"}\n\
+         {\"o_orderkey\": 2, \"o_custkey\": 42, \"o_totalprice\": \"20.00\"}\n\
+         {\"o_orderkey\": 3, \"o_custkey\": 42, \"o_totalprice\": \"30.00\"}\n\
+         {\"o_orderkey\": 4, \"o_custkey\": 420, \"o_totalprice\": \"42.00\"}\n",
+    );
+    // Order 1 (customer 41) has a line whose quantity is 42; orders 2 and 3 are customer 42's.
+    write(
+        &p.landing(),
+        "lineitem/lineitem_1.csv",
+        "l_orderkey,l_linenumber,l_quantity\n1,1,42\n1,2,5\n2,1,7\n2,2,42\n3,1,1\n4,1,42\n",
+    );
+    write(
+        &p.landing(),
+        "products/products.csv",
+        "p_partkey,p_name,qty\n1,bolt,42\n2,nut,41\n42,washer,3\n",
+    );
+    p
+}
+
+/// Every table's versions that can still be read, as `table@version`.
+fn readable_versions(p: &Project, table: &str) -> BTreeSet<String> {
+    let h = json(p, &["history", table]);
+    h.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .filter(|v| {
+            p.run(&[
+                "query",
+                &format!("select count(*) from {table} version as of {v}"),
+            ])
+            .status
+            .success()
+        })
+        .map(|v| format!("{table}@{v}"))
+        .collect()
+}
+
+#[test]
+fn forget_of_a_numeric_id_leaves_unrelated_numbers_and_follows_subject_via() {
+    let p = orders_project();
+    p.ok(&["run"]);
+    let products_before = (
+        readable_versions(&p, "bronze.products"),
+        readable_versions(&p, "silver.products"),
+        csv(&p, "select * from silver.products"),
+    );
+    let lake_products: Vec<String> = files_under(&p.lake().join("silver/products"));
+
+    let r = json(&p, &["forget", "42"]);
+    assert!(r["warnings"].as_array().unwrap().is_empty(), "{r}");
+    let steps = r["steps"].as_array().unwrap();
+    // No step touched a table that holds no subject.
+    for s in steps {
+        let t = s["table"].as_str().unwrap();
+        assert!(!t.contains("products"), "{t} was touched: {s}");
+        assert!(s["warnings"].as_array().unwrap().is_empty(), "{s}");
+    }
+    assert_eq!(
+        (
+            readable_versions(&p, "bronze.products"),
+            readable_versions(&p, "silver.products"),
+            csv(&p, "select * from silver.products"),
+        ),
+        products_before
+    );
+    assert_eq!(
+        files_under(&p.lake().join("silver/products")),
+        lake_products
+    );
+
+    // Customer 42 is gone as an integer: 420 and 41 stay, and so do their lines whose
+    // quantity happens to be 42.
+    assert_eq!(
+        csv(&p, "select c_custkey from bronze.customers"),
+        "c_custkey\n41\n420\n"
+    );
+    assert_eq!(
+        csv(&p, "select o_orderkey from bronze.orders"),
+        "o_orderkey\n1\n4\n"
+    );
+    // The child table, reached through orders 2 and 3, in bronze, in the model and in landing.
+    let lines = "l_orderkey,l_linenumber\n1,1\n1,2\n4,1\n";
+    assert_eq!(
+        csv(&p, "select l_orderkey, l_linenumber from bronze.lineitem"),
+        lines
+    );
+    assert_eq!(
+        csv(
+            &p,
+            "select l_orderkey, l_linenumber from silver.stg_lineitem"
+        ),
+        lines
+    );
+    let landing = std::fs::read_to_string(p.landing().join("lineitem/lineitem_1.csv")).unwrap();
+    assert_eq!(
+        landing,
+        "l_orderkey,l_linenumber,l_quantity\n1,1,42\n1,2,5\n4,1,42\n"
+    );
+    assert_eq!(
+        csv(&p, "select * from gold.order_volume"),
+        "o_custkey,lines,quantity\n41,2,47\n420,1,42\n"
+    );
+    let v = p.ok(&["forget", "--verify", "42"]);
+    assert!(v.contains(" 0 finding(s)"), "{v}");
+    // The audit keeps the keys reached through subject_via only as HMACs.
+    let audit = p.ok(&[
+        "query",
+        "select key_hmacs from _silt.erasures where status = 'started'",
+        "--format",
+        "csv",
+    ]);
+    assert!(audit.contains("lineitem"), "{audit}");
+    assert!(
+        !audit.contains("\"2\"") && !audit.contains("\"3\""),
+        "{audit}"
+    );
+
+    // Verify sees a line of a forgotten order that comes back: the parent rows are gone, the
+    // recorded HMACs still name its key.
+    write(
+        &p.landing(),
+        "lineitem/lineitem_2.csv",
+        "l_orderkey,l_linenumber,l_quantity\n3,2,9\n",
+    );
+    p.ok(&["ingest"]);
+    let out = p.run(&["forget", "--verify", "42"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    walk(dir, &mut |f| out.push(f.display().to_string()));
+    out.sort();
+    out
+}
+
+#[test]
+fn a_source_holding_subject_data_without_a_path_stops_forget_before_any_write() {
+    let p = orders_project();
+    // Shipments carry the order key under the parent's name and declare no way to a subject.
+    write(
+        p.path(),
+        "sql/bronze/shipments.toml",
+        "glob = \"shipments/*.csv\"\nformat = \"csv\"\n\n[[columns]]\nname = \"o_orderkey\"\ntype = \"int64\"\n\n[[columns]]\nname = \"carrier\"\ntype = \"string\"\n",
+    );
+    write(
+        &p.landing(),
+        "shipments/s.csv",
+        "o_orderkey,carrier\n2,UPS\n",
+    );
+    p.ok(&["run"]);
+    let logs = p.log_files();
+    let landing = files_under(&p.landing());
+    let out = p.run(&["forget", "42"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("shipments") && err.contains("subject_via = { column = \"o_orderkey\", table = \"orders\", key = \"o_orderkey\" }"),
+        "{err}"
+    );
+    assert_eq!(p.log_files(), logs, "nothing was written");
+    assert_eq!(files_under(&p.landing()), landing);
+    // Declared, the erasure reaches it.
+    let toml = std::fs::read_to_string(p.path().join("sql/bronze/shipments.toml")).unwrap();
+    write(
+        p.path(),
+        "sql/bronze/shipments.toml",
+        &toml.replace(
+            "format = \"csv\"\n",
+            "format = \"csv\"\nsubject_via = { column = \"o_orderkey\", table = \"orders\", key = \"o_orderkey\" }\n",
+        ),
+    );
+    p.ok(&["forget", "42"]);
+    assert_eq!(p.count("select count(*) from bronze.shipments"), 0);
+}
