@@ -20,7 +20,6 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use bytes::Bytes;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
-use deltalake::delta_datafusion::FileSelection;
 use deltalake::kernel::Action;
 use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::protocol::DeltaOperation;
@@ -38,6 +37,7 @@ use crate::ingest::ledger::{self, LedgerEntry};
 use crate::materialize::{Materializer, ModelMetrics, ModelState, last_state};
 use crate::models::{Dag, Materialized};
 use crate::pseudonym::hmac_hex;
+use crate::storage::same_path;
 
 /// `_silt.erasures`, the audit log.
 pub fn table() -> TableRef {
@@ -266,22 +266,28 @@ impl KeySet {
         }
     }
 
-    /// A value written as text (a CSV field, a JSON string): the value itself, or the integer
-    /// it spells.
-    pub fn matches_text(&self, v: &str) -> bool {
+    /// A field's text, read as the key column's contract type: an integer column's field as
+    /// an integer (`007` is 7), a text column's as the text itself.
+    pub fn matches_field(&self, v: &str, integer: bool) -> bool {
         let v = v.trim();
-        !v.is_empty()
-            && (self.text.contains(v)
-                || v.parse::<i64>().is_ok_and(|i| self.ints.contains(&i))
-                || self.has_hmac(v))
+        if v.is_empty() {
+            return false;
+        }
+        if integer {
+            return v.parse::<i64>().is_ok_and(|i| self.matches_int(i));
+        }
+        self.text.contains(v) || self.has_hmac(v)
     }
 
     pub fn matches_int(&self, i: i64) -> bool {
         self.ints.contains(&i) || self.has_hmac(&i.to_string())
     }
 
-    /// Which cells of `a` hold a value of the set (NULLs never do).
-    pub fn mask(&self, a: &ArrayRef) -> Vec<bool> {
+    /// For each cell of `a`: `None` when it holds no key (NULL or blank), else whether the key
+    /// is one of the set's. Integer columns compare as integers, as do whole numbers in float
+    /// and decimal columns; text columns compare as text.
+    pub fn mask(&self, a: &ArrayRef) -> Vec<Option<bool>> {
+        let n = a.len();
         match a.data_type() {
             DataType::Int8
             | DataType::Int16
@@ -293,31 +299,51 @@ impl KeySet {
             | DataType::UInt64 => match arrow::compute::cast(a, &DataType::Int64) {
                 Ok(c) => {
                     let c = c.as_primitive::<Int64Type>();
-                    (0..c.len())
-                        .map(|i| c.is_valid(i) && self.matches_int(c.value(i)))
+                    (0..n)
+                        .map(|i| c.is_valid(i).then(|| self.matches_int(c.value(i))))
                         .collect()
                 }
-                Err(_) => vec![false; a.len()],
+                Err(_) => vec![None; n],
+            },
+            DataType::Float16
+            | DataType::Float32
+            | DataType::Float64
+            | DataType::Decimal32(_, _)
+            | DataType::Decimal64(_, _)
+            | DataType::Decimal128(_, _)
+            | DataType::Decimal256(_, _) => match arrow::compute::cast(a, &DataType::Float64) {
+                Ok(c) => {
+                    let c = c.as_primitive::<arrow::datatypes::Float64Type>();
+                    (0..n)
+                        .map(|i| {
+                            c.is_valid(i).then(|| {
+                                let x = c.value(i);
+                                x.fract() == 0.0 && x.abs() < 9.0e15 && self.matches_int(x as i64)
+                            })
+                        })
+                        .collect()
+                }
+                Err(_) => vec![None; n],
             },
             _ => match arrow::compute::cast(a, &DataType::Utf8) {
                 Ok(c) => {
                     let c = c.as_string::<i32>();
-                    (0..c.len())
+                    (0..n)
                         .map(|i| {
-                            c.is_valid(i) && {
-                                let v = c.value(i).trim();
-                                self.text.contains(v) || self.has_hmac(v)
-                            }
+                            let v = if c.is_valid(i) { c.value(i).trim() } else { "" };
+                            (!v.is_empty()).then(|| self.text.contains(v) || self.has_hmac(v))
                         })
                         .collect()
                 }
-                Err(_) => vec![false; a.len()],
+                Err(_) => vec![None; n],
             },
         }
     }
 
     /// A value of the set standing alone (not part of a longer word) in unstructured text: how
-    /// a raw record that cannot be parsed into fields is judged.
+    /// a raw record that cannot be parsed into fields is judged, and the cheap look at a whole
+    /// landing file before it is parsed. An integer key also matches as a run of digits with
+    /// leading zeros (`007`).
     pub fn find_in(&self, text: &str) -> bool {
         let ac = self.tokens.get_or_init(|| {
             let all: Vec<&str> = self.text.iter().map(String::as_str).collect();
@@ -328,14 +354,41 @@ impl KeySet {
                 .map_err(|e| tracing::warn!("erasure keys: no automaton ({e})"))
                 .ok()
         });
-        match ac {
+        let by_text = match ac {
             Some(ac) => {
                 let hb = text.as_bytes();
                 ac.find_overlapping_iter(text)
                     .any(|h| stands_alone(hb, h.start(), h.end()))
             }
             None => self.text.iter().any(|n| contains_token(text, n)),
+        };
+        by_text || (!self.ints.is_empty() && self.find_int_token(text))
+    }
+
+    /// A run of digits standing alone whose integer is in the set.
+    fn find_int_token(&self, text: &str) -> bool {
+        let b = text.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if !b[i].is_ascii_digit() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            let neg = start > 0 && b[start - 1] == b'-';
+            let from = if neg { start - 1 } else { start };
+            if stands_alone(b, from.max(start), i)
+                && text[from..i]
+                    .parse::<i64>()
+                    .is_ok_and(|v| self.ints.contains(&v))
+            {
+                return true;
+            }
         }
+        false
     }
 
     /// The values as HMACs, for the audit (so a resumed request or `--verify` can still match
@@ -385,8 +438,8 @@ impl Scope {
                 continue;
             };
             for (i, m) in set.mask(a).into_iter().enumerate() {
-                hit[i] |= m;
-                keyless[i] &= a.is_null(i);
+                hit[i] |= m == Some(true);
+                keyless[i] &= m.is_none();
             }
         }
         if pii.pii.is_empty() {
@@ -414,6 +467,9 @@ struct RawScope {
     keys: Arc<KeySet>,
     /// The header of each CSV landing file (`_source_file` → fields), read by the landing step.
     headers: HashMap<String, Vec<String>>,
+    /// For a row whose landing file is gone: the header most of the source's files have, else
+    /// the contract's columns in order.
+    fallback: Vec<String>,
 }
 
 /// How one table's rows are matched.
@@ -457,8 +513,9 @@ impl Matcher {
                             let header = files
                                 .is_valid(i)
                                 .then(|| r.headers.get(files.value(i)))
-                                .flatten();
-                            rec.raw(raw.value(i), header.map(Vec::as_slice))
+                                .flatten()
+                                .unwrap_or(&r.fallback);
+                            rec.raw(raw.value(i), Some(header))
                         }
                     })
                     .collect()
@@ -477,6 +534,8 @@ struct Records<'a> {
     keys: &'a KeySet,
     pii: &'a Needles,
     key_field: Option<String>,
+    /// The key column is an integer column (its fields compare as integers).
+    key_int: bool,
     pii_fields: Vec<String>,
 }
 
@@ -492,11 +551,21 @@ impl<'a> Records<'a> {
             .subject_key
             .clone()
             .or_else(|| src.subject_via.as_ref().map(|v| v.column.clone()));
+        let key_int = key.as_deref().is_some_and(|k| {
+            src.columns.iter().any(|c| {
+                c.name == k
+                    && matches!(
+                        c.ty,
+                        crate::contract::ColumnType::Int32 | crate::contract::ColumnType::Int64
+                    )
+            })
+        });
         Records {
             src,
             keys,
             pii,
             key_field: key.as_deref().and_then(file_name),
+            key_int,
             pii_fields: src.pii.iter().filter_map(|p| file_name(p)).collect(),
         }
     }
@@ -527,15 +596,16 @@ impl<'a> Records<'a> {
         if let Some(v) = key_idx.and_then(field)
             && !v.trim().is_empty()
         {
-            return self.keys.matches_text(&v);
+            return self.keys.matches_field(&v, self.key_int);
         }
         let pii_idx: Vec<usize> = self
             .pii_fields
             .iter()
             .filter_map(|p| self.csv_index(p, header))
             .collect();
-        if key_idx.is_none() && pii_idx.is_empty() {
-            // Neither field can be found: the record's text.
+        if header.is_none() && self.src.parse.header {
+            // The file's header is unknown (a quarantined row of a file no longer in the
+            // landing root): no field can be told apart, so the record's text is searched.
             let text: Vec<String> = rec
                 .iter()
                 .map(|f| String::from_utf8_lossy(f).into_owned())
@@ -556,11 +626,11 @@ impl<'a> Records<'a> {
             Some(serde_json::Value::Number(x)) => {
                 return match x.as_i64() {
                     Some(i) => self.keys.matches_int(i),
-                    None => self.keys.matches_text(&x.to_string()),
+                    None => self.keys.matches_field(&x.to_string(), self.key_int),
                 };
             }
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {
-                return self.keys.matches_text(s);
+                return self.keys.matches_field(s, self.key_int);
             }
             Some(serde_json::Value::Null) | Some(serde_json::Value::String(_)) | None => {}
             Some(other) => return self.text(&other.to_string()),
@@ -854,6 +924,24 @@ impl Plan {
             }
         }
         plan.needles = Arc::new(needles);
+        // What a model can carry from a source: its key, and the key its subject_via children
+        // reach subjects through (a model of orders that keeps o_orderkey but not the
+        // customer key still holds the subjects' orders).
+        let mut inherited: HashMap<String, Vec<(String, Arc<KeySet>)>> = plan
+            .source_scopes
+            .iter()
+            .map(|(n, sc)| (n.clone(), sc.keys.clone()))
+            .collect();
+        for name in &plan.sources {
+            if let Some(v) = &project.sources[name].subject_via
+                && let Some(set) = plan.keys_of(name)
+            {
+                inherited
+                    .entry(v.parent().to_string())
+                    .or_default()
+                    .push((v.key.clone(), set));
+            }
+        }
         // Models, in dag order: the key columns they carry from upstream tables in scope.
         let project_pii = project.pii_columns();
         let mut model_keys: HashMap<String, Vec<(String, Arc<KeySet>)>> = HashMap::new();
@@ -862,9 +950,9 @@ impl Plan {
             let mut upstream: Vec<(String, Arc<KeySet>)> = Vec::new();
             let mut reached = false;
             for s in &m.sources {
-                if let Some(sc) = plan.source_scopes.get(s) {
+                if let Some(keys) = inherited.get(s) {
                     reached = true;
-                    upstream.extend(sc.keys.iter().cloned());
+                    upstream.extend(keys.iter().cloned());
                 }
             }
             for r in &m.refs {
@@ -937,10 +1025,21 @@ impl Plan {
                 .map(|s| Matcher::Columns(s.clone())),
             Layer::Quarantine => {
                 let scope = self.source_scopes.get(&t.name)?;
+                let src = self.source(t)?.clone();
+                let mut counts: HashMap<&Vec<String>, usize> = HashMap::new();
+                for h in headers.values() {
+                    *counts.entry(h).or_default() += 1;
+                }
+                let fallback = counts
+                    .into_iter()
+                    .max_by_key(|(h, n)| (*n, (*h).clone()))
+                    .map(|(h, _)| h.clone())
+                    .unwrap_or_else(|| src.columns.iter().map(|c| c.source.clone()).collect());
                 Some(Matcher::Raw(Arc::new(RawScope {
-                    src: self.source(t)?.clone(),
+                    src,
                     keys: scope.keys.first()?.1.clone(),
                     headers: headers.clone(),
+                    fallback,
                 })))
             }
             Layer::Silver | Layer::Gold => self
@@ -1016,6 +1115,9 @@ fn check_paths(project: &crate::config::Project) -> Result<()> {
             continue;
         }
         let has = |c: &str| s.columns.iter().any(|x| x.name == c);
+        // A column of the source's own primary key is its own identity (`id` in two sources
+        // says nothing), not a reference to another source's key.
+        let refers = |c: &str| has(c) && !s.primary_key.iter().any(|k| k == c);
         let mut fix: Option<String> = None;
         for p in &in_scope {
             if let Some(k) = &p.subject_key
@@ -1028,7 +1130,7 @@ fn check_paths(project: &crate::config::Project) -> Result<()> {
                 break;
             }
             if let [pk] = p.primary_key.as_slice()
-                && has(pk)
+                && refers(pk)
             {
                 fix = Some(format!(
                     "column '{pk}' is the key of source '{}', whose rows belong to subjects: add subject_via = {{ column = \"{pk}\", table = \"{}\", key = \"{pk}\" }}",
@@ -1330,10 +1432,11 @@ impl<'a> ForgetBuilder<'a> {
         };
         // 1. Landing files of the sources in scope (PII values are still in bronze to find
         //    them by).
+        let listed = silt.landing.list("").await?;
         for name in &plan.sources {
             let src = &silt.project.sources[name];
             let keys = plan.keys_of(name).expect("a source in scope has keys");
-            run.landing(src, keys).await?;
+            run.landing(src, keys, &listed).await?;
         }
         // 2. Quarantine and bronze of the sources in scope, in place.
         for name in &plan.sources {
@@ -1490,7 +1593,12 @@ impl Run<'_> {
 
     /// Rewrite (or remove) the landing files of `src` that hold a subject's records (by the
     /// key field, `keys` holding the values that belong to the subjects).
-    async fn landing(&mut self, src: &Source, keys: Arc<KeySet>) -> Result<()> {
+    async fn landing(
+        &mut self,
+        src: &Source,
+        keys: Arc<KeySet>,
+        listed: &[object_store::ObjectMeta],
+    ) -> Result<()> {
         let landing = &self.silt.landing;
         let mut step = TableErasure {
             table: format!("landing:{}", src.name),
@@ -1505,12 +1613,12 @@ impl Run<'_> {
         let batch_id = format!("erasure-{}", self.request);
         let mut group = LandingGroup::default();
         let mut files = Vec::new();
-        for m in landing.list("").await? {
+        for m in listed {
             let Some(rel) = landing.relative(&m.location) else {
                 continue;
             };
             if src.glob.is_match(&rel) {
-                files.push((m.location, rel));
+                files.push((m.location.clone(), rel));
             }
         }
         step.files_scanned = files.len() as u64;
@@ -1535,23 +1643,10 @@ impl Run<'_> {
                 {
                     headers.lock().unwrap().insert(rel.clone(), h);
                 }
-                // A cheap look first: a file without any key value or PII value standing
-                // alone in its text holds no subject record.
-                let text = String::from_utf8_lossy(&data);
-                if keys.hmacs.is_empty() && !keys.find_in(&text) && !n.find_pii(&text) {
-                    return Ok(None);
-                }
                 let rec = Records::new(src, &keys, &n);
-                let Some((bytes, dropped)) = (match src.format {
-                    Format::Csv => Some(drop_csv_records(&data, &rec)),
-                    Format::Ndjson => Some(drop_ndjson_lines(&data, &rec)),
-                    Format::JsonArray | Format::Json => drop_json_elements(&data, &rec),
-                }) else {
+                let Some((bytes, dropped)) = without_subjects(&data, &rec) else {
                     return Ok(None);
                 };
-                if dropped == 0 {
-                    return Ok(None);
-                }
                 let rewritten = match src.on_erasure {
                     ErasurePolicy::Remove => None,
                     ErasurePolicy::Rewrite => Some((bytes, dropped)),
@@ -1675,7 +1770,7 @@ impl Run<'_> {
         let cols = Arc::new(how.columns());
         step.files_scanned = files.len() as u64;
         let scans = files.iter().map(|(path, _)| {
-            let loc = lake.path(&format!("{}/{}", t.rel_path(), path));
+            let loc = lake.file_path(&t.rel_path(), path);
             let (lake, path, n, how, cols) = (
                 lake.clone(),
                 path.clone(),
@@ -1698,7 +1793,7 @@ impl Run<'_> {
             if n? > 0 {
                 hits.push((path, remove));
             } else {
-                seen.clean.insert(path);
+                seen.clean.insert(same_path(&path));
             }
         }
         if hits.is_empty() {
@@ -1760,8 +1855,9 @@ impl Run<'_> {
         }
         step.files_added = adds.len() as u64;
         step.files_rewritten = hits.iter().map(|h| h.0.clone()).collect();
-        seen.hit.extend(step.files_rewritten.iter().cloned());
-        seen.clean.extend(adds.iter().map(|a| a.path.clone()));
+        seen.hit
+            .extend(step.files_rewritten.iter().map(|p| same_path(p)));
+        seen.clean.extend(adds.iter().map(|a| same_path(&a.path)));
         let mut actions: Vec<Action> = hits.into_iter().map(|h| Action::Remove(h.1)).collect();
         actions.extend(adds.into_iter().map(Action::Add));
         let v = self
@@ -1936,7 +2032,7 @@ impl Run<'_> {
             .map_err(|e| Error::delta(t.to_string(), e))?
             .log_data()
             .iter()
-            .map(|f| f.path().to_string())
+            .map(|f| same_path(f.path().as_ref()))
             .collect();
         let mut step = TableErasure {
             table: t.to_string(),
@@ -1945,9 +2041,15 @@ impl Run<'_> {
         };
         let seen = self.seen.remove(&t.to_string()).unwrap_or_default();
         let cols = how.columns();
+        if cols.is_empty() {
+            // Neither a key nor a PII column: nothing of a subject can be in it.
+            return Ok(());
+        }
         let mut doomed = Vec::new();
         let mut live_hits = Vec::new();
         for (inner, loc) in data_files(self.silt, t).await? {
+            // Listed and logged paths compared in one spelling.
+            let inner = same_path(&inner);
             if seen.hit.contains(&inner) && !live.contains(&inner) {
                 doomed.push((inner, loc));
                 continue;
@@ -2097,7 +2199,7 @@ impl FileRewrite {
         } = self;
         let provider = table
             .table_provider()
-            .with_file_selection(FileSelection::from_file_paths([path]))
+            .with_file_selection(crate::storage::select_files([path]))
             .await
             .map_err(Error::from_datafusion)?;
         let mut stream = ctx.read_table(provider)?.execute_stream().await?;
@@ -2157,7 +2259,10 @@ fn log_mentions(
                 let Some(f) = a.get(kind) else { continue };
                 if f.get("path")
                     .and_then(|p| p.as_str())
-                    .is_some_and(|p| doomed.contains(p) || doomed.iter().any(|d| p.ends_with(d)))
+                    .map(same_path)
+                    .is_some_and(|p| {
+                        doomed.contains(p.as_str()) || doomed.iter().any(|d| p.ends_with(d))
+                    })
                 {
                     return Ok(true);
                 }
@@ -2178,6 +2283,7 @@ fn log_mentions(
                     && cs
                         .iter()
                         .flatten()
+                        .map(|s| same_path(s))
                         .any(|s| doomed.iter().any(|d| s.contains(d)))
                 {
                     return Ok(true);
@@ -2200,7 +2306,7 @@ fn stats_mention(stats: &serde_json::Value, how: &Matcher, n: &Needles) -> bool 
         };
         scope.keys.iter().any(|(c, set)| match values.get(c) {
             Some(serde_json::Value::Number(x)) => x.as_i64().is_some_and(|i| set.matches_int(i)),
-            Some(serde_json::Value::String(s)) => set.matches_text(s),
+            Some(serde_json::Value::String(s)) => set.matches_field(s, false),
             _ => false,
         }) || scope.pii.iter().any(|c| match values.get(c) {
             Some(serde_json::Value::String(s)) => n.find_pii(s),
@@ -2237,6 +2343,21 @@ async fn erasure_caught_up(silt: &Silt, t: &TableRef, version: u64) -> Result<Op
     Ok(Some(now))
 }
 
+/// A landing file without the subjects' records, and how many it dropped; `None` when it
+/// holds none. A file in whose text no key value or PII value stands alone is not parsed.
+fn without_subjects(data: &[u8], rec: &Records) -> Option<(Vec<u8>, u64)> {
+    let text = String::from_utf8_lossy(data);
+    if rec.keys.hmacs.is_empty() && !rec.keys.find_in(&text) && !rec.pii.find_pii(&text) {
+        return None;
+    }
+    let (bytes, dropped) = match rec.src.format {
+        Format::Csv => drop_csv_records(data, rec),
+        Format::Ndjson => drop_ndjson_lines(data, rec),
+        Format::JsonArray | Format::Json => drop_json_elements(data, rec)?,
+    };
+    (dropped > 0).then_some((bytes, dropped))
+}
+
 /// The header of a CSV landing file (its first record's fields, BOM and spaces trimmed).
 fn csv_header(data: &[u8], src: &Source) -> Option<Vec<String>> {
     let mut rdr = csv::ReaderBuilder::new()
@@ -2247,18 +2368,21 @@ fn csv_header(data: &[u8], src: &Source) -> Option<Vec<String>> {
         .from_reader(data);
     let mut rec = csv::ByteRecord::new();
     match rdr.read_byte_record(&mut rec) {
-        Ok(true) => Some(
-            rec.iter()
-                .map(|f| {
-                    String::from_utf8_lossy(f)
-                        .trim_start_matches('\u{feff}')
-                        .trim()
-                        .to_string()
-                })
-                .collect(),
-        ),
+        Ok(true) => Some(header_fields(&rec)),
         _ => None,
     }
+}
+
+/// A CSV header record's field names, BOM and spaces trimmed.
+fn header_fields(rec: &csv::ByteRecord) -> Vec<String> {
+    rec.iter()
+        .map(|f| {
+            String::from_utf8_lossy(f)
+                .trim_start_matches('\u{feff}')
+                .trim()
+                .to_string()
+        })
+        .collect()
 }
 
 /// CSV: drop the subjects' records ([`Records::csv`]); every other byte stays as it was.
@@ -2281,8 +2405,9 @@ fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64) {
             Ok(true) => {}
             Ok(false) => break,
             Err(_) => {
-                // Unparseable rest: judge it line by line.
-                let (rest, d) = drop_lines(&data[start..], rec_test);
+                // Unparseable rest: judge it line by line, each line as a record where it
+                // parses as one.
+                let (rest, d) = drop_lines(&data[start..], rec_test, header.as_deref());
                 out.extend_from_slice(&rest);
                 dropped += d;
                 return (out, dropped);
@@ -2292,16 +2417,7 @@ fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64) {
         let bytes = &data[start..end.min(data.len())];
         if first {
             first = false;
-            header = Some(
-                rec.iter()
-                    .map(|f| {
-                        String::from_utf8_lossy(f)
-                            .trim_start_matches('\u{feff}')
-                            .trim()
-                            .to_string()
-                    })
-                    .collect(),
-            );
+            header = Some(header_fields(&rec));
             out.extend_from_slice(bytes);
         } else if rec_test.csv(&rec, header.as_deref()) {
             dropped += 1;
@@ -2314,12 +2430,24 @@ fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64) {
     (out, dropped)
 }
 
-/// Lines (terminators kept) without the ones whose text holds a subject's key or PII value.
-fn drop_lines(data: &[u8], rec: &Records) -> (Vec<u8>, u64) {
+/// Lines (terminators kept) without the subjects' ones: a line that parses as a CSV record is
+/// judged as one ([`Records::csv`]), another by its text.
+fn drop_lines(data: &[u8], rec: &Records, header: Option<&[String]>) -> (Vec<u8>, u64) {
     let mut out = Vec::with_capacity(data.len());
     let mut dropped = 0;
+    let mut record = csv::ByteRecord::new();
     for line in data.split_inclusive(|b| *b == b'\n') {
-        if rec.text(&String::from_utf8_lossy(line)) {
+        let mut rdr = csv::ReaderBuilder::new()
+            .delimiter(rec.src.parse.delimiter as u8)
+            .quote(rec.src.parse.quote as u8)
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(line);
+        let hit = match rdr.read_byte_record(&mut record) {
+            Ok(true) => rec.csv(&record, header),
+            _ => rec.text(&String::from_utf8_lossy(line)),
+        };
+        if hit {
             dropped += 1;
         } else {
             out.extend_from_slice(line);
@@ -2471,11 +2599,12 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
     }
     let mut headers: HashMap<String, HashMap<String, Vec<String>>> = HashMap::new();
     // The landing files of the sources in scope: a record the erasure would drop.
+    let landing = silt.landing.list("").await?;
     for name in &plan.sources {
         let src = &silt.project.sources[name];
         let keys = plan.keys_of(name).expect("a source in scope has keys");
         let rec = Records::new(src, &keys, &n);
-        for o in silt.landing.list("").await? {
+        for o in &landing {
             let Some(rel) = silt.landing.relative(&o.location) else {
                 continue;
             };
@@ -2493,14 +2622,7 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
                     .or_default()
                     .insert(rel.clone(), h);
             }
-            let dropped = match src.format {
-                Format::Csv => drop_csv_records(&data, &rec).1,
-                Format::Ndjson => drop_ndjson_lines(&data, &rec).1,
-                Format::JsonArray | Format::Json => {
-                    drop_json_elements(&data, &rec).map_or(0, |d| d.1)
-                }
-            };
-            if dropped > 0 {
+            if let Some((_, dropped)) = without_subjects(&data, &rec) {
                 report.findings.push(Finding {
                     location: format!("landing:{rel}"),
                     kind: format!("{dropped} subject record(s)"),
@@ -2515,6 +2637,9 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
         let Some(how) = plan.matcher(&t, headers.get(&t.name).unwrap_or(&none)) else {
             continue;
         };
+        if how.columns().is_empty() {
+            continue;
+        }
         let rel = t.rel_path();
         for o in silt.lake.list(&rel).await? {
             let Some(full) = silt.lake.relative(&o.location) else {
@@ -2557,7 +2682,7 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
                     Matcher::Columns(scope) => {
                         for (c, set) in &scope.keys {
                             if let Some(a) = b.column_by_name(c)
-                                && set.mask(a).into_iter().any(|m| m)
+                                && set.mask(a).into_iter().any(|m| m == Some(true))
                             {
                                 seen.insert(("subject key".into(), Some(c.clone())));
                             }

@@ -3,7 +3,6 @@
 //! returning metrics. It must not change table content (optimize rewrites files with the same
 //! rows) nor decide which tables exist (catalog.rs does).
 
-use std::collections::HashSet;
 use std::num::NonZeroU64;
 
 use deltalake::kernel::transaction::CommitProperties;
@@ -88,15 +87,8 @@ pub async fn vacuum(
         .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
     // The files that exist now: delta-rs reports every expired tombstone as deleted, files
     // already gone included.
-    let lake = catalog.lake();
     let rel = t.rel_path();
-    let present: HashSet<String> = lake
-        .list(&rel)
-        .await?
-        .into_iter()
-        .filter_map(|o| lake.relative(&o.location))
-        .filter_map(|p| p.strip_prefix(&format!("{rel}/")).map(String::from))
-        .collect();
+    let present = catalog.lake().names_under(&rel).await?;
     let (_, m) = table
         .vacuum()
         .with_retention_period(chrono::Duration::hours(retain_hours as i64))
@@ -115,7 +107,7 @@ pub async fn vacuum(
                 None => f,
             }
         })
-        .filter(|f| present.contains(f))
+        .filter(|f| present.contains(&crate::storage::same_path(f)))
         .collect();
     files_deleted.sort();
     Ok(VacuumReport {

@@ -14,7 +14,6 @@ use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident, lit};
 use deltalake::DeltaTable;
-use deltalake::delta_datafusion::FileSelection;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
@@ -60,6 +59,9 @@ pub struct ModelMetrics {
     /// What the user should know about this build (why an incremental model was built in full).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The hash of the SQL and config it was built with (with `upstream`, its build state).
+    #[serde(skip)]
+    pub sql_hash: String,
     /// The data files this build added (for tests scoped to the rows it wrote).
     #[serde(skip)]
     pub added_files: Vec<String>,
@@ -336,6 +338,7 @@ impl Materializer<'_> {
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default(),
             upstream: new_state.upstream.clone(),
+            sql_hash: new_state.sql_hash.clone(),
             ..Default::default()
         };
         if !self.full_refresh && state.as_ref() == Some(&new_state) {
@@ -408,9 +411,7 @@ impl Materializer<'_> {
                         // Nothing new upstream: an empty selection.
                         let p = ut
                             .table_provider()
-                            .with_file_selection(FileSelection::from_file_paths(
-                                Vec::<String>::new(),
-                            ))
+                            .with_file_selection(crate::storage::select_files(Vec::<String>::new()))
                             .await?;
                         let name = format!("{}__{}", u.layer.schema_name(), u.name);
                         new_schema.register_table(name.clone(), p)?;
@@ -463,7 +464,7 @@ impl Materializer<'_> {
                     _ => {
                         let p = ut
                             .table_provider()
-                            .with_file_selection(FileSelection::from_file_paths(
+                            .with_file_selection(crate::storage::select_files(
                                 added.iter().map(|s| s.to_string()),
                             ))
                             .await?;
@@ -516,7 +517,7 @@ impl Materializer<'_> {
                                     .collect();
                                 let cp = ut
                                     .table_provider()
-                                    .with_file_selection(FileSelection::from_file_paths(old))
+                                    .with_file_selection(crate::storage::select_files(old))
                                     .await?;
                                 let ctx_name = format!("{name}__context");
                                 new_schema.register_table(ctx_name.clone(), cp)?;
@@ -638,7 +639,7 @@ impl Materializer<'_> {
         }
         let p = table
             .table_provider()
-            .with_file_selection(FileSelection::from_file_paths(
+            .with_file_selection(crate::storage::select_files(
                 metrics.added_files.iter().cloned(),
             ))
             .await?;
@@ -820,11 +821,11 @@ impl Materializer<'_> {
         }
         let a = ut
             .table_provider()
-            .with_file_selection(FileSelection::from_file_paths(added))
+            .with_file_selection(crate::storage::select_files(added))
             .await?;
         let r = then
             .table_provider()
-            .with_file_selection(FileSelection::from_file_paths(removed.clone()))
+            .with_file_selection(crate::storage::select_files(removed.clone()))
             .await?;
         let schema = self.new_schema()?;
         let side = |s: &str| format!("{}__{}__{from}_{to}__{s}", u.layer.schema_name(), u.name);
@@ -911,24 +912,14 @@ impl Materializer<'_> {
         if paths.is_empty() {
             return Ok(None);
         }
-        let lake = self.catalog.lake();
-        let rel = u.rel_path();
-        let present: std::collections::HashSet<String> = lake
-            .list(&rel)
-            .await?
-            .into_iter()
-            .filter_map(|o| lake.relative(&o.location))
-            .filter_map(|p| p.strip_prefix(&format!("{rel}/")).map(String::from))
-            .collect();
-        let mut gone = 0;
-        for p in paths {
-            if !present.contains(p) && !lake.exists(&lake.path(&format!("{rel}/{p}"))).await? {
-                gone += 1;
-            }
-        }
+        let gone = self
+            .catalog
+            .lake()
+            .count_missing(&u.rel_path(), paths.iter().map(String::as_str))
+            .await?;
         Ok((gone > 0).then(|| {
             FullBuild::warn(format!(
-                "{gone} file(s) of upstream {u} version {from}, which the last build read, were deleted by a vacuum; built in full (vacuum only files older than the time between two builds)"
+                "{gone} file(s) of upstream {u} version {from}, which the last build read, were deleted (by a vacuum, or a GDPR purge); built in full (vacuum only files older than the time between two builds)"
             ))
         }))
     }
@@ -937,7 +928,10 @@ impl Materializer<'_> {
     /// `removed` (files of `then` the current version no longer has) held: a compaction or an
     /// erasure writes old rows into new files, and they are not new. Bronze rows are compared
     /// by where they came from (batch, file, line: unique per row), other tables by every
-    /// column. Returns the relation and the name it registered, or why a full build is needed.
+    /// column both versions have (so a new row equal in every column to a rewritten old one
+    /// counts as old; a model's rows are unique by its key, so this needs the same key with the
+    /// same values). Returns the relation and the name it registered, or why a full build is
+    /// needed.
     #[allow(clippy::too_many_arguments)]
     async fn without_removed(
         &self,
@@ -954,18 +948,27 @@ impl Materializer<'_> {
         if let Some(why) = self.missing_files(u, from, &removed).await? {
             return Ok(Err(why));
         }
-        let schema = ut
-            .snapshot()
-            .map_err(|e| Error::delta(u.to_string(), e))?
-            .snapshot()
-            .arrow_schema();
+        let schema_of = |t: &DeltaTable| {
+            t.snapshot()
+                .map(|s| s.snapshot().arrow_schema())
+                .map_err(|e| Error::delta(u.to_string(), e))
+        };
+        let (schema, old_schema) = (schema_of(ut)?, schema_of(then)?);
         let origin = ["_batch_id", "_source_file", "_source_line"];
+        // The columns both versions have (a column added since is NULL in the old rows).
         let cols: Vec<String> = if u.layer == crate::catalog::Layer::Bronze
-            && origin.iter().all(|c| schema.field_with_name(c).is_ok())
+            && origin
+                .iter()
+                .all(|c| schema.field_with_name(c).is_ok() && old_schema.field_with_name(c).is_ok())
         {
             origin.iter().map(|c| c.to_string()).collect()
         } else {
-            schema.fields().iter().map(|f| f.name().clone()).collect()
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|c| old_schema.field_with_name(c).is_ok())
+                .collect()
         };
         if cols.iter().any(|c| {
             schema
@@ -976,11 +979,12 @@ impl Materializer<'_> {
                 "upstream {u} rewrote files since version {from} and has nested columns to compare rows by; built in full"
             ))));
         }
-        // The side held in memory is the removed rows' compared columns.
+        // The side held in memory is the removed rows' compared columns (a file without a row
+        // count is counted by its size).
         let rows: u64 = removed
             .iter()
             .filter_map(|p| then_files.get(p))
-            .map(|f| f.1)
+            .map(|f| if f.1 > 0 { f.1 } else { f.0 / 16 })
             .sum();
         let budget = match self.ctx.runtime_env().memory_pool.memory_limit() {
             datafusion::execution::memory_pool::MemoryLimit::Finite(b) => {
@@ -996,7 +1000,7 @@ impl Materializer<'_> {
         }
         let p = then
             .table_provider()
-            .with_file_selection(FileSelection::from_file_paths(removed))
+            .with_file_selection(crate::storage::select_files(removed))
             .await?;
         let gone = format!("{name}__removed");
         self.new_schema()?.register_table(gone.clone(), p)?;

@@ -557,6 +557,7 @@ impl Dag {
             sources: project.sources.keys().cloned().collect(),
         };
         dag.check_tests(project)?;
+        dag.check_partitions(project)?;
         Ok(dag)
     }
 
@@ -697,6 +698,39 @@ impl Dag {
                     .flat_map(|s| [s.clone(), format!("bronze.{s}")]),
             );
         crate::catalog::closest(name, candidates)
+    }
+
+    /// No model is partitioned by a PII column or a column leading to a subject: partition
+    /// values live in file paths and the Delta log, where an erasure cannot rewrite them.
+    fn check_partitions(&self, project: &Project) -> Result<()> {
+        let pii = project.pii_columns();
+        let keys: BTreeSet<&String> = project
+            .sources
+            .values()
+            .flat_map(|s| {
+                s.subject_key
+                    .iter()
+                    .chain(s.subject_via.iter().map(|v| &v.column))
+            })
+            .collect();
+        for m in self.models.values() {
+            let Some(p) = &m.config.partition_by else {
+                continue;
+            };
+            if pii.contains(p)
+                || m.config.pii.contains(p)
+                || keys.contains(p)
+                || m.config.subject_key.as_ref() == Some(p)
+            {
+                return Err(Error::config(
+                    &m.file,
+                    format!(
+                        "partition_by='{p}': a table must not be partitioned by a PII column or a subject key (erased values would survive in file paths and the Delta log); partition by a date or another column"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Compile every column test of every model and source and every relationships target, so

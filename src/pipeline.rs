@@ -13,7 +13,7 @@ use crate::Silt;
 use crate::catalog::TableRef;
 use crate::error::{Error, Result};
 use crate::ingest::IngestReport;
-use crate::materialize::{Materializer, ModelMetrics};
+use crate::materialize::{Materializer, ModelMetrics, ModelState};
 use crate::models::Dag;
 use crate::quality::TestResult;
 
@@ -202,13 +202,13 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
         };
         let tested = Tested {
             version: table.version(),
-            built_from: crate::materialize::last_state(&table)
+            state: crate::materialize::last_state(&table)
                 .await?
-                .map(|s| s.upstream)
                 .unwrap_or_default(),
         };
         let tests = dag.model_tests(m)?;
         model_tests(&ctx, &tests, &tested, &mut report).await;
+        mark_tested(silt, m, &tested).await;
     }
     for (t, st) in dag.singular_tests() {
         if select.is_empty()
@@ -263,7 +263,8 @@ async fn record_run(
             ms: t.ms,
             version: t.table_version,
             upstream: t.built_from.clone(),
-            message: (t.failing_rows > 0).then(|| t.sample.clone()),
+            // Not the failing rows themselves: they may hold a subject's data, and the run
+            // log is not erased.
             ..Default::default()
         },
         severity: serde_json::to_value(t.severity)
@@ -305,14 +306,17 @@ async fn record_run(
 #[derive(Debug, Clone, Default)]
 struct Tested {
     version: Option<u64>,
-    built_from: BTreeMap<String, u64>,
+    state: ModelState,
 }
 
 impl Tested {
     fn of(m: &ModelMetrics) -> Self {
         Tested {
             version: m.version,
-            built_from: m.upstream.clone(),
+            state: ModelState {
+                upstream: m.upstream.clone(),
+                sql_hash: m.sql_hash.clone(),
+            },
         }
     }
 }
@@ -337,30 +341,14 @@ fn model_line(i: u64, of: usize, m: &ModelMetrics) -> String {
     )
 }
 
-/// (table, build state) of every model build whose tests ran, from `_silt/runs`.
-async fn read_tested_builds(silt: &Silt) -> Result<BTreeSet<(String, String)>> {
-    use arrow::array::{Array, AsArray};
-    let mut out = BTreeSet::new();
-    if silt.catalog.open(&crate::runs::table()).await?.is_none() {
-        return Ok(out);
+/// Record that `m`'s build was tested; a failure to record only means it is tested again.
+async fn mark_tested(silt: &Silt, m: &crate::models::Model, tested: &Tested) {
+    if let Err(e) = crate::runs::mark_tested(silt.catalog.lake(), &m.table(), &tested.state).await {
+        tracing::warn!(
+            "{}: recording that its build was tested failed ({e}); it is tested again next run",
+            m.name
+        );
     }
-    let batches = crate::query::run(
-        &silt.catalog,
-        "select distinct table_name, upstream_versions from _silt.runs \
-         where materialized = 'test' and upstream_versions <> '{}'",
-    )
-    .await?;
-    for b in batches {
-        let t = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
-        let u = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8)?;
-        let (t, u) = (t.as_string::<i32>(), u.as_string::<i32>());
-        for i in 0..b.num_rows() {
-            if t.is_valid(i) && u.is_valid(i) {
-                out.insert((t.value(i).to_string(), u.value(i).to_string()));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Run a model's tests into the report; false when one failed (error severity) or could not run.
@@ -376,7 +364,7 @@ async fn model_tests(
             Ok(mut r) => {
                 ok &= r.status != "fail";
                 r.table_version = tested.version;
-                r.built_from = tested.built_from.clone();
+                r.built_from = tested.state.upstream.clone();
                 report.tests.push(r);
             }
             Err(e) => {
@@ -428,10 +416,6 @@ async fn build_models(
     // that build (a failing model stays failing across runs), and a run with nothing to build
     // tests nothing (`silt test` checks every table).
     let mut deferred: BTreeMap<String, (Vec<crate::quality::DataTest>, Tested)> = BTreeMap::new();
-    // The builds whose tests ran in some run (table, build state), read when a model is first
-    // found up to date: one an earlier run built but never tested (it stopped, or was killed,
-    // in between) is tested now.
-    let mut tested_builds: Option<BTreeSet<(String, String)>> = None;
     let mut built: BTreeSet<String> = BTreeSet::new();
     for name in selected {
         let m = &dag.models[name];
@@ -479,17 +463,17 @@ async fn build_models(
                         // No tests, nothing to wait for (and no second look at its state).
                         Ok(tests) if tests.is_empty() => {}
                         Ok(tests) => {
-                            if tested_builds.is_none() {
-                                tested_builds = Some(read_tested_builds(silt).await?);
-                            }
-                            let key = (
-                                m.table().to_string(),
-                                serde_json::to_string(&tested.built_from).unwrap_or_default(),
-                            );
-                            if tested_builds.as_ref().is_some_and(|t| t.contains(&key)) {
+                            // A build an earlier run made but never tested (it stopped, or
+                            // was killed, in between) is tested now.
+                            let last =
+                                crate::runs::last_tested(silt.catalog.lake(), &m.table()).await?;
+                            if last.as_ref() == Some(&tested.state) {
                                 deferred.insert(name.clone(), (tests, tested));
-                            } else if !model_tests(ctx, &tests, &tested, report).await {
-                                broken.insert(name.clone());
+                            } else {
+                                if !model_tests(ctx, &tests, &tested, report).await {
+                                    broken.insert(name.clone());
+                                }
+                                mark_tested(silt, m, &tested).await;
                             }
                         }
                         Err(e) => {
@@ -521,6 +505,7 @@ async fn build_models(
                             if !model_tests(ctx, &tests, &tested, report).await {
                                 broken.insert(name.clone());
                             }
+                            mark_tested(silt, m, &tested).await;
                         }
                         Err(e) => {
                             broken.insert(name.clone());

@@ -271,3 +271,32 @@ async fn columns(catalog: &Catalog) -> Result<std::collections::BTreeSet<String>
         .map(|f| f.name().clone())
         .collect())
 }
+
+/// Where the build state of a model's last tested build is kept: one small object per model
+/// (read once per run for each up-to-date model with tests; a run log scan would grow with
+/// history).
+fn tested_path(t: &TableRef) -> String {
+    format!("_silt/tested/{t}.json")
+}
+
+/// The build state of `t`'s last build whose tests ran, if any.
+pub async fn last_tested(
+    lake: &crate::storage::Storage,
+    t: &TableRef,
+) -> Result<Option<crate::materialize::ModelState>> {
+    let p = lake.path(&tested_path(t));
+    if !lake.exists(&p).await? {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice(&lake.get(&p).await?).ok())
+}
+
+/// Record that the tests of `t`'s build with `state` ran (whatever they found).
+pub async fn mark_tested(
+    lake: &crate::storage::Storage,
+    t: &TableRef,
+    state: &crate::materialize::ModelState,
+) -> Result<()> {
+    let body = serde_json::to_vec(state).unwrap_or_default();
+    lake.put(&lake.path(&tested_path(t)), body.into()).await
+}

@@ -14,6 +14,36 @@ use url::Url;
 use crate::config::Project;
 use crate::error::{Error, Result};
 
+/// A data file's path in one spelling, whether it comes from a Delta log (percent-encoded
+/// partition values, `ts=2024-01-01%2000%3A00`), from a listing (object_store's own encoding)
+/// or from a reader: percent-decoded until nothing changes.
+pub fn same_path(p: &str) -> String {
+    let mut cur = p.to_string();
+    loop {
+        let next = percent_encoding::percent_decode_str(&cur)
+            .decode_utf8_lossy()
+            .into_owned();
+        if next == cur {
+            return cur;
+        }
+        cur = next;
+    }
+}
+
+/// A selection of a Delta table's data files by the paths its snapshot reports
+/// (`LogicalFileView::path`, decoded once), spelled as delta-rs compares them: in
+/// object_store's encoding, as the log's add actions are (a partition value with a space, a
+/// colon or a slash is encoded there).
+pub fn select_files<S: AsRef<str>>(
+    paths: impl IntoIterator<Item = S>,
+) -> deltalake::delta_datafusion::FileSelection {
+    deltalake::delta_datafusion::FileSelection::from_file_paths(
+        paths
+            .into_iter()
+            .map(|p| String::from(Path::from(p.as_ref()))),
+    )
+}
+
 /// One root (lake or landing): an object store at the bucket / filesystem root, plus the
 /// URL and path prefix under it.
 #[derive(Debug, Clone)]
@@ -338,6 +368,21 @@ impl Storage {
         p
     }
 
+    /// The object of a data file of the table at `rel`, by the path its snapshot reports
+    /// (`LogicalFileView::path`): that path is the object's name as stored, so its parts are
+    /// taken as they are, not encoded again (a partition value with a space or a colon is
+    /// stored percent-encoded once).
+    pub fn file_path(&self, rel: &str, path: &str) -> Path {
+        let mut p = self.path(rel);
+        for part in path.split('/').filter(|s| !s.is_empty()) {
+            p = match object_store::path::PathPart::parse(part) {
+                Ok(part) => p.clone().join(part),
+                Err(_) => p.clone().join(part),
+            };
+        }
+        p
+    }
+
     /// The path of `p` relative to this root, or None if it lies outside.
     pub fn relative(&self, p: &Path) -> Option<String> {
         let parts: Vec<_> = p
@@ -367,6 +412,32 @@ impl Storage {
             .map_err(|e| Error::storage(self.url_of(rel).as_str(), e))?;
         out.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(out)
+    }
+
+    /// The paths of every object under `rel`, relative to it, in [`same_path`] form.
+    pub async fn names_under(&self, rel: &str) -> Result<std::collections::HashSet<String>> {
+        let prefix = format!("{rel}/");
+        Ok(self
+            .list(rel)
+            .await?
+            .into_iter()
+            .filter_map(|o| self.relative(&o.location))
+            .filter_map(|p| p.strip_prefix(&prefix).map(same_path))
+            .collect())
+    }
+
+    /// How many of `paths` (relative to `rel`, as a Delta log names them) no longer exist, by
+    /// one listing.
+    pub async fn count_missing<'p>(
+        &self,
+        rel: &str,
+        paths: impl IntoIterator<Item = &'p str>,
+    ) -> Result<usize> {
+        let present = self.names_under(rel).await?;
+        Ok(paths
+            .into_iter()
+            .filter(|p| !present.contains(&same_path(p)))
+            .count())
     }
 
     /// Immediate sub-directories of `rel`.

@@ -158,7 +158,6 @@ pub async fn open_as_of(
     t: &TableRef,
     as_of: &AsOf,
 ) -> Result<deltalake::DeltaTable> {
-    let lake = catalog.lake();
     let version = match as_of {
         AsOf::Version(v) => *v,
         AsOf::Timestamp(ts) => {
@@ -193,14 +192,17 @@ pub async fn open_as_of(
     if let Some(e) = crate::erasure::purged_by(catalog, t, version).await? {
         return Err(e);
     }
-    check_version(catalog, t, version).await?;
-    lake.delta_table_at(&t.rel_path(), version).await
+    check_version(catalog, t, version).await
 }
 
 /// A version that cannot be read is a usage error that says which versions can: one past the
 /// latest, one whose commit is no longer in the log, or one whose data files a later vacuum
 /// deleted.
-async fn check_version(catalog: &Catalog, t: &TableRef, version: u64) -> Result<()> {
+async fn check_version(
+    catalog: &Catalog,
+    t: &TableRef,
+    version: u64,
+) -> Result<deltalake::DeltaTable> {
     let lake = catalog.lake();
     let mut commits: Vec<(u64, object_store::path::Path)> = Vec::new();
     for o in lake.list(&format!("{}/_delta_log", t.rel_path())).await? {
@@ -232,9 +234,24 @@ async fn check_version(catalog: &Catalog, t: &TableRef, version: u64) -> Result<
             )));
         }
     }
-    // A vacuum after the version may have deleted files it needs.
+    // A vacuum may have deleted files the version needs: one listing says, and only then are
+    // the commits after it read for the vacuum's date.
+    let then = lake.delta_table_at(&t.rel_path(), version).await?;
+    let needed: Vec<String> = then
+        .snapshot()
+        .map_err(|e| Error::delta(t.to_string(), e))?
+        .log_data()
+        .iter()
+        .map(|f| f.path().to_string())
+        .collect();
+    let gone = lake
+        .count_missing(&t.rel_path(), needed.iter().map(String::as_str))
+        .await?;
+    if gone == 0 {
+        return Ok(then);
+    }
     let mut vacuumed: Option<i64> = None;
-    for (v, loc) in commits.iter().filter(|c| c.0 > version) {
+    for (_, loc) in commits.iter().filter(|c| c.0 > version) {
         let data = lake.get(loc).await?;
         let info = data
             .split(|b| *b == b'\n')
@@ -247,41 +264,13 @@ async fn check_version(catalog: &Catalog, t: &TableRef, version: u64) -> Result<
                 .is_some_and(|o| o.starts_with("VACUUM"))
         {
             vacuumed = info.get("timestamp").and_then(|x| x.as_i64());
-            let _ = v;
             break;
         }
     }
-    let Some(at) = vacuumed else {
-        return Ok(());
-    };
-    let then = lake.delta_table_at(&t.rel_path(), version).await?;
-    let needed: Vec<String> = then
-        .snapshot()
-        .map_err(|e| Error::delta(t.to_string(), e))?
-        .log_data()
-        .iter()
-        .map(|f| f.path().to_string())
-        .collect();
-    let rel = t.rel_path();
-    let present: std::collections::HashSet<String> = lake
-        .list(&rel)
-        .await?
-        .into_iter()
-        .filter_map(|o| lake.relative(&o.location))
-        .filter_map(|p| p.strip_prefix(&format!("{rel}/")).map(String::from))
-        .collect();
-    let mut gone = 0;
-    for f in &needed {
-        if !present.contains(f) && !lake.exists(&lake.path(&format!("{rel}/{f}"))).await? {
-            gone += 1;
-        }
-    }
-    if gone == 0 {
-        return Ok(());
-    }
-    let when = chrono::DateTime::from_timestamp_millis(at)
+    let when = vacuumed
+        .and_then(chrono::DateTime::from_timestamp_millis)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default();
+        .unwrap_or_else(|| "an unknown date".into());
     Err(Error::Usage(format!(
         "version {version} of {t} is no longer readable: a vacuum on {when} deleted {gone} of its {} data file(s); read a version written after the vacuum's retention period (the latest is {latest}; see `silt history {t}`)",
         needed.len()

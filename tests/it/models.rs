@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::support::{Manifest, Project, copy_dir, repo};
+use crate::support::{Manifest, Project, copy_dir, json, model, repo};
 
 const SILVER: [&str; 3] = ["stg_fees", "clients", "advisers"];
 pub const GOLD: [&str; 5] = [
@@ -41,21 +41,6 @@ pub fn sorted_csv(out: &str) -> String {
 /// The checked-in expected content of a gold table.
 pub fn golden(g: &str) -> String {
     std::fs::read_to_string(repo().join("tests/golden").join(format!("{g}.csv"))).unwrap()
-}
-
-fn run_json(p: &Project, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    serde_json::from_str(&p.ok(&a)).unwrap()
-}
-
-fn model<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["model"] == name)
-        .unwrap_or_else(|| panic!("{name} in {report}"))
 }
 
 #[test]
@@ -114,7 +99,7 @@ fn second_batch_incrementally_equals_a_full_refresh() {
     let p = Project::reference();
     p.ok(&["run"]);
     copy_dir(&repo().join("fixtures/batch2"), &p.landing());
-    let report = run_json(&p, &["run"]);
+    let report = json(&p, &["run"]);
     assert_eq!(model(&report, "stg_fees")["mode"], "incremental");
     assert_eq!(model(&report, "clients")["mode"], "incremental");
     assert_eq!(model(&report, "fct_monthly_revenue")["mode"], "incremental");
@@ -142,7 +127,7 @@ fn second_batch_incrementally_equals_a_full_refresh() {
     {
         incremental.insert(t.clone(), table_csv(&p, &t));
     }
-    let full = run_json(&p, &["build", "--full-refresh"]);
+    let full = json(&p, &["build", "--full-refresh"]);
     assert!(
         full["models"]
             .as_array()
@@ -236,7 +221,7 @@ fn merge_of_a_one_month_batch_reads_and_rewrites_only_that_month() {
         .filter(|f| f.starts_with("fee_month=2026-03/"))
         .collect();
     copy_dir(&repo().join("fixtures/march_fix"), &p.landing());
-    let report = run_json(&p, &["run", "--select", "stg_fees"]);
+    let report = json(&p, &["run", "--select", "stg_fees"]);
     let stg = model(&report, "stg_fees");
     assert_eq!(stg["mode"], "incremental");
     assert_eq!(
@@ -284,7 +269,7 @@ fn run_again_without_new_data_writes_no_version() {
     let p = Project::reference();
     p.ok(&["run"]);
     let before = p.log_files();
-    let report = run_json(&p, &["run"]);
+    let report = json(&p, &["run"]);
     assert!(
         report["models"]
             .as_array()
@@ -371,7 +356,7 @@ fn a_correction_that_moves_a_fee_to_another_client_recomputes_both() {
         ),
     )
     .unwrap();
-    let report = run_json(&p, &["run"]);
+    let report = json(&p, &["run"]);
     assert_eq!(model(&report, "rpt_client_ltv")["mode"], "incremental");
     let mut incremental = BTreeMap::new();
     for t in [
@@ -503,7 +488,7 @@ fn selectors_pick_models_and_their_neighbours() {
             .map(|m| m["model"].as_str().unwrap().to_string())
             .collect()
     };
-    let r = run_json(&p, &["build", "--select", "+rpt_cohort_ltv"]);
+    let r = json(&p, &["build", "--select", "+rpt_cohort_ltv"]);
     assert_eq!(
         names(&r),
         [
@@ -514,9 +499,9 @@ fn selectors_pick_models_and_their_neighbours() {
             "rpt_cohort_ltv"
         ]
     );
-    let r = run_json(&p, &["build", "--select", "advisers+"]);
+    let r = json(&p, &["build", "--select", "advisers+"]);
     assert_eq!(names(&r), ["advisers", "rpt_adviser_ltv"]);
-    let r = run_json(&p, &["build", "--select", "silver"]);
+    let r = json(&p, &["build", "--select", "silver"]);
     assert_eq!(names(&r), ["advisers", "clients", "stg_fees"]);
     let out = p.run(&["build", "--select", "nope"]);
     assert_eq!(out.status.code(), Some(2));
@@ -559,9 +544,9 @@ fn dag_renders_as_text_mermaid_dot_and_json() {
 #[test]
 fn runs_lists_past_runs_with_metrics() {
     let p = Project::reference();
-    let first = run_json(&p, &["run"]);
+    let first = json(&p, &["run"]);
     copy_dir(&repo().join("fixtures/batch2"), &p.landing());
-    let second = run_json(&p, &["run"]);
+    let second = json(&p, &["run"]);
     // A failed run: a model whose SQL no longer plans.
     let broken = p.path().join("sql/gold/rpt_cohort_ltv.sql");
     let sql = std::fs::read_to_string(&broken).unwrap();
@@ -819,7 +804,7 @@ fn recompute_by_rebuilds_only_the_changed_values_and_deletes_what_they_no_longer
          group by f.client_id, f.adviser_id, a.team\n",
     )
     .unwrap();
-    let first = run_json(&p, &["run"]);
+    let first = json(&p, &["run"]);
     assert_eq!(model(&first, "client_adviser_fees")["mode"], "full");
     assert_eq!(model(&first, "dim_clients")["mode"], "full");
     let before = p.count("select count(*) from gold.client_adviser_fees");
@@ -860,7 +845,7 @@ fn recompute_by_rebuilds_only_the_changed_values_and_deletes_what_they_no_longer
         ),
     )
     .unwrap();
-    let second = run_json(&p, &["run"]);
+    let second = json(&p, &["run"]);
     assert_eq!(model(&second, "few_client_adviser_fees")["mode"], "full");
     let few_before = p.count("select count(*) from gold.few_client_adviser_fees");
     assert!(
@@ -888,7 +873,7 @@ fn recompute_by_rebuilds_only_the_changed_values_and_deletes_what_they_no_longer
         ),
     )
     .unwrap();
-    let report = run_json(&p, &["run"]);
+    let report = json(&p, &["run"]);
     let m = model(&report, "client_adviser_fees");
     assert_eq!(m["mode"], "incremental", "{m}");
     // Only the two clients' rows were recomputed; of those, one pair is gone and one changed.
@@ -956,7 +941,7 @@ fn recompute_by_rebuilds_only_the_changed_values_and_deletes_what_they_no_longer
         format!("{{\"adviser_id\": \"{oadv}\", \"name\": \"Moved Adviser\", \"team\": \"Recompute\", \"region\": \"York\", \"joined_date\": \"2020-01-01\"}}\n"),
     )
     .unwrap();
-    let report = run_json(&p, &["run"]);
+    let report = json(&p, &["run"]);
     assert_eq!(model(&report, "client_adviser_fees")["mode"], "full");
     assert_eq!(
         p.count(&format!(
@@ -1029,7 +1014,7 @@ fn a_full_build_that_breaks_its_unique_key_is_rolled_back() {
         "{{ config(materialized='incremental', unique_key='adviser_id') }}\n\
          select adviser_id, count(*) as fees from {{ ref('stg_fees') }} group by adviser_id\n",
     );
-    let report = run_json(&p, &["run"]);
+    let report = json(&p, &["run"]);
     assert_eq!(model(&report, "adviser_fee_keys")["mode"], "full");
     let good = table_csv(&p, "gold.adviser_fee_keys");
     assert!(good.lines().count() > 2, "{good}");
@@ -1113,7 +1098,7 @@ fn a_partition_overwrite_build_beyond_one_chunk_runs_a_query_per_chunk_in_one_co
     assert!(table_csv(&p, "gold.per_day").contains("\n0,4000,5,"));
 
     // With the default pool the same build is one query.
-    let r = run_json(&p, &["build", "--select", "per_day", "--full-refresh"]);
+    let r = json(&p, &["build", "--select", "per_day", "--full-refresh"]);
     assert_eq!(model(&r, "per_day")["chunks"], 1);
     assert_eq!(table_csv(&p, "gold.per_day"), expected(&p));
 }

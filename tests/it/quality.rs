@@ -2,16 +2,7 @@
 
 use serde_json::Value;
 
-use crate::support::{Project, repo};
-
-fn model<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["model"] == name)
-        .unwrap_or_else(|| panic!("{name} in {report}"))
-}
+use crate::support::{Project, model, repo};
 
 fn test<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["tests"]

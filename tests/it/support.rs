@@ -111,6 +111,24 @@ impl Project {
     }
 }
 
+/// `silt --json <args>` on `p`, insisting on exit code 0, as JSON.
+pub fn json(p: &Project, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = p.ok(&a);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {out}"))
+}
+
+/// One model's entry in a run report.
+pub fn model<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == name)
+        .unwrap_or_else(|| panic!("{name} in {report}"))
+}
+
 /// Start `cmd` with `SILT_FAILPOINT=failpoint`, wait until it stops there, SIGKILL it.
 pub fn kill_at_failpoint(mut cmd: Command, failpoint: &str) {
     use std::io::{BufRead, BufReader};

@@ -5,10 +5,8 @@
 
 use serde_json::Value;
 
-use crate::outside::{
-    FLIGHTS_TOML, files_under, flights, json, model, month, orders_project, project, write,
-};
-use crate::support::kill_at_failpoint;
+use crate::outside::{FLIGHTS_TOML, files_under, flights, month, orders_project, project, write};
+use crate::support::{json, kill_at_failpoint, model};
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
