@@ -133,10 +133,10 @@ pub struct BigQuerySection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSection {
-    /// Memory that sorts, aggregates and joins may hold before they spill to disk (MiB);
-    /// 0 (the default) = a quarter of the machine's memory ([`EngineSection::memory_limit_bytes`]).
-    #[serde(default)]
-    pub memory_limit_mb: u64,
+    /// Memory that sorts, aggregates and joins may hold before they spill to disk (MiB); left
+    /// out, a quarter of the machine's memory ([`EngineSection::memory_limit_bytes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mb: Option<u64>,
     /// Parallel partitions per query; 0 = one per core.
     #[serde(default)]
     pub target_partitions: usize,
@@ -148,7 +148,7 @@ pub struct EngineSection {
 impl Default for EngineSection {
     fn default() -> Self {
         EngineSection {
-            memory_limit_mb: 0,
+            memory_limit_mb: None,
             target_partitions: 0,
             batch_size: default_engine_batch_size(),
         }
@@ -165,8 +165,8 @@ impl EngineSection {
     /// operators reserve: the Parquet writers (one open file per partition), delta-rs's
     /// buffers and the allocator's slack come on top (peak RSS measured 3-6x a small pool).
     pub fn memory_limit_bytes(&self) -> usize {
-        if self.memory_limit_mb > 0 {
-            return (self.memory_limit_mb.max(16) << 20) as usize;
+        if let Some(mb) = self.memory_limit_mb {
+            return (mb.max(16) << 20) as usize;
         }
         match usable_memory() {
             Some(total) => (total / 4).max(MIN_POOL) as usize,
@@ -730,6 +730,16 @@ impl Project {
             .map_err(|m| Error::config(PROJECT_FILE, format!("lake.root: {m}")))?;
         let landing_url = resolve_root(&dir, file.landing.root.as_deref().unwrap_or("landing"))
             .map_err(|m| Error::config(PROJECT_FILE, format!("landing.root: {m}")))?;
+        if let Some(mb) = file.engine.memory_limit_mb
+            && mb < 16
+        {
+            return Err(Error::config(
+                path.display().to_string(),
+                format!(
+                    "[engine] memory_limit_mb = {mb} leaves the engine no memory: give at least 16 (MiB), or leave it out for a quarter of the machine's memory"
+                ),
+            ));
+        }
         let sources = load_sources(&dir)?;
         check_subject_paths(&sources)?;
         Ok(Project {

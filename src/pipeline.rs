@@ -455,6 +455,7 @@ async fn build_models(
                 format!("upstream {up} failed"),
             ));
         } else {
+            let began = Instant::now();
             match mat.build(m).await {
                 Ok(metrics) if metrics.status == "up_to_date" => {
                     let tested = Tested::of(&metrics);
@@ -524,6 +525,7 @@ async fn build_models(
                         status: "failed".into(),
                         mode: "none".into(),
                         message: Some(e.to_string()),
+                        ms: began.elapsed().as_millis() as u64,
                         ..Default::default()
                     });
                     report.errors.push((name.clone(), e));

@@ -402,8 +402,23 @@ fn the_default_memory_pool_is_a_share_of_the_machine() {
     assert_eq!(pool, (usable / 4).max(256 << 20));
     // Set explicitly, it is what the file says.
     let set = silt::config::EngineSection {
-        memory_limit_mb: 300,
+        memory_limit_mb: Some(300),
         ..Default::default()
     };
     assert_eq!(set.memory_limit_bytes(), 300 << 20);
+    // Zero is not "unlimited" nor "automatic": a configuration error naming the fix.
+    let p = flights();
+    let toml = std::fs::read_to_string(p.path().join("silt.toml")).unwrap();
+    write(
+        p.path(),
+        "silt.toml",
+        &format!("{toml}\n[engine]\nmemory_limit_mb = 0\n"),
+    );
+    let out = p.run(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_of(&out).contains("memory_limit_mb = 0"),
+        "{}",
+        stderr_of(&out)
+    );
 }
