@@ -352,10 +352,36 @@ async fn explain_missing(catalog: &Catalog, msg: String) -> String {
     )
 }
 
+/// SQL in silt only reads: a statement whose plan writes (INSERT, UPDATE, DELETE, COPY), defines
+/// (CREATE, DROP, external tables) or sets anything is refused before it runs. Tables are
+/// written by `silt ingest` and `silt build`, with their ledger, contracts and lease.
+fn read_only(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(plan)
+        .map_err(|e| {
+            Error::Usage(format!(
+                "SQL in silt only reads ({}): tables are written by `silt ingest` and `silt build`, and results leave silt through `silt query --format csv|json` or `silt export`",
+                e.strip_backtrace().trim_start_matches("Error during planning: ")
+            ))
+        })
+}
+
 async fn plan_sql(ctx: &SessionContext, catalog: &Catalog, sql: &str) -> Result<DataFrame> {
     let upper = sql.to_ascii_uppercase();
     if !upper.contains(" AS OF") {
-        return ctx.sql(sql).await.map_err(Error::from_datafusion);
+        let plan = ctx
+            .state()
+            .create_logical_plan(sql)
+            .await
+            .map_err(Error::from_datafusion)?;
+        read_only(&plan)?;
+        return ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(Error::from_datafusion);
     }
     let mut stmts =
         sqlparser::parser::Parser::parse_sql(&TimeTravelDialect(GenericDialect {}), sql)
@@ -389,6 +415,7 @@ async fn plan_sql(ctx: &SessionContext, catalog: &Catalog, sql: &str) -> Result<
         )))
         .await
         .map_err(Error::from_datafusion)?;
+    read_only(&plan)?;
     ctx.execute_logical_plan(plan)
         .await
         .map_err(Error::from_datafusion)

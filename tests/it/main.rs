@@ -6,6 +6,7 @@ mod bigquery;
 mod contract;
 mod erasure;
 mod gcs;
+mod hardening;
 mod ingest;
 mod lease;
 mod maintenance;
