@@ -109,6 +109,18 @@ impl TableRef {
         Ok(TableRef::new(layer, n))
     }
 
+    /// `Err` for silt's bookkeeping tables (`_silt.*`: ledger, run log, erasure audit,
+    /// exports): `verb` (restore, optimize, vacuum) would rewrite their history, and the
+    /// exactly-once ledger or the GDPR audit with it.
+    pub fn writable_by_user(&self, verb: &str) -> Result<()> {
+        if self.layer == Layer::Silt {
+            return Err(Error::Usage(format!(
+                "{self} is silt's own bookkeeping: `silt {verb}` does not touch it (a restored ledger would ingest files twice, a restored audit would lose GDPR records)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Path of the table relative to the lake root.
     pub fn rel_path(&self) -> String {
         format!("{}/{}", self.layer.dir(), self.name)

@@ -294,6 +294,11 @@ pub struct ParseOptions {
     /// (a leading space can be data, as in TPC-H comments).
     #[serde(default)]
     pub trim: bool,
+    /// The line breaks one quoted CSV field may span. A quote that runs past them, or to the
+    /// end of the file, refuses its record (one line) and reading goes on at the next line,
+    /// instead of swallowing the records after it.
+    #[serde(default = "default_max_quoted_lines")]
+    pub max_quoted_lines: u64,
 }
 
 impl Default for ParseOptions {
@@ -316,6 +321,9 @@ fn default_null_values() -> Vec<String> {
 }
 fn default_date_formats() -> Vec<String> {
     vec!["%Y-%m-%d".into()]
+}
+fn default_max_quoted_lines() -> u64 {
+    100
 }
 fn default_encoding() -> String {
     "utf-8".into()
@@ -720,6 +728,12 @@ impl Project {
         })?;
         let mut value: toml::Table = toml::from_str(&text)
             .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+        if value.is_empty() {
+            return Err(Error::config(
+                path.display().to_string(),
+                "the project file is empty: declare at least [project] name (and [lake] / [landing] root), or run `silt init` for a commented one",
+            ));
+        }
         apply_env_overrides(&mut value, env);
         let file: ProjectFile = value.try_into().map_err(|e: toml::de::Error| {
             Error::config(path.display().to_string(), e.to_string())
@@ -751,7 +765,27 @@ impl Project {
         })
     }
 
-    /// Sources selected by name; all when `names` is empty.
+    /// Columns that lead to a data subject: every source's subject key and subject_via column.
+    pub fn subject_columns(&self) -> std::collections::BTreeSet<String> {
+        self.sources
+            .values()
+            .flat_map(|s| {
+                s.subject_key
+                    .iter()
+                    .cloned()
+                    .chain(s.subject_via.iter().map(|v| v.column.clone()))
+            })
+            .collect()
+    }
+
+    /// Columns no table keeps min/max statistics on: the PII columns and the subject columns
+    /// (an erased id must not survive in the statistics of a log entry or checkpoint).
+    pub fn no_stats_columns(&self) -> std::collections::BTreeSet<String> {
+        let mut c = self.pii_columns();
+        c.extend(self.subject_columns());
+        c
+    }
+
     /// Every column some source declares PII.
     pub fn pii_columns(&self) -> std::collections::BTreeSet<String> {
         self.sources

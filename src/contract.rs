@@ -252,17 +252,26 @@ pub const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
 
 pub fn parse_date(s: &str, formats: &[String]) -> Option<i32> {
     use chrono::Datelike;
-    formats
-        .iter()
-        .find_map(|f| {
-            if f == "%Y-%m-%d" {
-                // The common case without chrono's format interpreter (ingest's hot loop).
-                iso_date(s)
-            } else {
-                NaiveDate::parse_from_str(s, f).ok()
-            }
-        })
+    any_date(s, formats)
+        .filter(|d| READABLE_YEARS.contains(&d.year()))
         .map(|d| d.num_days_from_ce() - UNIX_EPOCH_DAYS_FROM_CE)
+}
+
+/// The years every Delta reader can read (Spark, delta-rs, DuckDB and Python's `datetime`
+/// stop at 0001 and 9999); dates and timestamps outside them are refused, so a partition value
+/// like `+99999-01` can never reach a table.
+pub const READABLE_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
+
+/// A date in one of `formats`, whatever its year.
+fn any_date(s: &str, formats: &[String]) -> Option<NaiveDate> {
+    formats.iter().find_map(|f| {
+        if f == "%Y-%m-%d" {
+            // The common case without chrono's format interpreter (ingest's hot loop).
+            iso_date(s)
+        } else {
+            NaiveDate::parse_from_str(s, f).ok()
+        }
+    })
 }
 
 /// `YYYY-MM-DD` exactly as chrono's `%Y-%m-%d` accepts it when the year has four digits;
@@ -285,18 +294,41 @@ fn iso_date(s: &str) -> Option<NaiveDate> {
 }
 
 pub fn parse_timestamp(s: &str, formats: &[String]) -> Option<i64> {
+    use chrono::Datelike;
+    any_timestamp(s, formats)
+        .filter(|t| READABLE_YEARS.contains(&t.year()))
+        .map(|t| t.timestamp_micros())
+}
+
+/// A timestamp in RFC 3339 or one of `formats`, whatever its year.
+fn any_timestamp(s: &str, formats: &[String]) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.with_timezone(&Utc).timestamp_micros());
+        return Some(t.with_timezone(&Utc));
     }
     for f in formats {
         if let Ok(t) = DateTime::parse_from_str(s, f) {
-            return Some(t.with_timezone(&Utc).timestamp_micros());
+            return Some(t.with_timezone(&Utc));
         }
         if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
-            return Some(Utc.from_utc_datetime(&t).timestamp_micros());
+            return Some(Utc.from_utc_datetime(&t));
         }
     }
     None
+}
+
+/// Why `raw` is not a date or timestamp of the column: outside the readable years, or not one
+/// in the formats.
+fn temporal_reason(raw: &str, what: &str, formats: &[String], in_format: bool) -> String {
+    if in_format {
+        format!(
+            "'{raw}' is a {what} outside the years 0001-9999 that every Delta reader can read; correct it at the source"
+        )
+    } else {
+        format!(
+            "'{raw}' is not a {what} in the format(s) {}",
+            formats.join(", ")
+        )
+    }
 }
 
 /// Parse a decimal literal into its unscaled value at `scale`, refusing values that would lose
@@ -381,19 +413,18 @@ pub fn parse_scalar<'a>(
         ColumnType::Date => parse_date(raw, &fmts.date)
             .map(Scalar::Date)
             .ok_or_else(|| {
-                format!(
-                    "'{raw}' is not a date in the format(s) {}",
-                    fmts.date.join(", ")
-                )
+                temporal_reason(raw, "date", &fmts.date, any_date(raw, &fmts.date).is_some())
             }),
         ColumnType::Timestamp => parse_timestamp(raw, &fmts.timestamp)
             .map(Scalar::Timestamp)
             .ok_or_else(|| {
                 let mut f = vec!["RFC 3339".to_string()];
                 f.extend(fmts.timestamp.iter().cloned());
-                format!(
-                    "'{raw}' is not a timestamp in the format(s) {}",
-                    f.join(", ")
+                temporal_reason(
+                    raw,
+                    "timestamp",
+                    &f,
+                    any_timestamp(raw, &fmts.timestamp).is_some(),
                 )
             }),
         ColumnType::Decimal(p, s) => parse_decimal(raw, *p, *s).map(Scalar::Decimal),

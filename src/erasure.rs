@@ -39,6 +39,10 @@ use crate::models::{Dag, Materialized};
 use crate::pseudonym::hmac_hex;
 use crate::storage::same_path;
 
+/// The entry of the `started` audit row's `key_hmacs` that holds the subjects' PII values as
+/// HMACs (the others are per `subject_via` source).
+const PII_HMACS: &str = "*pii";
+
 /// `_silt.erasures`, the audit log.
 pub fn table() -> TableRef {
     TableRef::new(Layer::Silt, "erasures")
@@ -52,6 +56,10 @@ pub struct Needles {
     pub ids: BTreeSet<String>,
     /// String values of the sources' PII columns on the subjects' rows.
     pub pii: BTreeSet<String>,
+    /// HMACs of PII values an earlier run of the request recorded (`--verify` after the
+    /// records they came from are gone): a whole cell or field is matched by its HMAC.
+    pub pii_hmacs: HashSet<String>,
+    pub hmac_key: Option<String>,
     /// Every id and PII value in one automaton, built on the first search (the sets above
     /// are complete by then and do not change).
     matcher: OnceLock<Option<Matcher2>>,
@@ -138,7 +146,30 @@ impl Needles {
 
     /// Whether `text` (a cell of a PII column) holds a PII value of the subjects.
     pub fn find_pii(&self, text: &str) -> bool {
-        !self.pii.is_empty() && self.scan(text).1
+        (!self.pii.is_empty() && self.scan(text).1)
+            || (!self.pii_hmacs.is_empty()
+                && self.hmac_key.as_ref().is_some_and(|k| {
+                    let t = text.trim();
+                    !t.is_empty() && self.pii_hmacs.contains(&hmac_hex(k, t))
+                }))
+    }
+
+    /// Whether there is any PII to look for.
+    fn has_pii(&self) -> bool {
+        !self.pii.is_empty() || !self.pii_hmacs.is_empty()
+    }
+
+    /// The PII values as HMACs, for the audit.
+    fn pii_hmac_list(&self, key: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .pii
+            .iter()
+            .map(|v| hmac_hex(key, v))
+            .chain(self.pii_hmacs.iter().cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// `find_in` by one search per needle: the fallback when the automaton cannot be built,
@@ -442,7 +473,7 @@ impl Scope {
                 keyless[i] &= m.is_none();
             }
         }
-        if pii.pii.is_empty() {
+        if !pii.has_pii() {
             return hit;
         }
         for c in &self.pii {
@@ -645,6 +676,125 @@ impl<'a> Records<'a> {
             })
     }
 
+    /// The PII field values (4 characters or more) of a record that belongs to a subject by
+    /// its key field; nothing for another record.
+    fn pii_of_csv(&self, rec: &csv::ByteRecord, header: Option<&[String]>) -> Vec<String> {
+        let field = |i: usize| {
+            rec.get(i)
+                .map(|f| String::from_utf8_lossy(f).trim().to_string())
+        };
+        let key = self
+            .key_field
+            .as_deref()
+            .and_then(|k| self.csv_index(k, header))
+            .and_then(field);
+        if !key.is_some_and(|k| self.keys.matches_field(&k, self.key_int)) {
+            return Vec::new();
+        }
+        self.pii_fields
+            .iter()
+            .filter_map(|p| self.csv_index(p, header))
+            .filter_map(field)
+            .filter(|v| v.chars().count() >= 4)
+            .collect()
+    }
+
+    fn pii_of_json(&self, v: &serde_json::Value) -> Vec<String> {
+        let Some(obj) = v.as_object() else {
+            return Vec::new();
+        };
+        let keyed = match self.key_field.as_deref().and_then(|k| obj.get(k)) {
+            Some(serde_json::Value::Number(x)) => {
+                x.as_i64().is_some_and(|i| self.keys.matches_int(i))
+            }
+            Some(serde_json::Value::String(s)) => self.keys.matches_field(s, self.key_int),
+            _ => false,
+        };
+        if !keyed {
+            return Vec::new();
+        }
+        self.pii_fields
+            .iter()
+            .filter_map(|p| obj.get(p).and_then(|v| v.as_str()))
+            .map(|v| v.trim().to_string())
+            .filter(|v| v.chars().count() >= 4)
+            .collect()
+    }
+
+    /// The PII values of a subject's raw record (quarantine), or of each subject record of a
+    /// landing file.
+    fn pii_of_raw(&self, raw: &str, header: Option<&[String]>) -> Vec<String> {
+        match self.src.format {
+            Format::Csv => {
+                let mut rdr = csv::ReaderBuilder::new()
+                    .delimiter(self.src.parse.delimiter as u8)
+                    .quote(self.src.parse.quote as u8)
+                    .has_headers(false)
+                    .flexible(true)
+                    .from_reader(raw.as_bytes());
+                let mut rec = csv::ByteRecord::new();
+                match rdr.read_byte_record(&mut rec) {
+                    Ok(true) => self.pii_of_csv(&rec, header),
+                    _ => Vec::new(),
+                }
+            }
+            _ => serde_json::from_str::<serde_json::Value>(raw)
+                .map(|v| self.pii_of_json(&v))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn pii_of_file(&self, data: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        match self.src.format {
+            Format::Csv => {
+                let mut rdr = csv::ReaderBuilder::new()
+                    .delimiter(self.src.parse.delimiter as u8)
+                    .quote(self.src.parse.quote as u8)
+                    .has_headers(false)
+                    .flexible(true)
+                    .from_reader(data);
+                let mut rec = csv::ByteRecord::new();
+                let mut header: Option<Vec<String>> = None;
+                while let Ok(true) = rdr.read_byte_record(&mut rec) {
+                    if header.is_none() && self.src.parse.header {
+                        header = Some(header_fields(&rec));
+                        continue;
+                    }
+                    out.extend(self.pii_of_csv(&rec, header.as_deref()));
+                }
+            }
+            Format::Ndjson => {
+                for line in data.split(|b| *b == b'\n') {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+                        out.extend(self.pii_of_json(&v));
+                    }
+                }
+            }
+            Format::JsonArray | Format::Json => {
+                let body = data.strip_prefix(b"\xef\xbb\xbf").unwrap_or(data);
+                match serde_json::from_slice::<serde_json::Value>(body) {
+                    Ok(serde_json::Value::Array(items)) => {
+                        for v in &items {
+                            out.extend(self.pii_of_json(v));
+                        }
+                    }
+                    // A truncated document: its lines one by one, as NDJSON would be.
+                    _ => {
+                        for line in body.split(|b| *b == b'\n') {
+                            let line = String::from_utf8_lossy(line);
+                            let t = line.trim().trim_start_matches('[').trim_end_matches(',');
+                            if let Ok(v) = serde_json::from_str::<serde_json::Value>(t) {
+                                out.extend(self.pii_of_json(&v));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// One raw record as the quarantine keeps it.
     fn raw(&self, raw: &str, header: Option<&[String]>) -> bool {
         match self.src.format {
@@ -725,8 +875,11 @@ pub struct TableErasure {
 pub struct ForgetReport {
     pub request_id: String,
     pub resumed: bool,
-    /// Sources declaring PII that forget did not search (no path to a subject).
+    /// Sources declaring PII that forget did not search (no path to a subject), and landing
+    /// entries it could not read.
     pub warnings: Vec<String>,
+    /// Whether any record matched a subject; false: nothing changed (audited as a no-op).
+    pub matched: bool,
     pub subjects: Vec<String>,
     pub steps: Vec<TableErasure>,
     pub rows_deleted: u64,
@@ -747,6 +900,8 @@ pub struct VerifyReport {
     pub objects_scanned: u64,
     pub parquet_files: u64,
     pub findings: Vec<Finding>,
+    /// Landing entries that could not be read (not scanned: they may hold a subject).
+    pub unreadable: Vec<String>,
 }
 
 fn key_of(silt: &Silt) -> Result<String> {
@@ -795,6 +950,8 @@ pub struct Plan {
     pub needles: Arc<Needles>,
     /// Values derived through `subject_via`, per source, as HMACs for the audit.
     derived_hmacs: BTreeMap<String, Vec<String>>,
+    /// The subjects' PII values as HMACs, for the audit.
+    pii_hmacs: Vec<String>,
     /// Sources that declare PII but no path to a subject (not searched).
     pub warnings: Vec<String>,
     source_defs: HashMap<String, Source>,
@@ -852,6 +1009,13 @@ impl Plan {
         }
         let mut needles = Needles {
             ids: id_set.text.iter().cloned().collect(),
+            pii_hmacs: stored
+                .get(PII_HMACS)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect(),
+            hmac_key: Some(hmac_key.to_string()),
             ..Default::default()
         };
         for s in &order {
@@ -923,6 +1087,53 @@ impl Plan {
                 }
             }
         }
+        // ...and from the records of the subjects that never reached bronze: quarantined
+        // ones, and landing files not ingested yet (a quarantined twin without the id still
+        // carries the name and email).
+        let listed = silt.landing.list_landing().await?.0;
+        for name in &plan.sources {
+            let src = &project.sources[name];
+            if src.pii.is_empty() {
+                continue;
+            }
+            let keys = plan.keys_of(name).expect("a source in scope has keys");
+            let rec = Records::new(src, &keys, &needles);
+            let mut found: Vec<String> = Vec::new();
+            let fallback: Vec<String> = src.columns.iter().map(|c| c.source.clone()).collect();
+            let q = TableRef::quarantine(name);
+            let cols = ["raw_record".to_string()];
+            for (inner, loc) in data_files(silt, &q).await? {
+                for b in decode_parquet_for(silt.lake.get(&loc).await?, &inner, Some(&cols))? {
+                    let Some(raw) = b
+                        .column_by_name("raw_record")
+                        .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+                    else {
+                        continue;
+                    };
+                    let raw = raw.as_string::<i32>();
+                    for i in 0..raw.len() {
+                        if raw.is_valid(i) {
+                            found.extend(rec.pii_of_raw(raw.value(i), Some(&fallback)));
+                        }
+                    }
+                }
+            }
+            for m in &listed {
+                if silt
+                    .landing
+                    .relative(&m.location)
+                    .is_some_and(|rel| src.glob.is_match(&rel))
+                {
+                    let data = silt.landing.get(&m.location).await?;
+                    if keys.hmacs.is_empty() && !keys.find_in(&String::from_utf8_lossy(&data)) {
+                        continue;
+                    }
+                    found.extend(rec.pii_of_file(&data));
+                }
+            }
+            needles.pii.extend(found);
+        }
+        plan.pii_hmacs = needles.pii_hmac_list(hmac_key);
         plan.needles = Arc::new(needles);
         // What a model can carry from a source: its key, and the key its subject_via children
         // reach subjects through (a model of orders that keeps o_orderkey but not the
@@ -1414,8 +1625,12 @@ impl<'a> ForgetBuilder<'a> {
             None => {
                 report.request_id = uuid::Uuid::now_v7().to_string();
                 let mut started = row(&report.request_id, "started");
-                if !plan.derived_hmacs.is_empty() {
-                    started.key_hmacs = serde_json::to_string(&plan.derived_hmacs).ok();
+                let mut recorded = plan.derived_hmacs.clone();
+                if !plan.pii_hmacs.is_empty() {
+                    recorded.insert(PII_HMACS.into(), plan.pii_hmacs.clone());
+                }
+                if !recorded.is_empty() {
+                    started.key_hmacs = serde_json::to_string(&recorded).ok();
                 }
                 audit(silt, &[started]).await?;
             }
@@ -1432,7 +1647,8 @@ impl<'a> ForgetBuilder<'a> {
         };
         // 1. Landing files of the sources in scope (PII values are still in bronze to find
         //    them by).
-        let listed = silt.landing.list("").await?;
+        let (listed, skipped) = silt.landing.list_landing().await?;
+        report.warnings.extend(skipped);
         for name in &plan.sources {
             let src = &silt.project.sources[name];
             let keys = plan.keys_of(name).expect("a source in scope has keys");
@@ -1516,10 +1732,16 @@ impl<'a> ForgetBuilder<'a> {
             .iter()
             .map(|s| s.files_rewritten.len() as i64)
             .sum();
+        report.matched = report.rows_deleted > 0 || report.files_purged > 0;
         done_row.detail = Some(format!(
-            "{} step(s){}",
+            "{} step(s){}{}",
             report.steps.len(),
-            if report.resumed { "; resumed" } else { "" }
+            if report.resumed { "; resumed" } else { "" },
+            if report.matched {
+                ""
+            } else {
+                "; no-op: no record matched the subjects"
+            }
         ));
         audit(silt, &[done_row]).await?;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -1932,7 +2154,7 @@ impl Run<'_> {
     /// Returns what each model step did, for the run log.
     async fn models(&mut self, dag: &Dag, plan: &Plan, key: &str) -> Result<Vec<ModelMetrics>> {
         let silt = self.silt;
-        let pii: BTreeSet<String> = silt.project.pii_columns();
+        let pii: BTreeSet<String> = silt.project.no_stats_columns();
         let ctx = silt.catalog.session().await?;
         let run_id = format!("erasure-{}", self.request);
         let mk = |full_refresh: bool| Materializer {
@@ -2289,6 +2511,26 @@ fn log_mentions(
                     return Ok(true);
                 }
             }
+            // A checkpoint's add and remove actions carry their files' statistics as JSON.
+            for kind in ["add", "remove"] {
+                let Some(stats) = b
+                    .column_by_name(kind)
+                    .and_then(|c| c.as_struct_opt())
+                    .and_then(|s| s.column_by_name("stats"))
+                    .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+                else {
+                    continue;
+                };
+                let stats = stats.as_string::<i32>();
+                for i in 0..stats.len() {
+                    if stats.is_valid(i)
+                        && let Ok(v) = serde_json::from_str::<serde_json::Value>(stats.value(i))
+                        && stats_mention(&v, how, n)
+                    {
+                        return Ok(true);
+                    }
+                }
+            }
         }
     }
     Ok(false)
@@ -2387,72 +2629,50 @@ fn header_fields(rec: &csv::ByteRecord) -> Vec<String> {
 
 /// CSV: drop the subjects' records ([`Records::csv`]); every other byte stays as it was.
 fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64) {
+    // Ingest's own splitter, with its quote limit: the records are the ones ingest saw (an
+    // unterminated quote refuses one line, it does not swallow the records after it).
     let src = rec_test.src;
-    let mut rdr = csv::ReaderBuilder::new()
-        .delimiter(src.parse.delimiter as u8)
-        .quote(src.parse.quote as u8)
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(data);
+    let mut split = crate::ingest::csv_records::Records::new(
+        data,
+        src.parse.delimiter as u8,
+        src.parse.quote as u8,
+    )
+    .with_quote_limit(src.parse.max_quoted_lines);
     let mut out = Vec::with_capacity(data.len());
     let mut header: Option<Vec<String>> = None;
     let mut first = src.parse.header;
-    let mut rec = csv::ByteRecord::new();
-    let mut start = 0usize;
+    let mut cursor = 0usize;
     let mut dropped = 0;
-    loop {
-        match rdr.read_byte_record(&mut rec) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(_) => {
-                // Unparseable rest: judge it line by line, each line as a record where it
-                // parses as one.
-                let (rest, d) = drop_lines(&data[start..], rec_test, header.as_deref());
-                out.extend_from_slice(&rest);
-                dropped += d;
-                return (out, dropped);
-            }
+    let mut rec = csv::ByteRecord::new();
+    while let Some(at) = split.next_record() {
+        rec.clear();
+        for f in split.iter() {
+            rec.push_field(f);
         }
-        let end = rdr.position().byte() as usize;
-        let bytes = &data[start..end.min(data.len())];
         if first {
             first = false;
             header = Some(header_fields(&rec));
-            out.extend_from_slice(bytes);
-        } else if rec_test.csv(&rec, header.as_deref()) {
-            dropped += 1;
-        } else {
-            out.extend_from_slice(bytes);
+            continue;
         }
-        start = end;
-    }
-    out.extend_from_slice(&data[start.min(data.len())..]);
-    (out, dropped)
-}
-
-/// Lines (terminators kept) without the subjects' ones: a line that parses as a CSV record is
-/// judged as one ([`Records::csv`]), another by its text.
-fn drop_lines(data: &[u8], rec: &Records, header: Option<&[String]>) -> (Vec<u8>, u64) {
-    let mut out = Vec::with_capacity(data.len());
-    let mut dropped = 0;
-    let mut record = csv::ByteRecord::new();
-    for line in data.split_inclusive(|b| *b == b'\n') {
-        let mut rdr = csv::ReaderBuilder::new()
-            .delimiter(rec.src.parse.delimiter as u8)
-            .quote(rec.src.parse.quote as u8)
-            .has_headers(false)
-            .flexible(true)
-            .from_reader(line);
-        let hit = match rdr.read_byte_record(&mut record) {
-            Ok(true) => rec.csv(&record, header),
-            _ => rec.text(&String::from_utf8_lossy(line)),
+        let hit = match &at.broken {
+            Some(_) => rec_test.text(&String::from_utf8_lossy(&data[at.start..at.end])),
+            None => rec_test.csv(&rec, header.as_deref()),
         };
         if hit {
+            // Everything before the record stays; the record and its line ending go.
+            out.extend_from_slice(&data[cursor..at.start]);
+            let mut end = at.end;
+            if data.get(end) == Some(&b'\r') {
+                end += 1;
+            }
+            if data.get(end) == Some(&b'\n') {
+                end += 1;
+            }
+            cursor = end;
             dropped += 1;
-        } else {
-            out.extend_from_slice(line);
         }
     }
+    out.extend_from_slice(&data[cursor.min(data.len())..]);
     (out, dropped)
 }
 
@@ -2599,7 +2819,8 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
     }
     let mut headers: HashMap<String, HashMap<String, Vec<String>>> = HashMap::new();
     // The landing files of the sources in scope: a record the erasure would drop.
-    let landing = silt.landing.list("").await?;
+    let (landing, skipped) = silt.landing.list_landing().await?;
+    report.unreadable = skipped;
     for name in &plan.sources {
         let src = &silt.project.sources[name];
         let keys = plan.keys_of(name).expect("a source in scope has keys");

@@ -20,19 +20,24 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    let filter = match cli.verbose {
+    // A forget never logs what it erases: delta-rs traces file statistics (ids) at debug
+    // level, so its dependencies stay silent at every verbosity, SILT_LOG included.
+    let forget = matches!(cli.command, Command::Forget { .. });
+    let filter = match (cli.verbose, forget) {
         // silt's own steps; dependencies (delta-rs, delta-kernel, DataFusion) only from -vvv:
         // their errors reach the user as silt's errors, once.
-        0 => "off,silt=warn",
-        1 => "off,silt=info",
-        2 => "off,silt=debug",
+        (0, _) => "off,silt=warn",
+        (1, _) => "off,silt=info",
+        (2, _) | (_, true) => "off,silt=debug",
         _ => "debug,silt=trace",
     };
+    let env_filter = match std::env::var("SILT_LOG") {
+        Ok(_) if !forget => tracing_subscriber::EnvFilter::try_from_env("SILT_LOG")
+            .unwrap_or_else(|_| filter.into()),
+        _ => filter.into(),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SILT_LOG")
-                .unwrap_or_else(|_| filter.into()),
-        )
+        .with_env_filter(env_filter)
         .with_writer(std::io::stderr)
         .init();
     // At least two workers, so the lease's renewal runs beside a busy one on a 1-core machine.
@@ -484,7 +489,14 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let silt = Silt::open(&cli.project)?;
             let tables = match table {
                 Some(t) => vec![silt::catalog::TableRef::parse(&t)?],
-                None => silt.catalog.list().await?,
+                // Every data table; silt's bookkeeping keeps its history.
+                None => silt
+                    .catalog
+                    .list()
+                    .await?
+                    .into_iter()
+                    .filter(|t| t.layer != silt::catalog::Layer::Silt)
+                    .collect(),
             };
             let mut reports = Vec::new();
             for t in tables {
@@ -560,6 +572,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                         r.parquet_files,
                         r.findings.len()
                     );
+                    for u in &r.unreadable {
+                        eprintln!("warning: not scanned: {u}");
+                    }
                 }
                 if !r.findings.is_empty() {
                     return Err(ExitWith(1).into());
@@ -620,6 +635,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     r.files_purged,
                     r.elapsed_ms
                 );
+                if !r.matched {
+                    println!(
+                        "no record of any table or landing file belongs to the given id(s) (matched by subject key, never as text): nothing was changed; the request is audited as a no-op"
+                    );
+                }
             }
             for w in r
                 .warnings
@@ -765,6 +785,9 @@ async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
         for s in &report.sources {
             for w in &s.warnings {
                 eprintln!("warning: {}: {w}", s.source);
@@ -850,6 +873,9 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         if let Some(r) = &report.ingest {
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
             for s in &r.sources {
                 for w in &s.warnings {
                     eprintln!("warning: {}: {w}", s.source);

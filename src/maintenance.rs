@@ -28,10 +28,41 @@ pub async fn optimize(
     zorder: &[String],
     target_size: Option<u64>,
 ) -> Result<OptimizeReport> {
+    t.writable_by_user("optimize")?;
     let table = catalog
         .open(t)
         .await?
         .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
+    if !zorder.is_empty() {
+        let schema = table
+            .snapshot()
+            .map_err(|e| Error::delta(t.to_string(), e))?
+            .snapshot()
+            .arrow_schema();
+        let partitions = table
+            .snapshot()
+            .map(|s| s.metadata().partition_columns().to_vec())
+            .unwrap_or_default();
+        for c in zorder {
+            if schema.field_with_name(c).is_err() || partitions.contains(c) {
+                let cols: Vec<String> = schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .filter(|f| !partitions.contains(f))
+                    .collect();
+                return Err(Error::Usage(format!(
+                    "--zorder '{c}' is not a column of {t} to order by{}: its columns are {}",
+                    if partitions.contains(c) {
+                        " (it is the partition column)"
+                    } else {
+                        ""
+                    },
+                    cols.join(", ")
+                )));
+            }
+        }
+    }
     let mut b = table
         .optimize()
         .with_commit_properties(CommitProperties::default().with_metadata([(
@@ -76,6 +107,7 @@ pub async fn vacuum(
     dry_run: bool,
     force: bool,
 ) -> Result<VacuumReport> {
+    t.writable_by_user("vacuum")?;
     if retain_hours < DEFAULT_RETAIN_HOURS && !force && !dry_run {
         return Err(Error::Usage(format!(
             "--retain-hours {retain_hours} is below Delta's default retention of {DEFAULT_RETAIN_HOURS} hours: versions younger than a week become unreadable (time travel, `silt diff`, and incremental builds that last read them rebuild in full). Add --force to do it anyway, or --dry-run to see the files"

@@ -85,8 +85,8 @@ pub struct Materializer<'a> {
     pub ctx: &'a SessionContext,
     pub run_id: &'a str,
     pub full_refresh: bool,
-    /// Column names declared PII by any source: model tables keep no statistics on them
-    /// (DESIGN.md §4.4), so erased values cannot survive in the Delta log.
+    /// Column names declared PII by any source, and the sources' subject columns: model
+    /// tables keep no statistics on them, so erased values cannot survive in the Delta log.
     pub pii: &'a BTreeSet<String>,
     /// `[gdpr] hmac_key`, for `pseudonymize` columns.
     pub hmac_key: Option<&'a str>,
@@ -1086,7 +1086,11 @@ impl Materializer<'_> {
     fn stats_config(&self, m: &Model, cols: &[String]) -> HashMap<String, Option<String>> {
         let keep: Vec<&String> = cols
             .iter()
-            .filter(|c| !self.pii.contains(*c) && !m.config.pii.contains(*c))
+            .filter(|c| {
+                !self.pii.contains(*c)
+                    && !m.config.pii.contains(*c)
+                    && m.config.subject_key.as_ref() != Some(*c)
+            })
             .collect();
         let mut m = HashMap::new();
         if keep.len() < cols.len() {
@@ -1267,6 +1271,17 @@ impl Materializer<'_> {
         };
         if let Some(contract) = &cfg.contract {
             check_contract(m, df.schema().as_arrow(), contract)?;
+        }
+        if let Some(c) = &cfg.partition_by
+            && df.schema().field_with_unqualified_name(c).is_err()
+        {
+            return Err(Error::config(
+                &m.file,
+                format!(
+                    "partition_by='{c}': the model's output has no column '{c}'; its columns are {}",
+                    columns_of(&df).join(", ")
+                ),
+            ));
         }
         if let Some(c) = &cfg.recompute_by
             && df.schema().field_with_unqualified_name(c).is_err()
@@ -1509,12 +1524,26 @@ impl Materializer<'_> {
         let dup = dup?;
         let n: usize = dup.iter().map(|b| b.num_rows()).sum();
         if n > 0 {
+            // A key leading to a data subject is not written into a message: messages go to the
+            // run log, which an erasure does not rewrite.
+            let personal = m.config.unique_key.iter().any(|k| {
+                self.pii.contains(k)
+                    || m.config.pii.contains(k)
+                    || m.config.subject_key.as_ref() == Some(k)
+            });
+            let shown = if personal {
+                format!(
+                    "{n}{} key value(s) repeat (not shown: the key leads to a data subject; list them with `silt query` on the model's upstream)",
+                    if n >= 5 { "+" } else { "" }
+                )
+            } else {
+                format!("duplicates:\n{}", crate::render::table(&dup))
+            };
             return Err(Error::config(
                 &m.file,
                 format!(
-                    "unique_key ({}) is not unique in the model's output; duplicates:\n{}",
+                    "unique_key ({}) is not unique in the model's output; {shown}",
                     m.config.unique_key.join(", "),
-                    crate::render::table(&dup)
                 ),
             ));
         }

@@ -388,7 +388,7 @@ async fn build_models(
     report: &mut RunReport,
 ) -> Result<()> {
     let run_id = report.run_id.clone();
-    let pii: BTreeSet<String> = silt.project.pii_columns();
+    let pii: BTreeSet<String> = silt.project.no_stats_columns();
     let mat = Materializer {
         catalog: &silt.catalog,
         dag,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Once};
 
 use bytes::Bytes;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use url::Url;
@@ -438,6 +438,65 @@ impl Storage {
             .into_iter()
             .filter(|p| !present.contains(&same_path(p)))
             .count())
+    }
+
+    /// Every landing file under the root, and what could not be listed or is refused, said
+    /// once each: an entry the store cannot list (a symlink loop, a name with a line break)
+    /// and, on local disk, a link that resolves outside the root are skipped, so one bad
+    /// entry never stops the others. A local root that does not exist is said too.
+    pub async fn list_landing(&self) -> Result<(Vec<ObjectMeta>, Vec<String>)> {
+        let mut files = Vec::new();
+        let mut skipped = Vec::new();
+        let local_root = (self.root_url.scheme() == "file")
+            .then(|| self.root_url.to_file_path().ok())
+            .flatten();
+        if let Some(root) = &local_root
+            && !root.is_dir()
+        {
+            skipped.push(format!(
+                "the landing root {} does not exist: nothing to read (create it, or set [landing] root / SILT_LANDING)",
+                root.display()
+            ));
+            return Ok((files, skipped));
+        }
+        let mut stream = self.store.list(Some(&self.prefix));
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(m) => files.push(m),
+                Err(e) => skipped.push(format!(
+                    "an entry under the landing root cannot be read and is skipped: {e}"
+                )),
+            }
+        }
+        if let Some(root) = local_root
+            && let Ok(canonical_root) = std::fs::canonicalize(&root)
+        {
+            // Links are followed by the store: one that leaves the root would let ingest read,
+            // and forget rewrite, a file outside the project's roots.
+            files.retain(|m| {
+                let Some(rel) = self.relative(&m.location) else {
+                    return true;
+                };
+                // The object's name on disk: as listed, or percent-decoded.
+                let resolved = [rel.clone(), same_path(&rel)].into_iter().find_map(|r| {
+                    std::fs::canonicalize(r.split('/').fold(root.clone(), |p, part| p.join(part)))
+                        .ok()
+                });
+                match resolved.ok_or(()) {
+                    Ok(target) if target.starts_with(&canonical_root) => true,
+                    Ok(target) => {
+                        skipped.push(format!(
+                            "{rel} links outside the landing root (to {}): not followed",
+                            target.display()
+                        ));
+                        false
+                    }
+                    Err(_) => true,
+                }
+            });
+        }
+        files.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok((files, skipped))
     }
 
     /// Immediate sub-directories of `rel`.

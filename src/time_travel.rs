@@ -479,6 +479,7 @@ pub async fn history(catalog: &Catalog, t: &TableRef) -> Result<Vec<HistoryEntry
 /// `silt restore`: a new version whose content is that of an older one. A model table also
 /// gets back the build state it had then, so the next run re-applies newer upstream data.
 pub async fn restore(catalog: &Catalog, t: &TableRef, as_of: &AsOf) -> Result<u64> {
+    t.writable_by_user("restore")?;
     let table = catalog
         .open(t)
         .await?

@@ -25,8 +25,9 @@ type Listing = BTreeMap<String, (u64, Option<String>)>;
 async fn listing(silt: &Silt) -> Result<Listing> {
     Ok(silt
         .landing
-        .list("")
+        .list_landing()
         .await?
+        .0
         .into_iter()
         .filter_map(|m| {
             silt.landing

@@ -185,7 +185,8 @@ pub fn parse(
     }
     let p = &src.parse;
     // Fields are trimmed below, only when they need it.
-    let mut record = Records::new(data, p.delimiter as u8, p.quote as u8);
+    let mut record =
+        Records::new(data, p.delimiter as u8, p.quote as u8).with_quote_limit(p.max_quoted_lines);
     let fmts = TemporalFormats {
         date: p.date_formats.clone(),
         timestamp: p.timestamp_formats.clone(),
@@ -331,6 +332,15 @@ pub fn parse(
     while let Some(at) = record.next_record() {
         let raw_bytes = &data[at.start..at.end];
         let line = at.line;
+        if let Some(reason) = at.broken {
+            out.rejects.push(Reject {
+                line,
+                column: None,
+                reason,
+                raw: escape_raw(trim_newline(raw_bytes)),
+            });
+            continue;
+        }
         if record.len() == 1
             && record
                 .get(0)

@@ -26,16 +26,22 @@ pub struct Records<'a> {
     scratch: Vec<u8>,
     /// Bytes that end an unquoted field: the delimiter, `\r` and `\n`.
     stops: [bool; 256],
+    /// At most this many line breaks inside one quoted field, and the quote must close before
+    /// the end of the input; `None`: the csv crate's rule (a quote runs on to the end).
+    quote_limit: Option<u64>,
 }
 
 /// Where the record just read sits in the input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordPos {
     /// The line its first byte is on (1-based).
     pub line: u64,
     /// Its bytes, from its first byte to its last before the line ending.
     pub start: usize,
     pub end: usize,
+    /// Under a quote limit: why the record is refused (a quote that does not close in time).
+    /// Its bytes are then its first line only, and reading goes on at the next line.
+    pub broken: Option<String>,
 }
 
 impl<'a> Records<'a> {
@@ -53,7 +59,39 @@ impl<'a> Records<'a> {
             fields: Vec::new(),
             scratch: Vec::new(),
             stops,
+            quote_limit: None,
         }
+    }
+
+    /// A quoted field may span at most `lines` line breaks and must close before the end of
+    /// the input; a record breaking either rule is returned as `broken`, one line long, so an
+    /// unterminated quote never swallows the records after it.
+    pub fn with_quote_limit(mut self, lines: u64) -> Self {
+        self.quote_limit = Some(lines);
+        self
+    }
+
+    /// The record starting at `start` on `line` refused as its first line only; reading goes
+    /// on at the next line.
+    fn broken(&mut self, start: usize, line: u64, why: String) -> Option<RecordPos> {
+        let data = self.data;
+        let eol = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
+        let end = if eol > start && data[eol - 1] == b'\r' {
+            eol - 1
+        } else {
+            eol
+        };
+        self.pos = eol;
+        self.line = line;
+        self.fields.clear();
+        self.scratch.clear();
+        self.fields.push(Span::Input(start, end));
+        Some(RecordPos {
+            line,
+            start,
+            end,
+            broken: Some(why),
+        })
     }
 
     /// Read the next record; `None` at the end of the input.
@@ -82,8 +120,18 @@ impl<'a> Records<'a> {
                 let mut seg = pos; // the quoted text not yet taken
                 let mut owned: Option<usize> = None; // scratch start, once copying
                 let span;
+                let opened = self.line;
                 loop {
                     let Some(k) = memchr::memchr(self.quote, &data[pos..]) else {
+                        if self.quote_limit.is_some() {
+                            return self.broken(
+                                start,
+                                line,
+                                format!(
+                                    "a quote opened on line {opened} is never closed: the record is refused and reading goes on at the next line; close the quote (a quote inside a field is written twice)"
+                                ),
+                            );
+                        }
                         // The input ends inside the quotes: the field is the rest.
                         self.line += newlines(&data[pos..]);
                         span = self.take(owned, seg, n);
@@ -92,6 +140,17 @@ impl<'a> Records<'a> {
                     };
                     let q = pos + k;
                     self.line += newlines(&data[pos..q]);
+                    if let Some(limit) = self.quote_limit
+                        && self.line - opened > limit
+                    {
+                        return self.broken(
+                            start,
+                            line,
+                            format!(
+                                "a quote opened on line {opened} runs on past {limit} line break(s) (parse.max_quoted_lines): the record is refused and reading goes on at the next line; close the quote, or raise the limit if a field really spans more lines"
+                            ),
+                        );
+                    }
                     if q + 1 < n && data[q + 1] == self.quote {
                         // A doubled quote: keep one, go on inside the quotes.
                         owned.get_or_insert(self.scratch.len());
@@ -135,6 +194,7 @@ impl<'a> Records<'a> {
                         line,
                         start,
                         end: n,
+                        broken: None,
                     });
                 }
                 continue;
@@ -145,6 +205,7 @@ impl<'a> Records<'a> {
                 line,
                 start,
                 end: pos,
+                broken: None,
             });
         }
     }

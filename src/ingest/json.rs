@@ -118,7 +118,8 @@ pub fn parse(
     };
     for rec in records {
         let value = rec.value.and_then(|()| {
-            serde_json::from_slice::<Value>(rec.raw)
+            serde_json::from_slice::<Record>(rec.raw)
+                .map(|r| r.0)
                 .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))
         });
         let obj = match value {
@@ -242,6 +243,68 @@ pub fn parse(
         sink(slice)?;
     }
     Ok(out)
+}
+
+/// A record parsed as a JSON value whose top-level object may not name a field twice (which
+/// of two values a reader keeps differs between readers: the record is refused instead).
+struct Record(Value);
+
+impl<'de> serde::Deserialize<'de> for Record {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::{Error as _, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Record;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Record, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    let v: Value = m.next_value()?;
+                    if out.contains_key(&k) {
+                        return Err(A::Error::custom(format!(
+                            "field '{k}' appears twice in the record"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(Record(Value::Object(out)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> std::result::Result<Record, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = s.next_element::<Value>()? {
+                    out.push(v);
+                }
+                Ok(Record(Value::Array(out)))
+            }
+            fn visit_bool<E>(self, b: bool) -> std::result::Result<Record, E> {
+                Ok(Record(Value::Bool(b)))
+            }
+            fn visit_i64<E>(self, n: i64) -> std::result::Result<Record, E> {
+                Ok(Record(Value::from(n)))
+            }
+            fn visit_u64<E>(self, n: u64) -> std::result::Result<Record, E> {
+                Ok(Record(Value::from(n)))
+            }
+            fn visit_f64<E>(self, n: f64) -> std::result::Result<Record, E> {
+                Ok(Record(Value::from(n)))
+            }
+            fn visit_str<E>(self, s: &str) -> std::result::Result<Record, E> {
+                Ok(Record(Value::from(s)))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Record, E> {
+                Ok(Record(Value::Null))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn kind(v: &Value) -> &'static str {

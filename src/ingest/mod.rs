@@ -162,6 +162,10 @@ pub struct IngestReport {
     pub batch_id: String,
     pub sources: Vec<SourceReport>,
     pub elapsed_ms: u64,
+    /// Landing entries that could not be read or were refused (a symlink loop, a link out of
+    /// the landing root, a name the store cannot hold), or a missing landing root: skipped,
+    /// the other files ingested.
+    pub warnings: Vec<String>,
     /// Files refused as a whole; they stay out of the ledger and are retried next time.
     #[serde(skip)]
     pub rejected: Vec<Error>,
@@ -219,7 +223,8 @@ impl<'a> IngestBuilder<'a> {
             ..Default::default()
         };
         let sources = self.project.select_sources(&self.sources)?;
-        let all = self.landing.list("").await?;
+        let (all, skipped) = self.landing.list_landing().await?;
+        report.warnings = skipped;
         for src in sources {
             let mut sr = SourceReport {
                 source: src.name.clone(),
@@ -892,13 +897,20 @@ impl SourceRun<'_> {
         }
     }
 
-    /// Columns with min/max statistics: every column but the declared PII (DESIGN.md §4.4).
+    /// Columns with min/max statistics: every column but the declared PII and the column that
+    /// leads to a subject (its subject key or subject_via column): an erased id must not
+    /// survive in the statistics of a log entry or a checkpoint.
     fn stats_columns(&self) -> Vec<String> {
+        let subject = self.src.subject_key.as_ref().or(self
+            .src
+            .subject_via
+            .as_ref()
+            .map(|v| &v.column));
         let mut cols: Vec<String> = self
             .src
             .columns
             .iter()
-            .filter(|c| !self.src.pii.contains(&c.name))
+            .filter(|c| !self.src.pii.contains(&c.name) && subject != Some(&c.name))
             .map(|c| c.name.clone())
             .collect();
         cols.extend(
