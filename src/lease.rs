@@ -264,6 +264,162 @@ impl Drop for Lease {
     }
 }
 
+/// Where running ingests keep their claims, next to the lease's entries.
+const CLAIMS: &str = "_silt/lease/ingest";
+
+/// A running ingest's claim on the landing files. Ingests do not exclude each other (Delta
+/// `txn` ids keep each landing file's rows exactly once), but `silt forget` rewrites landing
+/// files: an ingest never runs while a forget holds the lease, and a forget waits for the
+/// ingests that started before it. A claim is renewed like the lease and ends when dropped
+/// without release (a killed ingest's claim is free at once on its host, after its time to
+/// live elsewhere).
+pub struct Claim {
+    lake: Storage,
+    path: object_store::path::Path,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Claim the landing files for an ingest: the claim is made first, then the lease is read, so
+/// an ingest and a forget starting at once always see each other (the ingest then steps back
+/// and waits, up to `opts.wait`).
+pub async fn claim_ingest(
+    lake: &Storage,
+    opts: LeaseOptions,
+    mut on_wait: impl FnMut(&Holder),
+) -> Result<Claim> {
+    let deadline = tokio::time::Instant::now() + opts.wait;
+    let mut told = false;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let now = Utc::now();
+        let holder = Holder {
+            id: uuid::Uuid::new_v4().to_string(),
+            command: "ingest".into(),
+            pid: std::process::id(),
+            host: hostname(),
+            acquired_at: now,
+            expires_at: now + ttl(opts),
+            released: false,
+        };
+        let path = lake.path(&format!("{CLAIMS}/{}.json", holder.id));
+        let body = serde_json::to_vec(&holder).map_err(|e| Error::Runtime(e.to_string()))?;
+        lake.put(&path, body.into()).await?;
+        match newest(lake).await?.1 {
+            State::Held(h) if h.command == "forget" => {
+                lake.delete(&path).await?;
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Busy(format!(
+                        "{h} is erasing data subjects from the lake at {}, landing files                          included: ingest waits for it. Run ingest again when it is done, or                          wait longer with SILT_LEASE_WAIT=<seconds> (now {} s).",
+                        lake.url(),
+                        opts.wait.as_secs()
+                    )));
+                }
+                if !told {
+                    on_wait(&h);
+                    told = true;
+                }
+                let left = deadline - tokio::time::Instant::now();
+                tokio::time::sleep(pause.min(left)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            _ => {
+                HELD_HERE.fetch_add(1, Ordering::SeqCst);
+                let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+                let renewer = {
+                    let (lake, path, mut holder) = (lake.clone(), path.clone(), holder.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::select! {
+                                _ = tokio::time::sleep(opts.ttl / 3) => {}
+                                _ = &mut stopped => return,
+                            }
+                            holder.expires_at = Utc::now() + ttl(opts);
+                            if let Ok(body) = serde_json::to_vec(&holder)
+                                && let Err(e) = lake.put(&path, body.into()).await
+                            {
+                                tracing::warn!("cannot renew the ingest's claim: {e}");
+                            }
+                        }
+                    })
+                };
+                return Ok(Claim {
+                    lake: lake.clone(),
+                    path,
+                    stop: Some(stop),
+                    renewer: Some(renewer),
+                });
+            }
+        }
+    }
+}
+
+impl Claim {
+    /// Stop renewing and remove the claim.
+    pub async fn release(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(r) = self.renewer.take() {
+            let _ = r.await;
+        }
+        self.lake.delete(&self.path).await
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+        HELD_HERE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// For `silt forget`, once it holds the lease: wait (up to `opts.wait`) until no ingest that
+/// claimed the landing files before it is still running; `on_wait` is told one of them once.
+pub async fn wait_for_ingests(
+    lake: &Storage,
+    opts: LeaseOptions,
+    mut on_wait: impl FnMut(&Holder),
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + opts.wait;
+    let mut told = false;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let mut live: Option<Holder> = None;
+        for m in lake.list(CLAIMS).await? {
+            let Ok(bytes) = lake.get(&m.location).await else {
+                continue; // released between the listing and the read
+            };
+            let Ok(h) = serde_json::from_slice::<Holder>(&bytes) else {
+                continue;
+            };
+            if !h.released && h.expires_at > Utc::now() && !gone(&h) {
+                live = Some(h);
+                break;
+            }
+        }
+        let Some(h) = live else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Busy(format!(
+                "{h} is ingesting into the lake at {}; forget rewrites landing files and waits                  for it. Run forget again when it is done, or wait longer with                  SILT_LEASE_WAIT=<seconds> (now {} s).",
+                lake.url(),
+                opts.wait.as_secs()
+            )));
+        }
+        if !told {
+            on_wait(&h);
+            told = true;
+        }
+        let left = deadline - tokio::time::Instant::now();
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 fn ttl(opts: LeaseOptions) -> chrono::Duration {
     chrono::Duration::from_std(opts.ttl).unwrap_or(chrono::Duration::seconds(60))
 }

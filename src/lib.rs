@@ -46,7 +46,7 @@ impl Silt {
         let project = config::Project::load(dir)?;
         let cloud = storage::CloudOptions::from_project(&project);
         let lake = storage::Storage::new(&project.lake_url, &cloud)?;
-        let landing = storage::Storage::new(&project.landing_url, &cloud)?;
+        let landing = storage::Storage::existing(&project.landing_url, &cloud)?;
         Ok(Silt {
             catalog: catalog::Catalog::new(lake.clone()).with_engine(project.file.engine.clone()),
             project,

@@ -120,6 +120,24 @@ fn lease_verb(c: &Command) -> Option<&'static str> {
 
 /// Run the command, holding the lake's lease around it when it writes.
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Ingest(_)) {
+        // Ingests run side by side (Delta txn ids keep them exactly once), never beside a
+        // forget, which rewrites landing files.
+        let silt = Silt::open(&cli.project)?;
+        let opts = silt::lease::LeaseOptions::from_env()?;
+        let claim = silt::lease::claim_ingest(&silt.lake, opts, |h| {
+            eprintln!(
+                "silt: waiting for {h} to finish erasing (up to {} s; SILT_LEASE_WAIT sets it)",
+                opts.wait.as_secs()
+            )
+        })
+        .await?;
+        let result = execute(cli).await;
+        let released = claim.release().await;
+        result?;
+        released?;
+        return Ok(());
+    }
     let Some(verb) = lease_verb(&cli.command) else {
         return execute(cli).await;
     };
@@ -132,7 +150,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         )
     })
     .await?;
-    let result = execute(cli).await;
+    let ready = if verb == "forget" {
+        silt::lease::wait_for_ingests(&silt.lake, opts, |h| {
+            eprintln!(
+                "silt: waiting for {h} to finish ingesting (up to {} s)",
+                opts.wait.as_secs()
+            )
+        })
+        .await
+    } else {
+        Ok(())
+    };
+    let result = match ready {
+        Ok(()) => execute(cli).await,
+        Err(e) => Err(e.into()),
+    };
     if lease.lost() {
         eprintln!(
             "warning: this process stalled past its lease's time to live and another process took \

@@ -305,7 +305,18 @@ impl ObjectStore for Resolving {
 impl Storage {
     /// Build the store for a root URL. `gs://` needs explicit credentials: silt never lets the
     /// client fall back to a cloud metadata server.
+    /// A store at `root`; a local root is created when missing.
     pub fn new(root: &Url, opts: &CloudOptions) -> Result<Storage> {
+        Self::open(root, opts, true)
+    }
+
+    /// A store at a root that is only read and rewritten in place (the landing root): a missing
+    /// local root is not created, so it can be reported ([`Storage::list_landing`]).
+    pub fn existing(root: &Url, opts: &CloudOptions) -> Result<Storage> {
+        Self::open(root, opts, false)
+    }
+
+    fn open(root: &Url, opts: &CloudOptions, create: bool) -> Result<Storage> {
         register_handlers();
         let mut root_url = root.clone();
         if !root_url.path().ends_with('/') {
@@ -317,11 +328,17 @@ impl Storage {
                 let path = root
                     .to_file_path()
                     .map_err(|_| Error::Usage(format!("'{root}' is not a local path")))?;
-                std::fs::create_dir_all(&path).map_err(|e| {
-                    Error::Runtime(format!("cannot create directory {}: {e}", path.display()))
-                })?;
-                let prefix = Path::from_filesystem_path(&path)
-                    .map_err(|e| Error::storage(root.as_str(), e.into()))?;
+                if create {
+                    std::fs::create_dir_all(&path).map_err(|e| {
+                        Error::Runtime(format!("cannot create directory {}: {e}", path.display()))
+                    })?;
+                }
+                let prefix = if path.exists() {
+                    Path::from_filesystem_path(&path)
+                } else {
+                    Path::from_absolute_path(&path)
+                }
+                .map_err(|e| Error::storage(root.as_str(), e.into()))?;
                 (
                     Arc::new(object_store::local::LocalFileSystem::new()),
                     prefix,

@@ -590,3 +590,36 @@ fn injected_503s_and_timeouts_are_retried_and_no_commit_is_half_done() {
     }
     assert_gold_is_golden(&p, &gcs, lake, landing);
 }
+
+#[test]
+fn ingest_and_forget_at_once_land_every_row_once_on_gcs() {
+    let gcs = Gcs::start(Faults::default());
+    let p =
+        crate::outside::project(&[("sql/bronze/customers.toml", crate::outside::CUSTOMERS_TOML)]);
+    let (lake, landing) = ("gs://lake/race", "gs://landing/race");
+    let store = gcs.store("landing");
+    crate::hardening::ingest_and_forget_together(
+        20,
+        &|args| on_gcs(&p, &gcs, lake, landing, args),
+        &|rel, text| {
+            rt().block_on(async {
+                store
+                    .put(
+                        &ObjPath::from(format!("race/{rel}")),
+                        text.into_bytes().into(),
+                    )
+                    .await
+                    .unwrap();
+            })
+        },
+        &|sql| {
+            query(&p, &gcs, lake, landing, sql)[0]["n"]
+                .as_i64()
+                .unwrap()
+        },
+    );
+    // Every request stayed on loopback.
+    for r in gcs.requests() {
+        assert!(!r.to_string().contains("computeMetadata"), "{r}");
+    }
+}

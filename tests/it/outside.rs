@@ -266,7 +266,7 @@ fn a_changed_file_then_optimize_and_vacuum_leave_the_next_runs_whole() {
     );
 }
 
-const CUSTOMERS_TOML: &str = r#"glob = "customers/*.csv"
+pub const CUSTOMERS_TOML: &str = r#"glob = "customers/*.csv"
 format = "csv"
 primary_key = ["c_custkey"]
 subject_key = "c_custkey"
@@ -290,7 +290,7 @@ name = "c_acctbal"
 type = "decimal(12,2)"
 "#;
 
-const ORDERS_TOML: &str = r#"glob = "orders/*.ndjson"
+pub const ORDERS_TOML: &str = r#"glob = "orders/*.ndjson"
 format = "ndjson"
 primary_key = ["o_orderkey"]
 subject_key = "o_custkey"
