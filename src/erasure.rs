@@ -725,19 +725,10 @@ impl<'a> Records<'a> {
     /// landing file.
     fn pii_of_raw(&self, raw: &str, header: Option<&[String]>) -> Vec<String> {
         match self.src.format {
-            Format::Csv => {
-                let mut rdr = csv::ReaderBuilder::new()
-                    .delimiter(self.src.parse.delimiter as u8)
-                    .quote(self.src.parse.quote as u8)
-                    .has_headers(false)
-                    .flexible(true)
-                    .from_reader(raw.as_bytes());
-                let mut rec = csv::ByteRecord::new();
-                match rdr.read_byte_record(&mut rec) {
-                    Ok(true) => self.pii_of_csv(&rec, header),
-                    _ => Vec::new(),
-                }
-            }
+            Format::Csv => self
+                .one_csv_record(raw)
+                .map(|rec| self.pii_of_csv(&rec, header))
+                .unwrap_or_default(),
             _ => serde_json::from_str::<serde_json::Value>(raw)
                 .map(|v| self.pii_of_json(&v))
                 .unwrap_or_default(),
@@ -795,22 +786,25 @@ impl<'a> Records<'a> {
         out
     }
 
+    /// A raw CSV record (as the quarantine keeps it) split into fields by the source's options.
+    fn one_csv_record(&self, raw: &str) -> Option<csv::ByteRecord> {
+        let mut rdr = csv::ReaderBuilder::new()
+            .delimiter(self.src.parse.delimiter as u8)
+            .quote(self.src.parse.quote as u8)
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(raw.as_bytes());
+        let mut rec = csv::ByteRecord::new();
+        matches!(rdr.read_byte_record(&mut rec), Ok(true)).then_some(rec)
+    }
+
     /// One raw record as the quarantine keeps it.
     fn raw(&self, raw: &str, header: Option<&[String]>) -> bool {
         match self.src.format {
-            Format::Csv => {
-                let mut rdr = csv::ReaderBuilder::new()
-                    .delimiter(self.src.parse.delimiter as u8)
-                    .quote(self.src.parse.quote as u8)
-                    .has_headers(false)
-                    .flexible(true)
-                    .from_reader(raw.as_bytes());
-                let mut rec = csv::ByteRecord::new();
-                match rdr.read_byte_record(&mut rec) {
-                    Ok(true) => self.csv(&rec, header),
-                    _ => self.text(raw),
-                }
-            }
+            Format::Csv => match self.one_csv_record(raw) {
+                Some(rec) => self.csv(&rec, header),
+                None => self.text(raw),
+            },
             _ => match serde_json::from_str::<serde_json::Value>(raw) {
                 Ok(v) => self.json(&v),
                 Err(_) => self.text(raw),

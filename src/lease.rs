@@ -125,9 +125,7 @@ pub async fn acquire(
     opts: LeaseOptions,
     mut on_wait: impl FnMut(&Holder),
 ) -> Result<Lease> {
-    let deadline = tokio::time::Instant::now() + opts.wait;
-    let mut told = false;
-    let mut pause = Duration::from_millis(100);
+    let mut waiting = Waiting::new(opts);
     loop {
         let (latest, state) = newest(lake).await?;
         match state {
@@ -151,7 +149,7 @@ pub async fn acquire(
                 // Another process created that entry first: look again.
             }
             State::Held(h) => {
-                if tokio::time::Instant::now() >= deadline {
+                if waiting.over() {
                     return Err(Error::Busy(format!(
                         "the lake at {} is in use: {h} holds its lease, renewed until {}. \
                          Wait for it to finish and run again, or wait longer with \
@@ -162,13 +160,7 @@ pub async fn acquire(
                         opts.wait.as_secs()
                     )));
                 }
-                if !told {
-                    on_wait(&h);
-                    told = true;
-                }
-                let left = deadline - tokio::time::Instant::now();
-                tokio::time::sleep(pause.min(left)).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+                waiting.wait(&h, &mut on_wait).await;
             }
         }
     }
@@ -288,9 +280,7 @@ pub async fn claim_ingest(
     opts: LeaseOptions,
     mut on_wait: impl FnMut(&Holder),
 ) -> Result<Claim> {
-    let deadline = tokio::time::Instant::now() + opts.wait;
-    let mut told = false;
-    let mut pause = Duration::from_millis(100);
+    let mut waiting = Waiting::new(opts);
     loop {
         let now = Utc::now();
         let holder = Holder {
@@ -308,20 +298,14 @@ pub async fn claim_ingest(
         match newest(lake).await?.1 {
             State::Held(h) if h.command == "forget" => {
                 lake.delete(&path).await?;
-                if tokio::time::Instant::now() >= deadline {
+                if waiting.over() {
                     return Err(Error::Busy(format!(
-                        "{h} is erasing data subjects from the lake at {}, landing files                          included: ingest waits for it. Run ingest again when it is done, or                          wait longer with SILT_LEASE_WAIT=<seconds> (now {} s).",
+                        "{h} is erasing data subjects from the lake at {}, landing files included: ingest waits for it. Run ingest again when it is done, or wait longer with SILT_LEASE_WAIT=<seconds> (now {} s).",
                         lake.url(),
                         opts.wait.as_secs()
                     )));
                 }
-                if !told {
-                    on_wait(&h);
-                    told = true;
-                }
-                let left = deadline - tokio::time::Instant::now();
-                tokio::time::sleep(pause.min(left)).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+                waiting.wait(&h, &mut on_wait).await;
             }
             _ => {
                 HELD_HERE.fetch_add(1, Ordering::SeqCst);
@@ -383,9 +367,7 @@ pub async fn wait_for_ingests(
     opts: LeaseOptions,
     mut on_wait: impl FnMut(&Holder),
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + opts.wait;
-    let mut told = false;
-    let mut pause = Duration::from_millis(100);
+    let mut waiting = Waiting::new(opts);
     loop {
         let mut live: Option<Holder> = None;
         for m in lake.list(CLAIMS).await? {
@@ -403,20 +385,45 @@ pub async fn wait_for_ingests(
         let Some(h) = live else {
             return Ok(());
         };
-        if tokio::time::Instant::now() >= deadline {
+        if waiting.over() {
             return Err(Error::Busy(format!(
-                "{h} is ingesting into the lake at {}; forget rewrites landing files and waits                  for it. Run forget again when it is done, or wait longer with                  SILT_LEASE_WAIT=<seconds> (now {} s).",
+                "{h} is ingesting into the lake at {}; forget rewrites landing files and waits for it. Run forget again when it is done, or wait longer with SILT_LEASE_WAIT=<seconds> (now {} s).",
                 lake.url(),
                 opts.wait.as_secs()
             )));
         }
-        if !told {
-            on_wait(&h);
-            told = true;
+        waiting.wait(&h, &mut on_wait).await;
+    }
+}
+
+/// Waiting for another process, with backoff up to a deadline: `on_wait` is told whom once.
+struct Waiting {
+    deadline: tokio::time::Instant,
+    pause: Duration,
+    told: bool,
+}
+
+impl Waiting {
+    fn new(opts: LeaseOptions) -> Self {
+        Waiting {
+            deadline: tokio::time::Instant::now() + opts.wait,
+            pause: Duration::from_millis(100),
+            told: false,
         }
-        let left = deadline - tokio::time::Instant::now();
-        tokio::time::sleep(pause.min(left)).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+
+    fn over(&self) -> bool {
+        tokio::time::Instant::now() >= self.deadline
+    }
+
+    async fn wait(&mut self, h: &Holder, on_wait: &mut impl FnMut(&Holder)) {
+        if !self.told {
+            on_wait(h);
+            self.told = true;
+        }
+        let left = self.deadline - tokio::time::Instant::now();
+        tokio::time::sleep(self.pause.min(left)).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -653,7 +653,9 @@ fn malformed_inputs_never_panic_lose_rows_or_break_a_table() {
 fn config_and_command_line_misuse_are_usage_errors() {
     let p = flights();
     p.ok(&["run"]);
-    let cases: Vec<(&str, Vec<&str>, Option<(&str, &str)>)> = vec![
+    // (what, the command, a project file written first)
+    type Misuse<'a> = (&'a str, Vec<&'a str>, Option<(&'a str, &'a str)>);
+    let cases: Vec<Misuse> = vec![
         (
             "invalid TOML",
             vec!["ingest"],
