@@ -1,4 +1,4 @@
-//! Table names and where they live in the lake (DESIGN.md §3), the list of tables that exist,
+//! Table names and where they live in the lake, the list of tables that exist,
 //! and the DataFusion catalog that lets SQL name them (`bronze.fees`, `quarantine.fees`,
 //! `_silt.ledger`). Tables are opened lazily, on first reference. It must not write tables.
 

@@ -648,7 +648,7 @@ impl Source {
                         col.name, col.ty
                     )));
                 }
-                // DESIGN.md §4.4: erased values must not survive in partition paths.
+                // Erased values must not survive in partition paths.
                 if sf.pii.contains(&spec.source_column)
                     || sf.subject_key.as_deref() == Some(spec.source_column.as_str())
                 {

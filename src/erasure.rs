@@ -1743,8 +1743,8 @@ impl<'a> ForgetBuilder<'a> {
     }
 }
 
-/// How many bytes of rewritten landing files wait for one ledger commit (a commit per file made
-/// the landing step of an S=1 forget mostly ledger writes).
+/// How many bytes of rewritten landing files wait for one ledger commit (a commit per file
+/// would make the landing step mostly ledger writes).
 const LANDING_GROUP_BYTES: usize = 32 << 20;
 
 /// A landing file's location, its path relative to the landing root, and its rewrite.

@@ -1,4 +1,4 @@
-//! The library's typed error and its mapping to the CLI exit codes of DESIGN.md §4
+//! The library's typed error and its mapping to the CLI exit codes of ARCHITECTURE.md
 //! (0 ok, 1 data tests failed, 2 usage/config error, 3 runtime/storage error).
 //! It must not format for a terminal or decide process exit: main.rs does that.
 
@@ -71,7 +71,7 @@ pub enum Error {
     #[error("{0}")]
     Runtime(String),
 
-    /// Another silt process holds the lake's run lease (DESIGN.md §4.5), or committed the same
+    /// Another silt process holds the lake's run lease, or committed the same
     /// idempotent ingest step first.
     #[error("{0}")]
     Busy(String),
@@ -80,7 +80,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// Exit code for this error, per DESIGN.md §4.
+    /// Exit code for this error, per ARCHITECTURE.md.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config { .. } | Error::Usage(_) | Error::Input { .. } | Error::Sql(_) => 2,

@@ -1,4 +1,4 @@
-//! Named crash points for the kill tests of DESIGN.md §4 (guarantees 1 and 2). When
+//! Named crash points for the kill tests (exactly-once ingest, a commit as the unit of truth). When
 //! `SILT_FAILPOINT=<name>[#n]` is set, the n-th (default first) time the process reaches `<name>`
 //! it says so on stderr and stops there until killed, so a test can SIGKILL it at an exact
 //! step. With `SILT_FAILPOINT_RELEASE=<file>` it waits there until that file exists instead, a

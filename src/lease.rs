@@ -1,4 +1,4 @@
-//! The lake's run lease (DESIGN.md §4.5): one silt process at a time runs a command that rewrites
+//! The lake's run lease: one silt process at a time runs a command that rewrites
 //! the lake's tables. The lease is a sequence of small JSON objects under `_silt/lease/`, each
 //! created with a put that fails when the object already exists, the one conditional write every
 //! object_store backend offers (local disk has no compare-and-swap on an existing object). The

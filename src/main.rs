@@ -1,5 +1,5 @@
 //! The `silt` binary: parse the command line, call the library, print, and exit with the codes
-//! of DESIGN.md §4 (0 ok, 1 data tests failed, 2 usage/config, 3 runtime/storage). It must stay
+//! of ARCHITECTURE.md (0 ok, 1 data tests failed, 2 usage/config, 3 runtime/storage). It must stay
 //! thin: no pipeline logic here.
 
 mod cli;
@@ -101,7 +101,7 @@ impl std::fmt::Display for ExitWith {
 
 impl std::error::Error for ExitWith {}
 
-/// The commands that rewrite the lake's tables, which take its run lease (DESIGN.md §4.5), by
+/// The commands that rewrite the lake's tables, which take its run lease, by
 /// the verb the lease names. `ingest` does not: it only appends, and each landing file's Delta
 /// `txn` id makes a second process's commit of the same file fail (ARCHITECTURE.md). `watch`
 /// takes the lease per cycle (watch.rs), so it never keeps other commands out while it waits.
@@ -892,11 +892,17 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
             .context("progress template")?,
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    // A line per model as it finishes (dbt prints one per node): stderr, above the bar.
+    let bar = pb.clone();
     let opts = silt::pipeline::RunOptions {
         select: args.select,
         full_refresh: args.full_refresh,
         ingest,
         no_models: false,
+        on_model: Some(Box::new(move |m, i, of| {
+            let line = model_line(i, of, m);
+            bar.suspend(|| eprintln!("{line}"));
+        })),
     };
     let report = silt::pipeline::run(silt, opts, Some(pb.clone())).await;
     pb.finish_and_clear();
@@ -976,6 +982,26 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
         return Err(ExitWith(code as u8).into());
     }
     export_after(silt, json).await
+}
+
+/// `  3/8 silver.stg_fees  incremental  built: +1204 ~0 -0 row(s) in 0.21 s`.
+fn model_line(i: u64, of: usize, m: &silt::materialize::ModelMetrics) -> String {
+    let what = match m.status.as_str() {
+        "built" => format!(
+            "built: +{} ~{} -{} row(s)",
+            m.rows_inserted, m.rows_updated, m.rows_deleted
+        ),
+        "up_to_date" => "up to date".to_string(),
+        "failed" => "FAILED".to_string(),
+        "skipped" => format!("skipped ({})", m.message.clone().unwrap_or_default()),
+        other => other.to_string(),
+    };
+    format!(
+        "{i:>3}/{of} {:<34} {:<11} {what} in {:.2} s",
+        m.table,
+        m.mode,
+        m.ms as f64 / 1000.0
+    )
 }
 
 /// `[bigquery] export_after_run`: publish what changed once a run or an erasure succeeded.

@@ -15,7 +15,7 @@ use crate::catalog::{Layer, TableRef};
 use crate::config::Project;
 use crate::error::{Error, Result};
 
-/// How a model is written (DESIGN.md §5).
+/// How a model is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Materialized {

@@ -17,7 +17,7 @@ use crate::materialize::{Materializer, ModelMetrics, ModelState};
 use crate::models::Dag;
 use crate::quality::TestResult;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RunOptions {
     pub select: Vec<String>,
     pub full_refresh: bool,
@@ -25,6 +25,26 @@ pub struct RunOptions {
     pub ingest: bool,
     /// Build no model (ingest only).
     pub no_models: bool,
+    /// Told of each model as it finishes: its metrics, its position (1-based) and how many
+    /// models the run has. The library prints nothing; the caller decides what a person sees.
+    pub on_model: Option<OnModel>,
+}
+
+/// What is told of each finished model of a run: its metrics, position and the run's size.
+pub type ModelDone = dyn Fn(&ModelMetrics, u64, usize) + Send + Sync;
+
+/// A callback for each finished model of a run.
+pub type OnModel = Box<ModelDone>;
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("select", &self.select)
+            .field("full_refresh", &self.full_refresh)
+            .field("ingest", &self.ingest)
+            .field("no_models", &self.no_models)
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -166,6 +186,7 @@ pub async fn run(
         &selected,
         opts.full_refresh,
         progress,
+        opts.on_model.as_deref(),
         &ctx,
         &broken_sources,
         &mut report,
@@ -321,26 +342,6 @@ impl Tested {
     }
 }
 
-/// `  3/8 silver.stg_fees  incremental  built: 1204 row(s) in 0.21 s`.
-fn model_line(i: u64, of: usize, m: &ModelMetrics) -> String {
-    let what = match m.status.as_str() {
-        "built" => format!(
-            "built: +{} ~{} -{} row(s)",
-            m.rows_inserted, m.rows_updated, m.rows_deleted
-        ),
-        "up_to_date" => "up to date".to_string(),
-        "failed" => "FAILED".to_string(),
-        "skipped" => format!("skipped ({})", m.message.clone().unwrap_or_default()),
-        other => other.to_string(),
-    };
-    format!(
-        "{i:>3}/{of} {:<34} {:<11} {what} in {:.2} s",
-        m.table,
-        m.mode,
-        m.ms as f64 / 1000.0
-    )
-}
-
 /// Record that `m`'s build was tested; a failure to record only means it is tested again.
 async fn mark_tested(silt: &Silt, m: &crate::models::Model, tested: &Tested) {
     if let Err(e) = crate::runs::mark_tested(silt.catalog.lake(), &m.table(), &tested.state).await {
@@ -383,11 +384,13 @@ async fn build_models(
     selected: &[String],
     full_refresh: bool,
     progress: Option<indicatif::ProgressBar>,
+    on_model: Option<&ModelDone>,
     ctx: &SessionContext,
     broken_sources: &BTreeSet<String>,
     report: &mut RunReport,
 ) -> Result<()> {
     let run_id = report.run_id.clone();
+    let mut done = 0u64;
     let pii: BTreeSet<String> = silt.project.no_stats_columns();
     let mat = Materializer {
         catalog: &silt.catalog,
@@ -532,13 +535,15 @@ async fn build_models(
                 }
             }
         }
+        done += 1;
         if let Some(p) = &progress {
             p.inc(1);
-            // A line per model, as it finishes (dbt prints one per node): stderr, above the bar.
-            if let Some(mm) = report.models.last().filter(|mm| mm.model == *name) {
-                let line = model_line(p.position(), selected.len(), mm);
-                p.suspend(|| eprintln!("{line}"));
-            }
+        }
+        if let (Some(f), Some(mm)) = (
+            on_model,
+            report.models.last().filter(|mm| mm.model == *name),
+        ) {
+            f(mm, done, selected.len());
         }
     }
     // Singular tests over models of this selection that all built cleanly.

@@ -1,4 +1,4 @@
-//! Column statistics computed with polars (DESIGN.md §9): `silt profile`, and the ingest-time
+//! Column statistics computed with polars: `silt profile`, and the ingest-time
 //! anomaly checks (volume, null-rate and distinct-count drift, date gaps) against the previous
 //! batches recorded in `_silt/batch_stats`. Arrow data reaches polars through the Arrow C data
 //! interface (no copy, no second parser). This is the only module that touches polars; it must

@@ -1,4 +1,4 @@
-//! Data tests (DESIGN.md §2): column tests declared in a model's `config(tests=[…])` or a
+//! Data tests: column tests declared in a model's `config(tests=[…])` or a
 //! source's `[[tests]]` (not_null, unique, accepted_values, relationships, expression, each with
 //! a severity and an optional `where`), and singular tests in `sql/tests/*.sql` that return the
 //! failing rows (the dbt convention). This module turns them into SQL and runs them; it must not

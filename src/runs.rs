@@ -1,5 +1,5 @@
 //! `_silt/runs`: one row per model per run with its metrics and the table version it left
-//! (DESIGN.md §3). Written once at the end of a run that built or failed something; a run that
+//!. Written once at the end of a run that built or failed something; a run that
 //! found everything up to date writes nothing. It must not build models.
 
 use std::sync::Arc;

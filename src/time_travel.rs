@@ -1,4 +1,4 @@
-//! Time travel (DESIGN.md §7): `VERSION AS OF n` / `TIMESTAMP AS OF '…'` inside SQL (queries and
+//! Time travel: `VERSION AS OF n` / `TIMESTAMP AS OF '…'` inside SQL (queries and
 //! models), `silt history`, `silt restore`, `silt diff`, and `--as-of-run`, which pins every
 //! table to the version a run left. SQL with a version clause is parsed here, each versioned
 //! table is registered as a provider at that version, and the rewritten statement is planned by

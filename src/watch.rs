@@ -119,6 +119,7 @@ pub async fn watch(
             select: select.into_iter().collect(),
             full_refresh: false,
             ingest: true,
+            on_model: None,
         };
         // The lake's lease is held per cycle, so other commands (a forget, a restore) run
         // between cycles; a cycle that cannot get it reports why and the next one tries again.

@@ -18,8 +18,8 @@ with first_fee as (
 )
 {% else %}
 -- A full build reads every fee, where that aggregate is slow (DataFusion compares its
--- two-column order value by value: 0.5 s at S=1): the day by a plain min, then the fees of
--- that day joined back (0.2 s), a second pass that costs more than it saves on a batch.
+-- two-column order value by value): the day by a plain min, then the fees of that day joined
+-- back, a second pass that costs more than it saves on a batch.
 -- `first_day` comes first in the join, so the side held in memory is one row per client.
 with first_day as (
     select client_id, min(fee_date) as fee_date

@@ -30,9 +30,8 @@ from (
     -- The latest delivery of each fee_id. Incrementally the window sees only the new deliveries
     -- (no lookback_days): they are later than every row the table holds, so the MERGE on fee_id
     -- gives what a full rebuild would. One ordered pass (`lag(fee_id) over (order by fee_id,
-    -- …)`) is 2x faster at S=1, but its sort ends in a merge that cannot spill: at S=4 it
-    -- needed 1.7x the memory of S=1 and once failed outright; partitioning by fee_id keeps
-    -- memory flat (benches/, ARCHITECTURE.md).
+    -- …)`) is faster, but its sort ends in a merge that cannot spill, so its memory grows with
+    -- the data; partitioning by fee_id keeps memory flat (docs/decisions/0018).
     select
         *,
         row_number() over (

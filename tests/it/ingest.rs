@@ -1,5 +1,5 @@
 //! Landing → bronze: the reference fixtures, exactly-once under SIGKILL, bad input, file
-//! policies, and the Delta tables themselves (DESIGN.md §4, guarantees 1, 3 and 4).
+//! policies, and the Delta tables themselves (exactly once, bad input never panics, PII out of statistics).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;

@@ -1,4 +1,4 @@
-//! The lake's run lease (DESIGN.md §4.5): a second writing command waits for it or is told who
+//! The lake's run lease: a second writing command waits for it or is told who
 //! holds it, a holder renews it, a killed holder's lease is freed at once on its host, and a
 //! lease from another host holds until it expires.
 

@@ -1,4 +1,4 @@
-//! silt's one integration test binary (DESIGN.md §11): every module here runs the real `silt`
+//! silt's one integration test binary: every module here runs the real `silt`
 //! binary or the library on temp dirs. One binary, because each extra one re-links datafusion
 //! and deltalake.
 
