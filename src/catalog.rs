@@ -14,6 +14,10 @@ use deltalake::DeltaTable;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 
+/// The schema of a session's scratch relations: upstream increments, tables at a version, the
+/// rows a build wrote. Never a table of the lake.
+pub const NEW_SCHEMA: &str = "__silt";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Layer {
@@ -306,6 +310,19 @@ impl SchemaProvider for LayerSchema {
 }
 
 impl Catalog {
+    /// Run one statement of silt's own over the lake's tables (its bookkeeping queries), in a
+    /// session of this catalog; a result without rows still carries its columns.
+    pub async fn sql(&self, sql: &str) -> Result<Vec<arrow::record_batch::RecordBatch>> {
+        let ctx = self.session().await?;
+        let df = ctx.sql(sql).await.map_err(Error::from_datafusion)?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let mut batches = df.collect().await.map_err(Error::from_datafusion)?;
+        if batches.is_empty() {
+            batches.push(arrow::record_batch::RecordBatch::new_empty(schema));
+        }
+        Ok(batches)
+    }
+
     /// Read a whole (small) table: silt's bookkeeping tables only; data tables stream.
     pub async fn read_small(&self, t: &TableRef) -> Result<Vec<arrow::record_batch::RecordBatch>> {
         let Some(table) = self.open(t).await? else {

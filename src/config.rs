@@ -420,7 +420,7 @@ pub struct SourceFile {
     pub columns: Vec<ColumnFile>,
     /// Column tests on bronze.<source> (see quality.rs).
     #[serde(default)]
-    pub tests: Vec<crate::quality::TestSpec>,
+    pub tests: Vec<TestSpec>,
     #[serde(default)]
     pub freshness: Option<FreshnessSpec>,
     #[serde(default)]
@@ -443,6 +443,54 @@ impl SubjectVia {
     pub fn parent(&self) -> &str {
         self.table.strip_prefix("bronze.").unwrap_or(&self.table)
     }
+}
+
+/// How much a failing data test matters: `error` stops what reads the tested table (exit 1),
+/// `warn` is reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    #[default]
+    Error,
+    Warn,
+}
+
+/// A column test as declared (on a source in `sql/bronze/*.toml`, on a model in its config);
+/// `quality.rs` compiles it to SQL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestSpec {
+    /// not_null | unique | accepted_values | relationships | expression
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<serde_json::Value>,
+    /// relationships: the other model (`clients`) or table (`silver.clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// relationships: the column in `to` (default: the same name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expression: Option<String>,
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    pub where_: Option<String>,
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+/// How a pseudonymized column is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pseudonym {
+    Hash,
+    Mask,
 }
 
 /// `[freshness]`: how old the newest data of a source may be.
@@ -487,7 +535,7 @@ pub struct AnomalySpec {
     pub date_column: Option<String>,
     /// warn (report) or error (exit 1, and `silt run` skips the models reading the source).
     #[serde(default = "default_warn")]
-    pub severity: crate::quality::Severity,
+    pub severity: Severity,
 }
 
 fn default_volume_ratio() -> f64 {
@@ -505,8 +553,8 @@ fn default_window() -> usize {
 fn default_null_drift() -> f64 {
     0.2
 }
-fn default_warn() -> crate::quality::Severity {
-    crate::quality::Severity::Warn
+fn default_warn() -> Severity {
+    Severity::Warn
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -546,7 +594,7 @@ pub struct Source {
     pub on_erasure: ErasurePolicy,
     pub parse: ParseOptions,
     pub columns: Vec<Column>,
-    pub tests: Vec<crate::quality::TestSpec>,
+    pub tests: Vec<TestSpec>,
     pub freshness: Option<FreshnessSpec>,
     pub anomaly: Option<AnomalySpec>,
 }

@@ -769,14 +769,14 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                 let list = c.iter().map(|v| sql_str(v)).collect::<Vec<_>>().join(", ");
                 let dlist = c
                     .iter()
-                    .map(|v| format!("'{}'", v.replace('\'', "''")))
+                    .map(|v| crate::sql_text::literal(v))
                     .collect::<Vec<_>>()
                     .join(", ");
                 let data = rows_as_parquet(
                     &ctx,
                     &format!(
                         "select * from {rel} where {}",
-                        crate::materialize::partition_in(
+                        crate::sql_text::partition_in(
                             p,
                             arrow_schema.field_with_name(p).is_ok_and(|f| matches!(
                                 f.data_type(),

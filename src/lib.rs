@@ -2,6 +2,7 @@
 //! and every table can be queried with SQL. This file wires the modules together and opens a
 //! project; it must not hold logic of its own beyond that. See ARCHITECTURE.md for the codemap.
 
+pub mod audit;
 pub mod catalog;
 pub mod commit;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod erasure;
 pub mod error;
 pub mod export;
 pub mod failpoint;
+pub mod freshness;
 pub mod ingest;
 pub mod lease;
 pub mod maintenance;
@@ -23,6 +25,7 @@ pub mod query;
 pub mod render;
 pub mod runs;
 pub mod scaffold;
+pub mod sql_text;
 pub mod storage;
 pub mod time_travel;
 pub mod watch;

@@ -287,7 +287,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Freshness => {
             let silt = Silt::open(&cli.project)?;
-            let rows = silt::quality::freshness(&silt, chrono::Utc::now()).await?;
+            let rows = silt::freshness::freshness(&silt, chrono::Utc::now()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else if rows.is_empty() {

@@ -18,63 +18,15 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use futures::{StreamExt, TryStreamExt};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{Catalog, TableRef};
 use crate::error::{Error, Result};
 use crate::models::{Dag, Materialized, Model, RenderContext};
+use crate::sql_text::{ident as q, literal, partition_in};
 
-/// What building one model did (one row of `_silt/runs`).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ModelMetrics {
-    pub model: String,
-    pub table: String,
-    pub materialized: String,
-    /// built | up_to_date | failed | skipped
-    pub status: String,
-    /// full | incremental | none
-    pub mode: String,
-    pub rows_inserted: u64,
-    pub rows_updated: u64,
-    pub rows_deleted: u64,
-    pub rows_copied: u64,
-    pub files_scanned: u64,
-    pub files_skipped: u64,
-    pub files_added: u64,
-    pub files_removed: u64,
-    pub bytes_added: u64,
-    pub bytes_removed: u64,
-    pub ms: u64,
-    /// Tests: rows the test query returned.
-    pub failing_rows: u64,
-    pub version: Option<u64>,
-    pub upstream: BTreeMap<String, u64>,
-    /// Partitions written (partition_overwrite) or merged into (incremental).
-    pub partitions: Vec<String>,
-    /// Queries the build ran: 1, or one per chunk of partitions (a partition_overwrite build
-    /// over more upstream rows than one chunk holds); 0 when nothing was built.
-    pub chunks: u64,
-    pub message: Option<String>,
-    /// What the user should know about this build (why an incremental model was built in full).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-    /// The hash of the SQL and config it was built with (with `upstream`, its build state).
-    #[serde(skip)]
-    pub sql_hash: String,
-    /// The data files this build added (for tests scoped to the rows it wrote).
-    #[serde(skip)]
-    pub added_files: Vec<String>,
-}
-
-/// Recorded in every model commit, atomically with the data: what the model was built from.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct ModelState {
-    pub upstream: BTreeMap<String, u64>,
-    pub sql_hash: String,
-}
-
-pub const NEW_SCHEMA: &str = "__silt";
+pub use crate::catalog::NEW_SCHEMA;
+pub use crate::runs::{ModelMetrics, ModelState};
 
 /// A MERGE's target restricted to the key range of its increment ([`Materializer::in_key_range`]).
 const KEY_RANGE: &str = "__silt_in_range";
@@ -191,17 +143,6 @@ pub async fn last_state(t: &DeltaTable) -> Result<Option<ModelState>> {
     Ok(None)
 }
 
-/// `column IN (values)` for a partition column, `values` being SQL string literals. A string
-/// column is compared as it is: wrapped in a cast, the filter no longer prunes partitions, and
-/// the scan reads every file of the table instead of the touched partitions' files.
-pub(crate) fn partition_in(column: &str, is_string: bool, values: &str) -> String {
-    if is_string {
-        format!("{} in ({values})", q(column))
-    } else {
-        format!("cast({} as varchar) in ({values})", q(column))
-    }
-}
-
 /// Upstream `u` filtered to the partitions of `column` with these values: the relation an
 /// incremental partition_overwrite build, or one chunk of a chunked build, reads.
 fn in_partitions<'v>(
@@ -212,7 +153,7 @@ fn in_partitions<'v>(
 ) -> String {
     let list = values
         .into_iter()
-        .map(|v| format!("'{}'", v.replace('\'', "''")))
+        .map(|v| literal(v))
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -247,10 +188,6 @@ fn sql_error(m: &Model, e: datafusion::error::DataFusionError) -> Error {
         Error::Sql(msg) => Error::config(&m.file, msg),
         other => other,
     }
-}
-
-fn q(c: &str) -> String {
-    format!("\"{}\"", c.replace('"', "\"\""))
 }
 
 impl Materializer<'_> {
@@ -1155,7 +1092,14 @@ impl Materializer<'_> {
             return Ok((sql, df));
         }
         let cols = columns_of(&df);
-        let wrapped = crate::pseudonym::wrap_sql(m, &sql, &cols, self.hmac_key, self.ctx)?;
+        let wrapped = crate::pseudonym::wrap_sql(
+            &m.config.pseudonymize,
+            &m.file,
+            &sql,
+            &cols,
+            self.hmac_key,
+            self.ctx,
+        )?;
         let df = crate::time_travel::sql(self.ctx, self.catalog, &wrapped)
             .await
             .map_err(named)?;
@@ -1634,7 +1578,7 @@ impl Materializer<'_> {
                     let c = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
                     let c = c.as_any().downcast_ref::<arrow::array::StringArray>();
                     for v in c.into_iter().flatten().flatten() {
-                        list.push(format!("'{}'", v.replace('\'', "''")));
+                        list.push(literal(v));
                     }
                 }
                 if list.is_empty() {

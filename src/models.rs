@@ -105,13 +105,7 @@ impl Default for ModelConfig {
     }
 }
 
-/// How a pseudonymized column is replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pseudonym {
-    Hash,
-    Mask,
-}
+pub use crate::config::Pseudonym;
 
 /// One model file.
 #[derive(Debug, Clone, Serialize)]

@@ -12,7 +12,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, Result};
-use crate::models::{Model, Pseudonym};
+use std::collections::BTreeMap;
+
+use crate::config::Pseudonym;
 
 /// HMAC-SHA256 of `value` under `key`, as lowercase hex.
 pub fn hmac_hex(key: &str, value: &str) -> String {
@@ -56,41 +58,38 @@ fn udf(name: &str, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Scalar
 /// The model's SQL wrapped in a projection that replaces its `pseudonymize` columns; the
 /// `silt_hmac` / `silt_mask` functions are registered in `ctx`.
 pub fn wrap_sql(
-    m: &Model,
+    pseudonymize: &BTreeMap<String, Pseudonym>,
+    file: &str,
     sql: &str,
     columns: &[String],
     key: Option<&str>,
     ctx: &SessionContext,
 ) -> Result<String> {
-    let needs_key = m
-        .config
-        .pseudonymize
-        .values()
-        .any(|p| *p == Pseudonym::Hash);
+    let needs_key = pseudonymize.values().any(|p| *p == Pseudonym::Hash);
     let key = match key {
         Some(k) if !k.is_empty() => k.to_string(),
         _ if needs_key => {
             return Err(Error::config(
-                &m.file,
+                file,
                 "pseudonymize=… with 'hash' needs a key: set [gdpr] hmac_key in silt.toml or SILT_GDPR_HMAC_KEY",
             ));
         }
         _ => String::new(),
     };
-    for c in m.config.pseudonymize.keys() {
+    for c in pseudonymize.keys() {
         if !columns.contains(c) {
             return Err(Error::config(
-                &m.file,
+                file,
                 format!("pseudonymize names column '{c}', which the model does not output"),
             ));
         }
     }
     ctx.register_udf(udf("silt_hmac", move |v| hmac_hex(&key, v)));
     ctx.register_udf(udf("silt_mask", mask));
-    let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let q = crate::sql_text::ident;
     let select: Vec<String> = columns
         .iter()
-        .map(|c| match m.config.pseudonymize.get(c) {
+        .map(|c| match pseudonymize.get(c) {
             Some(Pseudonym::Hash) => format!("silt_hmac(cast({} as varchar)) as {}", q(c), q(c)),
             Some(Pseudonym::Mask) => format!("silt_mask(cast({} as varchar)) as {}", q(c), q(c)),
             None => q(c),

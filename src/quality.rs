@@ -8,47 +8,12 @@ use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::catalog::TableRef;
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    #[default]
-    Error,
-    Warn,
-}
-
-/// A column test as declared.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TestSpec {
-    /// not_null | unique | accepted_values | relationships | expression
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub column: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub columns: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub values: Vec<serde_json::Value>,
-    /// relationships: the other model (`clients`) or table (`silver.clients`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<String>,
-    /// relationships: the column in `to` (default: the same name).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expression: Option<String>,
-    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
-    pub where_: Option<String>,
-    #[serde(default)]
-    pub severity: Severity,
-}
+pub use crate::config::{Severity, TestSpec};
 
 /// A test ready to run: SQL returning the failing rows.
 #[derive(Debug, Clone, Serialize)]
@@ -86,14 +51,7 @@ pub struct TestResult {
     pub built_from: std::collections::BTreeMap<String, u64>,
 }
 
-fn q(c: &str) -> String {
-    format!("\"{}\"", c.replace('"', "\"\""))
-}
-
-/// A string as an SQL literal.
-fn quoted(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
+use crate::sql_text::{ident as q, literal as quoted};
 
 fn lit(v: &serde_json::Value) -> String {
     match v {
@@ -383,145 +341,4 @@ pub async fn run(ctx: &SessionContext, t: &DataTest) -> Result<TestResult> {
         table_version: None,
         built_from: Default::default(),
     })
-}
-
-/// `silt freshness`: the age of each source's newest data against its thresholds.
-#[derive(Debug, Clone, Serialize)]
-pub struct Freshness {
-    pub source: String,
-    /// The column measured, or `arrival` (when the newest landing file was ingested).
-    pub measured: String,
-    pub latest: Option<String>,
-    pub age_hours: Option<f64>,
-    /// The age for people: `3d 4h`, `5h 12m`, `42m`.
-    pub age: Option<String>,
-    /// The thresholds, as configured.
-    pub warn_after: Option<String>,
-    pub error_after: Option<String>,
-    /// ok | warn | error | no_data
-    pub status: String,
-}
-
-/// A duration for people, in its two largest units: `3d 4h`, `5h 12m`, `42m 5s`, `7s`.
-pub fn human_age(d: chrono::Duration) -> String {
-    let s = d.num_seconds();
-    let sign = if s < 0 { "-" } else { "" };
-    let s = s.unsigned_abs();
-    let (days, hours, mins, secs) = (s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60);
-    let text = if days > 0 {
-        format!("{days}d {hours}h")
-    } else if hours > 0 {
-        format!("{hours}h {mins}m")
-    } else if mins > 0 {
-        format!("{mins}m {secs}s")
-    } else {
-        format!("{secs}s")
-    };
-    format!("{sign}{text}")
-}
-
-/// "2 days", "12 hours", "30 minutes", "1 week".
-pub fn parse_duration(s: &str) -> std::result::Result<chrono::Duration, String> {
-    let mut it = s.split_whitespace();
-    let (Some(n), Some(unit), None) = (it.next(), it.next(), it.next()) else {
-        return Err(format!(
-            "'{s}' is not a duration: write e.g. \"2 days\" or \"12 hours\""
-        ));
-    };
-    let n: i64 = n
-        .parse()
-        .map_err(|_| format!("'{s}': '{n}' is not a whole number"))?;
-    Ok(match unit.trim_end_matches('s') {
-        "minute" => chrono::Duration::minutes(n),
-        "hour" => chrono::Duration::hours(n),
-        "day" => chrono::Duration::days(n),
-        "week" => chrono::Duration::weeks(n),
-        u => {
-            return Err(format!(
-                "'{s}': unit '{u}' is not minutes, hours, days or weeks"
-            ));
-        }
-    })
-}
-
-pub async fn freshness(
-    silt: &crate::Silt,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<Freshness>> {
-    use arrow::array::Array;
-    let ctx = silt.catalog.session().await?;
-    let mut out = Vec::new();
-    for src in silt.project.sources.values() {
-        let Some(spec) = &src.freshness else { continue };
-        let dur = |v: &Option<String>, key: &str| {
-            v.as_deref()
-                .map(parse_duration)
-                .transpose()
-                .map_err(|m| Error::config(&src.file, format!("freshness.{key}: {m}")))
-        };
-        let warn = dur(&spec.warn_after, "warn_after")?;
-        let error = dur(&spec.error_after, "error_after")?;
-        let (measured, sql) = match &spec.column {
-            Some(c) => (
-                c.clone(),
-                format!(
-                    "select cast(max({}) as varchar) from bronze.{}",
-                    q(c),
-                    src.name
-                ),
-            ),
-            None => (
-                "arrival".to_string(),
-                format!(
-                    "select cast(max(ingested_at) as varchar) from _silt.ledger where source = '{}'",
-                    src.name
-                ),
-            ),
-        };
-        let latest: Option<String> = if silt
-            .catalog
-            .open(&TableRef::bronze(&src.name))
-            .await?
-            .is_some()
-        {
-            let b = ctx
-                .sql(&sql)
-                .await
-                .map_err(Error::from_datafusion)?
-                .collect()
-                .await?;
-            b.first().and_then(|b| {
-                let c =
-                    arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).ok()?;
-                let c = c
-                    .as_any()
-                    .downcast_ref::<arrow::array::StringArray>()?
-                    .clone();
-                (!c.is_empty() && !c.is_null(0)).then(|| c.value(0).to_string())
-            })
-        } else {
-            None
-        };
-        let age = latest
-            .as_deref()
-            .and_then(crate::time_travel::parse_instant)
-            .map(|t| now - t);
-        let status = match age {
-            None => "no_data",
-            Some(a) if error.is_some_and(|e| a > e) => "error",
-            Some(a) if warn.is_some_and(|w| a > w) => "warn",
-            Some(_) => "ok",
-        };
-        out.push(Freshness {
-            source: src.name.clone(),
-            measured,
-            latest,
-            age_hours: age.map(|a| (a.num_minutes() as f64 / 6.0).round() / 10.0),
-            age: age.map(human_age),
-            warn_after: spec.warn_after.clone(),
-            error_after: spec.error_after.clone(),
-            status: status.into(),
-        });
-    }
-    Ok(out)
 }

@@ -22,7 +22,7 @@ pub async fn run_pinned(
 ) -> Result<Vec<RecordBatch>> {
     for (t, v) in &pins {
         if let Ok(t) = crate::catalog::TableRef::parse(t)
-            && let Some(e) = crate::erasure::purged_by(catalog, &t, *v).await?
+            && let Some(e) = crate::audit::purged_by(catalog, &t, *v).await?
         {
             return Err(e);
         }
@@ -40,10 +40,10 @@ pub async fn run_pinned(
 
 /// The table versions a run left (`silt query --as-of-run`).
 pub async fn run_versions(catalog: &Catalog, run_id: &str) -> Result<BTreeMap<String, u64>> {
-    let id = run_id.replace('\'', "''");
+    let id = crate::sql_text::literal(run_id);
     let batches = run(
         catalog,
-        &format!("select lake_versions from _silt.runs where run_id = '{id}' limit 1"),
+        &format!("select lake_versions from _silt.runs where run_id = {id} limit 1"),
     )
     .await?;
     let text = crate::render::render(&batches, crate::render::OutputFormat::Json)?;

@@ -2,6 +2,7 @@
 //!. Written once at the end of a run that built or failed something; a run that
 //! found everything up to date writes nothing. It must not build models.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -13,10 +14,59 @@ use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use crate::catalog::{Catalog, TableRef};
 use crate::commit::append_record;
 use crate::error::Result;
-use crate::materialize::ModelMetrics;
+use serde::{Deserialize, Serialize};
 
 pub fn table() -> TableRef {
     TableRef::new(crate::catalog::Layer::Silt, "runs")
+}
+
+/// What building one model did (one row of `_silt/runs`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelMetrics {
+    pub model: String,
+    pub table: String,
+    pub materialized: String,
+    /// built | up_to_date | failed | skipped
+    pub status: String,
+    /// full | incremental | none
+    pub mode: String,
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub rows_deleted: u64,
+    pub rows_copied: u64,
+    pub files_scanned: u64,
+    pub files_skipped: u64,
+    pub files_added: u64,
+    pub files_removed: u64,
+    pub bytes_added: u64,
+    pub bytes_removed: u64,
+    pub ms: u64,
+    /// Tests: rows the test query returned.
+    pub failing_rows: u64,
+    pub version: Option<u64>,
+    pub upstream: BTreeMap<String, u64>,
+    /// Partitions written (partition_overwrite) or merged into (incremental).
+    pub partitions: Vec<String>,
+    /// Queries the build ran: 1, or one per chunk of partitions (a partition_overwrite build
+    /// over more upstream rows than one chunk holds); 0 when nothing was built.
+    pub chunks: u64,
+    pub message: Option<String>,
+    /// What the user should know about this build (why an incremental model was built in full).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// The hash of the SQL and config it was built with (with `upstream`, its build state).
+    #[serde(skip)]
+    pub sql_hash: String,
+    /// The data files this build added (for tests scoped to the rows it wrote).
+    #[serde(skip)]
+    pub added_files: Vec<String>,
+}
+
+/// Recorded in every model commit, atomically with the data: what the model was built from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelState {
+    pub upstream: BTreeMap<String, u64>,
+    pub sql_hash: String,
 }
 
 const U64_COLS: [&str; 13] = [
@@ -215,7 +265,7 @@ pub async fn list(catalog: &Catalog, limit: usize) -> Result<Vec<RecordBatch>> {
          max(case when status = 'failed' then model || ': ' || coalesce(message, '') end) as error \
          from _silt.runs group by run_id order by started_at desc limit {limit}"
     );
-    crate::query::run(catalog, &sql).await
+    catalog.sql(&sql).await
 }
 
 /// `silt runs --run <id>`: every row of one run in the order it ran, tests with their
@@ -234,7 +284,7 @@ pub async fn detail(catalog: &Catalog, run_id: &str) -> Result<Vec<RecordBatch>>
             format!("null as {alias}")
         }
     };
-    let id = run_id.replace('\'', "''");
+    let id = crate::sql_text::literal(run_id);
     let order = if cols.contains("seq") {
         "seq, model"
     } else {
@@ -245,11 +295,11 @@ pub async fn detail(catalog: &Catalog, run_id: &str) -> Result<Vec<RecordBatch>>
          mode, {sev}, {fail}, \
          rows_inserted as ins, rows_updated as upd, rows_deleted as del, \
          files_added as files_added, files_removed as files_removed, ms, version, message \
-         from _silt.runs where run_id = '{id}' order by {order}",
+         from _silt.runs where run_id = {id} order by {order}",
         sev = opt("severity", "severity"),
         fail = opt("failing_rows", "failing_rows"),
     );
-    let b = crate::query::run(catalog, &sql).await?;
+    let b = catalog.sql(&sql).await?;
     if b.iter().all(|b| b.num_rows() == 0) {
         return Err(crate::error::Error::Usage(format!(
             "no run '{run_id}' in _silt.runs (see `silt runs`)"
@@ -283,7 +333,7 @@ fn tested_path(t: &TableRef) -> String {
 pub async fn last_tested(
     lake: &crate::storage::Storage,
     t: &TableRef,
-) -> Result<Option<crate::materialize::ModelState>> {
+) -> Result<Option<ModelState>> {
     let p = lake.path(&tested_path(t));
     if !lake.exists(&p).await? {
         return Ok(None);
@@ -295,7 +345,7 @@ pub async fn last_tested(
 pub async fn mark_tested(
     lake: &crate::storage::Storage,
     t: &TableRef,
-    state: &crate::materialize::ModelState,
+    state: &ModelState,
 ) -> Result<()> {
     let body = serde_json::to_vec(state).unwrap_or_default();
     lake.put(&lake.path(&tested_path(t)), body.into()).await

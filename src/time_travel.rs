@@ -142,7 +142,7 @@ impl VisitorMut for Collect {
                 self.found.len()
             );
             *name = ObjectName::from(vec![
-                sqlparser::ast::Ident::new(crate::materialize::NEW_SCHEMA),
+                sqlparser::ast::Ident::new(crate::catalog::NEW_SCHEMA),
                 sqlparser::ast::Ident::new(alias.clone()),
             ]);
             self.found.push((t, as_of, alias));
@@ -189,7 +189,7 @@ pub async fn open_as_of(
             }
         }
     };
-    if let Some(e) = crate::erasure::purged_by(catalog, t, version).await? {
+    if let Some(e) = crate::audit::purged_by(catalog, t, version).await? {
         return Err(e);
     }
     check_version(catalog, t, version).await
@@ -427,12 +427,12 @@ fn ensure_schema(
     let cat = ctx
         .catalog("datafusion")
         .ok_or_else(|| Error::Runtime("no default catalog".into()))?;
-    if let Some(s) = cat.schema(crate::materialize::NEW_SCHEMA) {
+    if let Some(s) = cat.schema(crate::catalog::NEW_SCHEMA) {
         return Ok(s);
     }
     let s: std::sync::Arc<dyn datafusion::catalog::SchemaProvider> =
         std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new());
-    cat.register_schema(crate::materialize::NEW_SCHEMA, s.clone())?;
+    cat.register_schema(crate::catalog::NEW_SCHEMA, s.clone())?;
     Ok(s)
 }
 

@@ -8,6 +8,7 @@
 //! what already landed and finishes the rest. This module must not build object stores, commit
 //! (commit.rs does) or talk SQL; parsing lives in csv.rs / json.rs.
 
+pub mod anomalies;
 mod csv;
 pub mod csv_records;
 mod json;
@@ -31,8 +32,8 @@ use crate::config::{ChangedFilePolicy, DuplicateFilePolicy, Format, Granularity,
 use crate::contract::ColumnType;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::profile::BatchStats;
 use crate::storage::Storage;
+use anomalies::BatchStats;
 use ledger::LedgerEntry;
 use std::num::NonZeroU64;
 
@@ -154,7 +155,7 @@ pub struct SourceReport {
     pub bytes: u64,
     pub bronze_version: Option<u64>,
     pub warnings: Vec<String>,
-    pub anomalies: Vec<crate::profile::Anomaly>,
+    pub anomalies: Vec<anomalies::Anomaly>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -835,14 +836,9 @@ impl SourceRun<'_> {
         if let Some(spec) = &self.src.anomaly
             && stats.rows > 0
         {
-            let found = crate::profile::check_batch(
-                self.catalog,
-                &self.src.name,
-                spec,
-                self.batch_id,
-                &stats,
-            )
-            .await?;
+            let found =
+                anomalies::check_batch(self.catalog, &self.src.name, spec, self.batch_id, &stats)
+                    .await?;
             sr.anomalies.extend(found);
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! binary or the library on temp dirs. One binary, because each extra one re-links datafusion
 //! and deltalake.
 
+mod architecture;
 mod bigquery;
 mod contract;
 mod erasure;
