@@ -19,6 +19,7 @@ pub mod materialize;
 pub mod models;
 pub mod pipeline;
 pub mod profile;
+pub mod progress;
 pub mod pseudonym;
 pub mod quality;
 pub mod query;

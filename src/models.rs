@@ -985,6 +985,32 @@ fn jinja_message(e: &JinjaError) -> String {
     m
 }
 
+/// The columns that identify a row of `t` (what `silt diff` keys by when not told): a model's
+/// unique_key (with `valid_from` for an SCD2 history, which holds one row per key and
+/// version), a source's primary_key; none for other tables or a dag that does not load.
+pub fn row_key(project: &Project, t: &TableRef) -> Vec<String> {
+    match t.layer {
+        Layer::Bronze => project
+            .sources
+            .get(&t.name)
+            .map(|s| s.primary_key.clone())
+            .unwrap_or_default(),
+        Layer::Silver | Layer::Gold => Dag::load(project)
+            .ok()
+            .and_then(|d| {
+                d.models.get(&t.name).map(|m| {
+                    let mut k = m.config.unique_key.clone();
+                    if m.config.materialized == Materialized::Snapshot {
+                        k.push("valid_from".into());
+                    }
+                    k
+                })
+            })
+            .unwrap_or_default(),
+        _ => vec![],
+    }
+}
+
 /// The dag as text: a tree per root, or mermaid / dot / json.
 pub fn render_dag(dag: &Dag, format: &str) -> Result<String> {
     let mut out = String::new();

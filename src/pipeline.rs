@@ -13,6 +13,7 @@ use crate::Silt;
 use crate::catalog::TableRef;
 use crate::error::{Error, Result};
 use crate::ingest::IngestReport;
+use crate::progress::{Progress, SharedProgress};
 use crate::materialize::{Materializer, ModelMetrics, ModelState};
 use crate::models::Dag;
 use crate::quality::TestResult;
@@ -28,6 +29,8 @@ pub struct RunOptions {
     /// Told of each model as it finishes: its metrics, its position (1-based) and how many
     /// models the run has. The library prints nothing; the caller decides what a person sees.
     pub on_model: Option<OnModel>,
+    /// Told of the ingest's bytes and of each model as it starts and ends.
+    pub progress: Option<SharedProgress>,
 }
 
 /// What is told of each finished model of a run: its metrics, position and the run's size.
@@ -125,11 +128,7 @@ async fn source_tests(
 }
 
 /// Run ingest (optionally) and build the selected models.
-pub async fn run(
-    silt: &Silt,
-    opts: RunOptions,
-    progress: Option<indicatif::ProgressBar>,
-) -> Result<RunReport> {
+pub async fn run(silt: &Silt, opts: RunOptions) -> Result<RunReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
     let mut report = new_report();
@@ -143,7 +142,7 @@ pub async fn run(
     let mut ingest_row = None;
     if opts.ingest {
         let mut b = silt.ingest();
-        if let Some(p) = &progress {
+        if let Some(p) = &opts.progress {
             b = b.with_progress(p.clone());
         }
         let mut r = b.execute().await?;
@@ -185,7 +184,7 @@ pub async fn run(
         &dag,
         &selected,
         opts.full_refresh,
-        progress,
+        opts.progress.as_deref(),
         opts.on_model.as_deref(),
         &ctx,
         &broken_sources,
@@ -383,7 +382,7 @@ async fn build_models(
     dag: &Dag,
     selected: &[String],
     full_refresh: bool,
-    progress: Option<indicatif::ProgressBar>,
+    progress: Option<&dyn Progress>,
     on_model: Option<&ModelDone>,
     ctx: &SessionContext,
     broken_sources: &BTreeSet<String>,
@@ -403,9 +402,8 @@ async fn build_models(
         changes: Default::default(),
     };
     let mut broken: BTreeSet<String> = BTreeSet::new();
-    if let Some(p) = &progress {
-        p.set_length(selected.len() as u64);
-        p.set_position(0);
+    if let Some(p) = progress {
+        p.start(selected.len() as u64);
     }
     let skipped = |name: &str, table: String, why: String| ModelMetrics {
         model: name.to_string(),
@@ -422,8 +420,8 @@ async fn build_models(
     let mut built: BTreeSet<String> = BTreeSet::new();
     for name in selected {
         let m = &dag.models[name];
-        if let Some(p) = &progress {
-            p.set_message(m.table().to_string());
+        if let Some(p) = progress {
+            p.working_on(&m.table().to_string());
         }
         let waiting: Vec<String> = m
             .refs
@@ -536,8 +534,8 @@ async fn build_models(
             }
         }
         done += 1;
-        if let Some(p) = &progress {
-            p.inc(1);
+        if let Some(p) = progress {
+            p.advance(1);
         }
         if let (Some(f), Some(mm)) = (
             on_model,

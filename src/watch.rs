@@ -119,7 +119,7 @@ pub async fn watch(
             select: select.into_iter().collect(),
             full_refresh: false,
             ingest: true,
-            on_model: None,
+            ..Default::default()
         };
         // The lake's lease is held per cycle, so other commands (a forget, a restore) run
         // between cycles; a cycle that cannot get it reports why and the next one tries again.
@@ -130,7 +130,7 @@ pub async fn watch(
         .await
         {
             Ok(lease) => {
-                let r = crate::pipeline::run(silt, opts, None).await;
+                let r = crate::pipeline::run(silt, opts).await;
                 let released = lease.release().await;
                 match (r, released) {
                     (Ok(r), Ok(())) => Ok(r),

@@ -32,6 +32,7 @@ use crate::config::{ChangedFilePolicy, DuplicateFilePolicy, Format, Granularity,
 use crate::contract::ColumnType;
 use crate::error::{Error, Result};
 use crate::failpoint;
+use crate::progress::SharedProgress;
 use crate::storage::Storage;
 use anomalies::BatchStats;
 use ledger::LedgerEntry;
@@ -189,7 +190,7 @@ pub struct IngestBuilder<'a> {
     catalog: Catalog,
     landing: Storage,
     sources: Vec<String>,
-    progress: Option<indicatif::ProgressBar>,
+    progress: Option<SharedProgress>,
 }
 
 impl<'a> IngestBuilder<'a> {
@@ -209,8 +210,8 @@ impl<'a> IngestBuilder<'a> {
         self
     }
 
-    /// A progress bar to advance by landing bytes read.
-    pub fn with_progress(mut self, pb: indicatif::ProgressBar) -> Self {
+    /// A progress listener, advanced by the landing bytes read.
+    pub fn with_progress(mut self, pb: SharedProgress) -> Self {
         self.progress = Some(pb);
         self
     }
@@ -266,7 +267,7 @@ struct SourceRun<'r> {
     batch_id: &'r str,
     ingested_at: i64,
     cfg: &'r crate::config::IngestSection,
-    progress: Option<&'r indicatif::ProgressBar>,
+    progress: Option<&'r SharedProgress>,
     /// Path → every content hash the ledger has for it.
     rewritten: HashMap<String, Vec<String>>,
 }
@@ -496,7 +497,7 @@ impl SourceRun<'_> {
             let size = data.len() as u64;
             let skip = |_: &mut SourceReport| {
                 if let Some(p) = &self.progress {
-                    p.inc(size);
+                    p.advance(size);
                 }
             };
             if let Some(prev) = &previous
@@ -669,7 +670,7 @@ impl SourceRun<'_> {
                 .await
                 .unwrap_or_else(|e| Err(Error::Runtime(format!("parser task failed: {e}"))));
             if let Some(p) = &self.progress {
-                p.inc(c.size);
+                p.advance(c.size);
             }
             let p = match parsed {
                 Err(e @ (Error::Input { .. } | Error::Config { .. })) => {
@@ -1127,7 +1128,7 @@ struct Units(Vec<tokio::task::JoinHandle<Result<UnitResult>>>);
 struct UnitStarter {
     stamp: Stamp,
     landing: Storage,
-    progress: Option<indicatif::ProgressBar>,
+    progress: Option<SharedProgress>,
     want_stats: bool,
     /// One per core: a unit waits for one before reading its files.
     permits: Arc<tokio::sync::Semaphore>,
@@ -1201,7 +1202,7 @@ struct UnitJob {
     /// Files whose rows an earlier, interrupted ingest already committed to bronze.
     b_done: Vec<String>,
     want_stats: bool,
-    progress: Option<indicatif::ProgressBar>,
+    progress: Option<SharedProgress>,
     /// The table's partition column (silt partitions bronze by at most one).
     partition_column: Option<String>,
 }
@@ -1275,7 +1276,7 @@ impl UnitJob {
                 break;
             }
             if let Some(p) = &self.progress {
-                p.inc(c.size);
+                p.advance(c.size);
             }
             let mut parsed = match parsed {
                 // Refused as a whole: parsers refuse before their first slice, so the writer

@@ -1,0 +1,286 @@
+//! The command line, declared with clap derive: every command and its arguments, with the help
+//! text a user reads. This is the only file that knows clap; it must not hold pipeline logic
+//! (the library does), printing (printers.rs) nor exit codes (main.rs).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "silt",
+    version,
+    about = "A local-first lakehouse: landing files to bronze, silver and gold Delta tables"
+)]
+pub struct Cli {
+    /// Project directory (holding silt.toml).
+    #[arg(long, global = true, env = "SILT_PROJECT", default_value = ".")]
+    pub project: PathBuf,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log more (-v info, -vv debug, -vvv trace) on stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new project in DIR: silt.toml, sql/ folders, an example source and model.
+    Init(InitArgs),
+    /// Ingest new landing files into bronze tables, exactly once.
+    Ingest(IngestArgs),
+    /// Run the pipeline: ingest, then build every model whose inputs changed, in dag order.
+    Run(BuildArgs),
+    /// Build models (all, or --select name, name+, +name, silver, gold) in dag order.
+    Build(BuildArgs),
+    /// Watch the landing root; when files land, ingest them and build the affected models.
+    Watch(WatchArgs),
+    /// Run data tests: column tests of models and sources, and sql/tests/*.sql.
+    Test(TestArgs),
+    /// How old each source's newest data is, against its [freshness] thresholds.
+    Freshness,
+    /// Column statistics (polars) of a table (bronze.fees) or a landing file.
+    Profile(ProfileArgs),
+    /// Show the model dag: a text tree, or --format mermaid|dot|json.
+    Dag(DagArgs),
+    /// Past runs (run, build, test, forget), newest first: one line each; --run ID shows each
+    /// model and test of one run in the order they ran.
+    Runs(RunsArgs),
+    /// Run one SQL statement over every table (bronze.x, silver.x, gold.x, quarantine.x, _silt.x).
+    Query(QueryArgs),
+    /// A table's versions: operation, time, run and metrics.
+    History(HistoryArgs),
+    /// Make a table's content that of an older version (as a new version).
+    Restore(RestoreArgs),
+    /// Rows added, removed and changed between two versions (keyed by the unique key).
+    Diff(DiffArgs),
+    /// GDPR erasure: delete data subjects from every layer, the quarantine and the landing
+    /// files, rebuild what was derived from them, purge the files, audit in _silt.erasures.
+    Forget(ForgetArgs),
+    /// Publish gold tables to a warehouse: only what changed since the last export.
+    Export(ExportArgs),
+    /// Compact a table's small files (or Z-order them) into a new version with the same rows.
+    Optimize(OptimizeArgs),
+    /// Delete data files that no version younger than --retain-hours needs (all tables, or one).
+    Vacuum(VacuumArgs),
+    /// List tables with version, rows, files, bytes and partitioning.
+    Tables,
+    /// Landing sources.
+    Source(SourceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Only these sources (comma-separated or repeated).
+    #[arg(long = "source", short = 's', value_delimiter = ',')]
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Selectors: name, name+ (and downstream), +name (and upstream), silver, gold
+    /// (comma-separated or repeated).
+    #[arg(long = "select", short = 's', value_delimiter = ',')]
+    pub select: Vec<String>,
+    /// Rebuild from scratch instead of incrementally.
+    #[arg(long)]
+    pub full_refresh: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportTarget {
+    /// BigQuery, per [bigquery] in silt.toml: changed partitions only, each replaced atomically.
+    Bigquery {
+        /// Models to export (selectors as in `silt build`, comma-separated or repeated; default:
+        /// [bigquery] models or every gold model).
+        #[arg(long = "select", short = 's', value_delimiter = ',')]
+        select: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DagFormat {
+    Text,
+    Mermaid,
+    Dot,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SourceCommand {
+    /// Infer a contract from a sample landing file and write sql/bronze/NAME.toml for review.
+    New {
+        name: String,
+        /// A sample file: a path or a URL (file://, gs://).
+        #[arg(long)]
+        from: String,
+        /// Overwrite an existing sql/bronze/NAME.toml.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The new project's directory (created; it must not hold a silt.toml yet).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Wait this long after the last change before running.
+    #[arg(long, default_value_t = 500)]
+    pub debounce_ms: u64,
+    /// Also poll the landing root this often (the only trigger for gs:// roots).
+    #[arg(long, default_value_t = 10)]
+    pub poll_seconds: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Only the tests of these models (selectors as for build, comma-separated or repeated).
+    #[arg(long = "select", short = 's', value_delimiter = ',')]
+    pub select: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// A table name (layer.name) or a landing file (path, URL, or path under the landing root).
+    pub target: String,
+    /// How many top values to show per column.
+    #[arg(long, default_value_t = 3)]
+    pub top: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct DagArgs {
+    #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+    pub format: DagFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// How many runs to show.
+    #[arg(long, default_value_t = 5)]
+    pub limit: usize,
+    /// One run's models and tests (a run id from the list).
+    #[arg(long)]
+    pub run: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    pub sql: String,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Read every table at the version the given run left (see `silt runs`).
+    #[arg(long)]
+    pub as_of_run: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The table, as layer.name (bronze.fees, silver.stg_fees, _silt.runs).
+    pub table: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The table, as layer.name.
+    pub table: String,
+    /// The version whose content becomes the table's next version (see `silt history`).
+    #[arg(
+        long,
+        conflicts_with = "timestamp",
+        required_unless_present = "timestamp"
+    )]
+    pub version: Option<u64>,
+    /// An RFC 3339 time.
+    #[arg(long)]
+    pub timestamp: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The table, as layer.name.
+    pub table: String,
+    /// The older version to compare (see `silt history`).
+    #[arg(long)]
+    pub from: u64,
+    /// Default: the latest version.
+    #[arg(long)]
+    pub to: Option<u64>,
+    /// Key columns, comma-separated or repeated (default: the model's unique_key or the
+    /// source's primary_key).
+    #[arg(long, value_delimiter = ',')]
+    pub key: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Subject ids (values of the sources' subject_key).
+    pub ids: Vec<String>,
+    /// A file with one subject id per line.
+    #[arg(long)]
+    pub file: Option<std::path::PathBuf>,
+    /// Why (kept in the audit log).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only scan every file under the lake and landing roots for the subjects; exit 1 on a find.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(subcommand)]
+    pub target: ExportTarget,
+}
+
+#[derive(Debug, Args)]
+pub struct OptimizeArgs {
+    pub table: String,
+    /// Z-order by these columns (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub zorder: Vec<String>,
+    /// Target file size in bytes.
+    #[arg(long)]
+    pub target_size: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct VacuumArgs {
+    /// One table (layer.name, e.g. silver.stg_fees); default: every table of the lake.
+    pub table: Option<String>,
+    /// Keep every file a version younger than this needs (hours). Below Delta's default of
+    /// 168 (7 days) it needs --force: older versions become unreadable.
+    #[arg(long, default_value_t = 168)]
+    pub retain_hours: u64,
+    /// Allow --retain-hours below 168.
+    #[arg(long)]
+    pub force: bool,
+    /// List the files that would be deleted, and delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    #[command(subcommand)]
+    pub command: SourceCommand,
+}
+
+/// The command line of this process.
+pub fn parse() -> Cli {
+    Cli::parse()
+}

@@ -1,0 +1,475 @@
+//! One function per `silt` command: open the project, take the lake's lease when the command
+//! rewrites tables, call the library, print its report (printers.rs). It must not hold pipeline
+//! logic, SQL or table layouts (the library does) nor turn errors into exit codes (main.rs).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use silt::catalog::{Layer, TableRef};
+use silt::render::{OutputFormat, render};
+use silt::time_travel::AsOf;
+use silt::{Error, Silt};
+
+use super::args::*;
+use super::printers::{self, emit, write_stdout};
+use super::progress::Bar;
+use super::ExitWith;
+
+/// Run the command of `cli`, holding the lake's lease around it when it writes.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    if let Command::Init(a) = &cli.command {
+        return init(a, json);
+    }
+    let silt = Silt::open(&cli.project)?;
+    if matches!(cli.command, Command::Ingest(_)) {
+        return with_ingest_claim(&silt, execute(&silt, cli.command, json)).await;
+    }
+    match lease_verb(&cli.command) {
+        Some(verb) => with_lease(&silt, verb, execute(&silt, cli.command, json)).await,
+        None => execute(&silt, cli.command, json).await,
+    }
+}
+
+/// The commands that rewrite the lake's tables, which take its run lease, by the verb the
+/// lease names. `ingest` takes a claim instead (it runs beside other ingests, never beside a
+/// forget); `watch` takes the lease per cycle, so it never keeps other commands out while it
+/// waits.
+fn lease_verb(c: &Command) -> Option<&'static str> {
+    match c {
+        Command::Run(_) => Some("run"),
+        Command::Build(_) => Some("build"),
+        Command::Restore(_) => Some("restore"),
+        Command::Export(_) => Some("export"),
+        Command::Optimize(_) => Some("optimize"),
+        Command::Vacuum(a) if !a.dry_run => Some("vacuum"),
+        Command::Forget(a) if !a.verify => Some("forget"),
+        _ => None,
+    }
+}
+
+/// Run `work` under an ingest claim on the landing files (ingests run side by side; Delta txn
+/// ids keep each file exactly once), after any forget that rewrites them.
+async fn with_ingest_claim(
+    silt: &Silt,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let opts = silt::lease::LeaseOptions::from_env()?;
+    let claim = silt::lease::claim_ingest(&silt.lake, opts, |h| {
+        eprintln!(
+            "silt: waiting for {h} to finish erasing (up to {} s; SILT_LEASE_WAIT sets it)",
+            opts.wait.as_secs()
+        )
+    })
+    .await?;
+    let result = work.await;
+    let released = claim.release().await;
+    result?;
+    released?;
+    Ok(())
+}
+
+/// Run `work` holding the lake's lease as `verb`; a forget also waits for running ingests.
+async fn with_lease(
+    silt: &Silt,
+    verb: &'static str,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let opts = silt::lease::LeaseOptions::from_env()?;
+    let lease = silt::lease::acquire(&silt.lake, verb, opts, |h| {
+        eprintln!(
+            "silt: waiting for the lake's lease, held by {h} (up to {} s; SILT_LEASE_WAIT sets it)",
+            opts.wait.as_secs()
+        )
+    })
+    .await?;
+    let ready = if verb == "forget" {
+        silt::lease::wait_for_ingests(&silt.lake, opts, |h| {
+            eprintln!(
+                "silt: waiting for {h} to finish ingesting (up to {} s)",
+                opts.wait.as_secs()
+            )
+        })
+        .await
+    } else {
+        Ok(())
+    };
+    let result = match ready {
+        Ok(()) => work.await,
+        Err(e) => Err(e.into()),
+    };
+    if lease.lost() {
+        eprintln!(
+            "warning: this process stalled past its lease's time to live and another process took \
+             the lease over; each commit is still whole (Delta's optimistic concurrency)"
+        );
+    }
+    let released = lease.release().await;
+    result?;
+    released?;
+    Ok(())
+}
+
+async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()> {
+    match command {
+        Command::Init(a) => init(&a, json),
+        Command::Ingest(a) => ingest(silt, a.sources, json).await,
+        Command::Run(a) => build(silt, a, true, json).await,
+        Command::Build(a) => build(silt, a, false, json).await,
+        Command::Watch(a) => watch(silt, a, json).await,
+        Command::Test(a) => test(silt, a, json).await,
+        Command::Freshness => freshness(silt, json).await,
+        Command::Profile(a) => {
+            let cols = silt::profile::profile_target(silt, &a.target, a.top).await?;
+            emit(cols.as_slice(), json)
+        }
+        Command::Dag(a) => dag(silt, a, json),
+        Command::Runs(a) => runs(silt, a, json).await,
+        Command::Query(a) => query(silt, a, json).await,
+        Command::History(a) => {
+            let t = TableRef::parse(&a.table)?;
+            let h = silt::time_travel::history(&silt.catalog, &t).await?;
+            emit(h.as_slice(), json)
+        }
+        Command::Restore(a) => restore(silt, a).await,
+        Command::Export(ExportArgs {
+            target: ExportTarget::Bigquery { select },
+        }) => export(silt, &select, json).await,
+        Command::Optimize(a) => {
+            let t = TableRef::parse(&a.table)?;
+            let r =
+                silt::maintenance::optimize(&silt.catalog, &t, &a.zorder, a.target_size).await?;
+            emit(&r, json)
+        }
+        Command::Vacuum(a) => vacuum(silt, a, json).await,
+        Command::Forget(a) if a.verify => verify(silt, a, json).await,
+        Command::Forget(a) => forget(silt, a, json).await,
+        Command::Diff(a) => diff(silt, a, json).await,
+        Command::Tables => emit(silt.catalog.describe_all().await?.as_slice(), json),
+        Command::Source(SourceArgs {
+            command: SourceCommand::New { name, from, force },
+        }) => {
+            let report = silt::scaffold::source_new(silt, &name, &from, force).await?;
+            emit(&printers::SourceNewView { name, report: &report }, json)
+        }
+    }
+}
+
+fn init(a: &InitArgs, json: bool) -> anyhow::Result<()> {
+    let written = silt::scaffold::init(&a.dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&written)?);
+        return Ok(());
+    }
+    for w in written {
+        println!("created {}", a.dir.join(w).display());
+    }
+    println!(
+        "\nnext: cd {} && silt ingest && silt query \"select * from bronze.example\"",
+        a.dir.display()
+    );
+    Ok(())
+}
+
+async fn ingest(silt: &Silt, sources: Vec<String>, json: bool) -> anyhow::Result<()> {
+    let bar = Bar::bytes()?;
+    let report = silt
+        .ingest()
+        .with_sources(sources)
+        .with_progress(Arc::new(bar.clone()))
+        .execute()
+        .await;
+    bar.finish();
+    let report = report?;
+    if !json {
+        printers::warn_ingest(&report);
+    }
+    emit(&report, json)?;
+    if !json {
+        printers::warn_anomalies(&report);
+    }
+    let anomalies_failed = !report.failed_sources().is_empty();
+    if !report.rejected.is_empty() {
+        return Err(Error::Rejected(report.rejected).into());
+    }
+    if anomalies_failed {
+        return Err(ExitWith(1).into());
+    }
+    Ok(())
+}
+
+/// `silt run` (with `ingest`) and `silt build`.
+async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow::Result<()> {
+    let bar = Bar::models()?;
+    // A line per model as it finishes (dbt prints one per node): stderr, above the bar.
+    let lines = bar.clone();
+    let opts = silt::pipeline::RunOptions {
+        select: args.select,
+        full_refresh: args.full_refresh,
+        ingest,
+        no_models: false,
+        on_model: Some(Box::new(move |m, i, of| {
+            lines.println(&printers::model_line(i, of, m))
+        })),
+        progress: Some(Arc::new(bar.clone())),
+    };
+    let report = silt::pipeline::run(silt, opts).await;
+    bar.finish();
+    let report = report?;
+    if !json && let Some(r) = &report.ingest {
+        printers::warn_ingest(r);
+    }
+    emit(&report, json)?;
+    if !json && let Some(r) = &report.ingest {
+        printers::warn_anomalies(r);
+    }
+    printers::warn_models(&report);
+    printers::print_tests(&report, json)?;
+    printers::print_errors(&report.errors);
+    let code = report.exit_code();
+    if code != 0 {
+        return Err(ExitWith(code as u8).into());
+    }
+    export_after(silt, json).await
+}
+
+async fn watch(silt: &Silt, a: WatchArgs, json: bool) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("silt: stopping after the current step (Ctrl-C)");
+            on_signal.store(true, Ordering::SeqCst);
+        }
+    });
+    eprintln!(
+        "silt: watching {} (debounce {} ms, poll every {} s); Ctrl-C stops",
+        silt.landing.url(),
+        a.debounce_ms,
+        a.poll_seconds
+    );
+    let opts = silt::watch::WatchOptions {
+        debounce: Duration::from_millis(a.debounce_ms),
+        poll_interval: Duration::from_secs(a.poll_seconds),
+    };
+    silt::watch::watch(silt, opts, stop, |changed, report| match report {
+        Ok(r) => printers::watch_cycle(changed.len(), &r, json),
+        Err(e) => eprintln!("error: {e}"),
+    })
+    .await?;
+    eprintln!("silt: stopped");
+    Ok(())
+}
+
+async fn test(silt: &Silt, a: TestArgs, json: bool) -> anyhow::Result<()> {
+    let report = silt::pipeline::test(silt, &a.select).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    printers::print_tests(&report, json)?;
+    printers::print_errors(&report.errors);
+    let code = report.exit_code();
+    if code != 0 {
+        return Err(ExitWith(code as u8).into());
+    }
+    Ok(())
+}
+
+async fn freshness(silt: &Silt, json: bool) -> anyhow::Result<()> {
+    let rows = silt::freshness::freshness(silt, chrono::Utc::now()).await?;
+    emit(rows.as_slice(), json)?;
+    if rows.iter().any(|r| r.status == "error") {
+        return Err(ExitWith(1).into());
+    }
+    Ok(())
+}
+
+fn dag(silt: &Silt, a: DagArgs, json: bool) -> anyhow::Result<()> {
+    let dag = silt::models::Dag::load(&silt.project)?;
+    let format = if json {
+        "json"
+    } else {
+        match a.format {
+            DagFormat::Text => "text",
+            DagFormat::Mermaid => "mermaid",
+            DagFormat::Dot => "dot",
+            DagFormat::Json => "json",
+        }
+    };
+    write_stdout(&silt::models::render_dag(&dag, format)?)
+}
+
+async fn runs(silt: &Silt, a: RunsArgs, json: bool) -> anyhow::Result<()> {
+    let batches = match &a.run {
+        Some(id) => silt::runs::detail(&silt.catalog, id).await?,
+        None => silt::runs::list(&silt.catalog, a.limit).await?,
+    };
+    if !json && batches.iter().all(|b| b.num_rows() == 0) && a.run.is_none() {
+        println!("no run recorded yet: `silt run` builds the pipeline and records it");
+        return Ok(());
+    }
+    let format = if json {
+        OutputFormat::Json
+    } else {
+        OutputFormat::Table
+    };
+    write_stdout(&render(&batches, format)?)
+}
+
+async fn query(silt: &Silt, a: QueryArgs, json: bool) -> anyhow::Result<()> {
+    let pins = match &a.as_of_run {
+        Some(id) => silt::query::run_versions(&silt.catalog, id).await?,
+        None => Default::default(),
+    };
+    let batches = silt::query::run_pinned(&silt.catalog, &a.sql, pins).await?;
+    let format = match (json, a.format) {
+        (true, _) | (_, Format::Json) => OutputFormat::Json,
+        (_, Format::Table) => OutputFormat::Table,
+        (_, Format::Csv) => OutputFormat::Csv,
+    };
+    write_stdout(&render(&batches, format)?)
+}
+
+async fn restore(silt: &Silt, a: RestoreArgs) -> anyhow::Result<()> {
+    let t = TableRef::parse(&a.table)?;
+    let as_of = match (a.version, a.timestamp) {
+        (Some(v), _) => AsOf::Version(v),
+        (None, Some(ts)) => AsOf::Timestamp(silt::time_travel::parse_instant(&ts).ok_or_else(
+            || Error::Usage(format!("--timestamp '{ts}' is not an RFC 3339 time")),
+        )?),
+        (None, None) => return Err(Error::Usage("give --version or --timestamp".into()).into()),
+    };
+    let v = silt::time_travel::restore(&silt.catalog, &t, &as_of).await?;
+    println!("{t} restored as version {v}");
+    Ok(())
+}
+
+async fn vacuum(silt: &Silt, a: VacuumArgs, json: bool) -> anyhow::Result<()> {
+    let tables = match a.table {
+        Some(t) => vec![TableRef::parse(&t)?],
+        // Every data table; silt's bookkeeping keeps its history.
+        None => silt
+            .catalog
+            .list()
+            .await?
+            .into_iter()
+            .filter(|t| t.layer != Layer::Silt)
+            .collect(),
+    };
+    let mut reports = Vec::new();
+    for t in tables {
+        reports.push(
+            silt::maintenance::vacuum(&silt.catalog, &t, a.retain_hours, a.dry_run, a.force)
+                .await?,
+        );
+    }
+    emit(reports.as_slice(), json)
+}
+
+/// The subject ids of a forget: on the command line and in `--file` (one per line, `#`
+/// comments).
+fn subject_ids(a: &ForgetArgs) -> anyhow::Result<Vec<String>> {
+    let mut ids = a.ids.clone();
+    if let Some(f) = &a.file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| Error::Usage(format!("cannot read {}: {e}", f.display())))?;
+        ids.extend(
+            text.lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty() && !l.starts_with('#')),
+        );
+    }
+    if ids.is_empty() {
+        return Err(Error::Usage("give subject ids or --file ids.txt".into()).into());
+    }
+    Ok(ids)
+}
+
+async fn verify(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
+    let ids = subject_ids(&a)?;
+    let r = silt::erasure::verify(silt, &ids).await?;
+    emit(&r, json)?;
+    if !json {
+        for u in &r.unreadable {
+            eprintln!("warning: not scanned: {u}");
+        }
+    }
+    if !r.findings.is_empty() {
+        return Err(ExitWith(1).into());
+    }
+    Ok(())
+}
+
+async fn forget(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
+    let ids = subject_ids(&a)?;
+    let r = silt::erasure::ForgetBuilder::new(silt, ids)
+        .with_reason(a.reason)
+        .execute()
+        .await?;
+    emit(&r, json)?;
+    for w in r
+        .warnings
+        .iter()
+        .chain(r.steps.iter().flat_map(|s| s.warnings.iter()))
+    {
+        eprintln!("warning: {w}");
+    }
+    export_after(silt, json).await
+}
+
+async fn diff(silt: &Silt, a: DiffArgs, json: bool) -> anyhow::Result<()> {
+    let t = TableRef::parse(&a.table)?;
+    let key = if a.key.is_empty() {
+        silt::models::row_key(&silt.project, &t)
+    } else {
+        a.key
+    };
+    let to = match a.to {
+        Some(v) => v,
+        None => silt
+            .catalog
+            .open(&t)
+            .await?
+            .and_then(|x| x.version())
+            .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?,
+    };
+    let d = silt::time_travel::diff(
+        &silt.catalog,
+        &t,
+        &AsOf::Version(a.from),
+        &AsOf::Version(to),
+        &key,
+    )
+    .await?;
+    let view = printers::DiffView {
+        table: t.to_string(),
+        from: a.from,
+        to,
+        diff: &d,
+    };
+    emit(&view, json)
+}
+
+/// `[bigquery] export_after_run`: publish what changed once a run or an erasure succeeded.
+async fn export_after(silt: &Silt, json: bool) -> anyhow::Result<()> {
+    let after_run = silt
+        .project
+        .file
+        .bigquery
+        .as_ref()
+        .is_some_and(|b| b.export_after_run);
+    if !after_run {
+        return Ok(());
+    }
+    if json {
+        silt::export::bigquery(silt, &[]).await?;
+        return Ok(());
+    }
+    export(silt, &[], false).await
+}
+
+async fn export(silt: &Silt, select: &[String], json: bool) -> anyhow::Result<()> {
+    let r = silt::export::bigquery(silt, select).await?;
+    emit(&r, json)
+}
