@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use silt::catalog::{Layer, TableRef};
+use silt::lake::catalog::{Layer, TableRef};
+use silt::lake::time_travel::AsOf;
 use silt::render::{OutputFormat, render};
-use silt::time_travel::AsOf;
 use silt::{Error, Silt};
 
+use super::ExitWith;
 use super::args::*;
 use super::printers::{self, emit, write_stdout};
 use super::progress::Bar;
-use super::ExitWith;
 
 /// Run the command of `cli`, holding the lake's lease around it when it writes.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -55,8 +55,8 @@ async fn with_ingest_claim(
     silt: &Silt,
     work: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let opts = silt::lease::LeaseOptions::from_env()?;
-    let claim = silt::lease::claim_ingest(&silt.lake, opts, |h| {
+    let opts = silt::lake::lease::LeaseOptions::from_env()?;
+    let claim = silt::lake::lease::claim_ingest(&silt.lake, opts, |h| {
         eprintln!(
             "silt: waiting for {h} to finish erasing (up to {} s; SILT_LEASE_WAIT sets it)",
             opts.wait.as_secs()
@@ -76,8 +76,8 @@ async fn with_lease(
     verb: &'static str,
     work: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let opts = silt::lease::LeaseOptions::from_env()?;
-    let lease = silt::lease::acquire(&silt.lake, verb, opts, |h| {
+    let opts = silt::lake::lease::LeaseOptions::from_env()?;
+    let lease = silt::lake::lease::acquire(&silt.lake, verb, opts, |h| {
         eprintln!(
             "silt: waiting for the lake's lease, held by {h} (up to {} s; SILT_LEASE_WAIT sets it)",
             opts.wait.as_secs()
@@ -85,7 +85,7 @@ async fn with_lease(
     })
     .await?;
     let ready = if verb == "forget" {
-        silt::lease::wait_for_ingests(&silt.lake, opts, |h| {
+        silt::lake::lease::wait_for_ingests(&silt.lake, opts, |h| {
             eprintln!(
                 "silt: waiting for {h} to finish ingesting (up to {} s)",
                 opts.wait.as_secs()
@@ -121,7 +121,7 @@ async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()
         Command::Test(a) => test(silt, a, json).await,
         Command::Freshness => freshness(silt, json).await,
         Command::Profile(a) => {
-            let cols = silt::profile::profile_target(silt, &a.target, a.top).await?;
+            let cols = silt::ops::profile::profile_target(silt, &a.target, a.top).await?;
             emit(cols.as_slice(), json)
         }
         Command::Dag(a) => dag(silt, a, json),
@@ -129,7 +129,7 @@ async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()
         Command::Query(a) => query(silt, a, json).await,
         Command::History(a) => {
             let t = TableRef::parse(&a.table)?;
-            let h = silt::time_travel::history(&silt.catalog, &t).await?;
+            let h = silt::lake::time_travel::history(&silt.catalog, &t).await?;
             emit(h.as_slice(), json)
         }
         Command::Restore(a) => restore(silt, a).await,
@@ -138,8 +138,8 @@ async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()
         }) => export(silt, &select, json).await,
         Command::Optimize(a) => {
             let t = TableRef::parse(&a.table)?;
-            let r =
-                silt::maintenance::optimize(&silt.catalog, &t, &a.zorder, a.target_size).await?;
+            let r = silt::ops::maintenance::optimize(&silt.catalog, &t, &a.zorder, a.target_size)
+                .await?;
             emit(&r, json)
         }
         Command::Vacuum(a) => vacuum(silt, a, json).await,
@@ -150,14 +150,20 @@ async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()
         Command::Source(SourceArgs {
             command: SourceCommand::New { name, from, force },
         }) => {
-            let report = silt::scaffold::source_new(silt, &name, &from, force).await?;
-            emit(&printers::SourceNewView { name, report: &report }, json)
+            let report = silt::ops::scaffold::source_new(silt, &name, &from, force).await?;
+            emit(
+                &printers::SourceNewView {
+                    name,
+                    report: &report,
+                },
+                json,
+            )
         }
     }
 }
 
 fn init(a: &InitArgs, json: bool) -> anyhow::Result<()> {
-    let written = silt::scaffold::init(&a.dir)?;
+    let written = silt::ops::scaffold::init(&a.dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&written)?);
         return Ok(());
@@ -204,7 +210,7 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
     let bar = Bar::models()?;
     // A line per model as it finishes (dbt prints one per node): stderr, above the bar.
     let lines = bar.clone();
-    let opts = silt::pipeline::RunOptions {
+    let opts = silt::build::pipeline::RunOptions {
         select: args.select,
         full_refresh: args.full_refresh,
         ingest,
@@ -214,7 +220,7 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
         })),
         progress: Some(Arc::new(bar.clone())),
     };
-    let report = silt::pipeline::run(silt, opts).await;
+    let report = silt::build::pipeline::run(silt, opts).await;
     bar.finish();
     let report = report?;
     if !json && let Some(r) = &report.ingest {
@@ -249,11 +255,11 @@ async fn watch(silt: &Silt, a: WatchArgs, json: bool) -> anyhow::Result<()> {
         a.debounce_ms,
         a.poll_seconds
     );
-    let opts = silt::watch::WatchOptions {
+    let opts = silt::ops::watch::WatchOptions {
         debounce: Duration::from_millis(a.debounce_ms),
         poll_interval: Duration::from_secs(a.poll_seconds),
     };
-    silt::watch::watch(silt, opts, stop, |changed, report| match report {
+    silt::ops::watch::watch(silt, opts, stop, |changed, report| match report {
         Ok(r) => printers::watch_cycle(changed.len(), &r, json),
         Err(e) => eprintln!("error: {e}"),
     })
@@ -263,7 +269,7 @@ async fn watch(silt: &Silt, a: WatchArgs, json: bool) -> anyhow::Result<()> {
 }
 
 async fn test(silt: &Silt, a: TestArgs, json: bool) -> anyhow::Result<()> {
-    let report = silt::pipeline::test(silt, &a.select).await?;
+    let report = silt::build::pipeline::test(silt, &a.select).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
@@ -277,7 +283,7 @@ async fn test(silt: &Silt, a: TestArgs, json: bool) -> anyhow::Result<()> {
 }
 
 async fn freshness(silt: &Silt, json: bool) -> anyhow::Result<()> {
-    let rows = silt::freshness::freshness(silt, chrono::Utc::now()).await?;
+    let rows = silt::ops::freshness::freshness(silt, chrono::Utc::now()).await?;
     emit(rows.as_slice(), json)?;
     if rows.iter().any(|r| r.status == "error") {
         return Err(ExitWith(1).into());
@@ -286,7 +292,7 @@ async fn freshness(silt: &Silt, json: bool) -> anyhow::Result<()> {
 }
 
 fn dag(silt: &Silt, a: DagArgs, json: bool) -> anyhow::Result<()> {
-    let dag = silt::models::Dag::load(&silt.project)?;
+    let dag = silt::build::models::Dag::load(&silt.project)?;
     let format = if json {
         "json"
     } else {
@@ -297,13 +303,13 @@ fn dag(silt: &Silt, a: DagArgs, json: bool) -> anyhow::Result<()> {
             DagFormat::Json => "json",
         }
     };
-    write_stdout(&silt::models::render_dag(&dag, format)?)
+    write_stdout(&silt::build::models::render_dag(&dag, format)?)
 }
 
 async fn runs(silt: &Silt, a: RunsArgs, json: bool) -> anyhow::Result<()> {
     let batches = match &a.run {
-        Some(id) => silt::runs::detail(&silt.catalog, id).await?,
-        None => silt::runs::list(&silt.catalog, a.limit).await?,
+        Some(id) => silt::lake::runs::detail(&silt.catalog, id).await?,
+        None => silt::lake::runs::list(&silt.catalog, a.limit).await?,
     };
     if !json && batches.iter().all(|b| b.num_rows() == 0) && a.run.is_none() {
         println!("no run recorded yet: `silt run` builds the pipeline and records it");
@@ -319,10 +325,10 @@ async fn runs(silt: &Silt, a: RunsArgs, json: bool) -> anyhow::Result<()> {
 
 async fn query(silt: &Silt, a: QueryArgs, json: bool) -> anyhow::Result<()> {
     let pins = match &a.as_of_run {
-        Some(id) => silt::query::run_versions(&silt.catalog, id).await?,
+        Some(id) => silt::ops::query::run_versions(&silt.catalog, id).await?,
         None => Default::default(),
     };
-    let batches = silt::query::run_pinned(&silt.catalog, &a.sql, pins).await?;
+    let batches = silt::ops::query::run_pinned(&silt.catalog, &a.sql, pins).await?;
     let format = match (json, a.format) {
         (true, _) | (_, Format::Json) => OutputFormat::Json,
         (_, Format::Table) => OutputFormat::Table,
@@ -335,12 +341,14 @@ async fn restore(silt: &Silt, a: RestoreArgs) -> anyhow::Result<()> {
     let t = TableRef::parse(&a.table)?;
     let as_of = match (a.version, a.timestamp) {
         (Some(v), _) => AsOf::Version(v),
-        (None, Some(ts)) => AsOf::Timestamp(silt::time_travel::parse_instant(&ts).ok_or_else(
-            || Error::Usage(format!("--timestamp '{ts}' is not an RFC 3339 time")),
-        )?),
+        (None, Some(ts)) => {
+            AsOf::Timestamp(silt::lake::time_travel::parse_instant(&ts).ok_or_else(|| {
+                Error::Usage(format!("--timestamp '{ts}' is not an RFC 3339 time"))
+            })?)
+        }
         (None, None) => return Err(Error::Usage("give --version or --timestamp".into()).into()),
     };
-    let v = silt::time_travel::restore(&silt.catalog, &t, &as_of).await?;
+    let v = silt::lake::time_travel::restore(&silt.catalog, &t, &as_of).await?;
     println!("{t} restored as version {v}");
     Ok(())
 }
@@ -360,7 +368,7 @@ async fn vacuum(silt: &Silt, a: VacuumArgs, json: bool) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for t in tables {
         reports.push(
-            silt::maintenance::vacuum(&silt.catalog, &t, a.retain_hours, a.dry_run, a.force)
+            silt::ops::maintenance::vacuum(&silt.catalog, &t, a.retain_hours, a.dry_run, a.force)
                 .await?,
         );
     }
@@ -388,7 +396,7 @@ fn subject_ids(a: &ForgetArgs) -> anyhow::Result<Vec<String>> {
 
 async fn verify(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
     let ids = subject_ids(&a)?;
-    let r = silt::erasure::verify(silt, &ids).await?;
+    let r = silt::ops::erasure::verify(silt, &ids).await?;
     emit(&r, json)?;
     if !json {
         for u in &r.unreadable {
@@ -403,7 +411,7 @@ async fn verify(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
 
 async fn forget(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
     let ids = subject_ids(&a)?;
-    let r = silt::erasure::ForgetBuilder::new(silt, ids)
+    let r = silt::ops::erasure::ForgetBuilder::new(silt, ids)
         .with_reason(a.reason)
         .execute()
         .await?;
@@ -421,7 +429,7 @@ async fn forget(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
 async fn diff(silt: &Silt, a: DiffArgs, json: bool) -> anyhow::Result<()> {
     let t = TableRef::parse(&a.table)?;
     let key = if a.key.is_empty() {
-        silt::models::row_key(&silt.project, &t)
+        silt::build::models::row_key(&silt.project, &t)
     } else {
         a.key
     };
@@ -434,7 +442,7 @@ async fn diff(silt: &Silt, a: DiffArgs, json: bool) -> anyhow::Result<()> {
             .and_then(|x| x.version())
             .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?,
     };
-    let d = silt::time_travel::diff(
+    let d = silt::lake::time_travel::diff(
         &silt.catalog,
         &t,
         &AsOf::Version(a.from),
@@ -463,13 +471,13 @@ async fn export_after(silt: &Silt, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     if json {
-        silt::export::bigquery(silt, &[]).await?;
+        silt::ops::export::bigquery(silt, &[]).await?;
         return Ok(());
     }
     export(silt, &[], false).await
 }
 
 async fn export(silt: &Silt, select: &[String], json: bool) -> anyhow::Result<()> {
-    let r = silt::export::bigquery(silt, select).await?;
+    let r = silt::ops::export::bigquery(silt, select).await?;
     emit(&r, json)
 }

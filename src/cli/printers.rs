@@ -6,16 +6,16 @@ use std::io::Write;
 
 use serde::Serialize;
 use silt::Error;
-use silt::erasure::{ForgetReport, VerifyReport};
-use silt::export::ExportReport;
-use silt::freshness::Freshness;
+use silt::build::materialize::ModelMetrics;
+use silt::build::pipeline::RunReport;
 use silt::ingest::{IngestReport, anomalies::Anomaly};
-use silt::maintenance::{OptimizeReport, VacuumReport};
-use silt::materialize::ModelMetrics;
-use silt::pipeline::RunReport;
-use silt::profile::ColumnProfile;
+use silt::lake::time_travel::{Diff, HistoryEntry};
+use silt::ops::erasure::{ForgetReport, VerifyReport};
+use silt::ops::export::ExportReport;
+use silt::ops::freshness::Freshness;
+use silt::ops::maintenance::{OptimizeReport, VacuumReport};
+use silt::ops::profile::ColumnProfile;
 use silt::render::simple_table;
-use silt::time_travel::{Diff, HistoryEntry};
 
 /// A report that prints as a table (or lines) for people and as JSON for machines.
 pub trait Render: Serialize {
@@ -565,7 +565,7 @@ impl Render for DiffView<'_> {
     }
 }
 
-impl Render for [silt::catalog::TableInfo] {
+impl Render for [silt::lake::catalog::TableInfo] {
     fn text(&self) -> String {
         let rows = self
             .iter()
@@ -590,7 +590,7 @@ impl Render for [silt::catalog::TableInfo] {
 /// What `silt source new NAME` wrote (its JSON is the report's alone).
 pub struct SourceNewView<'a> {
     pub name: String,
-    pub report: &'a silt::scaffold::SourceNewReport,
+    pub report: &'a silt::ops::scaffold::SourceNewReport,
 }
 
 impl Serialize for SourceNewView<'_> {
@@ -627,7 +627,11 @@ impl Render for ExportReport {
                     t.model.clone(),
                     t.target.clone(),
                     t.mode.to_string(),
-                    format!("{}→{}", or_dash(t.from_version.map(|v| v.to_string())), t.version),
+                    format!(
+                        "{}→{}",
+                        or_dash(t.from_version.map(|v| v.to_string())),
+                        t.version
+                    ),
                     t.partitions.join(","),
                     t.rows_sent.to_string(),
                     t.bytes_sent.to_string(),

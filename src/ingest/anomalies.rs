@@ -13,9 +13,9 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, TimeUnit, UInt64Type};
 use serde::Serialize;
 
-use crate::catalog::{Catalog, Layer, TableRef};
-use crate::config::{AnomalySpec, Severity};
 use crate::error::Result;
+use crate::lake::catalog::{Catalog, Layer, TableRef};
+use crate::project::config::{AnomalySpec, Severity};
 
 /// Statistics of one column.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -347,7 +347,7 @@ pub async fn check_batch(
         let days: Vec<i32> = stats.days.iter().copied().collect();
         let missing: Vec<String> = days
             .windows(2)
-            .flat_map(|w| (w[0] + 1..w[1]).map(crate::contract::format_date))
+            .flat_map(|w| (w[0] + 1..w[1]).map(crate::project::contract::format_date))
             .collect();
         if !missing.is_empty() {
             let shown = missing
@@ -362,8 +362,8 @@ pub async fn check_batch(
                 format!(
                     "{} day(s) with no data between {} and {}: {shown}",
                     missing.len(),
-                    crate::contract::format_date(days[0]),
-                    crate::contract::format_date(*days.last().unwrap())
+                    crate::project::contract::format_date(days[0]),
+                    crate::project::contract::format_date(*days.last().unwrap())
                 ),
             );
         }
@@ -431,7 +431,7 @@ async fn record(
             )),
         ],
     )?;
-    crate::commit::append_record(
+    crate::lake::commit::append_record(
         catalog.lake(),
         &stats_table(),
         batch,

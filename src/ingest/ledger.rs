@@ -10,9 +10,9 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit, TimestampMicrosecondType};
 
-use crate::catalog::{Catalog, TableRef};
-use crate::commit::append_record;
 use crate::error::Result;
+use crate::lake::catalog::{Catalog, TableRef};
+use crate::lake::commit::append_record;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LedgerEntry {

@@ -9,10 +9,12 @@
 //! (commit.rs does) or talk SQL; parsing lives in csv.rs / json.rs.
 
 pub mod anomalies;
-mod csv;
-pub mod csv_records;
-mod json;
 pub mod ledger;
+pub mod parse;
+
+pub use parse::{
+    ParsedFile, Reject, SLICE_ROWS, Slice, escape_raw, parse_file, parse_file_in_slices,
+};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,120 +28,21 @@ use futures::StreamExt;
 use object_store::ObjectMeta;
 use sha2::{Digest, Sha256};
 
-use crate::catalog::{Catalog, TableRef};
-use crate::commit::{AppendOptions, append_to, commit_files, committed_app_ids};
-use crate::config::{ChangedFilePolicy, DuplicateFilePolicy, Format, Granularity, Project, Source};
-use crate::contract::ColumnType;
 use crate::error::{Error, Result};
-use crate::failpoint;
+use crate::lake::catalog::{Catalog, TableRef};
+use crate::lake::commit::{AppendOptions, append_to, commit_files, committed_app_ids};
+use crate::lake::failpoint;
+use crate::lake::storage::Storage;
 use crate::progress::SharedProgress;
-use crate::storage::Storage;
+use crate::project::config::{
+    ChangedFilePolicy, DuplicateFilePolicy, Granularity, Project, Source,
+};
+use crate::project::contract::ColumnType;
 use anomalies::BatchStats;
 use ledger::LedgerEntry;
 use std::num::NonZeroU64;
 
 /// What parsing one landing file produced.
-#[derive(Debug, Default)]
-pub struct ParsedFile {
-    /// Good rows, contract columns only (None: the file is empty). Left None by
-    /// [`parse_file_in_slices`], which hands the rows on as they are parsed.
-    pub batch: Option<RecordBatch>,
-    /// Source line of each good row (empty from [`parse_file_in_slices`]).
-    pub lines: Vec<i64>,
-    pub rejects: Vec<Reject>,
-    pub warnings: Vec<String>,
-}
-
-/// Good rows are handed on in slices of at most this many rows, so a landing file of any size
-/// is parsed and encoded in bounded memory (DataFusion's default batch size).
-pub const SLICE_ROWS: usize = 8192;
-
-/// A slice of a landing file's good rows: contract columns, and the source line of each row.
-#[derive(Debug)]
-pub struct Slice {
-    pub batch: RecordBatch,
-    pub lines: Vec<i64>,
-}
-
-/// A row refused by the contract.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reject {
-    pub line: u64,
-    pub column: Option<String>,
-    pub reason: String,
-    /// The raw record; invalid UTF-8 bytes are written as `\xNN`, and `\` as `\\`.
-    pub raw: String,
-}
-
-/// Raw bytes as text without losing any: valid UTF-8 passes (with `\` doubled), invalid bytes
-/// become `\xNN`.
-pub fn escape_raw(b: &[u8]) -> String {
-    let mut out = String::with_capacity(b.len());
-    for chunk in b.utf8_chunks() {
-        out.push_str(&chunk.valid().replace('\\', "\\\\"));
-        for x in chunk.invalid() {
-            out.push_str(&format!("\\x{x:02X}"));
-        }
-    }
-    out
-}
-
-/// Parse one landing file's bytes for `src` into one batch (public for `silt source new`'s
-/// self-check, `silt profile` and tests).
-pub fn parse_file(data: &[u8], file: &str, src: &Source) -> Result<ParsedFile> {
-    let mut slices: Vec<Slice> = Vec::new();
-    let mut out = parse_file_in_slices(data, file, src, SLICE_ROWS, &mut |s| {
-        slices.push(s);
-        Ok(())
-    })?;
-    if !slices.is_empty() {
-        let schema = slices[0].batch.schema();
-        out.batch = Some(arrow::compute::concat_batches(
-            &schema,
-            slices.iter().map(|s| &s.batch),
-        )?);
-        out.lines = slices.into_iter().flat_map(|s| s.lines).collect();
-    }
-    Ok(out)
-}
-
-/// Parse one landing file's bytes for `src`, handing its good rows to `sink` in slices of at
-/// most `slice_rows` rows, in file order. A file with a usable header but no good row yields
-/// one empty slice; an empty file none. A refusal of the whole file (`Error::Input`) always
-/// comes before the first slice, so a caller never holds rows of a refused file.
-pub fn parse_file_in_slices(
-    data: &[u8],
-    file: &str,
-    src: &Source,
-    slice_rows: usize,
-    sink: &mut dyn FnMut(Slice) -> Result<()>,
-) -> Result<ParsedFile> {
-    let decoded;
-    let data = if src.parse.encoding.eq_ignore_ascii_case("utf-8")
-        || src.parse.encoding.eq_ignore_ascii_case("utf8")
-    {
-        data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data)
-    } else {
-        let enc =
-            encoding_rs::Encoding::for_label(src.parse.encoding.as_bytes()).ok_or_else(|| {
-                Error::config(
-                    &src.file,
-                    format!("unknown encoding '{}'", src.parse.encoding),
-                )
-            })?;
-        let (text, _, _) = enc.decode(data);
-        decoded = text.into_owned().into_bytes();
-        &decoded[..]
-    };
-    let slice_rows = slice_rows.max(1);
-    match src.format {
-        Format::Csv => csv::parse(data, file, src, slice_rows, sink),
-        Format::Ndjson | Format::JsonArray | Format::Json => {
-            json::parse(data, file, src, slice_rows, sink)
-        }
-    }
-}
-
 /// Counts for one source in one ingest.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SourceReport {
@@ -191,6 +94,13 @@ pub struct IngestBuilder<'a> {
     landing: Storage,
     sources: Vec<String>,
     progress: Option<SharedProgress>,
+}
+
+impl crate::lake::Silt {
+    /// `silt ingest`: a builder over this project's sources and landing root.
+    pub fn ingest(&self) -> IngestBuilder<'_> {
+        IngestBuilder::new(&self.project, self.catalog.clone(), self.landing.clone())
+    }
 }
 
 impl<'a> IngestBuilder<'a> {
@@ -266,7 +176,7 @@ struct SourceRun<'r> {
     landing: &'r Storage,
     batch_id: &'r str,
     ingested_at: i64,
-    cfg: &'r crate::config::IngestSection,
+    cfg: &'r crate::project::config::IngestSection,
     progress: Option<&'r SharedProgress>,
     /// Path → every content hash the ledger has for it.
     rewritten: HashMap<String, Vec<String>>,
@@ -1354,7 +1264,7 @@ async fn write_bronze(
 /// its last, and its partition value (`YYYY`, `YYYY-MM` or `YYYY-MM-DD`).
 fn partition_period(day: i32, g: Granularity) -> Option<(i32, i32, String)> {
     use chrono::{Datelike, NaiveDate};
-    let epoch = crate::contract::UNIX_EPOCH_DAYS_FROM_CE;
+    let epoch = crate::project::contract::UNIX_EPOCH_DAYS_FROM_CE;
     let d = NaiveDate::from_num_days_from_ce_opt(day.checked_add(epoch)?)?;
     let (first, next, text) = match g {
         Granularity::Year => (

@@ -23,7 +23,7 @@ struct BqEmu {
 
 impl BqEmu {
     fn start() -> BqEmu {
-        let python = crate::gcs::emulator_python();
+        let python = crate::support::emulators::emulator_python();
         let home = python.parent().unwrap().join("home");
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -193,7 +193,7 @@ fn both(p: &Project, emu: &BqEmu, t: &str) -> (Vec<String>, Vec<String>) {
 }
 
 fn assert_gold_equal(p: &Project, emu: &BqEmu) {
-    for t in crate::models::GOLD {
+    for t in crate::support::golden::GOLD {
         let (delta, bq) = both(p, emu, t);
         assert!(!delta.is_empty(), "gold.{t} is empty");
         assert_eq!(bq, delta, "BigQuery gold.{t} differs from Delta");
@@ -220,7 +220,7 @@ fn export_sends_changed_partitions_only_and_forgets_with_the_lake() {
     with_bigquery(&p, &emu);
     p.ok(&["run"]);
     let first = export(&p);
-    for t in crate::models::GOLD {
+    for t in crate::support::golden::GOLD {
         assert_eq!(entry(&first, t)["mode"], "created", "{t}");
     }
     assert_gold_equal(&p, &emu);
@@ -242,7 +242,7 @@ fn export_sends_changed_partitions_only_and_forgets_with_the_lake() {
     // No change: nothing is sent.
     let jobs_before = emu.jobs().len();
     let again = export(&p);
-    for t in crate::models::GOLD {
+    for t in crate::support::golden::GOLD {
         assert_eq!(entry(&again, t)["mode"], "up_to_date", "{t}");
     }
     assert_eq!(emu.jobs().len(), jobs_before, "a no-op export ran jobs");
@@ -374,7 +374,7 @@ fn f(name: &str, t: DataType) -> Field {
 
 #[test]
 fn arrow_to_bigquery_type_mapping() {
-    use silt::export::bq_field;
+    use silt::ops::export::bq_field;
     let ty = |t: DataType| {
         let b = bq_field(&f("c", t)).unwrap();
         (b.ty, b.mode, b.precision, b.scale)

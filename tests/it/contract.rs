@@ -1,6 +1,6 @@
 //! Unit checks of the contract types and value parsers.
 
-use silt::contract::*;
+use silt::project::contract::*;
 
 #[test]
 fn parses_nested_types() {

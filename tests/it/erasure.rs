@@ -237,7 +237,7 @@ fn forget_removes_a_client_everywhere_and_gold_equals_a_rebuild_without_it() {
     assert_eq!(gold_tables(&p), gold_tables(&q));
 
     // The audit: one completed request, an HMAC of the id, never the id.
-    let hmac = silt::pseudonym::hmac_hex(KEY, SUBJECT);
+    let hmac = silt::build::pseudonym::hmac_hex(KEY, SUBJECT);
     let done = p.query("select * from _silt.erasures where status = 'completed'");
     assert_eq!(done.len(), 1);
     assert_eq!(done[0]["subject_hmacs"], Value::from(hmac.clone()));
@@ -304,7 +304,7 @@ fn forget_removes_a_client_everywhere_and_gold_equals_a_rebuild_without_it() {
     assert_eq!(
         p.count(&format!(
             "select count(*) from _silt.erasures where status = 'completed' and subject_hmacs = '{}'",
-            silt::pseudonym::hmac_hex(KEY, "C9999")
+            silt::build::pseudonym::hmac_hex(KEY, "C9999")
         )),
         1
     );
@@ -352,7 +352,7 @@ fn forget_killed_at_any_step_completes_on_rerun() {
             Vec::<String>::new(),
             "{fp}"
         );
-        let hmac = silt::pseudonym::hmac_hex(KEY, subject);
+        let hmac = silt::build::pseudonym::hmac_hex(KEY, subject);
         assert_eq!(
             p.count(&format!(
                 "select count(distinct request_id) from _silt.erasures where status = 'completed' and subject_hmacs = '{hmac}'"
@@ -377,15 +377,21 @@ fn silver_pseudonymizes_pii_so_gold_never_sees_it() {
     let mut raw = Vec::new();
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap().to_string();
-        assert_eq!(s("email"), silt::pseudonym::hmac_hex(KEY, &s("raw_email")));
-        assert_eq!(s("nino"), silt::pseudonym::hmac_hex(KEY, &s("raw_nino")));
-        assert_eq!(s("full_name"), silt::pseudonym::mask(&s("raw_name")));
+        assert_eq!(
+            s("email"),
+            silt::build::pseudonym::hmac_hex(KEY, &s("raw_email"))
+        );
+        assert_eq!(
+            s("nino"),
+            silt::build::pseudonym::hmac_hex(KEY, &s("raw_nino"))
+        );
+        assert_eq!(s("full_name"), silt::build::pseudonym::mask(&s("raw_name")));
         assert_ne!(s("full_name"), s("raw_name"));
         raw.extend([s("raw_email"), s("raw_nino")]);
     }
     // RFC 4231 test case 2: the HMAC is the standard one.
     assert_eq!(
-        silt::pseudonym::hmac_hex("Jefe", "what do ya want for nothing?"),
+        silt::build::pseudonym::hmac_hex("Jefe", "what do ya want for nothing?"),
         "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
     );
     assert_eq!(
@@ -400,7 +406,7 @@ fn silver_pseudonymizes_pii_so_gold_never_sees_it() {
 
 #[test]
 fn needles_match_whole_words_and_a_subject_key_wins() {
-    use silt::erasure::Needles;
+    use silt::ops::erasure::Needles;
     let mut n = Needles::default();
     n.ids.extend(["C0042".to_string(), "C004".to_string()]);
     n.pii.extend([

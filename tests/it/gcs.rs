@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -15,28 +15,8 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde_json::Value;
 
+use crate::support::emulators::emulator_python;
 use crate::support::{Manifest, Project, repo, walk};
-
-/// The python of the emulator virtualenv (created once per test binary).
-pub fn emulator_python() -> PathBuf {
-    static PY: OnceLock<PathBuf> = OnceLock::new();
-    PY.get_or_init(|| {
-        if let Ok(p) = std::env::var("SILT_EMULATOR_PYTHON") {
-            return PathBuf::from(p);
-        }
-        let out = Command::new("bash")
-            .arg(repo().join("tests/emulators/setup.sh"))
-            .output()
-            .expect("run tests/emulators/setup.sh");
-        assert!(
-            out.status.success(),
-            "cannot install the GCS emulator (tests/emulators/setup.sh): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
-    .clone()
-}
 
 /// fake-gcs-server + bridge, stopped on drop.
 pub struct Gcs {
@@ -259,7 +239,7 @@ fn query(p: &Project, gcs: &Gcs, lake: &str, landing: &str, sql: &str) -> Vec<Va
 
 /// Every gold table on gs:// equals the golden file the local test checks.
 fn assert_gold_is_golden(p: &Project, gcs: &Gcs, lake: &str, landing: &str) {
-    for g in crate::models::GOLD {
+    for g in crate::support::golden::GOLD {
         let sql = format!("select * from gold.{g}");
         let got = ok(on_gcs(
             p,
@@ -269,8 +249,8 @@ fn assert_gold_is_golden(p: &Project, gcs: &Gcs, lake: &str, landing: &str) {
             &["query", &sql, "--format", "csv"],
         ));
         assert_eq!(
-            crate::models::sorted_csv(&got),
-            crate::models::golden(g),
+            crate::support::golden::sorted_csv(&got),
+            crate::support::golden::golden(g),
             "gold.{g} on gs:// differs from tests/golden/{g}.csv"
         );
     }
@@ -594,11 +574,13 @@ fn injected_503s_and_timeouts_are_retried_and_no_commit_is_half_done() {
 #[test]
 fn ingest_and_forget_at_once_land_every_row_once_on_gcs() {
     let gcs = Gcs::start(Faults::default());
-    let p =
-        crate::outside::project(&[("sql/bronze/customers.toml", crate::outside::CUSTOMERS_TOML)]);
+    let p = crate::support::datasets::project(&[(
+        "sql/bronze/customers.toml",
+        crate::support::datasets::CUSTOMERS_TOML,
+    )]);
     let (lake, landing) = ("gs://lake/race", "gs://landing/race");
     let store = gcs.store("landing");
-    crate::hardening::ingest_and_forget_together(
+    crate::support::checks::ingest_and_forget_together(
         20,
         &|args| on_gcs(&p, &gcs, lake, landing, args),
         &|rel, text| {

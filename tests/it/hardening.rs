@@ -1,7 +1,12 @@
 //! Inputs and commands that must not break the lake, leak personal data or step outside the
-//! project's roots: statements that would write through `silt query`, and more as they are found.
+//! project's roots: statements that would write through `silt query`, malformed input of every
+//! kind, misuse of the command line and config, and ingest raced with forget.
 
-use crate::outside::write;
+use serde_json::Value;
+
+use crate::support::checks::{every_table_reads, ingest_and_forget_together};
+use crate::support::datasets::{FLIGHTS_TOML, csv, flights, month, orders_project, project, write};
+use crate::support::json;
 
 #[test]
 fn sql_only_reads_whatever_the_statement() {
@@ -41,41 +46,8 @@ fn sql_only_reads_whatever_the_statement() {
     assert_eq!(p.count("select count(*) from bronze.flights"), rows);
 }
 
-use serde_json::Value;
-
-use crate::outside::{FLIGHTS_TOML, csv, flights, month, orders_project, project};
-use crate::support::{Project, json};
-
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Every table of the lake opens and reads in delta-rs, at its latest version.
-pub fn every_table_reads(p: &Project) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    for layer in ["bronze", "silver", "gold", "_silt/quarantine"] {
-        let dir = p.lake().join(layer);
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for t in rd.flatten() {
-            if !t.path().join("_delta_log").exists() {
-                continue;
-            }
-            rt.block_on(async {
-                let table = deltalake::open_table(url::Url::from_directory_path(t.path()).unwrap())
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {e}", t.path().display()));
-                let ctx = datafusion::prelude::SessionContext::new();
-                let provider = table.table_provider().await.unwrap();
-                ctx.read_table(provider)
-                    .unwrap()
-                    .collect()
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {e}", t.path().display()));
-            });
-        }
-    }
 }
 
 #[test]
@@ -376,91 +348,12 @@ fn a_json_record_naming_a_field_twice_is_quarantined() {
     assert!(q.contains("appears twice"), "{q}");
 }
 
-/// `rounds` times: a new landing file of three customers lands, then `silt ingest` and `silt
-/// forget <its first customer>` start together. Whatever the interleaving, each landing row ends
-/// up in bronze once or (the forgotten one) nowhere, and a later ingest finds nothing new: a
-/// forget's rewrite is never taken for new content.
-pub fn ingest_and_forget_together(
-    rounds: u32,
-    cmd: &dyn Fn(&[&str]) -> std::process::Command,
-    land: &dyn Fn(&str, String),
-    count: &dyn Fn(&str) -> i64,
-) {
-    let mut forgotten = Vec::new();
-    for i in 0..rounds {
-        let ids = [i * 10 + 1, i * 10 + 2, i * 10 + 3];
-        land(
-            &format!("customers/batch_{i:02}.csv"),
-            format!(
-                "c_custkey,c_name,c_phone,c_acctbal\n{}\n",
-                ids.iter()
-                    .map(|id| format!("{id},Customer {id},00-{id:04},1.00"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ),
-        );
-        let spawn = |args: &[&str]| {
-            let mut c = cmd(args);
-            c.env("SILT_LEASE_WAIT", "120")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
-        let subject = ids[0].to_string();
-        let (a, b) = if i % 2 == 0 {
-            (spawn(&["ingest"]), spawn(&["forget", &subject]))
-        } else {
-            let f = spawn(&["forget", &subject]);
-            (spawn(&["ingest"]), f)
-        };
-        for (what, child) in [("ingest", a), ("forget", b)] {
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "round {i}: {what}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        forgotten.push(subject);
-    }
-    // A later ingest finds no new and no changed file.
-    let out = cmd(&["--json", "ingest"]).output().unwrap();
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let s = &r["sources"][0];
-    assert_eq!(s["files_ingested"], 0, "{r}");
-    assert_eq!(s["files_changed"], 0, "{r}");
-    assert_eq!(
-        count("select count(*) as n from bronze.customers"),
-        2 * rounds as i64
-    );
-    assert_eq!(
-        count(
-            "select count(*) as n from (select c_custkey from bronze.customers group by 1 having count(*) > 1)"
-        ),
-        0
-    );
-    assert_eq!(
-        count(&format!(
-            "select count(*) as n from bronze.customers where c_custkey in ({})",
-            forgotten.join(", ")
-        )),
-        0
-    );
-    let mut args = vec!["forget", "--verify"];
-    args.extend(forgotten.iter().map(String::as_str));
-    let out = cmd(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 #[test]
 fn ingest_and_forget_at_once_land_every_row_once_on_local_disk() {
-    let p = project(&[("sql/bronze/customers.toml", crate::outside::CUSTOMERS_TOML)]);
+    let p = project(&[(
+        "sql/bronze/customers.toml",
+        crate::support::datasets::CUSTOMERS_TOML,
+    )]);
     ingest_and_forget_together(
         20,
         &|args| p.cmd(args),
@@ -606,7 +499,10 @@ fn malformed_inputs_never_panic_lose_rows_or_break_a_table() {
     for case in corpus() {
         let p = project(&[
             ("sql/bronze/flights.toml", FLIGHTS_TOML),
-            ("sql/bronze/orders.toml", crate::outside::ORDERS_TOML),
+            (
+                "sql/bronze/orders.toml",
+                crate::support::datasets::ORDERS_TOML,
+            ),
         ]);
         let path = p.landing().join(case.path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -5,59 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{Bad, Manifest, Project, repo, walk};
-
-const SOURCES: [&str; 3] = ["fees", "clients", "advisers"];
-
-fn quarantine_rows(p: &Project) -> Vec<(Bad, String)> {
-    let mut out = Vec::new();
-    for s in SOURCES {
-        for r in p.query(&format!(
-            "select _source_file, _source_line, column_name, reason from quarantine.{s} order by 1, 2"
-        )) {
-            out.push((
-                Bad {
-                    file: r["_source_file"].as_str().unwrap().into(),
-                    line: r["_source_line"].as_i64().unwrap(),
-                    column: r["column_name"].as_str().map(String::from),
-                    kind: String::new(),
-                },
-                r["reason"].as_str().unwrap().to_string(),
-            ));
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Bronze holds every good row once and the quarantine every planted bad row once.
-pub fn assert_exactly_once(p: &Project, m: &Manifest) {
-    for s in SOURCES {
-        assert_eq!(
-            p.count(&format!("select count(*) from bronze.{s}")),
-            m.good_rows(&format!("{s}/")),
-            "bronze.{s} row count"
-        );
-        assert_eq!(
-            p.count(&format!(
-                "select count(*) from (select _source_file, _source_line from bronze.{s} group by 1, 2 having count(*) > 1)"
-            )),
-            0,
-            "bronze.{s} holds a landing row twice"
-        );
-    }
-    let got: Vec<(String, i64, Option<String>)> = quarantine_rows(p)
-        .into_iter()
-        .map(|(b, _)| (b.file, b.line, b.column))
-        .collect();
-    let mut want: Vec<(String, i64, Option<String>)> = m
-        .bad
-        .iter()
-        .map(|b| (b.file.clone(), b.line, b.column.clone()))
-        .collect();
-    want.sort();
-    assert_eq!(got, want, "quarantine = planted bad records");
-}
+use crate::support::checks::{assert_exactly_once, quarantine_rows};
+use crate::support::{Manifest, Project, repo, walk};
 
 #[test]
 fn fixtures_land_in_bronze_and_quarantine_exactly() {
@@ -145,13 +94,13 @@ fn quoted_fields_crlf_and_bom_parse_like_an_independent_reader() {
     );
 }
 
-/// Ingest splits CSV with its own reader (`silt::ingest::csv_records`); the csv crate is the
+/// Ingest splits CSV with its own reader (`silt::ingest::parse::csv_records`); the csv crate is the
 /// reference. Random inputs built from the bytes that matter (delimiters, quotes, doubled
 /// quotes, CR, LF, CRLF, spaces, multi-byte UTF-8) must give the same records, fields, lines
 /// and raw bytes.
 #[test]
 fn the_record_splitter_reads_random_csv_as_the_csv_crate_does() {
-    use silt::ingest::csv_records::Records;
+    use silt::ingest::parse::csv_records::Records;
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
         seed ^= seed << 13;

@@ -280,7 +280,7 @@ fn two_ingests_of_the_same_files_at_once_land_each_file_once() {
             assert_eq!(s["files_ingested"], json!(0), "round {round}: {r}");
         }
         if round == 0 {
-            crate::ingest::assert_exactly_once(&p, &m);
+            crate::support::checks::assert_exactly_once(&p, &m);
         } else {
             assert_eq!(
                 p.count("select count(*) from bronze.fees"),

@@ -17,7 +17,7 @@ fn files_of(p: &Project, table: &str) -> u64 {
 }
 
 fn content(p: &Project) -> String {
-    crate::models::sorted_csv(&p.ok(&[
+    crate::support::golden::sorted_csv(&p.ok(&[
         "query",
         "select fee_id, client_id, fee_amount, fee_month from silver.stg_fees",
         "--format",

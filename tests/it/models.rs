@@ -6,16 +6,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::support::golden::{GOLD, sorted_csv};
 use crate::support::{Manifest, Project, copy_dir, json, model, repo};
 
 const SILVER: [&str; 3] = ["stg_fees", "clients", "advisers"];
-pub const GOLD: [&str; 5] = [
-    "dim_clients",
-    "rpt_client_ltv",
-    "rpt_cohort_ltv",
-    "rpt_adviser_ltv",
-    "fct_monthly_revenue",
-];
 
 /// A table's full content as CSV with sorted rows (a stable text to compare or check in).
 fn table_csv(p: &Project, table: &str) -> String {
@@ -25,22 +19,6 @@ fn table_csv(p: &Project, table: &str) -> String {
         "--format",
         "csv",
     ]))
-}
-
-/// CSV output with its rows sorted.
-pub fn sorted_csv(out: &str) -> String {
-    let mut lines: Vec<&str> = out.lines().collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let header = lines.remove(0);
-    lines.sort();
-    format!("{header}\n{}\n", lines.join("\n"))
-}
-
-/// The checked-in expected content of a gold table.
-pub fn golden(g: &str) -> String {
-    std::fs::read_to_string(repo().join("tests/golden").join(format!("{g}.csv"))).unwrap()
 }
 
 #[test]
@@ -179,7 +157,7 @@ fn second_batch_incrementally_equals_a_full_refresh() {
     assert!(new_email.starts_with("new.address"), "{new_email}");
     assert_eq!(
         changed[1]["email"].as_str().unwrap(),
-        silt::pseudonym::hmac_hex("adviser-fees-dev-key", new_email)
+        silt::build::pseudonym::hmac_hex("adviser-fees-dev-key", new_email)
     );
     assert_ne!(changed[0]["email"], changed[1]["email"]);
     let unchanged = p.count(&format!(

@@ -459,8 +459,8 @@ fn after_an_incremental_build_tests_check_the_rows_it_wrote() {
 
 #[test]
 fn a_scoped_unique_test_counts_written_keys_across_the_whole_table() {
-    use silt::catalog::{Layer, TableRef};
-    use silt::quality::{TestSpec, WrittenScope, compile_scoped, run};
+    use silt::build::quality::{TestSpec, WrittenScope, compile_scoped, run};
+    use silt::lake::catalog::{Layer, TableRef};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ctx = datafusion::prelude::SessionContext::new();

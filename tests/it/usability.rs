@@ -5,7 +5,9 @@
 
 use serde_json::Value;
 
-use crate::outside::{FLIGHTS_TOML, files_under, flights, month, orders_project, project, write};
+use crate::support::datasets::{
+    FLIGHTS_TOML, files_under, flights, month, orders_project, project, write,
+};
 use crate::support::{json, kill_at_failpoint, model};
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -49,7 +51,7 @@ fn a_run_after_an_interrupted_run_tests_the_builds_it_left_untested() {
     write(
         p.path(),
         "sql/silver/stg_flights.sql",
-        &crate::outside::STG_FLIGHTS.replace(
+        &crate::support::datasets::STG_FLIGHTS.replace(
             "partition_by='flight_month') }}",
             "partition_by='flight_month', tests=[{'type': 'expression', 'expression': 'dep_delay < 40'}]) }}",
         ),
@@ -73,7 +75,7 @@ fn a_run_after_an_interrupted_run_tests_the_builds_it_left_untested() {
     // by a run with nothing to build.
     let again = p.run(&["--json", "run"]);
     assert_eq!(again.status.code(), Some(1));
-    let fixed = crate::outside::STG_FLIGHTS.replace(
+    let fixed = crate::support::datasets::STG_FLIGHTS.replace(
         "partition_by='flight_month') }}",
         "partition_by='flight_month', tests=[{'type': 'expression', 'expression': 'dep_delay < 100'}]) }}",
     );
@@ -398,10 +400,10 @@ fn the_default_memory_pool_is_a_share_of_the_machine() {
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok());
     let usable = cgroup.map_or(total, |c| c.min(total));
-    let pool = silt::config::EngineSection::default().memory_limit_bytes() as u64;
+    let pool = silt::project::config::EngineSection::default().memory_limit_bytes() as u64;
     assert_eq!(pool, (usable / 4).max(256 << 20));
     // Set explicitly, it is what the file says.
-    let set = silt::config::EngineSection {
+    let set = silt::project::config::EngineSection {
         memory_limit_mb: Some(300),
         ..Default::default()
     };

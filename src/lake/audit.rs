@@ -11,9 +11,9 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit};
 
-use crate::catalog::{Layer, TableRef};
-use crate::commit::append_record;
 use crate::error::{Error, Result};
+use crate::lake::catalog::{Layer, TableRef};
+use crate::lake::commit::append_record;
 
 /// `_silt.erasures`, the audit log.
 pub fn table() -> TableRef {
@@ -63,7 +63,7 @@ fn audit_schema() -> Arc<Schema> {
     ]))
 }
 
-pub(crate) async fn audit(lake: &crate::storage::Storage, rows: &[AuditRow]) -> Result<()> {
+pub(crate) async fn audit(lake: &crate::lake::storage::Storage, rows: &[AuditRow]) -> Result<()> {
     let s = |f: &dyn Fn(&AuditRow) -> Option<String>| -> ArrayRef {
         Arc::new(StringArray::from_iter(rows.iter().map(f)))
     };
@@ -116,7 +116,9 @@ pub struct AuditEntry {
     pub key_hmacs: BTreeMap<String, Vec<String>>,
 }
 
-pub async fn audit_entries(silt_catalog: &crate::catalog::Catalog) -> Result<Vec<AuditEntry>> {
+pub async fn audit_entries(
+    silt_catalog: &crate::lake::catalog::Catalog,
+) -> Result<Vec<AuditEntry>> {
     let mut out = Vec::new();
     for b in silt_catalog.read_small(&table()).await? {
         let s = |n: &str| {
@@ -165,7 +167,7 @@ pub async fn audit_entries(silt_catalog: &crate::catalog::Catalog) -> Result<Vec
 
 /// The erasure request that made `version` of `t` unreadable, if one did.
 pub async fn purged_by(
-    catalog: &crate::catalog::Catalog,
+    catalog: &crate::lake::catalog::Catalog,
     t: &TableRef,
     version: u64,
 ) -> Result<Option<Error>> {

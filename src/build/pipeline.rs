@@ -9,14 +9,14 @@ use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
 
-use crate::Silt;
-use crate::catalog::TableRef;
+use crate::build::materialize::{Materializer, ModelMetrics, ModelState};
+use crate::build::models::Dag;
+use crate::build::quality::TestResult;
 use crate::error::{Error, Result};
 use crate::ingest::IngestReport;
+use crate::lake::Silt;
+use crate::lake::catalog::TableRef;
 use crate::progress::{Progress, SharedProgress};
-use crate::materialize::{Materializer, ModelMetrics, ModelState};
-use crate::models::Dag;
-use crate::quality::TestResult;
 
 #[derive(Default)]
 pub struct RunOptions {
@@ -106,11 +106,13 @@ async fn source_tests(
             continue;
         }
         for spec in &src.tests {
-            let t =
-                crate::quality::compile(spec, &TableRef::bronze(&src.name), &src.file, &|to| {
-                    dag.resolve(to)
-                })?;
-            match crate::quality::run(ctx, &t).await {
+            let t = crate::build::quality::compile(
+                spec,
+                &TableRef::bronze(&src.name),
+                &src.file,
+                &|to| dag.resolve(to),
+            )?;
+            match crate::build::quality::run(ctx, &t).await {
                 Ok(r) => {
                     if r.status == "fail" {
                         failed.insert(src.name.clone());
@@ -222,7 +224,7 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
         };
         let tested = Tested {
             version: table.version(),
-            state: crate::materialize::last_state(&table)
+            state: crate::build::materialize::last_state(&table)
                 .await?
                 .unwrap_or_default(),
         };
@@ -234,7 +236,7 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
         if select.is_empty()
             || (!st.refs.is_empty() && st.refs.iter().all(|r| selected.contains(r)))
         {
-            match crate::quality::run(&ctx, &t).await {
+            match crate::build::quality::run(&ctx, &t).await {
                 Ok(r) => report.tests.push(r),
                 Err(e) => report.errors.push((t.name.clone(), e)),
             }
@@ -263,16 +265,16 @@ async fn record_run(
     if !changed && !tests_speak && !first_tests && ingest_row.is_none() {
         return Ok(());
     }
-    let mut rows: Vec<crate::runs::RunRow> = Vec::new();
+    let mut rows: Vec<crate::lake::runs::RunRow> = Vec::new();
     let mut totals = (0, 0);
     if let Some((r, q, row)) = ingest_row {
         totals = (r, q);
-        rows.push(crate::runs::RunRow {
+        rows.push(crate::lake::runs::RunRow {
             metrics: row,
             severity: None,
         });
     }
-    let test_row = |t: &TestResult| crate::runs::RunRow {
+    let test_row = |t: &TestResult| crate::lake::runs::RunRow {
         metrics: ModelMetrics {
             model: t.name.clone(),
             table: t.subject.clone(),
@@ -294,7 +296,7 @@ async fn record_run(
     // Each model, then the tests of its table that ran after it.
     let mut placed = vec![false; report.tests.len()];
     for m in report.models.iter().filter(|m| m.status != "up_to_date") {
-        rows.push(crate::runs::RunRow {
+        rows.push(crate::lake::runs::RunRow {
             metrics: m.clone(),
             severity: None,
         });
@@ -310,7 +312,7 @@ async fn record_run(
             rows.push(test_row(t));
         }
     }
-    crate::runs::record(
+    crate::lake::runs::record(
         &silt.catalog,
         &report.run_id,
         command,
@@ -342,8 +344,10 @@ impl Tested {
 }
 
 /// Record that `m`'s build was tested; a failure to record only means it is tested again.
-async fn mark_tested(silt: &Silt, m: &crate::models::Model, tested: &Tested) {
-    if let Err(e) = crate::runs::mark_tested(silt.catalog.lake(), &m.table(), &tested.state).await {
+async fn mark_tested(silt: &Silt, m: &crate::build::models::Model, tested: &Tested) {
+    if let Err(e) =
+        crate::lake::runs::mark_tested(silt.catalog.lake(), &m.table(), &tested.state).await
+    {
         tracing::warn!(
             "{}: recording that its build was tested failed ({e}); it is tested again next run",
             m.name
@@ -354,13 +358,13 @@ async fn mark_tested(silt: &Silt, m: &crate::models::Model, tested: &Tested) {
 /// Run a model's tests into the report; false when one failed (error severity) or could not run.
 async fn model_tests(
     ctx: &SessionContext,
-    tests: &[crate::quality::DataTest],
+    tests: &[crate::build::quality::DataTest],
     tested: &Tested,
     report: &mut RunReport,
 ) -> bool {
     let mut ok = true;
     for t in tests {
-        match crate::quality::run(ctx, t).await {
+        match crate::build::quality::run(ctx, t).await {
             Ok(mut r) => {
                 ok &= r.status != "fail";
                 r.table_version = tested.version;
@@ -416,7 +420,8 @@ async fn build_models(
     // An up-to-date model's tests wait until a model reading it is about to build: they gate
     // that build (a failing model stays failing across runs), and a run with nothing to build
     // tests nothing (`silt test` checks every table).
-    let mut deferred: BTreeMap<String, (Vec<crate::quality::DataTest>, Tested)> = BTreeMap::new();
+    let mut deferred: BTreeMap<String, (Vec<crate::build::quality::DataTest>, Tested)> =
+        BTreeMap::new();
     let mut built: BTreeSet<String> = BTreeSet::new();
     for name in selected {
         let m = &dag.models[name];
@@ -468,7 +473,8 @@ async fn build_models(
                             // A build an earlier run made but never tested (it stopped, or
                             // was killed, in between) is tested now.
                             let last =
-                                crate::runs::last_tested(silt.catalog.lake(), &m.table()).await?;
+                                crate::lake::runs::last_tested(silt.catalog.lake(), &m.table())
+                                    .await?;
                             if last.as_ref() == Some(&tested.state) {
                                 deferred.insert(name.clone(), (tests, tested));
                             } else {
@@ -485,16 +491,16 @@ async fn build_models(
                     }
                 }
                 Ok(metrics) => {
-                    crate::failpoint::hit("run.built");
+                    crate::lake::failpoint::hit("run.built");
                     built.insert(name.clone());
                     let tested = Tested::of(&metrics);
                     // The model's tests run right after it; an error-severity failure stops its
                     // downstream (the model itself stays built, as in dbt). After an
                     // incremental build they check the rows it wrote (`silt test` checks all).
                     let written = match mat.register_written(m, &metrics).await {
-                        Ok(Some(w)) => {
-                            Some(crate::quality::WrittenScope::new(ctx, w, &m.config.tests).await)
-                        }
+                        Ok(Some(w)) => Some(
+                            crate::build::quality::WrittenScope::new(ctx, w, &m.config.tests).await,
+                        ),
                         Ok(None) => None,
                         Err(e) => {
                             tracing::warn!("{}: testing the whole table ({e})", m.name);
@@ -561,7 +567,7 @@ async fn build_models(
             exists &= silt.catalog.open(&dag.models[r].table()).await?.is_some();
         }
         if touches && clean && exists {
-            match crate::quality::run(ctx, &t).await {
+            match crate::build::quality::run(ctx, &t).await {
                 Ok(r) => report.tests.push(r),
                 Err(e) => report.errors.push((t.name.clone(), e)),
             }

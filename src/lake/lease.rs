@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::lake::storage::Storage;
 
 /// Where the lease entries live, under the lake root.
 pub const DIR: &str = "_silt/lease";

@@ -7,8 +7,8 @@ use arrow::datatypes::DataType;
 use polars::prelude::{PlSmallStr, Series};
 use polars_ops::series::SeriesMethods;
 
-use crate::catalog::TableRef;
 use crate::error::{Error, Result};
+use crate::lake::catalog::TableRef;
 
 pub use crate::ingest::anomalies::ColumnProfile;
 
@@ -19,14 +19,14 @@ fn mask_pii(
 ) -> Vec<ColumnProfile> {
     let m = |v: &mut Option<String>| {
         if let Some(x) = v {
-            *x = crate::pseudonym::mask(x);
+            *x = crate::build::pseudonym::mask(x);
         }
     };
     for c in cols.iter_mut().filter(|c| pii.contains(&c.column)) {
         m(&mut c.min);
         m(&mut c.max);
         for (v, _) in c.top.iter_mut() {
-            *v = crate::pseudonym::mask(v);
+            *v = crate::build::pseudonym::mask(v);
         }
         c.masked = true;
     }
@@ -77,7 +77,7 @@ fn any_text(v: &polars::prelude::AnyValue) -> String {
     match v {
         A::String(s) => s.to_string(),
         A::StringOwned(s) => s.to_string(),
-        A::Date(d) => crate::contract::format_date(*d),
+        A::Date(d) => crate::project::contract::format_date(*d),
         A::Datetime(x, u, _) => ts(*x, u),
         A::DatetimeOwned(x, u, _) => ts(*x, u),
         other => other.to_string(),
@@ -192,14 +192,14 @@ fn profile_inner(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProf
 
 /// `silt profile <table | landing file>`.
 pub async fn profile_target(
-    silt: &crate::Silt,
+    silt: &crate::lake::Silt,
     target: &str,
     top: usize,
 ) -> Result<Vec<ColumnProfile>> {
     if let Ok(t) = TableRef::parse(target)
         && silt.catalog.open(&t).await?.is_some()
     {
-        let batches = crate::query::run(&silt.catalog, &format!("select * from {t}")).await?;
+        let batches = crate::ops::query::run(&silt.catalog, &format!("select * from {t}")).await?;
         let pii = pii_of(silt, &t);
         return Ok(mask_pii(profile(&batches, top)?, &pii));
     }
@@ -235,8 +235,8 @@ pub async fn profile_target(
 /// The columns of `t` that hold raw personal data, as the configuration says: a source's
 /// `pii` (its quarantine's raw records too), a model's columns named PII by a source or by its
 /// own `config(pii=…)`, unless the model pseudonymizes them.
-fn pii_of(silt: &crate::Silt, t: &TableRef) -> std::collections::BTreeSet<String> {
-    use crate::catalog::Layer;
+fn pii_of(silt: &crate::lake::Silt, t: &TableRef) -> std::collections::BTreeSet<String> {
+    use crate::lake::catalog::Layer;
     match t.layer {
         Layer::Bronze => silt
             .project
@@ -253,7 +253,7 @@ fn pii_of(silt: &crate::Silt, t: &TableRef) -> std::collections::BTreeSet<String
             .unwrap_or_default(),
         Layer::Silver | Layer::Gold => {
             let mut pii = silt.project.pii_columns();
-            if let Ok(dag) = crate::models::Dag::load(&silt.project)
+            if let Ok(dag) = crate::build::models::Dag::load(&silt.project)
                 && let Some(m) = dag.models.get(&t.name)
             {
                 pii.extend(m.config.pii.iter().cloned());

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{PROJECT_FILE, is_identifier};
-use crate::contract::{parse_date, parse_decimal, parse_timestamp};
 use crate::error::{Error, Result};
+use crate::project::config::{PROJECT_FILE, is_identifier};
+use crate::project::contract::{parse_date, parse_decimal, parse_timestamp};
 
 const DATE_FORMATS: [&str; 4] = ["%Y-%m-%d", "%d/%m/%Y", "%m/%d/%Y", "%Y/%m/%d"];
 const TS_FORMATS: [&str; 2] = ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"];
@@ -800,7 +800,7 @@ pub struct SourceNewReport {
 /// Infer `sql/bronze/<name>.toml` from the sample at `from` (a path or URL), write it, and parse
 /// the sample under it as a check.
 pub async fn source_new(
-    silt: &crate::Silt,
+    silt: &crate::lake::Silt,
     name: &str,
     from: &str,
     force: bool,
@@ -836,8 +836,8 @@ pub async fn source_new(
         .map_err(|_| Error::Usage(format!("--from '{from}' is not a file")))?
         .pop()
         .push("");
-    let cloud = crate::storage::CloudOptions::from_project(&silt.project);
-    let dir_store = crate::storage::Storage::new(&dir_url, &cloud)?;
+    let cloud = crate::lake::storage::CloudOptions::from_project(&silt.project);
+    let dir_store = crate::lake::storage::Storage::new(&dir_url, &cloud)?;
     let data = dir_store.get(&dir_store.path(&file_name)).await?;
     let ext = file_name
         .rsplit_once('.')
@@ -856,9 +856,10 @@ pub async fn source_new(
         ),
     };
     let text = render_source(name, &glob, &inf, &file_name)?;
-    let sf: crate::config::SourceFile = toml::from_str(&text)
+    let sf: crate::project::config::SourceFile = toml::from_str(&text)
         .map_err(|e| Error::Runtime(format!("inferred contract does not parse (a bug): {e}")))?;
-    let src = crate::config::Source::from_file(name, &format!("sql/bronze/{name}.toml"), sf)?;
+    let src =
+        crate::project::config::Source::from_file(name, &format!("sql/bronze/{name}.toml"), sf)?;
     let parsed = crate::ingest::parse_file(&data, &file_name, &src)?;
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent)

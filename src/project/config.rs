@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::contract::{Column, ColumnType};
 use crate::error::{Error, Result};
+use crate::project::contract::{Column, ColumnType};
 
 pub const PROJECT_FILE: &str = "silt.toml";
 

@@ -1,6 +1,11 @@
 //! Test support: a temp copy of the reference project, a runner for the real `silt` binary, and
 //! readers for the fixture manifest and query results.
 
+pub mod checks;
+pub mod datasets;
+pub mod emulators;
+pub mod golden;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -11,13 +11,13 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
-use crate::catalog::{Catalog, TableRef};
-use crate::commit::append_record;
 use crate::error::Result;
+use crate::lake::catalog::{Catalog, TableRef};
+use crate::lake::commit::append_record;
 use serde::{Deserialize, Serialize};
 
 pub fn table() -> TableRef {
-    TableRef::new(crate::catalog::Layer::Silt, "runs")
+    TableRef::new(crate::lake::catalog::Layer::Silt, "runs")
 }
 
 /// What building one model did (one row of `_silt/runs`).
@@ -284,7 +284,7 @@ pub async fn detail(catalog: &Catalog, run_id: &str) -> Result<Vec<RecordBatch>>
             format!("null as {alias}")
         }
     };
-    let id = crate::sql_text::literal(run_id);
+    let id = crate::lake::sql_text::literal(run_id);
     let order = if cols.contains("seq") {
         "seq, model"
     } else {
@@ -331,7 +331,7 @@ fn tested_path(t: &TableRef) -> String {
 
 /// The build state of `t`'s last build whose tests ran, if any.
 pub async fn last_tested(
-    lake: &crate::storage::Storage,
+    lake: &crate::lake::storage::Storage,
     t: &TableRef,
 ) -> Result<Option<ModelState>> {
     let p = lake.path(&tested_path(t));
@@ -343,7 +343,7 @@ pub async fn last_tested(
 
 /// Record that the tests of `t`'s build with `state` ran (whatever they found).
 pub async fn mark_tested(
-    lake: &crate::storage::Storage,
+    lake: &crate::lake::storage::Storage,
     t: &TableRef,
     state: &ModelState,
 ) -> Result<()> {

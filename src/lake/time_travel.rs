@@ -14,8 +14,8 @@ use sqlparser::ast::{
 };
 use sqlparser::dialect::{Dialect, GenericDialect};
 
-use crate::catalog::{Catalog, TableRef};
 use crate::error::{Error, Result};
+use crate::lake::catalog::{Catalog, TableRef};
 
 /// DataFusion's generic dialect, plus Delta's `VERSION AS OF` / `TIMESTAMP AS OF`.
 #[derive(Debug)]
@@ -142,7 +142,7 @@ impl VisitorMut for Collect {
                 self.found.len()
             );
             *name = ObjectName::from(vec![
-                sqlparser::ast::Ident::new(crate::catalog::NEW_SCHEMA),
+                sqlparser::ast::Ident::new(crate::lake::catalog::NEW_SCHEMA),
                 sqlparser::ast::Ident::new(alias.clone()),
             ]);
             self.found.push((t, as_of, alias));
@@ -189,7 +189,7 @@ pub async fn open_as_of(
             }
         }
     };
-    if let Some(e) = crate::audit::purged_by(catalog, t, version).await? {
+    if let Some(e) = crate::lake::audit::purged_by(catalog, t, version).await? {
         return Err(e);
     }
     check_version(catalog, t, version).await
@@ -344,7 +344,7 @@ async fn explain_missing(catalog: &Catalog, msg: String) -> String {
         .iter()
         .find(|t| !name.contains('.') && t.split_once('.').is_some_and(|(_, n)| n == name))
         .cloned()
-        .or_else(|| crate::catalog::closest(name, tables.iter().cloned()));
+        .or_else(|| crate::lake::catalog::closest(name, tables.iter().cloned()));
     format!(
         "table '{name}' not found{}: tables are named layer.name (bronze.*, silver.*, gold.*, quarantine.*, _silt.*; `silt tables` lists them)",
         hint.map(|h| format!(" (did you mean '{h}'?)"))
@@ -427,12 +427,12 @@ fn ensure_schema(
     let cat = ctx
         .catalog("datafusion")
         .ok_or_else(|| Error::Runtime("no default catalog".into()))?;
-    if let Some(s) = cat.schema(crate::catalog::NEW_SCHEMA) {
+    if let Some(s) = cat.schema(crate::lake::catalog::NEW_SCHEMA) {
         return Ok(s);
     }
     let s: std::sync::Arc<dyn datafusion::catalog::SchemaProvider> =
         std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new());
-    cat.register_schema(crate::catalog::NEW_SCHEMA, s.clone())?;
+    cat.register_schema(crate::lake::catalog::NEW_SCHEMA, s.clone())?;
     Ok(s)
 }
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use arrow::record_batch::RecordBatch;
 
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::lake::catalog::Catalog;
 
 /// Run one SQL statement and collect its result.
 pub async fn run(catalog: &Catalog, sql: &str) -> Result<Vec<RecordBatch>> {
@@ -21,14 +21,14 @@ pub async fn run_pinned(
     pins: BTreeMap<String, u64>,
 ) -> Result<Vec<RecordBatch>> {
     for (t, v) in &pins {
-        if let Ok(t) = crate::catalog::TableRef::parse(t)
-            && let Some(e) = crate::audit::purged_by(catalog, &t, *v).await?
+        if let Ok(t) = crate::lake::catalog::TableRef::parse(t)
+            && let Some(e) = crate::lake::audit::purged_by(catalog, &t, *v).await?
         {
             return Err(e);
         }
     }
     let ctx = catalog.session_pinned(pins).await?;
-    let df = crate::time_travel::sql(&ctx, catalog, sql).await?;
+    let df = crate::lake::time_travel::sql(&ctx, catalog, sql).await?;
     // A result without rows still carries its columns (an empty table prints its header).
     let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
     let mut batches = df.collect().await.map_err(Error::from_datafusion)?;
@@ -40,7 +40,7 @@ pub async fn run_pinned(
 
 /// The table versions a run left (`silt query --as-of-run`).
 pub async fn run_versions(catalog: &Catalog, run_id: &str) -> Result<BTreeMap<String, u64>> {
-    let id = crate::sql_text::literal(run_id);
+    let id = crate::lake::sql_text::literal(run_id);
     let batches = run(
         catalog,
         &format!("select lake_versions from _silt.runs where run_id = {id} limit 1"),

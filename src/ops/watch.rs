@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::Silt;
+use crate::build::models::Dag;
+use crate::build::pipeline::{RunOptions, RunReport};
 use crate::error::{Error, Result};
-use crate::models::Dag;
-use crate::pipeline::{RunOptions, RunReport};
+use crate::lake::Silt;
 
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -123,14 +123,14 @@ pub async fn watch(
         };
         // The lake's lease is held per cycle, so other commands (a forget, a restore) run
         // between cycles; a cycle that cannot get it reports why and the next one tries again.
-        let lease_opts = crate::lease::LeaseOptions::from_env()?;
-        let report = match crate::lease::acquire(&silt.lake, "watch", lease_opts, |h| {
+        let lease_opts = crate::lake::lease::LeaseOptions::from_env()?;
+        let report = match crate::lake::lease::acquire(&silt.lake, "watch", lease_opts, |h| {
             tracing::warn!("waiting for the lake's lease, held by {h}")
         })
         .await
         {
             Ok(lease) => {
-                let r = crate::pipeline::run(silt, opts).await;
+                let r = crate::build::pipeline::run(silt, opts).await;
                 let released = lease.release().await;
                 match (r, released) {
                     (Ok(r), Ok(())) => Ok(r),

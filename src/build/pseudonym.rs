@@ -14,7 +14,7 @@ use sha2::Sha256;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
-use crate::config::Pseudonym;
+use crate::project::config::Pseudonym;
 
 /// HMAC-SHA256 of `value` under `key`, as lowercase hex.
 pub fn hmac_hex(key: &str, value: &str) -> String {
@@ -86,7 +86,7 @@ pub fn wrap_sql(
     }
     ctx.register_udf(udf("silt_hmac", move |v| hmac_hex(&key, v)));
     ctx.register_udf(udf("silt_mask", mask));
-    let q = crate::sql_text::ident;
+    let q = crate::lake::sql_text::ident;
     let select: Vec<String> = columns
         .iter()
         .map(|c| match pseudonymize.get(c) {

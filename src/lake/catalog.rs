@@ -12,7 +12,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::lake::storage::Storage;
 
 /// The schema of a session's scratch relations: upstream increments, tables at a version, the
 /// rows a build wrote. Never a table of the lake.
@@ -147,7 +147,7 @@ pub fn closest(name: &str, candidates: impl IntoIterator<Item = String>) -> Opti
 #[derive(Debug, Clone)]
 pub struct Catalog {
     lake: Storage,
-    engine: crate::config::EngineSection,
+    engine: crate::project::config::EngineSection,
 }
 
 impl Catalog {
@@ -159,7 +159,7 @@ impl Catalog {
     }
 
     /// Use these DataFusion settings for every session.
-    pub fn with_engine(mut self, engine: crate::config::EngineSection) -> Self {
+    pub fn with_engine(mut self, engine: crate::project::config::EngineSection) -> Self {
         self.engine = engine;
         self
     }

@@ -13,9 +13,9 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
 
-use crate::catalog::TableRef;
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::lake::catalog::TableRef;
+use crate::lake::storage::Storage;
 
 /// How to create the table if it does not exist yet, and what to stamp on the commit.
 #[derive(Debug, Clone, Default)]

@@ -13,12 +13,12 @@ use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::Silt;
-use crate::catalog::{Layer, TableRef};
-use crate::commit::append_record;
-use crate::config::BigQuerySection;
+use crate::build::models::Dag;
 use crate::error::{Error, Result};
-use crate::models::Dag;
+use crate::lake::Silt;
+use crate::lake::catalog::{Layer, TableRef};
+use crate::lake::commit::append_record;
+use crate::project::config::BigQuerySection;
 
 pub fn table() -> TableRef {
     TableRef::new(Layer::Silt, "exports")
@@ -395,7 +395,7 @@ impl Bq {
     /// (BigQuery reads it from GCS), else through the multipart upload.
     async fn load(
         &self,
-        lake: &crate::storage::Storage,
+        lake: &crate::lake::storage::Storage,
         table: &str,
         parquet: Vec<u8>,
     ) -> Result<String> {
@@ -769,14 +769,14 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                 let list = c.iter().map(|v| sql_str(v)).collect::<Vec<_>>().join(", ");
                 let dlist = c
                     .iter()
-                    .map(|v| crate::sql_text::literal(v))
+                    .map(|v| crate::lake::sql_text::literal(v))
                     .collect::<Vec<_>>()
                     .join(", ");
                 let data = rows_as_parquet(
                     &ctx,
                     &format!(
                         "select * from {rel} where {}",
-                        crate::sql_text::partition_in(
+                        crate::lake::sql_text::partition_in(
                             p,
                             arrow_schema.field_with_name(p).is_ok_and(|f| matches!(
                                 f.data_type(),

@@ -10,10 +10,10 @@ use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use serde::Serialize;
 
-use crate::catalog::TableRef;
 use crate::error::{Error, Result};
+use crate::lake::catalog::TableRef;
 
-pub use crate::config::{Severity, TestSpec};
+pub use crate::project::config::{Severity, TestSpec};
 
 /// A test ready to run: SQL returning the failing rows.
 #[derive(Debug, Clone, Serialize)]
@@ -51,7 +51,7 @@ pub struct TestResult {
     pub built_from: std::collections::BTreeMap<String, u64>,
 }
 
-use crate::sql_text::{ident as q, literal as quoted};
+use crate::lake::sql_text::{ident as q, literal as quoted};
 
 fn lit(v: &serde_json::Value) -> String {
     match v {
@@ -129,7 +129,7 @@ fn sql_literal(v: &ScalarValue) -> Option<String> {
         | ScalarValue::UInt32(Some(_))
         | ScalarValue::UInt64(Some(_)) => Some(v.to_string()),
         ScalarValue::Date32(Some(d)) => {
-            let day = crate::contract::format_date(*d);
+            let day = crate::project::contract::format_date(*d);
             (!day.is_empty()).then(|| format!("date '{day}'"))
         }
         _ => None,

@@ -14,10 +14,10 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 
 use super::csv_records::Records;
-use super::{ParsedFile, Reject, Slice, escape_raw};
-use crate::config::{Source, UnexpectedColumnPolicy};
-use crate::contract::{ColumnType, Scalar, TemporalFormats, parse_scalar};
+use super::{Input, ParsedFile, Parser, Reject, Slice, escape_raw};
 use crate::error::{Error, InputLocation, Result};
+use crate::project::config::UnexpectedColumnPolicy;
+use crate::project::contract::{ColumnType, Scalar, TemporalFormats, parse_scalar};
 
 /// One contract column's values in the slice being built. A row's fields go straight into
 /// their columns as they are parsed; a refused row is taken back by `truncate`, so no row of
@@ -156,16 +156,28 @@ impl ColumnBuf {
 /// bytes (Arrow's 32-bit offsets).
 const SLICE_STRING_BYTES: usize = 1 << 30;
 
-/// Parse one CSV file (already decoded to UTF-8 where an encoding is declared, BOM removed),
+/// The CSV parser: one file (already decoded to UTF-8 where an encoding is declared, BOM removed),
 /// handing good rows to `sink` every `slice_rows` rows. Only the header can refuse the file,
 /// so every refusal comes before the first slice.
-pub fn parse(
-    data: &[u8],
-    file: &str,
-    src: &Source,
-    slice_rows: usize,
-    sink: &mut dyn FnMut(Slice) -> Result<()>,
-) -> Result<ParsedFile> {
+pub struct Csv;
+
+impl Parser for Csv {
+    fn parse(
+        &self,
+        input: &Input<'_>,
+        sink: &mut dyn FnMut(Slice) -> Result<()>,
+    ) -> Result<ParsedFile> {
+        parse(input, sink)
+    }
+}
+
+fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result<ParsedFile> {
+    let &Input {
+        data,
+        file,
+        source: src,
+        slice_rows,
+    } = input;
     let mut out = ParsedFile::default();
     if data.iter().all(|b| b.is_ascii_whitespace()) {
         out.warnings

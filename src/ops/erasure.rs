@@ -24,17 +24,17 @@ use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::Silt;
-use crate::audit::{AuditRow, audit, audit_entries};
-use crate::catalog::{Layer, TableRef};
-use crate::config::{ErasurePolicy, Format, Source};
+use crate::build::materialize::{Materializer, ModelMetrics, ModelState, last_state};
+use crate::build::models::{Dag, Materialized};
+use crate::build::pseudonym::hmac_hex;
 use crate::error::{Error, Result};
-use crate::failpoint;
 use crate::ingest::ledger::{self, LedgerEntry};
-use crate::materialize::{Materializer, ModelMetrics, ModelState, last_state};
-use crate::models::{Dag, Materialized};
-use crate::pseudonym::hmac_hex;
-use crate::storage::same_path;
+use crate::lake::Silt;
+use crate::lake::audit::{AuditRow, audit, audit_entries};
+use crate::lake::catalog::{Layer, TableRef};
+use crate::lake::failpoint;
+use crate::lake::storage::same_path;
+use crate::project::config::{ErasurePolicy, Format, Source};
 
 /// The entry of the `started` audit row's `key_hmacs` that holds the subjects' PII values as
 /// HMACs (the others are per `subject_via` source).
@@ -579,7 +579,8 @@ impl<'a> Records<'a> {
                 c.name == k
                     && matches!(
                         c.ty,
-                        crate::contract::ColumnType::Int32 | crate::contract::ColumnType::Int64
+                        crate::project::contract::ColumnType::Int32
+                            | crate::project::contract::ColumnType::Int64
                     )
             })
         });
@@ -1300,7 +1301,7 @@ async fn derive(silt: &Silt, t: &TableRef, scope: &Scope, key: &str) -> Result<K
 /// error (before anything is rewritten) when a source without `subject_key`/`subject_via`
 /// has a column named like a subject key of another source, a column named like the primary
 /// key of a source in scope, or a relationships test to one.
-fn check_paths(project: &crate::config::Project) -> Result<()> {
+fn check_paths(project: &crate::project::config::Project) -> Result<()> {
     let in_scope: Vec<&Source> = project
         .sources
         .values()
@@ -1495,14 +1496,14 @@ impl<'a> ForgetBuilder<'a> {
         let rebuilt = run.models(&dag, &plan, &key).await?;
         // The model steps appear in `silt runs` as a run of their own.
         if !rebuilt.is_empty() {
-            let rows: Vec<crate::runs::RunRow> = rebuilt
+            let rows: Vec<crate::lake::runs::RunRow> = rebuilt
                 .into_iter()
-                .map(|metrics| crate::runs::RunRow {
+                .map(|metrics| crate::lake::runs::RunRow {
                     metrics,
                     severity: None,
                 })
                 .collect();
-            crate::runs::record(
+            crate::lake::runs::record(
                 &silt.catalog,
                 &format!("erasure-{}", report.request_id),
                 "forget",
@@ -2239,7 +2240,7 @@ impl FileRewrite {
         } = self;
         let provider = table
             .table_provider()
-            .with_file_selection(crate::storage::select_files([path]))
+            .with_file_selection(crate::lake::storage::select_files([path]))
             .await
             .map_err(Error::from_datafusion)?;
         let mut stream = ctx.read_table(provider)?.execute_stream().await?;
@@ -2450,7 +2451,7 @@ fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64) {
     // Ingest's own splitter, with its quote limit: the records are the ones ingest saw (an
     // unterminated quote refuses one line, it does not swallow the records after it).
     let src = rec_test.src;
-    let mut split = crate::ingest::csv_records::Records::new(
+    let mut split = crate::ingest::parse::csv_records::Records::new(
         data,
         src.parse.delimiter as u8,
         src.parse.quote as u8,

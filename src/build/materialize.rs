@@ -20,13 +20,13 @@ use deltalake::protocol::SaveMode;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::catalog::{Catalog, TableRef};
+use crate::build::models::{Dag, Materialized, Model, RenderContext};
 use crate::error::{Error, Result};
-use crate::models::{Dag, Materialized, Model, RenderContext};
-use crate::sql_text::{ident as q, literal, partition_in};
+use crate::lake::catalog::{Catalog, TableRef};
+use crate::lake::sql_text::{ident as q, literal, partition_in};
 
-pub use crate::catalog::NEW_SCHEMA;
-pub use crate::runs::{ModelMetrics, ModelState};
+pub use crate::lake::catalog::NEW_SCHEMA;
+pub use crate::lake::runs::{ModelMetrics, ModelState};
 
 /// A MERGE's target restricted to the key range of its increment ([`Materializer::in_key_range`]).
 const KEY_RANGE: &str = "__silt_in_range";
@@ -348,7 +348,9 @@ impl Materializer<'_> {
                         // Nothing new upstream: an empty selection.
                         let p = ut
                             .table_provider()
-                            .with_file_selection(crate::storage::select_files(Vec::<String>::new()))
+                            .with_file_selection(crate::lake::storage::select_files(
+                                Vec::<String>::new(),
+                            ))
                             .await?;
                         let name = format!("{}__{}", u.layer.schema_name(), u.name);
                         new_schema.register_table(name.clone(), p)?;
@@ -401,7 +403,7 @@ impl Materializer<'_> {
                     _ => {
                         let p = ut
                             .table_provider()
-                            .with_file_selection(crate::storage::select_files(
+                            .with_file_selection(crate::lake::storage::select_files(
                                 added.iter().map(|s| s.to_string()),
                             ))
                             .await?;
@@ -454,7 +456,7 @@ impl Materializer<'_> {
                                     .collect();
                                 let cp = ut
                                     .table_provider()
-                                    .with_file_selection(crate::storage::select_files(old))
+                                    .with_file_selection(crate::lake::storage::select_files(old))
                                     .await?;
                                 let ctx_name = format!("{name}__context");
                                 new_schema.register_table(ctx_name.clone(), cp)?;
@@ -576,7 +578,7 @@ impl Materializer<'_> {
         }
         let p = table
             .table_provider()
-            .with_file_selection(crate::storage::select_files(
+            .with_file_selection(crate::lake::storage::select_files(
                 metrics.added_files.iter().cloned(),
             ))
             .await?;
@@ -758,11 +760,11 @@ impl Materializer<'_> {
         }
         let a = ut
             .table_provider()
-            .with_file_selection(crate::storage::select_files(added))
+            .with_file_selection(crate::lake::storage::select_files(added))
             .await?;
         let r = then
             .table_provider()
-            .with_file_selection(crate::storage::select_files(removed.clone()))
+            .with_file_selection(crate::lake::storage::select_files(removed.clone()))
             .await?;
         let schema = self.new_schema()?;
         let side = |s: &str| format!("{}__{}__{from}_{to}__{s}", u.layer.schema_name(), u.name);
@@ -893,7 +895,7 @@ impl Materializer<'_> {
         let (schema, old_schema) = (schema_of(ut)?, schema_of(then)?);
         let origin = ["_batch_id", "_source_file", "_source_line"];
         // The columns both versions have (a column added since is NULL in the old rows).
-        let cols: Vec<String> = if u.layer == crate::catalog::Layer::Bronze
+        let cols: Vec<String> = if u.layer == crate::lake::catalog::Layer::Bronze
             && origin
                 .iter()
                 .all(|c| schema.field_with_name(c).is_ok() && old_schema.field_with_name(c).is_ok())
@@ -937,7 +939,7 @@ impl Materializer<'_> {
         }
         let p = then
             .table_provider()
-            .with_file_selection(crate::storage::select_files(removed))
+            .with_file_selection(crate::lake::storage::select_files(removed))
             .await?;
         let gone = format!("{name}__removed");
         self.new_schema()?.register_table(gone.clone(), p)?;
@@ -1085,14 +1087,14 @@ impl Materializer<'_> {
             Error::Sql(msg) => Error::config(&m.file, msg),
             other => other,
         };
-        let df = crate::time_travel::sql(self.ctx, self.catalog, &sql)
+        let df = crate::lake::time_travel::sql(self.ctx, self.catalog, &sql)
             .await
             .map_err(|e| self.dag.locate(m, &sql, e))?;
         if m.config.pseudonymize.is_empty() {
             return Ok((sql, df));
         }
         let cols = columns_of(&df);
-        let wrapped = crate::pseudonym::wrap_sql(
+        let wrapped = crate::build::pseudonym::wrap_sql(
             &m.config.pseudonymize,
             &m.file,
             &sql,
@@ -1100,7 +1102,7 @@ impl Materializer<'_> {
             self.hmac_key,
             self.ctx,
         )?;
-        let df = crate::time_travel::sql(self.ctx, self.catalog, &wrapped)
+        let df = crate::lake::time_travel::sql(self.ctx, self.catalog, &wrapped)
             .await
             .map_err(named)?;
         Ok((wrapped, df))
@@ -1340,11 +1342,13 @@ impl Materializer<'_> {
         why: Error,
     ) -> Error {
         let undone = match previous {
-            Some(v) => {
-                crate::time_travel::restore(self.catalog, t, &crate::time_travel::AsOf::Version(v))
-                    .await
-                    .map(|_| format!("{t} is back at version {v}"))
-            }
+            Some(v) => crate::lake::time_travel::restore(
+                self.catalog,
+                t,
+                &crate::lake::time_travel::AsOf::Version(v),
+            )
+            .await
+            .map(|_| format!("{t} is back at version {v}")),
             None => {
                 let invalid = ModelState {
                     upstream: BTreeMap::new(),
@@ -2225,7 +2229,7 @@ fn check_contract(
 ) -> Result<()> {
     let mut problems = Vec::new();
     for (name, ty) in contract {
-        let want = crate::contract::ColumnType::parse(ty)
+        let want = crate::project::contract::ColumnType::parse(ty)
             .map_err(|e| Error::config(&m.file, format!("contract: column '{name}': {e}")))?;
         match schema.field_with_name(name) {
             Err(_) => problems.push(format!("column '{name}' ({ty}) is missing from the output")),

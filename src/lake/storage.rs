@@ -11,8 +11,8 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use url::Url;
 
-use crate::config::Project;
 use crate::error::{Error, Result};
+use crate::project::config::Project;
 
 /// A data file's path in one spelling, whether it comes from a Delta log (percent-encoded
 /// partition values, `ts=2024-01-01%2000%3A00`), from a listing (object_store's own encoding)

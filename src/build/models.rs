@@ -11,9 +11,9 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
 
-use crate::catalog::{Layer, TableRef};
-use crate::config::Project;
 use crate::error::{Error, Result};
+use crate::lake::catalog::{Layer, TableRef};
+use crate::project::config::Project;
 
 /// How a model is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,7 +60,7 @@ pub struct ModelConfig {
     pub updated_at: Option<String>,
     pub description: Option<String>,
     /// Column tests run right after the model is built.
-    pub tests: Vec<crate::quality::TestSpec>,
+    pub tests: Vec<crate::build::quality::TestSpec>,
     /// Declared output columns and types: a mismatch fails the build before any write.
     pub contract: Option<BTreeMap<String, String>>,
     /// Incremental models: `fail` (default) or `append_new_columns` when the output gains columns.
@@ -77,7 +77,7 @@ pub struct ModelConfig {
     /// Column descriptions (`columns={'ltv_total': 'Net fees…'}`), published with exports.
     pub columns: BTreeMap<String, String>,
     /// Singular tests: `config(severity='warn')`.
-    pub severity: crate::quality::Severity,
+    pub severity: crate::build::quality::Severity,
 }
 
 impl Default for ModelConfig {
@@ -100,12 +100,12 @@ impl Default for ModelConfig {
             subject_key: None,
             pseudonymize: BTreeMap::new(),
             columns: BTreeMap::new(),
-            severity: crate::quality::Severity::Error,
+            severity: crate::build::quality::Severity::Error,
         }
     }
 }
 
-pub use crate::config::Pseudonym;
+pub use crate::project::config::Pseudonym;
 
 /// One model file.
 #[derive(Debug, Clone, Serialize)]
@@ -159,7 +159,7 @@ pub struct SingularTest {
     pub sql: String,
     pub refs: BTreeSet<String>,
     pub sources: BTreeSet<String>,
-    pub severity: crate::quality::Severity,
+    pub severity: crate::build::quality::Severity,
 }
 
 #[derive(Default)]
@@ -341,8 +341,8 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     }
     if let Some(sv) = s("severity")? {
         c.severity = match sv.as_str() {
-            "error" => crate::quality::Severity::Error,
-            "warn" => crate::quality::Severity::Warn,
+            "error" => crate::build::quality::Severity::Error,
+            "warn" => crate::build::quality::Severity::Warn,
             o => return Err(format!("severity='{o}' is not error or warn")),
         };
     }
@@ -414,7 +414,7 @@ impl Dag {
                 .unwrap_or_default()
                 .to_string();
             let rel = rel_path(&project.dir, p);
-            if !crate::config::is_identifier(&name) {
+            if !crate::project::config::is_identifier(&name) {
                 return Err(Error::config(
                     rel,
                     "model file names must be lower-case identifiers (letters, digits, '_')",
@@ -531,7 +531,7 @@ impl Dag {
                 let severity = match c.config.take() {
                     Some(Ok(cfg)) => cfg.severity,
                     Some(Err(m)) => return Err(Error::config(&rel, m)),
-                    None => crate::quality::Severity::Error,
+                    None => crate::build::quality::Severity::Error,
                 };
                 singular.push(SingularTest {
                     name,
@@ -691,7 +691,7 @@ impl Dag {
                     .iter()
                     .flat_map(|s| [s.clone(), format!("bronze.{s}")]),
             );
-        crate::catalog::closest(name, candidates)
+        crate::lake::catalog::closest(name, candidates)
     }
 
     /// No model is partitioned by a PII column or a column leading to a subject: partition
@@ -736,17 +736,22 @@ impl Dag {
         }
         for src in project.sources.values() {
             for spec in &src.tests {
-                crate::quality::compile(spec, &TableRef::bronze(&src.name), &src.file, &|to| {
-                    self.resolve(to)
-                        .map_err(|e| Error::config(&src.file, e.to_string()))
-                })?;
+                crate::build::quality::compile(
+                    spec,
+                    &TableRef::bronze(&src.name),
+                    &src.file,
+                    &|to| {
+                        self.resolve(to)
+                            .map_err(|e| Error::config(&src.file, e.to_string()))
+                    },
+                )?;
             }
         }
         Ok(())
     }
 
     /// The column tests of a model, compiled.
-    pub fn model_tests(&self, m: &Model) -> Result<Vec<crate::quality::DataTest>> {
+    pub fn model_tests(&self, m: &Model) -> Result<Vec<crate::build::quality::DataTest>> {
         self.model_tests_of(m, None)
     }
 
@@ -755,13 +760,13 @@ impl Dag {
     pub fn model_tests_of(
         &self,
         m: &Model,
-        written: Option<&crate::quality::WrittenScope>,
-    ) -> Result<Vec<crate::quality::DataTest>> {
+        written: Option<&crate::build::quality::WrittenScope>,
+    ) -> Result<Vec<crate::build::quality::DataTest>> {
         m.config
             .tests
             .iter()
             .map(|spec| {
-                crate::quality::compile_scoped(spec, &m.table(), &m.file, written, &|to| {
+                crate::build::quality::compile_scoped(spec, &m.table(), &m.file, written, &|to| {
                     self.resolve(to)
                         .map_err(|e| Error::config(&m.file, e.to_string()))
                 })
@@ -770,12 +775,12 @@ impl Dag {
     }
 
     /// The singular tests, compiled.
-    pub fn singular_tests(&self) -> Vec<(crate::quality::DataTest, &SingularTest)> {
+    pub fn singular_tests(&self) -> Vec<(crate::build::quality::DataTest, &SingularTest)> {
         self.singular
             .iter()
             .map(|t| {
                 (
-                    crate::quality::DataTest {
+                    crate::build::quality::DataTest {
                         name: t.name.clone(),
                         subject: t.file.clone(),
                         kind: "singular".into(),

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use arrow::datatypes::{Field, Schema};
 use serde_json::Value;
 
-use super::{ParsedFile, Reject, Slice, escape_raw};
-use crate::config::{Format, Source, UnexpectedColumnPolicy};
-use crate::contract::{TemporalFormats, check_json};
+use super::{Input, ParsedFile, Parser, Reject, Slice, escape_raw};
 use crate::error::{Error, InputLocation, Result};
+use crate::project::config::{Format, UnexpectedColumnPolicy};
+use crate::project::contract::{TemporalFormats, check_json};
 
 /// One record's place in the file; its value is parsed when it is checked (so a file's records
 /// are never all held as JSON trees at once), `Err` when the splitter already found it broken.
@@ -21,16 +21,28 @@ struct RawRecord<'a> {
     value: std::result::Result<(), String>,
 }
 
-/// Parse one JSON file (already UTF-8 where an encoding is declared, BOM removed), handing good
+/// The JSON parser: one file (already UTF-8 where an encoding is declared, BOM removed), handing good
 /// rows to `sink` every `slice_rows` rows. Under `on_unexpected_column = "reject_file"` any
 /// record can refuse the whole file, so the slices are held back until the last record.
-pub fn parse(
-    data: &[u8],
-    file: &str,
-    src: &Source,
-    slice_rows: usize,
-    sink: &mut dyn FnMut(Slice) -> Result<()>,
-) -> Result<ParsedFile> {
+pub struct Json;
+
+impl Parser for Json {
+    fn parse(
+        &self,
+        input: &Input<'_>,
+        sink: &mut dyn FnMut(Slice) -> Result<()>,
+    ) -> Result<ParsedFile> {
+        parse(input, sink)
+    }
+}
+
+fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result<ParsedFile> {
+    let &Input {
+        data,
+        file,
+        source: src,
+        slice_rows,
+    } = input;
     let mut out = ParsedFile::default();
     let first = data.iter().position(|b| !b.is_ascii_whitespace());
     let Some(first) = first else {

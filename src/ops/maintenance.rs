@@ -9,8 +9,8 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::optimize::OptimizeType;
 use serde::Serialize;
 
-use crate::catalog::{Catalog, TableRef};
 use crate::error::{Error, Result};
+use crate::lake::catalog::{Catalog, TableRef};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OptimizeReport {
@@ -139,7 +139,7 @@ pub async fn vacuum(
                 None => f,
             }
         })
-        .filter(|f| present.contains(&crate::storage::same_path(f)))
+        .filter(|f| present.contains(&crate::lake::storage::same_path(f)))
         .collect();
     files_deleted.sort();
     Ok(VacuumReport {

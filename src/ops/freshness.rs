@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
-use crate::catalog::TableRef;
 use crate::error::{Error, Result};
-use crate::sql_text::ident as q;
+use crate::lake::catalog::TableRef;
+use crate::lake::sql_text::ident as q;
 
 /// `silt freshness`: the age of each source's newest data against its thresholds.
 #[derive(Debug, Clone, Serialize)]
@@ -67,7 +67,7 @@ pub fn parse_duration(s: &str) -> std::result::Result<chrono::Duration, String> 
 }
 
 pub async fn freshness(
-    silt: &crate::Silt,
+    silt: &crate::lake::Silt,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<Freshness>> {
     use arrow::array::Array;
@@ -126,7 +126,7 @@ pub async fn freshness(
         };
         let age = latest
             .as_deref()
-            .and_then(crate::time_travel::parse_instant)
+            .and_then(crate::lake::time_travel::parse_instant)
             .map(|t| now - t);
         let status = match age {
             None => "no_data",

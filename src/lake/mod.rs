@@ -1,0 +1,43 @@
+//! The lake: where tables live and how they change. Storage roots (local, gs://), the catalog
+//! of Delta tables, commits, the lease, time travel, and silt's own bookkeeping tables under
+//! `_silt`; and [`Silt`], an opened project with its roots and catalog, the handle the layers
+//! above take. It must not know models, sources' parsing or GDPR rules.
+
+pub mod audit;
+pub mod catalog;
+pub mod commit;
+pub mod failpoint;
+pub mod lease;
+pub mod runs;
+pub mod sql_text;
+pub mod storage;
+pub mod time_travel;
+
+use std::path::Path;
+
+use crate::error::Result;
+
+/// An opened project: its config, its two roots and the lake's catalog.
+#[derive(Debug, Clone)]
+pub struct Silt {
+    pub project: crate::project::config::Project,
+    pub lake: storage::Storage,
+    pub landing: storage::Storage,
+    pub catalog: catalog::Catalog,
+}
+
+impl Silt {
+    /// Open the project in `dir` (silt.toml, sql/bronze/*.toml) with `SILT_*` overrides.
+    pub fn open(dir: &Path) -> Result<Silt> {
+        let project = crate::project::config::Project::load(dir)?;
+        let cloud = storage::CloudOptions::from_project(&project);
+        let lake = storage::Storage::new(&project.lake_url, &cloud)?;
+        let landing = storage::Storage::existing(&project.landing_url, &cloud)?;
+        Ok(Silt {
+            catalog: catalog::Catalog::new(lake.clone()).with_engine(project.file.engine.clone()),
+            project,
+            lake,
+            landing,
+        })
+    }
+}
