@@ -1,6 +1,6 @@
-//! The library's typed error and its mapping to the CLI exit codes of ARCHITECTURE.md
-//! (0 ok, 1 data tests failed, 2 usage/config error, 3 runtime/storage error).
-//! It must not format for a terminal or decide process exit: main.rs does that.
+//! The library's typed error: a variant for each kind of failure a caller or a user branches
+//! on, its exit code (2 usage/config/input, 3 runtime/storage) and what to change when the
+//! error says it. It must not format for a terminal or end the process: main.rs does that.
 
 use std::fmt;
 
@@ -68,8 +68,66 @@ pub enum Error {
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 
+    /// A model reads a table that does not exist yet.
+    #[error("{model}: upstream {upstream} does not exist yet (ingest or build it first)")]
+    MissingUpstream { model: String, upstream: String },
+
+    /// A local file or folder cannot be created, written or watched.
+    #[error("cannot {action} {path}: {message}")]
+    Io {
+        action: &'static str,
+        path: String,
+        message: String,
+    },
+
+    /// Parquet that silt reads or writes itself (erasure scans, exports) is not readable or
+    /// writable.
+    #[error("{what}: {source}")]
+    Parquet {
+        what: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    /// silt's own JSON (lease entries, the run log's fields) does not encode or decode.
     #[error("{0}")]
-    Runtime(String),
+    Json(#[from] serde_json::Error),
+
+    /// The warehouse refused or failed a request (HTTP status, job error, schema mismatch).
+    #[error("{0}")]
+    Warehouse(String),
+
+    /// polars could not profile the data.
+    #[error("{0}")]
+    Profile(String),
+
+    /// A lease entry in the lake is not readable.
+    #[error("{0}")]
+    Lease(String),
+
+    /// A task silt runs in the background stopped (panicked, cancelled, or its peer went
+    /// away).
+    #[error("{what} failed: {message}")]
+    Task { what: String, message: String },
+
+    /// A build failed and rolling it back failed too: both are said.
+    #[error("{error}; and rolling the build back failed: {rollback}")]
+    Rollback {
+        error: Box<Error>,
+        rollback: Box<Error>,
+    },
+
+    /// An error, with what silt was doing when it happened.
+    #[error("{what}: {source}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// Something silt relies on did not hold: a bug to report.
+    #[error("{0}")]
+    Internal(String),
 
     /// Another silt process holds the lake's run lease, or committed the same
     /// idempotent ingest step first.
@@ -119,6 +177,23 @@ impl Error {
         ))
     }
 
+    /// A local file operation (`create`, `write`, `watch`) on `path` failed.
+    pub fn io(action: &'static str, path: &std::path::Path, e: impl fmt::Display) -> Self {
+        Error::Io {
+            action,
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// A background task (`what`) stopped.
+    pub fn task(what: impl Into<String>, e: impl fmt::Display) -> Self {
+        Error::Task {
+            what: what.into(),
+            message: e.to_string(),
+        }
+    }
+
     pub fn storage(url: impl Into<String>, source: object_store::Error) -> Self {
         Error::Storage {
             url: url.into(),
@@ -138,10 +213,37 @@ impl Error {
     }
 }
 
-/// What to change when an error's text says the engine ran out of its memory budget (an
-/// operator that cannot spill, such as a join's build side, outgrew `[engine] memory_limit_mb`).
-pub fn memory_hint(message: &str) -> Option<&'static str> {
-    message.contains("Resources exhausted").then_some(
-        "fix: raise [engine] memory_limit_mb in silt.toml (or SILT_ENGINE_MEMORY_LIMIT_MB; default: a quarter of the machine's memory): a join's build side must fit in it, sorts and aggregates spill",
-    )
+impl Error {
+    /// Whether the query engine ran out of its memory budget somewhere under this error (an
+    /// operator that cannot spill, such as a join's build side, outgrew
+    /// `[engine] memory_limit_mb`).
+    pub fn out_of_memory(&self) -> bool {
+        use datafusion::error::DataFusionError as D;
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(d) = e.downcast_ref::<D>()
+                && matches!(d.find_root(), D::ResourcesExhausted(_))
+            {
+                return true;
+            }
+            // delta-rs turns the DataFusion errors of its writes into text
+            // (`From<DataFusionError> for DeltaTableError`); DataFusion's text of this one
+            // starts so.
+            if let Some(deltalake::DeltaTableError::Generic(m)) =
+                e.downcast_ref::<deltalake::DeltaTableError>()
+                && m.starts_with("Resources exhausted")
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+
+    /// What to change, when the error says it.
+    pub fn hint(&self) -> Option<&'static str> {
+        self.out_of_memory().then_some(
+            "fix: raise [engine] memory_limit_mb in silt.toml (or SILT_ENGINE_MEMORY_LIMIT_MB; default: a quarter of the machine's memory): a join's build side must fit in it, sorts and aggregates spill",
+        )
+    }
 }

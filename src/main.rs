@@ -43,15 +43,12 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
     if let Some(ExitWith(code)) = e.downcast_ref::<ExitWith>() {
         return ExitCode::from(*code);
     }
-    let code = e
-        .downcast_ref::<silt::Error>()
-        .map(|e| e.exit_code())
-        .unwrap_or(3);
-    let text = describe(e);
-    eprintln!("error: {text}");
-    if let Some(h) = silt::error::memory_hint(&text) {
+    let silt_error = e.downcast_ref::<silt::Error>();
+    eprintln!("error: {}", describe(e));
+    if let Some(h) = silt_error.and_then(|e| e.hint()) {
         eprintln!("  {h}");
     }
+    let code = silt_error.map(|e| e.exit_code()).unwrap_or(3);
     ExitCode::from(code as u8)
 }
 

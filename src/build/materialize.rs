@@ -20,13 +20,13 @@ use deltalake::protocol::SaveMode;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::build::models::{Dag, Materialized, Model, RenderContext};
+use crate::build::models::{Dag, Materialized, Model, OnSchemaChange, RenderContext};
 use crate::error::{Error, Result};
 use crate::lake::catalog::{Catalog, TableRef};
 use crate::lake::sql_text::{ident as q, literal, partition_in};
 
 pub use crate::lake::catalog::NEW_SCHEMA;
-pub use crate::lake::runs::{ModelMetrics, ModelState};
+pub use crate::lake::meta::runs::{BuildMode, ModelMetrics, ModelState, ModelStatus};
 
 /// A MERGE's target restricted to the key range of its increment ([`Materializer::in_key_range`]).
 const KEY_RANGE: &str = "__silt_in_range";
@@ -195,7 +195,7 @@ impl Materializer<'_> {
         let cat = self
             .ctx
             .catalog("datafusion")
-            .ok_or_else(|| Error::Runtime("no default catalog".into()))?;
+            .ok_or_else(|| Error::Internal("no default catalog".into()))?;
         if let Some(s) = cat.schema(NEW_SCHEMA) {
             return Ok(s);
         }
@@ -217,10 +217,10 @@ impl Materializer<'_> {
         for u in &ups {
             let ut = lake.delta_table(&u.rel_path()).await?;
             let Some(v) = ut.version() else {
-                return Err(Error::Runtime(format!(
-                    "{}: upstream {u} does not exist yet (ingest or build it first)",
-                    m.file
-                )));
+                return Err(Error::MissingUpstream {
+                    model: m.file.clone(),
+                    upstream: u.to_string(),
+                });
             };
             upstream.insert(u.to_string(), v);
             up_tables.insert(u.to_string(), ut);
@@ -250,7 +250,7 @@ impl Materializer<'_> {
         }
         match self.states(m).await {
             Ok(c) => Ok(c.state.as_ref() == Some(&c.new_state)),
-            Err(Error::Runtime(_)) => Ok(false),
+            Err(Error::MissingUpstream { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -279,8 +279,8 @@ impl Materializer<'_> {
             ..Default::default()
         };
         if !self.full_refresh && state.as_ref() == Some(&new_state) {
-            metrics.status = "up_to_date".into();
-            metrics.mode = "none".into();
+            metrics.status = ModelStatus::UpToDate;
+            metrics.mode = BuildMode::None;
             metrics.version = target.version();
             metrics.ms = started.elapsed().as_millis() as u64;
             return Ok(metrics);
@@ -553,8 +553,12 @@ impl Materializer<'_> {
                 metrics.warnings.push(f.why);
             }
         }
-        metrics.status = "built".into();
-        metrics.mode = if incremental { "incremental" } else { "full" }.into();
+        metrics.status = ModelStatus::Built;
+        metrics.mode = if incremental {
+            BuildMode::Incremental
+        } else {
+            BuildMode::Full
+        };
         metrics.version = target.version();
         metrics.ms = started.elapsed().as_millis() as u64;
         Ok(metrics)
@@ -568,7 +572,7 @@ impl Materializer<'_> {
         m: &Model,
         metrics: &ModelMetrics,
     ) -> Result<Option<String>> {
-        if metrics.mode != "incremental" || metrics.status != "built" {
+        if metrics.mode != BuildMode::Incremental || metrics.status != ModelStatus::Built {
             return Ok(None);
         }
         let t = m.table();
@@ -1368,9 +1372,10 @@ impl Materializer<'_> {
                 message: format!("{message}\nThe build was rolled back: {what}."),
             },
             (why, Ok(_)) => why,
-            (why, Err(e)) => {
-                Error::Runtime(format!("{why}; and rolling the build back failed: {e}"))
-            }
+            (why, Err(e)) => Error::Rollback {
+                error: Box::new(why),
+                rollback: Box::new(e),
+            },
         }
     }
 
@@ -1537,7 +1542,7 @@ impl Materializer<'_> {
             .filter(|c| target_schema.field(c.as_str()).is_none())
             .collect();
         let evolve = !new_cols.is_empty();
-        if evolve && m.config.on_schema_change != "append_new_columns" {
+        if evolve && m.config.on_schema_change != OnSchemaChange::AppendNewColumns {
             return Err(Error::config(
                 &m.file,
                 format!(
@@ -1802,11 +1807,14 @@ impl Materializer<'_> {
                     )
                 })
                 .collect();
-            Error::Runtime(format!(
-                "finding the values of {} that this MERGE changed, for {}: {e}",
-                consumers.join(", "),
-                readers.join(", ")
-            ))
+            Error::Context {
+                what: format!(
+                    "finding the values of {} that this MERGE changed, for {}",
+                    consumers.join(", "),
+                    readers.join(", ")
+                ),
+                source: Box::new(e),
+            }
         })?;
         let cols2 = cols.clone();
         let (table, mm) = target
@@ -1983,7 +1991,7 @@ impl Materializer<'_> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let vt = match (&cfg.updated_at, cfg.strategy.as_str()) {
+        let vt = match (&cfg.updated_at, cfg.strategy) {
             (Some(u), _) => q(u),
             (None, _) => format!(
                 "arrow_cast('{}', 'Timestamp(Microsecond, Some(\"UTC\"))')",

@@ -39,6 +39,34 @@ impl Materialized {
     }
 }
 
+/// How a snapshot model tells that a row changed.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, strum::Display, strum::EnumString,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum SnapshotStrategy {
+    /// Any of `check_cols` differs.
+    #[default]
+    Check,
+    /// A newer `updated_at`.
+    Timestamp,
+}
+
+/// What an incremental build does when the model's output gains columns.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, strum::Display, strum::EnumString,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum OnSchemaChange {
+    /// The build fails, naming the new columns.
+    #[default]
+    Fail,
+    /// The target table gains the columns (older rows hold NULL).
+    AppendNewColumns,
+}
+
 /// A model's `{{ config(...) }}`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelConfig {
@@ -55,7 +83,7 @@ pub struct ModelConfig {
     /// upstream rows carrying that value (`group by client_id`, `partition by client_id`).
     pub recompute_by: Option<String>,
     /// Snapshot: `check` (compare `check_cols`) or `timestamp` (a new `updated_at` is a change).
-    pub strategy: String,
+    pub strategy: SnapshotStrategy,
     pub check_cols: Vec<String>,
     pub updated_at: Option<String>,
     pub description: Option<String>,
@@ -64,7 +92,7 @@ pub struct ModelConfig {
     /// Declared output columns and types: a mismatch fails the build before any write.
     pub contract: Option<BTreeMap<String, String>>,
     /// Incremental models: `fail` (default) or `append_new_columns` when the output gains columns.
-    pub on_schema_change: String,
+    pub on_schema_change: OnSchemaChange,
     /// Columns of this model holding personal data (besides those named PII by sources): no
     /// statistics are kept on them.
     pub pii: Vec<String>,
@@ -89,13 +117,13 @@ impl Default for ModelConfig {
             lookback_days: None,
             lookback_column: None,
             recompute_by: None,
-            strategy: "check".into(),
+            strategy: SnapshotStrategy::Check,
             check_cols: vec![],
             updated_at: None,
             description: None,
             tests: vec![],
             contract: None,
-            on_schema_change: "fail".into(),
+            on_schema_change: OnSchemaChange::Fail,
             pii: vec![],
             subject_key: None,
             pseudonymize: BTreeMap::new(),
@@ -299,7 +327,9 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     c.lookback_column = s("lookback_column")?;
     c.recompute_by = s("recompute_by")?;
     if let Some(st) = s("strategy")? {
-        c.strategy = st;
+        c.strategy = st
+            .parse()
+            .map_err(|_| format!("strategy='{st}' is not check or timestamp"))?;
     }
     c.check_cols = list("check_cols")?;
     c.pii = list("pii")?;
@@ -332,12 +362,9 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
         })?;
     }
     if let Some(o) = s("on_schema_change")? {
-        if o != "fail" && o != "append_new_columns" {
-            return Err(format!(
-                "on_schema_change='{o}' is not fail or append_new_columns"
-            ));
-        }
-        c.on_schema_change = o;
+        c.on_schema_change = o
+            .parse()
+            .map_err(|_| format!("on_schema_change='{o}' is not fail or append_new_columns"))?;
     }
     if let Some(sv) = s("severity")? {
         c.severity = match sv.as_str() {
@@ -359,15 +386,14 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
             if c.unique_key.is_empty() {
                 return Err("materialized='snapshot' needs unique_key".into());
             }
-            match c.strategy.as_str() {
-                "check" if c.check_cols.is_empty() => {
+            match c.strategy {
+                SnapshotStrategy::Check if c.check_cols.is_empty() => {
                     return Err("strategy='check' needs check_cols".into());
                 }
-                "timestamp" if c.updated_at.is_none() => {
+                SnapshotStrategy::Timestamp if c.updated_at.is_none() => {
                     return Err("strategy='timestamp' needs updated_at".into());
                 }
-                "check" | "timestamp" => {}
-                other => return Err(format!("strategy='{other}' is not check or timestamp")),
+                _ => {}
             }
         }
         _ => {}
@@ -785,7 +811,7 @@ impl Dag {
                         subject: t.file.clone(),
                         kind: "singular".into(),
                         severity: t.severity,
-                        scope: "table".into(),
+                        scope: crate::build::quality::TestScope::Table,
                         sql: t.sql.clone(),
                     },
                     t,
@@ -1050,7 +1076,7 @@ pub fn render_dag(dag: &Dag, format: &str) -> Result<String> {
         }
         "json" => {
             let v: Vec<&Model> = dag.order.iter().map(|n| &dag.models[n]).collect();
-            out = serde_json::to_string_pretty(&v).map_err(|e| Error::Runtime(e.to_string()))?;
+            out = serde_json::to_string_pretty(&v)?;
             out.push('\n');
         }
         _ => {

@@ -11,11 +11,12 @@ use datafusion::prelude::SessionContext;
 
 use crate::build::materialize::{Materializer, ModelMetrics, ModelState};
 use crate::build::models::Dag;
-use crate::build::quality::TestResult;
+use crate::build::quality::{TestResult, TestStatus};
 use crate::error::{Error, Result};
 use crate::ingest::IngestReport;
 use crate::lake::Silt;
 use crate::lake::catalog::TableRef;
+use crate::lake::meta::runs::{self, BuildMode, ModelStatus, RunRecord};
 use crate::progress::{Progress, SharedProgress};
 
 #[derive(Default)]
@@ -70,7 +71,7 @@ impl RunReport {
             .ingest
             .as_ref()
             .is_some_and(|i| !i.failed_sources().is_empty());
-        let tests = i32::from(self.tests.iter().any(|t| t.status == "fail") || anomalies);
+        let tests = i32::from(self.tests.iter().any(|t| t.status == TestStatus::Fail) || anomalies);
         self.errors
             .iter()
             .map(|(_, e)| e.exit_code())
@@ -114,7 +115,7 @@ async fn source_tests(
             )?;
             match crate::build::quality::run(ctx, &t).await {
                 Ok(r) => {
-                    if r.status == "fail" {
+                    if r.status == TestStatus::Fail {
                         failed.insert(src.name.clone());
                     }
                     report.tests.push(r);
@@ -162,8 +163,8 @@ pub async fn run(silt: &Silt, opts: RunOptions) -> Result<RunReport> {
                     model: "ingest".into(),
                     table: "bronze.*".into(),
                     materialized: "ingest".into(),
-                    status: "built".into(),
-                    mode: "incremental".into(),
+                    status: ModelStatus::Built,
+                    mode: BuildMode::Incremental,
                     rows_inserted: rows,
                     ms: r.elapsed_ms,
                     message: Some(format!("{files} landing file(s), batch {}", r.batch_id)),
@@ -257,49 +258,49 @@ async fn record_run(
     report: &RunReport,
     ingest_row: Option<(u64, u64, ModelMetrics)>,
 ) -> Result<()> {
-    let changed = report.models.iter().any(|m| m.status != "up_to_date");
-    let tests_speak = report.tests.iter().any(|t| t.status != "pass");
+    let changed = report
+        .models
+        .iter()
+        .any(|m| m.status != ModelStatus::UpToDate);
+    let tests_speak = report.tests.iter().any(|t| t.status != TestStatus::Pass);
     // A build tested for the first time (an earlier run stopped before its tests) is recorded,
     // so the next run knows it was.
     let first_tests = report.tests.iter().any(|t| t.table_version.is_some());
     if !changed && !tests_speak && !first_tests && ingest_row.is_none() {
         return Ok(());
     }
-    let mut rows: Vec<crate::lake::runs::RunRow> = Vec::new();
-    let mut totals = (0, 0);
-    if let Some((r, q, row)) = ingest_row {
-        totals = (r, q);
-        rows.push(crate::lake::runs::RunRow {
-            metrics: row,
-            severity: None,
+    let mut rows: Vec<RunRecord> = Vec::new();
+    if let Some((ingested, quarantined, row)) = ingest_row {
+        rows.push(RunRecord {
+            ingested_rows: ingested,
+            quarantined_rows: quarantined,
+            ..RunRecord::from(&row)
         });
     }
-    let test_row = |t: &TestResult| crate::lake::runs::RunRow {
-        metrics: ModelMetrics {
-            model: t.name.clone(),
-            table: t.subject.clone(),
-            materialized: "test".into(),
-            status: t.status.clone(),
-            mode: t.scope.clone(),
-            failing_rows: t.failing_rows,
-            ms: t.ms,
-            version: t.table_version,
-            upstream: t.built_from.clone(),
-            // Not the failing rows themselves: they may hold a subject's data, and the run
-            // log is not erased.
-            ..Default::default()
-        },
-        severity: serde_json::to_value(t.severity)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from)),
+    let test_row = |t: &TestResult| RunRecord {
+        model: t.name.clone(),
+        table_name: t.subject.clone(),
+        materialized: "test".into(),
+        status: t.status.to_string(),
+        mode: t.scope.to_string(),
+        ms: t.ms,
+        version: t.table_version.map(|v| v as i64),
+        upstream_versions: serde_json::to_string(&t.built_from).unwrap_or_default(),
+        ok: t.status != TestStatus::Fail,
+        severity: Some(t.severity.to_string()),
+        // Not the failing rows themselves: they may hold a subject's data, and the run log is
+        // not erased.
+        failing_rows: Some(t.failing_rows),
+        ..Default::default()
     };
     // Each model, then the tests of its table that ran after it.
     let mut placed = vec![false; report.tests.len()];
-    for m in report.models.iter().filter(|m| m.status != "up_to_date") {
-        rows.push(crate::lake::runs::RunRow {
-            metrics: m.clone(),
-            severity: None,
-        });
+    for m in report
+        .models
+        .iter()
+        .filter(|m| m.status != ModelStatus::UpToDate)
+    {
+        rows.push(RunRecord::from(m));
         for (i, t) in report.tests.iter().enumerate() {
             if !placed[i] && t.subject == m.table {
                 placed[i] = true;
@@ -312,15 +313,7 @@ async fn record_run(
             rows.push(test_row(t));
         }
     }
-    crate::lake::runs::record(
-        &silt.catalog,
-        &report.run_id,
-        command,
-        started_at,
-        &rows,
-        totals,
-    )
-    .await
+    runs::record(&silt.catalog, &report.run_id, command, started_at, rows).await
 }
 
 /// The build a model's tests check: the table's version and the upstream versions it was
@@ -346,7 +339,7 @@ impl Tested {
 /// Record that `m`'s build was tested; a failure to record only means it is tested again.
 async fn mark_tested(silt: &Silt, m: &crate::build::models::Model, tested: &Tested) {
     if let Err(e) =
-        crate::lake::runs::mark_tested(silt.catalog.lake(), &m.table(), &tested.state).await
+        crate::lake::meta::runs::mark_tested(silt.catalog.lake(), &m.table(), &tested.state).await
     {
         tracing::warn!(
             "{}: recording that its build was tested failed ({e}); it is tested again next run",
@@ -366,7 +359,7 @@ async fn model_tests(
     for t in tests {
         match crate::build::quality::run(ctx, t).await {
             Ok(mut r) => {
-                ok &= r.status != "fail";
+                ok &= r.status != TestStatus::Fail;
                 r.table_version = tested.version;
                 r.built_from = tested.state.upstream.clone();
                 report.tests.push(r);
@@ -412,8 +405,8 @@ async fn build_models(
     let skipped = |name: &str, table: String, why: String| ModelMetrics {
         model: name.to_string(),
         table,
-        status: "skipped".into(),
-        mode: "none".into(),
+        status: ModelStatus::Skipped,
+        mode: BuildMode::None,
         message: Some(why),
         ..Default::default()
     };
@@ -463,7 +456,7 @@ async fn build_models(
         } else {
             let began = Instant::now();
             match mat.build(m).await {
-                Ok(metrics) if metrics.status == "up_to_date" => {
+                Ok(metrics) if metrics.status == ModelStatus::UpToDate => {
                     let tested = Tested::of(&metrics);
                     report.models.push(metrics);
                     match dag.model_tests_of(m, None) {
@@ -472,9 +465,11 @@ async fn build_models(
                         Ok(tests) => {
                             // A build an earlier run made but never tested (it stopped, or
                             // was killed, in between) is tested now.
-                            let last =
-                                crate::lake::runs::last_tested(silt.catalog.lake(), &m.table())
-                                    .await?;
+                            let last = crate::lake::meta::runs::last_tested(
+                                silt.catalog.lake(),
+                                &m.table(),
+                            )
+                            .await?;
                             if last.as_ref() == Some(&tested.state) {
                                 deferred.insert(name.clone(), (tests, tested));
                             } else {
@@ -529,8 +524,8 @@ async fn build_models(
                     report.models.push(ModelMetrics {
                         model: name.clone(),
                         table: m.table().to_string(),
-                        status: "failed".into(),
-                        mode: "none".into(),
+                        status: ModelStatus::Failed,
+                        mode: BuildMode::None,
                         message: Some(e.to_string()),
                         ms: began.elapsed().as_millis() as u64,
                         ..Default::default()

@@ -15,6 +15,44 @@ use crate::lake::catalog::TableRef;
 
 pub use crate::project::config::{Severity, TestSpec};
 
+/// What a test found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::Display, strum::IntoStaticStr)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum TestStatus {
+    /// No failing row.
+    Pass,
+    /// Failing rows, and the test's severity is `warn`.
+    Warn,
+    /// Failing rows, and the test's severity is `error`.
+    Fail,
+}
+
+/// Which rows a test reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::Display, strum::IntoStaticStr)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum TestScope {
+    /// The whole table.
+    Table,
+    /// Only the rows (for `unique`, the keys) the build just wrote.
+    Written,
+}
+
+impl TestStatus {
+    /// The status as `silt test --json` and `_silt.runs` write it.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+impl TestScope {
+    /// The scope as `silt test --json` and `_silt.runs` write it.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
 /// A test ready to run: SQL returning the failing rows.
 #[derive(Debug, Clone, Serialize)]
 pub struct DataTest {
@@ -23,8 +61,7 @@ pub struct DataTest {
     pub subject: String,
     pub kind: String,
     pub severity: Severity,
-    /// `table`, or `written`: only the rows (for `unique`, the keys) the build just wrote.
-    pub scope: String,
+    pub scope: TestScope,
     #[serde(skip)]
     pub sql: String,
 }
@@ -35,10 +72,8 @@ pub struct TestResult {
     pub subject: String,
     pub kind: String,
     pub severity: Severity,
-    /// pass | fail | warn
-    pub status: String,
-    /// `table`, or `written`: only the rows (for `unique`, the keys) the build just wrote.
-    pub scope: String,
+    pub status: TestStatus,
+    pub scope: TestScope,
     pub failing_rows: u64,
     /// The first failing rows, as an aligned table.
     pub sample: String,
@@ -298,11 +333,10 @@ pub fn compile_scoped(
         kind: spec.kind.clone(),
         severity: spec.severity,
         scope: if written.is_some() {
-            "written"
+            TestScope::Written
         } else {
-            "table"
-        }
-        .into(),
+            TestScope::Table
+        },
         sql,
     })
 }
@@ -324,17 +358,17 @@ pub async fn run(ctx: &SessionContext, t: &DataTest) -> Result<TestResult> {
         String::new()
     };
     let status = match (n, t.severity) {
-        (0, _) => "pass",
-        (_, Severity::Error) => "fail",
-        (_, Severity::Warn) => "warn",
+        (0, _) => TestStatus::Pass,
+        (_, Severity::Error) => TestStatus::Fail,
+        (_, Severity::Warn) => TestStatus::Warn,
     };
     Ok(TestResult {
         name: t.name.clone(),
         subject: t.subject.clone(),
         kind: t.kind.clone(),
         severity: t.severity,
-        status: status.into(),
-        scope: t.scope.clone(),
+        status,
+        scope: t.scope,
         failing_rows: n,
         sample,
         ms: started.elapsed().as_millis() as u64,

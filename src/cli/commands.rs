@@ -285,7 +285,10 @@ async fn test(silt: &Silt, a: TestArgs, json: bool) -> anyhow::Result<()> {
 async fn freshness(silt: &Silt, json: bool) -> anyhow::Result<()> {
     let rows = silt::ops::freshness::freshness(silt, chrono::Utc::now()).await?;
     emit(rows.as_slice(), json)?;
-    if rows.iter().any(|r| r.status == "error") {
+    if rows
+        .iter()
+        .any(|r| r.status == silt::ops::freshness::FreshnessStatus::Error)
+    {
         return Err(ExitWith(1).into());
     }
     Ok(())
@@ -308,8 +311,8 @@ fn dag(silt: &Silt, a: DagArgs, json: bool) -> anyhow::Result<()> {
 
 async fn runs(silt: &Silt, a: RunsArgs, json: bool) -> anyhow::Result<()> {
     let batches = match &a.run {
-        Some(id) => silt::lake::runs::detail(&silt.catalog, id).await?,
-        None => silt::lake::runs::list(&silt.catalog, a.limit).await?,
+        Some(id) => silt::lake::meta::runs::detail(&silt.catalog, id).await?,
+        None => silt::lake::meta::runs::list(&silt.catalog, a.limit).await?,
     };
     if !json && batches.iter().all(|b| b.num_rows() == 0) && a.run.is_none() {
         println!("no run recorded yet: `silt run` builds the pipeline and records it");

@@ -6,8 +6,9 @@ use std::io::Write;
 
 use serde::Serialize;
 use silt::Error;
-use silt::build::materialize::ModelMetrics;
+use silt::build::materialize::{ModelMetrics, ModelStatus};
 use silt::build::pipeline::RunReport;
+use silt::build::quality::TestStatus;
 use silt::ingest::{IngestReport, anomalies::Anomaly};
 use silt::lake::time_travel::{Diff, HistoryEntry};
 use silt::ops::erasure::{ForgetReport, VerifyReport};
@@ -164,15 +165,14 @@ impl Render for RunReport {
 
 /// `  3/8 silver.stg_fees  incremental  built: +1204 ~0 -0 row(s) in 0.21 s`.
 pub fn model_line(i: u64, of: usize, m: &ModelMetrics) -> String {
-    let what = match m.status.as_str() {
-        "built" => format!(
+    let what = match m.status {
+        ModelStatus::Built => format!(
             "built: +{} ~{} -{} row(s)",
             m.rows_inserted, m.rows_updated, m.rows_deleted
         ),
-        "up_to_date" => "up to date".to_string(),
-        "failed" => "FAILED".to_string(),
-        "skipped" => format!("skipped ({})", m.message.clone().unwrap_or_default()),
-        other => other.to_string(),
+        ModelStatus::UpToDate => "up to date".to_string(),
+        ModelStatus::Failed => "FAILED".to_string(),
+        ModelStatus::Skipped => format!("skipped ({})", m.message.clone().unwrap_or_default()),
     };
     format!(
         "{i:>3}/{of} {:<34} {:<11} {what} in {:.2} s",
@@ -196,7 +196,7 @@ pub fn print_tests(report: &RunReport, json: bool) -> anyhow::Result<()> {
                 vec![
                     t.name.clone(),
                     t.subject.clone(),
-                    t.status.to_uppercase(),
+                    t.status.to_string().to_uppercase(),
                     t.failing_rows.to_string(),
                     t.ms.to_string(),
                 ]
@@ -207,10 +207,10 @@ pub fn print_tests(report: &RunReport, json: bool) -> anyhow::Result<()> {
             rows,
         ))?;
     }
-    for t in report.tests.iter().filter(|t| t.status != "pass") {
+    for t in report.tests.iter().filter(|t| t.status != TestStatus::Pass) {
         eprintln!(
             "{} {} on {}: {} failing row(s); the first:\n{}",
-            t.status.to_uppercase(),
+            t.status.to_string().to_uppercase(),
             t.name,
             t.subject,
             t.failing_rows,
@@ -233,7 +233,7 @@ pub fn warn_models(report: &RunReport) {
 pub fn print_errors(errors: &[(String, Error)]) {
     for (name, e) in errors {
         eprintln!("error: {name}: {e}");
-        if let Some(h) = silt::error::memory_hint(&e.to_string()) {
+        if let Some(h) = e.hint() {
             eprintln!("  {h}");
         }
     }
@@ -244,7 +244,7 @@ pub fn watch_cycle(changed: usize, r: &RunReport, json: bool) {
     let built: Vec<String> = r
         .models
         .iter()
-        .filter(|m| m.status == "built")
+        .filter(|m| m.status == ModelStatus::Built)
         .map(|m| format!("{} ({})", m.table, m.mode))
         .collect();
     let (files, rows) = r
@@ -267,10 +267,10 @@ pub fn watch_cycle(changed: usize, r: &RunReport, json: bool) {
         r.elapsed_ms
     );
     warn_models(r);
-    for t in r.tests.iter().filter(|t| t.status != "pass") {
+    for t in r.tests.iter().filter(|t| t.status != TestStatus::Pass) {
         eprintln!(
             "{} {} on {}: {} failing row(s)",
-            t.status.to_uppercase(),
+            t.status.to_string().to_uppercase(),
             t.name,
             t.subject,
             t.failing_rows

@@ -5,16 +5,14 @@
 //! (the parsers hand it their slices) nor decide what a failed check stops (pipeline.rs does).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use arrow::array::{
-    Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array,
-};
-use arrow::datatypes::{DataType, Field, Float64Type, Schema, TimeUnit, UInt64Type};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::lake::catalog::{Catalog, Layer, TableRef};
+use crate::lake::catalog::Catalog;
+use crate::lake::meta::batch_stats::{self, ColumnStatsRow};
 use crate::project::config::{AnomalySpec, Severity};
 
 /// Statistics of one column.
@@ -167,20 +165,40 @@ fn hll_estimate(reg: &[u8]) -> u64 {
     }
 }
 
+/// An ingest-time check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::Display)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum Check {
+    /// The batch's row count against the trailing batches'.
+    Volume,
+    /// A column's share of NULLs.
+    NullRate,
+    /// A column's distinct values.
+    Distinct,
+    /// Days missing in the batch's date column.
+    Gap,
+}
+
+/// How much an anomaly matters, from the source's `[anomalies] severity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::Display)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum AnomalyStatus {
+    /// Reported.
+    Warn,
+    /// Fails the source's batch: what reads it is not built (exit 1).
+    Fail,
+}
+
 /// A finding of the ingest-time checks.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Anomaly {
     pub source: String,
-    /// volume | null_rate | distinct | gap
-    pub check: String,
+    pub check: Check,
     pub column: Option<String>,
-    /// warn | fail
-    pub status: String,
+    pub status: AnomalyStatus,
     pub message: String,
-}
-
-fn stats_table() -> TableRef {
-    TableRef::new(Layer::Silt, "batch_stats")
 }
 
 /// One batch's statistics as kept for later comparisons.
@@ -190,64 +208,16 @@ struct PastBatch {
     columns: BTreeMap<String, (f64, u64)>,
 }
 
+/// The last `window` batches of `source`, oldest first.
 async fn history(catalog: &Catalog, source: &str, window: usize) -> Result<Vec<PastBatch>> {
     let mut by_batch: BTreeMap<(i64, String), PastBatch> = BTreeMap::new();
-    for b in catalog.read_small(&stats_table()).await? {
-        let s = |n: &str| {
-            b.column_by_name(n)
-                .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
-        };
-        let (Some(src), Some(batch), Some(col)) = (s("source"), s("batch_id"), s("column_name"))
-        else {
-            continue;
-        };
-        let (src, batch, col) = (
-            src.as_string::<i32>(),
-            batch.as_string::<i32>(),
-            col.as_string::<i32>(),
-        );
-        let Some(rows) = b
-            .column_by_name("rows")
-            .and_then(|c| arrow::compute::cast(c, &DataType::UInt64).ok())
-        else {
-            continue;
-        };
-        let rows = rows.as_primitive::<UInt64Type>();
-        let Some(nr) = b
-            .column_by_name("null_rate")
-            .and_then(|c| arrow::compute::cast(c, &DataType::Float64).ok())
-        else {
-            continue;
-        };
-        let nr = nr.as_primitive::<Float64Type>();
-        let Some(d) = b
-            .column_by_name("distinct_count")
-            .and_then(|c| arrow::compute::cast(c, &DataType::UInt64).ok())
-        else {
-            continue;
-        };
-        let d = d.as_primitive::<UInt64Type>();
-        let Some(at) = b
-            .column_by_name("at")
-            .and_then(|c| arrow::compute::cast(c, &DataType::Int64).ok())
-        else {
-            continue;
-        };
-        let at = at.as_primitive::<arrow::datatypes::Int64Type>();
-        for r in 0..b.num_rows() {
-            if src.value(r) != source {
-                continue;
-            }
-            let e = by_batch
-                .entry((at.value(r), batch.value(r).to_string()))
-                .or_insert(PastBatch {
-                    rows: rows.value(r),
-                    columns: BTreeMap::new(),
-                });
-            if !col.is_null(r) && !col.value(r).is_empty() {
-                e.columns
-                    .insert(col.value(r).to_string(), (nr.value(r), d.value(r)));
-            }
+    for r in batch_stats::read(catalog, source).await? {
+        let e = by_batch.entry((r.at, r.batch_id)).or_insert(PastBatch {
+            rows: r.rows,
+            columns: BTreeMap::new(),
+        });
+        if !r.column.is_empty() {
+            e.columns.insert(r.column, (r.null_rate, r.distinct));
         }
     }
     let all: Vec<PastBatch> = by_batch.into_values().collect();
@@ -268,16 +238,16 @@ pub async fn check_batch(
     let rows = stats.rows;
     let prev = history(catalog, source, spec.window).await?;
     let status = match spec.severity {
-        Severity::Error => "fail",
-        Severity::Warn => "warn",
+        Severity::Error => AnomalyStatus::Fail,
+        Severity::Warn => AnomalyStatus::Warn,
     };
     let mut out = Vec::new();
-    let mut push = |check: &str, column: Option<String>, message: String| {
+    let mut push = |check: Check, column: Option<String>, message: String| {
         out.push(Anomaly {
             source: source.into(),
-            check: check.into(),
+            check,
             column,
-            status: status.into(),
+            status,
             message,
         });
     };
@@ -296,7 +266,7 @@ pub async fn check_batch(
             && (r > mean * spec.volume_ratio || r < mean / spec.volume_ratio || z > spec.volume_z)
         {
             push(
-                "volume",
+                Check::Volume,
                 None,
                 format!(
                     "{rows} rows against a trailing mean of {mean:.1} (sd {sd:.1}) over {} batches",
@@ -320,7 +290,7 @@ pub async fn check_batch(
             let m_rate = hist.iter().map(|h| h.0).sum::<f64>() / hist.len() as f64;
             if (rate - m_rate).abs() > spec.null_rate_drift {
                 push(
-                    "null_rate",
+                    Check::NullRate,
                     Some(p.column.clone()),
                     format!(
                         "null rate {:.1}% against a trailing {:.1}%",
@@ -333,7 +303,7 @@ pub async fn check_batch(
             let d = p.distinct as f64;
             if m_d >= 1.0 && (d > m_d * spec.distinct_ratio || d < m_d / spec.distinct_ratio) {
                 push(
-                    "distinct",
+                    Check::Distinct,
                     Some(p.column.clone()),
                     format!(
                         "{} distinct values against a trailing mean of {m_d:.1}",
@@ -357,7 +327,7 @@ pub async fn check_batch(
                 .collect::<Vec<_>>()
                 .join(", ");
             push(
-                "gap",
+                Check::Gap,
                 Some(dc.clone()),
                 format!(
                     "{} day(s) with no data between {} and {}: {shown}",
@@ -372,6 +342,7 @@ pub async fn check_batch(
     Ok(out)
 }
 
+/// Keep one batch's statistics for the checks of later batches.
 async fn record(
     catalog: &Catalog,
     source: &str,
@@ -379,68 +350,29 @@ async fn record(
     rows: u64,
     profiles: &[ColumnProfile],
 ) -> Result<()> {
-    let n = profiles.len().max(1);
-    let names: Vec<String> = if profiles.is_empty() {
-        vec![String::new()]
-    } else {
-        profiles.iter().map(|p| p.column.clone()).collect()
-    };
     let at = chrono::Utc::now().timestamp_micros();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("source", DataType::Utf8, false),
-        Field::new("batch_id", DataType::Utf8, false),
-        Field::new(
-            "at",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-        Field::new("rows", DataType::UInt64, false),
-        Field::new("column_name", DataType::Utf8, false),
-        Field::new("null_rate", DataType::Float64, false),
-        Field::new("distinct_count", DataType::UInt64, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                source, n,
-            ))),
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                batch_id, n,
-            ))),
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(std::iter::repeat_n(at, n))
-                    .with_timezone("UTC"),
-            ),
-            Arc::new(UInt64Array::from_iter_values(std::iter::repeat_n(rows, n))),
-            Arc::new(StringArray::from_iter_values(names)),
-            Arc::new(Float64Array::from_iter_values((0..n).map(|i| {
-                profiles
-                    .get(i)
-                    .map(|p| {
-                        if p.rows > 0 {
-                            p.nulls as f64 / p.rows as f64
-                        } else {
-                            0.0
-                        }
-                    })
-                    .unwrap_or(0.0)
-            }))),
-            Arc::new(UInt64Array::from_iter_values(
-                (0..n).map(|i| profiles.get(i).map(|p| p.distinct).unwrap_or(0)),
-            )),
-        ],
-    )?;
-    crate::lake::commit::append_record(
-        catalog.lake(),
-        &stats_table(),
-        batch,
-        &[
-            ("silt.operation", "ingest.stats"),
-            ("silt.batch_id", batch_id),
-        ],
-        "per-batch column statistics for the ingest anomaly checks",
-    )
-    .await?;
-    Ok(())
+    let row = |column: String, null_rate: f64, distinct: u64| ColumnStatsRow {
+        source: source.to_string(),
+        batch_id: batch_id.to_string(),
+        at,
+        rows,
+        column,
+        null_rate,
+        distinct,
+    };
+    let mut out: Vec<ColumnStatsRow> = profiles
+        .iter()
+        .map(|p| {
+            let null_rate = if p.rows > 0 {
+                p.nulls as f64 / p.rows as f64
+            } else {
+                0.0
+            };
+            row(p.column.clone(), null_rate, p.distinct)
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(row(String::new(), 0.0, 0));
+    }
+    batch_stats::record(catalog.lake(), batch_id, &out).await
 }

@@ -9,7 +9,6 @@
 //! (commit.rs does) or talk SQL; parsing lives in csv.rs / json.rs.
 
 pub mod anomalies;
-pub mod ledger;
 pub mod parse;
 
 pub use parse::{
@@ -32,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::lake::catalog::{Catalog, TableRef};
 use crate::lake::commit::{AppendOptions, append_to, commit_files, committed_app_ids};
 use crate::lake::failpoint;
+use crate::lake::meta::ledger::{self, FileStatus, LedgerEntry};
 use crate::lake::storage::Storage;
 use crate::progress::SharedProgress;
 use crate::project::config::{
@@ -39,7 +39,6 @@ use crate::project::config::{
 };
 use crate::project::contract::ColumnType;
 use anomalies::BatchStats;
-use ledger::LedgerEntry;
 use std::num::NonZeroU64;
 
 /// What parsing one landing file produced.
@@ -81,7 +80,11 @@ impl IngestReport {
     pub fn failed_sources(&self) -> Vec<String> {
         self.sources
             .iter()
-            .filter(|s| s.anomalies.iter().any(|a| a.status == "fail"))
+            .filter(|s| {
+                s.anomalies
+                    .iter()
+                    .any(|a| a.status == anomalies::AnomalyStatus::Fail)
+            })
             .map(|s| s.source.clone())
             .collect()
     }
@@ -225,7 +228,7 @@ impl SourceRun<'_> {
         }
         self.rewritten = known;
         for e in entries {
-            if e.status == "ingested" || e.status == "empty" {
+            if e.status.landed() {
                 by_sha
                     .entry(e.sha256.clone())
                     .or_insert_with(|| e.path.clone());
@@ -390,13 +393,13 @@ impl SourceRun<'_> {
         let memory = Arc::new(tokio::sync::Semaphore::new(budget_kib as usize));
         while let Some(f) = hashed.next().await {
             let (rel, meta, data, sha) = f?;
-            let entry = |status: &str, detail: Option<String>| LedgerEntry {
+            let entry = |status: FileStatus, detail: Option<String>| LedgerEntry {
                 source: self.src.name.clone(),
                 path: rel.clone(),
                 size: meta.size as i64,
                 e_tag: meta.e_tag.clone(),
                 sha256: sha.clone(),
-                status: status.into(),
+                status,
                 rows: 0,
                 quarantined: 0,
                 batch_id: self.batch_id.to_string(),
@@ -412,13 +415,13 @@ impl SourceRun<'_> {
             };
             if let Some(prev) = &previous
                 && (prev.sha256 == sha
-                    || (prev.status == "rewritten"
+                    || (prev.status == FileStatus::Rewritten
                         && self.rewritten.get(&rel).is_some_and(|v| v.contains(&sha))))
             {
                 // Same content, new etag (touched or copied again): remember the new etag.
                 skip(sr);
                 sr.files_already_ingested += 1;
-                let mut e = entry(&prev.status, prev.detail.clone());
+                let mut e = entry(prev.status, prev.detail.clone());
                 e.rows = prev.rows;
                 e.quarantined = prev.quarantined;
                 ledger_entries.push(e);
@@ -432,7 +435,10 @@ impl SourceRun<'_> {
                 sr.warnings.push(format!(
                     "{rel}: same content as {other}, already ingested; skipped (on_duplicate_file = \"skip\")"
                 ));
-                ledger_entries.push(entry("duplicate", Some(format!("same content as {other}"))));
+                ledger_entries.push(entry(
+                    FileStatus::Duplicate,
+                    Some(format!("same content as {other}")),
+                ));
                 continue;
             }
             let mut replaces = false;
@@ -445,7 +451,7 @@ impl SourceRun<'_> {
                             "{rel}: content changed since it was ingested (batch {}); skipped (on_changed_file = \"skip\")",
                             prev.batch_id
                         ));
-                        ledger_entries.push(entry("skipped", Some(format!("changed; previous sha256 {}", prev.sha256))));
+                        ledger_entries.push(entry(FileStatus::Skipped, Some(format!("changed; previous sha256 {}", prev.sha256))));
                         continue;
                     }
                     ChangedFilePolicy::Error => {
@@ -514,7 +520,7 @@ impl SourceRun<'_> {
                             .clone()
                             .acquire_many_owned(kib)
                             .await
-                            .map_err(|e| Error::Runtime(format!("ingest task failed: {e}")))?
+                            .map_err(|e| Error::task("ingest task", e))?
                     }
                 };
                 c.data = Some(data);
@@ -578,7 +584,7 @@ impl SourceRun<'_> {
             let rel = c.rel.clone();
             let parsed = tokio::task::spawn_blocking(move || st.parse(&data, &rel))
                 .await
-                .unwrap_or_else(|e| Err(Error::Runtime(format!("parser task failed: {e}"))));
+                .unwrap_or_else(|e| Err(Error::task("parser task", e)));
             if let Some(p) = &self.progress {
                 p.advance(c.size);
             }
@@ -722,11 +728,10 @@ impl SourceRun<'_> {
                 e_tag: d.c.meta.e_tag.clone(),
                 sha256: d.c.sha.clone(),
                 status: if d.rows == 0 && d.rejects == 0 {
-                    "empty"
+                    FileStatus::Empty
                 } else {
-                    "ingested"
-                }
-                .into(),
+                    FileStatus::Ingested
+                },
                 rows: d.rows as i64,
                 quarantined: d.rejects as i64,
                 batch_id: self.batch_id.to_string(),
@@ -739,7 +744,7 @@ impl SourceRun<'_> {
             by_path.insert(e.path.clone(), e.clone());
             ledger_entries.push(e);
         }
-        ledger::record(self.catalog, &ledger_entries, self.batch_id).await?;
+        ledger::record(self.catalog.lake(), &ledger_entries, self.batch_id).await?;
         failpoint::hit("ingest.after_ledger");
         tracing::info!(source = %self.src.name, ms = phase.elapsed().as_millis() as u64, "quarantine and ledger committed");
         // Anomaly checks on this batch's good rows (statistics gathered while parsing),
@@ -1076,7 +1081,7 @@ impl Units {
             let _permit = permits
                 .acquire_owned()
                 .await
-                .map_err(|e| Error::Runtime(format!("ingest task failed: {e}")))?;
+                .map_err(|e| Error::task("ingest task", e))?;
             job.run(unit).await
         }));
     }
@@ -1086,7 +1091,7 @@ impl Units {
         for h in std::mem::take(&mut self.0) {
             out.push(
                 h.await
-                    .unwrap_or_else(|e| Err(Error::Runtime(format!("ingest task failed: {e}")))),
+                    .unwrap_or_else(|e| Err(Error::task("ingest task", e))),
             );
         }
         out
@@ -1156,7 +1161,7 @@ impl UnitJob {
             let parser = tokio::task::spawn_blocking(move || {
                 let parsed = st.parse_with(&data, &rel, want, &mut |b| {
                     tx.blocking_send(b)
-                        .map_err(|_| Error::Runtime("the bronze writer stopped".into()))
+                        .map_err(|_| Error::task("the bronze writer", "it stopped"))
                 });
                 drop(data);
                 drop(permit);
@@ -1180,7 +1185,7 @@ impl UnitJob {
             drop(rx); // a parser still sending stops
             let parsed = parser
                 .await
-                .unwrap_or_else(|e| Err(Error::Runtime(format!("parser task failed: {e}"))));
+                .unwrap_or_else(|e| Err(Error::task("parser task", e)));
             if let Some(e) = write_failed {
                 failed = Some(e);
                 break;
@@ -1300,7 +1305,7 @@ async fn sha256(data: bytes::Bytes) -> Result<(bytes::Bytes, String)> {
         (data, sha)
     })
     .await
-    .map_err(|e| Error::Runtime(format!("hashing task failed: {e}")))
+    .map_err(|e| Error::task("hashing task", e))
 }
 
 /// A candidate's bytes: kept from hashing, or read again (and checked against its hash).

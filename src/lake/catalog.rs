@@ -91,9 +91,6 @@ impl TableRef {
     pub fn quarantine(name: &str) -> Self {
         Self::new(Layer::Quarantine, name)
     }
-    pub fn ledger() -> Self {
-        Self::new(Layer::Silt, "ledger")
-    }
 
     /// Parse `layer.name`.
     pub fn parse(s: &str) -> Result<TableRef> {
@@ -233,7 +230,7 @@ impl Catalog {
         let tables = self.list().await?;
         let catalog = ctx
             .catalog("datafusion")
-            .ok_or_else(|| Error::Runtime("DataFusion has no default catalog".into()))?;
+            .ok_or_else(|| Error::Internal("DataFusion has no default catalog".into()))?;
         for layer in Layer::ALL {
             let names: BTreeMap<String, TableRef> = tables
                 .iter()

@@ -293,7 +293,7 @@ pub async fn claim_ingest(
             released: false,
         };
         let path = lake.path(&format!("{CLAIMS}/{}.json", holder.id));
-        let body = serde_json::to_vec(&holder).map_err(|e| Error::Runtime(e.to_string()))?;
+        let body = serde_json::to_vec(&holder)?;
         lake.put(&path, body.into()).await?;
         match newest(lake).await?.1 {
             State::Held(h) if h.command == "forget" => {
@@ -464,7 +464,7 @@ async fn newest(lake: &Storage) -> Result<(Option<u64>, State)> {
         Err(e) => return Err(e),
     };
     let h: Holder = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Runtime(format!(
+        Error::Lease(format!(
             "the lease entry {} is not readable ({e}); delete the folder {} if no silt process is running",
             lake.url_of(&format!("{DIR}/{seq:020}.json")),
             lake.url_of(DIR)
@@ -480,7 +480,7 @@ async fn newest(lake: &Storage) -> Result<(Option<u64>, State)> {
 
 /// Create entry `seq`; false when it already exists (another process wrote it first).
 async fn create(lake: &Storage, seq: u64, h: &Holder) -> Result<bool> {
-    let body = serde_json::to_vec(h).map_err(|e| Error::Runtime(e.to_string()))?;
+    let body = serde_json::to_vec(h)?;
     lake.put_if_absent(&entry_path(lake, seq), body.into())
         .await
 }

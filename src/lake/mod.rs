@@ -3,12 +3,11 @@
 //! `_silt`; and [`Silt`], an opened project with its roots and catalog, the handle the layers
 //! above take. It must not know models, sources' parsing or GDPR rules.
 
-pub mod audit;
 pub mod catalog;
 pub mod commit;
 pub mod failpoint;
 pub mod lease;
-pub mod runs;
+pub mod meta;
 pub mod sql_text;
 pub mod storage;
 pub mod time_travel;

@@ -329,9 +329,8 @@ impl Storage {
                     .to_file_path()
                     .map_err(|_| Error::Usage(format!("'{root}' is not a local path")))?;
                 if create {
-                    std::fs::create_dir_all(&path).map_err(|e| {
-                        Error::Runtime(format!("cannot create directory {}: {e}", path.display()))
-                    })?;
+                    std::fs::create_dir_all(&path)
+                        .map_err(|e| Error::io("create directory", &path, e))?;
                 }
                 let prefix = if path.exists() {
                     Path::from_filesystem_path(&path)

@@ -189,7 +189,7 @@ pub async fn open_as_of(
             }
         }
     };
-    if let Some(e) = crate::lake::audit::purged_by(catalog, t, version).await? {
+    if let Some(e) = crate::lake::meta::erasures::purged_by(catalog, t, version).await? {
         return Err(e);
     }
     check_version(catalog, t, version).await
@@ -426,7 +426,7 @@ fn ensure_schema(
 ) -> Result<std::sync::Arc<dyn datafusion::catalog::SchemaProvider>> {
     let cat = ctx
         .catalog("datafusion")
-        .ok_or_else(|| Error::Runtime("no default catalog".into()))?;
+        .ok_or_else(|| Error::Internal("no default catalog".into()))?;
     if let Some(s) = cat.schema(crate::lake::catalog::NEW_SCHEMA) {
         return Ok(s);
     }
@@ -540,8 +540,7 @@ async fn rows(
         .collect()
         .await?;
     let text = crate::render::render(&batches, crate::render::OutputFormat::Json)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Runtime(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
     Ok(v.as_array()
         .cloned()
         .unwrap_or_default()

@@ -24,15 +24,18 @@ use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::build::materialize::{Materializer, ModelMetrics, ModelState, last_state};
+use crate::build::materialize::{
+    BuildMode, Materializer, ModelMetrics, ModelState, ModelStatus, last_state,
+};
 use crate::build::models::{Dag, Materialized};
 use crate::build::pseudonym::hmac_hex;
 use crate::error::{Error, Result};
-use crate::ingest::ledger::{self, LedgerEntry};
 use crate::lake::Silt;
-use crate::lake::audit::{AuditRow, audit, audit_entries};
 use crate::lake::catalog::{Layer, TableRef};
 use crate::lake::failpoint;
+use crate::lake::meta::erasures::{AuditRow, AuditStatus, Step, audit, audit_entries};
+use crate::lake::meta::ledger::{self, FileStatus, LedgerEntry};
+use crate::lake::meta::runs::RunRecord;
 use crate::lake::storage::same_path;
 use crate::project::config::{ErasurePolicy, Format, Source};
 
@@ -817,8 +820,9 @@ fn decode_parquet_for(
     what: &str,
     cols: Option<&[String]>,
 ) -> Result<Vec<RecordBatch>> {
-    let err = |e: parquet::errors::ParquetError| {
-        Error::Runtime(format!("{what}: cannot read Parquet: {e}"))
+    let err = |source: parquet::errors::ParquetError| Error::Parquet {
+        what: format!("{what}: cannot read Parquet"),
+        source,
     };
     let mut builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)
         .map_err(err)?;
@@ -837,15 +841,17 @@ fn decode_parquet_for(
     let reader = builder.build().map_err(err)?;
     reader
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Runtime(format!("{what}: cannot read Parquet: {e}")))
+        .map_err(|e| Error::Parquet {
+            what: format!("{what}: cannot read Parquet"),
+            source: e.into(),
+        })
 }
 
 /// What forget did to one table or landing source.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TableErasure {
     pub table: String,
-    /// rewrite | rebuild | purge | landing
-    pub action: String,
+    pub action: Step,
     pub rows_deleted: u64,
     pub files_scanned: u64,
     pub files_rewritten: Vec<String>,
@@ -856,6 +862,25 @@ pub struct TableErasure {
     pub unreadable: Option<(u64, u64)>,
     pub partitions: Vec<String>,
     pub warnings: Vec<String>,
+}
+
+impl TableErasure {
+    /// A step on `table` that has done nothing yet.
+    fn new(table: String, action: Step) -> TableErasure {
+        TableErasure {
+            table,
+            action,
+            rows_deleted: 0,
+            files_scanned: 0,
+            files_rewritten: Vec::new(),
+            files_added: 0,
+            version: None,
+            files_purged: Vec::new(),
+            unreadable: None,
+            partitions: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -1411,11 +1436,11 @@ impl<'a> ForgetBuilder<'a> {
         let entries = audit_entries(&silt.catalog).await?;
         let done: HashSet<&str> = entries
             .iter()
-            .filter(|e| e.status == "completed")
+            .filter(|e| e.status == AuditStatus::Completed)
             .map(|e| e.request_id.as_str())
             .collect();
         let pending = entries.iter().find(|e| {
-            e.status == "started"
+            e.status == AuditStatus::Started
                 && e.subject_hmacs == subjects
                 && !done.contains(e.request_id.as_str())
         });
@@ -1428,9 +1453,9 @@ impl<'a> ForgetBuilder<'a> {
             warnings: plan.warnings.clone(),
             ..Default::default()
         };
-        let row = |request_id: &str, status: &str| AuditRow {
+        let row = |request_id: &str, status: AuditStatus| AuditRow {
             request_id: request_id.to_string(),
-            status: status.into(),
+            status,
             subjects: subjects.clone(),
             reason: self.reason.clone(),
             at: chrono::Utc::now().timestamp_micros(),
@@ -1443,7 +1468,7 @@ impl<'a> ForgetBuilder<'a> {
             }
             None => {
                 report.request_id = uuid::Uuid::now_v7().to_string();
-                let mut started = row(&report.request_id, "started");
+                let mut started = row(&report.request_id, AuditStatus::Started);
                 let mut recorded = plan.derived_hmacs.clone();
                 if !plan.pii_hmacs.is_empty() {
                     recorded.insert(PII_HMACS.into(), plan.pii_hmacs.clone());
@@ -1496,20 +1521,13 @@ impl<'a> ForgetBuilder<'a> {
         let rebuilt = run.models(&dag, &plan, &key).await?;
         // The model steps appear in `silt runs` as a run of their own.
         if !rebuilt.is_empty() {
-            let rows: Vec<crate::lake::runs::RunRow> = rebuilt
-                .into_iter()
-                .map(|metrics| crate::lake::runs::RunRow {
-                    metrics,
-                    severity: None,
-                })
-                .collect();
-            crate::lake::runs::record(
+            let rows = rebuilt.iter().map(RunRecord::from).collect();
+            crate::lake::meta::runs::record(
                 &silt.catalog,
                 &format!("erasure-{}", report.request_id),
                 "forget",
                 started_at,
-                &rows,
-                (0, 0),
+                rows,
             )
             .await?;
         }
@@ -1535,7 +1553,7 @@ impl<'a> ForgetBuilder<'a> {
         report.rows_deleted = report
             .steps
             .iter()
-            .filter(|s| s.action != "rebuild")
+            .filter(|s| s.action != Step::Rebuild)
             .map(|s| s.rows_deleted)
             .sum();
         report.files_purged = report
@@ -1543,7 +1561,7 @@ impl<'a> ForgetBuilder<'a> {
             .iter()
             .map(|s| s.files_purged.len() as u64)
             .sum();
-        let mut done_row = row(&report.request_id, "completed");
+        let mut done_row = row(&report.request_id, AuditStatus::Completed);
         done_row.rows_deleted = report.rows_deleted as i64;
         done_row.files_purged = report.files_purged as i64;
         done_row.files_rewritten = report
@@ -1614,7 +1632,7 @@ impl Run<'_> {
             &self.silt.lake,
             &[AuditRow {
                 request_id: self.request.clone(),
-                status: s.action.clone(),
+                status: s.action.into(),
                 subjects: self.subjects.clone(),
                 table: Some(s.table.clone()),
                 rows_deleted: s.rows_deleted as i64,
@@ -1641,11 +1659,7 @@ impl Run<'_> {
         listed: &[object_store::ObjectMeta],
     ) -> Result<()> {
         let landing = &self.silt.landing;
-        let mut step = TableErasure {
-            table: format!("landing:{}", src.name),
-            action: "landing".into(),
-            ..Default::default()
-        };
+        let mut step = TableErasure::new(format!("landing:{}", src.name), Step::Landing);
         let entries = ledger::read(&self.silt.catalog, &src.name).await?;
         let mut latest: HashMap<String, LedgerEntry> = HashMap::new();
         for e in entries {
@@ -1711,7 +1725,7 @@ impl Run<'_> {
                     size: bytes.len() as i64,
                     e_tag: None,
                     sha256: sha.clone().unwrap_or_default(),
-                    status: "rewritten".into(),
+                    status: FileStatus::Rewritten,
                     rows: prev.rows,
                     quarantined: prev.quarantined,
                     batch_id: batch_id.clone(),
@@ -1722,7 +1736,7 @@ impl Run<'_> {
                     )),
                 },
                 None => LedgerEntry {
-                    status: "erased".into(),
+                    status: FileStatus::Erased,
                     batch_id: batch_id.clone(),
                     ingested_at: now,
                     detail: Some(format!("GDPR erasure {}: file removed", self.request)),
@@ -1761,7 +1775,7 @@ impl Run<'_> {
         if group.files.is_empty() {
             return Ok(());
         }
-        ledger::record(&self.silt.catalog, &group.entries, batch_id).await?;
+        ledger::record(&self.silt.lake, &group.entries, batch_id).await?;
         failpoint::hit("forget.landing_ledger");
         for (location, rel, rewritten) in group.files {
             match rewritten {
@@ -1796,11 +1810,7 @@ impl Run<'_> {
             .snapshot()
             .map_err(|e| Error::delta(t.to_string(), e))?;
         let schema: Schema = snap.snapshot().arrow_schema().as_ref().clone();
-        let mut step = TableErasure {
-            table: t.to_string(),
-            action: "rewrite".into(),
-            ..Default::default()
-        };
+        let mut step = TableErasure::new(t.to_string(), Step::Rewrite);
         let files: Vec<_> = snap
             .log_data()
             .iter()
@@ -2024,8 +2034,8 @@ impl Run<'_> {
                         model: name.clone(),
                         table: t.to_string(),
                         materialized: "erasure".into(),
-                        status: "built".into(),
-                        mode: "in place".into(),
+                        status: ModelStatus::Built,
+                        mode: BuildMode::InPlace,
                         rows_deleted: step.rows_deleted,
                         files_added: step.files_added,
                         files_removed: step.files_rewritten.len() as u64,
@@ -2040,15 +2050,13 @@ impl Run<'_> {
                 // models without the key carry the subjects inside aggregates: from scratch.
                 let mat = mk(keeps_history);
                 let mm = mat.build(m).await?;
-                if mm.status != "up_to_date" {
+                if mm.status != ModelStatus::UpToDate {
                     let step = TableErasure {
-                        table: t.to_string(),
-                        action: "rebuild".into(),
                         rows_deleted: mm.rows_deleted,
                         files_added: mm.files_added,
                         version: mm.version,
                         partitions: mm.partitions.clone(),
-                        ..Default::default()
+                        ..TableErasure::new(t.to_string(), Step::Rebuild)
                     };
                     self.step_audit(&step).await?;
                     self.steps.push(step);
@@ -2075,11 +2083,7 @@ impl Run<'_> {
             .iter()
             .map(|f| same_path(f.path().as_ref()))
             .collect();
-        let mut step = TableErasure {
-            table: t.to_string(),
-            action: "purge".into(),
-            ..Default::default()
-        };
+        let mut step = TableErasure::new(t.to_string(), Step::Purge);
         let seen = self.seen.remove(&t.to_string()).unwrap_or_default();
         let cols = how.columns();
         if cols.is_empty() {
@@ -2205,11 +2209,11 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
 {
-    futures::stream::iter(jobs.map(move |job| async move {
-        tokio::spawn(job)
-            .await
-            .map_err(|e| Error::Runtime(format!("{what}: {e}")))?
-    }))
+    futures::stream::iter(
+        jobs.map(
+            move |job| async move { tokio::spawn(job).await.map_err(|e| Error::task(what, e))? },
+        ),
+    )
     .buffered(FILES_AT_ONCE)
 }
 
@@ -2263,7 +2267,7 @@ impl FileRewrite {
                 .iter()
                 .map(|f| {
                     let c = kept.column_by_name(f.name()).ok_or_else(|| {
-                        Error::Runtime(format!("{t}: column {} missing on read", f.name()))
+                        Error::Internal(format!("{t}: column {} missing on read", f.name()))
                     })?;
                     Ok(arrow::compute::cast(c, f.data_type())?)
                 })

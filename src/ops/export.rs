@@ -8,21 +8,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::build::models::Dag;
 use crate::error::{Error, Result};
 use crate::lake::Silt;
-use crate::lake::catalog::{Layer, TableRef};
-use crate::lake::commit::append_record;
+use crate::lake::catalog::Layer;
+use crate::lake::meta::exports::{self, ExportRow};
 use crate::project::config::BigQuerySection;
-
-pub fn table() -> TableRef {
-    TableRef::new(Layer::Silt, "exports")
-}
 
 /// One BigQuery column.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -137,13 +133,28 @@ fn load_type(t: &DataType) -> DataType {
     }
 }
 
+/// How a table was sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, strum::Display)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum ExportMode {
+    /// Nothing changed since the last export: nothing sent.
+    #[default]
+    UpToDate,
+    /// The whole table, replacing the warehouse's in one load job.
+    Full,
+    /// Only the partitions that changed, replaced in one MERGE.
+    Partitions,
+    /// The warehouse table did not exist: created, then sent whole.
+    Created,
+}
+
 /// What one table's export did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TableExport {
     pub model: String,
     pub target: String,
-    /// up_to_date | full | partitions | created
-    pub mode: String,
+    pub mode: ExportMode,
     pub from_version: Option<u64>,
     pub version: u64,
     pub partitions: Vec<String>,
@@ -223,7 +234,7 @@ impl Bq {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(300))
             .build()
-            .map_err(|e| Error::Runtime(format!("HTTP client: {e}")))?;
+            .map_err(|e| Error::Warehouse(format!("HTTP client: {e}")))?;
         Ok(Bq {
             http,
             base,
@@ -245,12 +256,12 @@ impl Bq {
         let resp = req
             .send()
             .await
-            .map_err(|e| Error::Runtime(format!("BigQuery {what}: {e}")))?;
+            .map_err(|e| Error::Warehouse(format!("BigQuery {what}: {e}")))?;
         let status = resp.status().as_u16();
         let text = resp
             .text()
             .await
-            .map_err(|e| Error::Runtime(format!("BigQuery {what}: {e}")))?;
+            .map_err(|e| Error::Warehouse(format!("BigQuery {what}: {e}")))?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, v))
     }
@@ -267,7 +278,7 @@ impl Bq {
             429 => " (quota: retry later or raise the quota)",
             _ => "",
         };
-        Error::Runtime(format!(
+        Error::Warehouse(format!(
             "BigQuery {what}: HTTP {status} {reason}: {msg}{hint}"
         ))
     }
@@ -367,7 +378,7 @@ impl Bq {
         let started = Instant::now();
         while j["status"]["state"] != "DONE" {
             if started.elapsed() > Duration::from_secs(600) {
-                return Err(Error::Runtime(format!(
+                return Err(Error::Warehouse(format!(
                     "BigQuery {what}: job {id} not done after 10 minutes"
                 )));
             }
@@ -379,10 +390,10 @@ impl Bq {
             j = self
                 .call(reqwest::Method::GET, &path, None, what)
                 .await?
-                .ok_or_else(|| Error::Runtime(format!("BigQuery {what}: job {id} vanished")))?;
+                .ok_or_else(|| Error::Warehouse(format!("BigQuery {what}: job {id} vanished")))?;
         }
         if let Some(e) = j["status"]["errorResult"].as_object() {
-            return Err(Error::Runtime(format!(
+            return Err(Error::Warehouse(format!(
                 "BigQuery {what}: job {id} failed: {}: {}",
                 e.get("reason").and_then(|v| v.as_str()).unwrap_or(""),
                 e.get("message").and_then(|v| v.as_str()).unwrap_or("")
@@ -419,7 +430,7 @@ impl Bq {
             .await;
         let result = match job {
             Ok(Some(v)) => self.wait(v, &what).await,
-            Ok(None) => Err(Error::Runtime(format!("BigQuery {what}: no job"))),
+            Ok(None) => Err(Error::Warehouse(format!("BigQuery {what}: no job"))),
             Err(e) => Err(e),
         };
         lake.delete(&path).await?;
@@ -466,7 +477,7 @@ impl Bq {
         let v = self
             .call(reqwest::Method::POST, "/jobs", Some(body), what)
             .await?
-            .ok_or_else(|| Error::Runtime(format!("BigQuery {what}: no job")))?;
+            .ok_or_else(|| Error::Warehouse(format!("BigQuery {what}: no job")))?;
         self.wait(v, what).await
     }
 }
@@ -479,8 +490,13 @@ struct Layout {
 
 fn to_parquet(batches: &[RecordBatch], schema: &Arc<Schema>) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema.clone(), None)
-        .map_err(|e| Error::Runtime(format!("parquet: {e}")))?;
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(&mut buf, schema.clone(), None).map_err(|e| {
+            Error::Parquet {
+                what: "parquet".into(),
+                source: e,
+            }
+        })?;
     for b in batches {
         let cols = schema
             .fields()
@@ -489,10 +505,15 @@ fn to_parquet(batches: &[RecordBatch], schema: &Arc<Schema>) -> Result<Vec<u8>> 
             .map(|(f, c)| arrow::compute::cast(c, f.data_type()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         w.write(&RecordBatch::try_new(schema.clone(), cols)?)
-            .map_err(|e| Error::Runtime(format!("parquet: {e}")))?;
+            .map_err(|e| Error::Parquet {
+                what: "parquet".into(),
+                source: e,
+            })?;
     }
-    w.close()
-        .map_err(|e| Error::Runtime(format!("parquet: {e}")))?;
+    w.close().map_err(|e| Error::Parquet {
+        what: "parquet".into(),
+        source: e,
+    })?;
     Ok(buf)
 }
 
@@ -514,85 +535,23 @@ fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// Last exported version per (model, target), from `_silt/exports`.
-async fn last_exports(silt: &Silt) -> Result<HashMap<(String, String), u64>> {
-    let mut out = HashMap::new();
-    for b in silt.catalog.read_small(&table()).await? {
-        let s = |n: &str| {
-            b.column_by_name(n)
-                .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
-        };
-        let (Some(m), Some(t), Some(v)) = (s("model"), s("target"), s("version")) else {
-            continue;
-        };
-        use arrow::array::AsArray;
-        let (m, t, v) = (
-            m.as_string::<i32>(),
-            t.as_string::<i32>(),
-            v.as_string::<i32>(),
-        );
-        for r in 0..b.num_rows() {
-            if let Ok(ver) = v.value(r).parse::<u64>() {
-                let k = (m.value(r).to_string(), t.value(r).to_string());
-                let e = out.entry(k).or_insert(ver);
-                *e = (*e).max(ver);
-            }
-        }
-    }
-    Ok(out)
-}
-
+/// Record what each table's export sent, so the next export starts from it.
 async fn record(silt: &Silt, rows: &[TableExport]) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("model", DataType::Utf8, false),
-        Field::new("target", DataType::Utf8, false),
-        Field::new("mode", DataType::Utf8, false),
-        Field::new("version", DataType::Int64, false),
-        Field::new("partitions", DataType::Utf8, false),
-        Field::new("rows_sent", DataType::Int64, false),
-        Field::new("jobs", DataType::Utf8, false),
-        Field::new(
-            "at",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-    ]));
-    let s = |f: &dyn Fn(&TableExport) -> String| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
-    };
-    let now = chrono::Utc::now().timestamp_micros();
-    let batch = RecordBatch::try_new(
-        schema,
-        vec![
-            s(&|r| r.model.clone()),
-            s(&|r| r.target.clone()),
-            s(&|r| r.mode.clone()),
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|r| r.version as i64),
-            )),
-            s(&|r| r.partitions.join(",")),
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|r| r.rows_sent as i64),
-            )),
-            s(&|r| r.jobs.join(",")),
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|_| now))
-                    .with_timezone("UTC"),
-            ),
-        ],
-    )?;
-    append_record(
-        &silt.lake,
-        &table(),
-        batch,
-        &[("silt.operation", "export.bigquery")],
-        "silt export: the Delta version each table was last exported at",
-    )
-    .await?;
-    Ok(())
+    let at = chrono::Utc::now().timestamp_micros();
+    let rows: Vec<ExportRow> = rows
+        .iter()
+        .map(|r| ExportRow {
+            model: r.model.clone(),
+            target: r.target.clone(),
+            mode: r.mode.to_string(),
+            version: r.version as i64,
+            partitions: r.partitions.join(","),
+            rows_sent: r.rows_sent as i64,
+            jobs: r.jobs.join(","),
+            at,
+        })
+        .collect();
+    exports::record(&silt.lake, &rows).await
 }
 
 /// `silt export bigquery [--select …]`.
@@ -645,7 +604,7 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
     }
     let bq = Bq::new(&cfg).await?;
     bq.ensure_dataset(cfg.location.as_deref()).await?;
-    let last = last_exports(silt).await?;
+    let last = exports::last_versions(&silt.catalog).await?;
     let ctx = silt.catalog.session().await?;
     let mut report = ExportReport::default();
     for (m, t, delta, version, arrow_schema, fields, parts) in plans {
@@ -705,7 +664,7 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                 .unwrap_or_default();
             let want: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
             if names != want {
-                return Err(Error::Runtime(format!(
+                return Err(Error::Warehouse(format!(
                     "BigQuery table {target} has columns {names:?} but {} has {want:?}: drop or migrate the BigQuery table, then export again",
                     t
                 )));
@@ -713,7 +672,7 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
         } else {
             bq.create_table(&bq_name, &fields, &layout, m.config.description.as_deref())
                 .await?;
-            te.mode = "created".into();
+            te.mode = ExportMode::Created;
         }
         // Which partitions changed since the last export (None: everything).
         let changed: Option<BTreeSet<String>> = match (prev, exists.is_some(), parts.first()) {
@@ -759,11 +718,8 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
         };
         let rel = format!("{}.{}", t.layer.schema_name(), t.name);
         match changed {
-            Some(c) if c.is_empty() => {
-                if te.mode.is_empty() {
-                    te.mode = "up_to_date".into();
-                }
-            }
+            // Up to date (the default), unless just created.
+            Some(c) if c.is_empty() => {}
             Some(c) => {
                 let p = &parts[0];
                 let list = c.iter().map(|v| sql_str(v)).collect::<Vec<_>>().join(", ");
@@ -832,7 +788,7 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                         .await?,
                 );
                 te.partitions = c.into_iter().collect();
-                te.mode = "partitions".into();
+                te.mode = ExportMode::Partitions;
             }
             None => {
                 let data =
@@ -840,15 +796,13 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
                         .await?;
                 // One load job with WRITE_TRUNCATE: the whole table is replaced atomically.
                 te.jobs.push(bq.load(&silt.lake, &bq_name, data).await?);
-                te.mode = if te.mode == "created" {
-                    "created".into()
-                } else {
-                    "full".into()
-                };
+                if te.mode != ExportMode::Created {
+                    te.mode = ExportMode::Full;
+                }
             }
         }
         te.ms = t0.elapsed().as_millis() as u64;
-        if te.mode != "up_to_date" || prev != Some(version) {
+        if te.mode != ExportMode::UpToDate || prev != Some(version) {
             record(silt, std::slice::from_ref(&te)).await?;
         }
         report.tables.push(te);

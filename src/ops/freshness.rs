@@ -20,8 +20,21 @@ pub struct Freshness {
     /// The thresholds, as configured.
     pub warn_after: Option<String>,
     pub error_after: Option<String>,
-    /// ok | warn | error | no_data
-    pub status: String,
+    pub status: FreshnessStatus,
+}
+
+/// How a source's newest data fares against its thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::Display)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum FreshnessStatus {
+    Ok,
+    /// Older than `warn_after`.
+    Warn,
+    /// Older than `error_after` (exit 1).
+    Error,
+    /// Nothing to measure yet.
+    NoData,
 }
 
 /// A duration for people, in its two largest units: `3d 4h`, `5h 12m`, `42m 5s`, `7s`.
@@ -129,10 +142,10 @@ pub async fn freshness(
             .and_then(crate::lake::time_travel::parse_instant)
             .map(|t| now - t);
         let status = match age {
-            None => "no_data",
-            Some(a) if error.is_some_and(|e| a > e) => "error",
-            Some(a) if warn.is_some_and(|w| a > w) => "warn",
-            Some(_) => "ok",
+            None => FreshnessStatus::NoData,
+            Some(a) if error.is_some_and(|e| a > e) => FreshnessStatus::Error,
+            Some(a) if warn.is_some_and(|w| a > w) => FreshnessStatus::Warn,
+            Some(_) => FreshnessStatus::Ok,
         };
         out.push(Freshness {
             source: src.name.clone(),
@@ -142,7 +155,7 @@ pub async fn freshness(
             age: age.map(human_age),
             warn_after: spec.warn_after.clone(),
             error_after: spec.error_after.clone(),
-            status: status.into(),
+            status,
         });
     }
     Ok(out)

@@ -35,7 +35,7 @@ fn mask_pii(
 
 /// Hand an arrow-rs array to polars through the C data interface.
 fn to_series(name: &str, array: &ArrayRef) -> Result<Series> {
-    let err = |e: String| Error::Runtime(format!("handing column '{name}' to polars: {e}"));
+    let err = |e: String| Error::Profile(format!("handing column '{name}' to polars: {e}"));
     // Views are what polars uses for strings; plain Utf8 imports too, but normalise Utf8View
     // and dictionary inputs to forms both sides know.
     let array: ArrayRef = match array.data_type() {
@@ -100,7 +100,7 @@ pub fn profile(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProfil
             .map(|s| s.to_string())
             .or_else(|| p.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        Err(Error::Runtime(format!(
+        Err(Error::Profile(format!(
             "polars could not profile this data: {msg}"
         )))
     })
@@ -126,7 +126,7 @@ fn profile_inner(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProf
         let distinct = if nested {
             0
         } else {
-            s.n_unique().map_err(|e| Error::Runtime(e.to_string()))? as u64 - u64::from(nulls > 0)
+            s.n_unique().map_err(|e| Error::Profile(e.to_string()))? as u64 - u64::from(nulls > 0)
         };
         let (min, max) = if nested {
             (None, None)
@@ -147,15 +147,15 @@ fn profile_inner(batches: &[RecordBatch], top_n: usize) -> Result<Vec<ColumnProf
             if !nn.is_empty() {
                 let vc = nn
                     .value_counts(true, false, PlSmallStr::from("__n"), false)
-                    .map_err(|e| Error::Runtime(e.to_string()))?;
+                    .map_err(|e| Error::Profile(e.to_string()))?;
                 let vals = vc
                     .column(f.name().as_str())
-                    .map_err(|e| Error::Runtime(e.to_string()))?
+                    .map_err(|e| Error::Profile(e.to_string()))?
                     .as_materialized_series()
                     .clone();
                 let cnts = vc
                     .column("__n")
-                    .map_err(|e| Error::Runtime(e.to_string()))?
+                    .map_err(|e| Error::Profile(e.to_string()))?
                     .as_materialized_series()
                     .clone();
                 let mut pairs: Vec<(String, u64)> = (0..vc.height())

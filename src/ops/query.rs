@@ -22,7 +22,7 @@ pub async fn run_pinned(
 ) -> Result<Vec<RecordBatch>> {
     for (t, v) in &pins {
         if let Ok(t) = crate::lake::catalog::TableRef::parse(t)
-            && let Some(e) = crate::lake::audit::purged_by(catalog, &t, *v).await?
+            && let Some(e) = crate::lake::meta::erasures::purged_by(catalog, &t, *v).await?
         {
             return Err(e);
         }
@@ -47,8 +47,7 @@ pub async fn run_versions(catalog: &Catalog, run_id: &str) -> Result<BTreeMap<St
     )
     .await?;
     let text = crate::render::render(&batches, crate::render::OutputFormat::Json)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Runtime(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
     let s = v
         .get(0)
         .and_then(|r| r.get("lake_versions"))
@@ -57,5 +56,5 @@ pub async fn run_versions(catalog: &Catalog, run_id: &str) -> Result<BTreeMap<St
             Error::Usage(format!("no run '{run_id}' in _silt.runs (see `silt runs`)"))
         })?;
     serde_json::from_str(s)
-        .map_err(|e| Error::Runtime(format!("run {run_id}: bad lake_versions: {e}")))
+        .map_err(|e| Error::Internal(format!("run {run_id}: bad lake_versions: {e}")))
 }

@@ -157,11 +157,9 @@ nullable = false
     for (rel, content) in files {
         let p = dir.join(rel);
         if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| Error::Runtime(format!("cannot create {}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
         }
-        std::fs::write(&p, content)
-            .map_err(|e| Error::Runtime(format!("cannot write {}: {e}", p.display())))?;
+        std::fs::write(&p, content).map_err(|e| Error::io("write", &p, e))?;
         written.push(rel.to_string());
     }
     Ok(written)
@@ -493,7 +491,7 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
         .from_reader(text.as_bytes());
     let headers: Vec<String> = rdr
         .headers()
-        .map_err(|e| Error::Runtime(format!("{file}: cannot read the CSV header: {e}")))?
+        .map_err(|e| Error::Usage(format!("{file}: cannot read the CSV header: {e}")))?
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
@@ -857,16 +855,14 @@ pub async fn source_new(
     };
     let text = render_source(name, &glob, &inf, &file_name)?;
     let sf: crate::project::config::SourceFile = toml::from_str(&text)
-        .map_err(|e| Error::Runtime(format!("inferred contract does not parse (a bug): {e}")))?;
+        .map_err(|e| Error::Internal(format!("inferred contract does not parse (a bug): {e}")))?;
     let src =
         crate::project::config::Source::from_file(name, &format!("sql/bronze/{name}.toml"), sf)?;
     let parsed = crate::ingest::parse_file(&data, &file_name, &src)?;
     if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::Runtime(format!("cannot create {}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
     }
-    std::fs::write(&dest, text)
-        .map_err(|e| Error::Runtime(format!("cannot write {}: {e}", dest.display())))?;
+    std::fs::write(&dest, text).map_err(|e| Error::io("write", &dest, e))?;
     Ok(SourceNewReport {
         path: dest
             .strip_prefix(&silt.project.dir)

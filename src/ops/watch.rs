@@ -59,9 +59,9 @@ pub async fn watch(
                 let _ = tx.send(());
             }
         })
-        .map_err(|e| Error::Runtime(format!("cannot watch {}: {e}", path.display())))?;
+        .map_err(|e| Error::io("watch", &path, e))?;
         w.watch(&path, notify::RecursiveMode::Recursive)
-            .map_err(|e| Error::Runtime(format!("cannot watch {}: {e}", path.display())))?;
+            .map_err(|e| Error::io("watch", &path, e))?;
         Some(w)
     } else {
         None

@@ -447,8 +447,9 @@ impl SubjectVia {
 
 /// How much a failing data test matters: `error` stops what reads the tested table (exit 1),
 /// `warn` is reported.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, strum::Display)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Severity {
     #[default]
     Error,

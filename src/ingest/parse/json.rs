@@ -109,7 +109,7 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
         .build_decoder()?;
     let mut to_arrow = |good: &mut Vec<Value>, lines: &mut Vec<i64>| -> Result<()> {
         decoder.serialize(good).map_err(|e| {
-            Error::Runtime(format!(
+            Error::Internal(format!(
                 "{file}: building Arrow data from checked records failed: {e}"
             ))
         })?;
