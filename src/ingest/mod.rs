@@ -164,15 +164,22 @@ impl<'a> IngestBuilder<'a> {
                 cfg: &self.project.file.ingest,
                 progress: self.progress.as_ref(),
                 rewritten: HashMap::new(),
+                by_path: HashMap::new(),
+                by_sha: HashMap::new(),
+                report: sr,
+                rejected: Vec::new(),
             };
-            run.ingest(files, &mut sr, &mut report.rejected).await?;
-            report.sources.push(sr);
+            run.ingest(files).await?;
+            report.rejected.extend(run.rejected);
+            report.sources.push(run.report);
         }
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 }
 
+/// One source's ingest: its landing files in commit chunks, each hashed, classified against
+/// the ledger, parsed and committed to bronze, quarantine and the ledger.
 struct SourceRun<'r> {
     src: &'r Source,
     catalog: &'r Catalog,
@@ -183,6 +190,13 @@ struct SourceRun<'r> {
     progress: Option<&'r SharedProgress>,
     /// Path → every content hash the ledger has for it.
     rewritten: HashMap<String, Vec<String>>,
+    /// The ledger's latest entry per path.
+    by_path: HashMap<String, LedgerEntry>,
+    /// Content hash → the path it was ingested from.
+    by_sha: HashMap<String, String>,
+    report: SourceReport,
+    /// Files refused as a whole (the others are ingested).
+    rejected: Vec<Error>,
 }
 
 /// A landing file read, hashed and classified as one to ingest.
@@ -207,16 +221,46 @@ struct Done {
     rejects: u64,
 }
 
+/// What the ledger says of a landing file just hashed.
+enum Verdict {
+    /// Nothing to ingest: record this ledger entry (same content as before, a duplicate or
+    /// a skipped change).
+    Record(LedgerEntry),
+    /// Refused as a whole (a changed file under `on_changed_file = "error"`).
+    Refused,
+    /// Ingest it; `replaces`: its rows replace those of its earlier version.
+    Ingest { replaces: bool },
+}
+
+/// One chunk of a source's landing files on its way to its commits.
+struct ChunkWork {
+    stamp: Stamp,
+    qt: TableRef,
+    bt: TableRef,
+    q_table: deltalake::DeltaTable,
+    b_table: deltalake::DeltaTable,
+    /// The labels of the chunk's commits.
+    meta: Vec<(String, serde_json::Value)>,
+    /// Ledger entries of the files not ingested (known, duplicate, skipped), then of the
+    /// ingested ones.
+    ledger: Vec<LedgerEntry>,
+    /// The app id of every file to ingest.
+    ids: Vec<String>,
+    bytes: u64,
+    /// Files that replace an earlier version of themselves, ingested one by one.
+    replacing: Vec<Candidate>,
+    /// App ids bronze (or the quarantine) already holds, from an interrupted run.
+    b_done: Vec<String>,
+    q_done: Vec<String>,
+    /// The streamed units in flight.
+    units: Units,
+    done: Vec<Done>,
+    stats: BatchStats,
+}
+
 impl SourceRun<'_> {
-    async fn ingest(
-        &mut self,
-        files: Vec<ObjectMeta>,
-        sr: &mut SourceReport,
-        rejected: &mut Vec<Error>,
-    ) -> Result<()> {
+    async fn ingest(&mut self, files: Vec<ObjectMeta>) -> Result<()> {
         let entries = ledger::read(self.catalog, &self.src.name).await?;
-        let mut by_path: HashMap<String, LedgerEntry> = HashMap::new();
-        let mut by_sha: HashMap<String, String> = HashMap::new();
         // Contents a GDPR erasure rewrote: the old one stays "already ingested" until the new
         // one lands (the ledger learns of the rewrite first).
         let mut known: HashMap<String, Vec<String>> = HashMap::new();
@@ -229,19 +273,19 @@ impl SourceRun<'_> {
         self.rewritten = known;
         for e in entries {
             if e.status.landed() {
-                by_sha
+                self.by_sha
                     .entry(e.sha256.clone())
                     .or_insert_with(|| e.path.clone());
             }
-            by_path.insert(e.path.clone(), e);
+            self.by_path.insert(e.path.clone(), e);
         }
         // Files whose path, size and etag the ledger already holds are not even read.
         let mut todo = Vec::new();
         for m in files {
             let rel = self.landing.relative(&m.location).unwrap_or_default();
-            match by_path.get(&rel) {
+            match self.by_path.get(&rel) {
                 Some(e) if e.size == m.size as i64 && e.e_tag == m.e_tag => {
-                    sr.files_already_ingested += 1;
+                    self.report.files_already_ingested += 1;
                 }
                 _ => todo.push((rel, m)),
             }
@@ -254,45 +298,61 @@ impl SourceRun<'_> {
                 && (chunk.len() >= self.cfg.batch_files.max(1)
                     || chunk_bytes + m.size > self.cfg.batch_bytes)
             {
-                self.chunk(
-                    std::mem::take(&mut chunk),
-                    &mut by_path,
-                    &mut by_sha,
-                    sr,
-                    rejected,
-                )
-                .await?;
+                self.chunk(std::mem::take(&mut chunk)).await?;
                 chunk_bytes = 0;
             }
             chunk_bytes += m.size;
             chunk.push((rel, m));
         }
         if !chunk.is_empty() {
-            self.chunk(chunk, &mut by_path, &mut by_sha, sr, rejected)
-                .await?;
+            self.chunk(chunk).await?;
         }
         Ok(())
     }
 
-    async fn chunk(
-        &mut self,
-        chunk: Vec<(String, ObjectMeta)>,
-        by_path: &mut HashMap<String, LedgerEntry>,
-        by_sha: &mut HashMap<String, String>,
-        sr: &mut SourceReport,
-        rejected: &mut Vec<Error>,
-    ) -> Result<()> {
-        // 1. Hash every file (a few at a time, hashing on the blocking pool) and classify it
-        //    against the ledger. The bytes of a file to ingest stay in memory until its parser
-        //    is done with them, within `memory_bytes`: when the budget is spent, hashing waits
-        //    for the parsers (so no file is read and hashed twice); only a file larger than the
-        //    whole budget, or one that replaces an earlier version, is read again when parsed.
-        let stamp = Stamp {
-            src: Arc::new(self.src.clone()),
-            batch_id: Arc::from(self.batch_id),
-            ingested_at: self.ingested_at,
-        };
-        let mut meta = vec![
+    /// Ingest one chunk: hash and classify its files while the units parse and upload the
+    /// ones to ingest, swap the rows of changed files that replace theirs, commit bronze, the
+    /// quarantine and the ledger, then check the batch for anomalies.
+    async fn chunk(&mut self, chunk: Vec<(String, ObjectMeta)>) -> Result<()> {
+        let phase = Instant::now();
+        let mut w = self.open_chunk().await?;
+        self.hash_and_stream(chunk, &mut w).await?;
+        if w.ids.is_empty() && w.ledger.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            source = %self.src.name,
+            files = w.ids.len(),
+            bytes = w.bytes,
+            ms = phase.elapsed().as_millis() as u64,
+            "hashed and classified"
+        );
+        w.q_done = committed_app_ids(&w.q_table, &w.ids).await?;
+        let replacing_ids: Vec<String> = w.replacing.iter().map(|c| c.app_id.clone()).collect();
+        w.b_done
+            .extend(committed_app_ids(&w.b_table, &replacing_ids).await?);
+        self.replace_files(&mut w).await?;
+        failpoint::hit("ingest.before_bronze");
+        self.commit_streamed(&mut w, phase).await?;
+        self.record_ledger(&mut w).await?;
+        failpoint::hit("ingest.after_ledger");
+        tracing::info!(source = %self.src.name, ms = phase.elapsed().as_millis() as u64, "quarantine and ledger committed");
+        // Anomaly checks on this batch's good rows (statistics gathered while parsing),
+        // against the previous batches.
+        if let Some(spec) = &self.src.anomaly
+            && w.stats.rows > 0
+        {
+            let found =
+                anomalies::check_batch(self.catalog, &self.src.name, spec, self.batch_id, &w.stats)
+                    .await?;
+            self.report.anomalies.extend(found);
+        }
+        Ok(())
+    }
+
+    /// The chunk's tables and commit labels.
+    async fn open_chunk(&self) -> Result<ChunkWork> {
+        let meta = vec![
             (
                 "silt.operation".to_string(),
                 serde_json::Value::from("ingest"),
@@ -308,11 +368,37 @@ impl SourceRun<'_> {
         ];
         let qt = TableRef::quarantine(&self.src.name);
         let bt = TableRef::bronze(&self.src.name);
-        let mut q_table = self.catalog.lake().delta_table(&qt.rel_path()).await?;
-        let mut b_table = self.catalog.lake().delta_table(&bt.rel_path()).await?;
-        let q_opts = |ids: Vec<String>,
-                      replace: Option<String>,
-                      meta: &[(String, serde_json::Value)]| AppendOptions {
+        Ok(ChunkWork {
+            stamp: Stamp {
+                src: Arc::new(self.src.clone()),
+                batch_id: Arc::from(self.batch_id),
+                ingested_at: self.ingested_at,
+            },
+            q_table: self.catalog.lake().delta_table(&qt.rel_path()).await?,
+            b_table: self.catalog.lake().delta_table(&bt.rel_path()).await?,
+            qt,
+            bt,
+            meta,
+            ledger: Vec::new(),
+            ids: Vec::new(),
+            bytes: 0,
+            replacing: Vec::new(),
+            b_done: Vec::new(),
+            q_done: Vec::new(),
+            units: Units::default(),
+            done: Vec::new(),
+            stats: BatchStats::default(),
+        })
+    }
+
+    /// How the quarantine's commits are written.
+    fn quarantine_opts(
+        &self,
+        ids: Vec<String>,
+        replace: Option<String>,
+        meta: &[(String, serde_json::Value)],
+    ) -> AppendOptions {
+        AppendOptions {
             partition_columns: vec![],
             stats_columns: Some(
                 [
@@ -333,10 +419,17 @@ impl SourceRun<'_> {
                 self.src.name
             )),
             replace_source_file: replace,
-        };
-        let b_opts = |ids: Vec<String>,
-                      replace: Option<String>,
-                      meta: &[(String, serde_json::Value)]| AppendOptions {
+        }
+    }
+
+    /// How bronze's commits are written.
+    fn bronze_opts(
+        &self,
+        ids: Vec<String>,
+        replace: Option<String>,
+        meta: &[(String, serde_json::Value)],
+    ) -> AppendOptions {
+        AppendOptions {
             partition_columns: self.src.partition.iter().map(|p| p.column_name()).collect(),
             stats_columns: Some(self.stats_columns()),
             app_ids: ids,
@@ -344,38 +437,43 @@ impl SourceRun<'_> {
             target_file_size: Some(self.cfg.target_file_size),
             description: self.src.description.clone(),
             replace_source_file: replace,
-        };
+        }
+    }
 
-        // Hashing, parsing and encoding overlap: a unit of consecutive files starts on the
-        // parser pool as soon as it is full, while later files are still being hashed. At most
-        // one unit per core runs at a time (`permits`); units are small enough that memory
-        // does not follow the data and the last one does not leave a core idle for long
-        // (about 8 per core), large enough to coalesce small files.
-        let phase = Instant::now();
+    /// Hash every file of the chunk (a few at a time, on the blocking pool) and classify it
+    /// against the ledger; start parsing the ones to ingest in units as they fill.
+    ///
+    /// The bytes of a file to ingest stay in memory until its parser is done with them,
+    /// within `memory_bytes`: when the budget is spent, hashing waits for the parsers (so no
+    /// file is read and hashed twice); only a file larger than the whole budget, or one that
+    /// replaces an earlier version, is read again when parsed. Hashing, parsing and encoding
+    /// overlap: a unit of consecutive files starts on the parser pool as soon as it is full.
+    /// At most one unit per core runs at a time; units are small enough that memory does not
+    /// follow the data and the last one does not leave a core idle for long (about 8 per
+    /// core), large enough to coalesce small files.
+    async fn hash_and_stream(
+        &mut self,
+        chunk: Vec<(String, ObjectMeta)>,
+        w: &mut ChunkWork,
+    ) -> Result<()> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let total: u64 = chunk.iter().map(|(_, m)| m.size).sum();
         let unit_bytes = (total / (8 * workers as u64)).clamp(4 << 20, 16 << 20);
         let starter = UnitStarter {
-            stamp: stamp.clone(),
+            stamp: w.stamp.clone(),
             landing: self.landing.clone(),
             progress: self.progress.cloned(),
             want_stats: self.src.anomaly.is_some(),
             permits: Arc::new(tokio::sync::Semaphore::new(workers)),
         };
-        let schema = stamp.bronze_schema();
+        let schema = w.stamp.bronze_schema();
         // Set up on the first file to stream (the table's schema evolves first if the contract
         // changed): the writer configuration, the store and the partition column.
         let mut writing: Option<WriterSetup> = None;
         let mut unit: Vec<Candidate> = Vec::new();
         let mut unit_size = 0u64;
-        let mut units = Units::default();
-        let mut b_done: Vec<String> = Vec::new();
-        let mut all_ids: Vec<String> = Vec::new();
-        let mut replacing: Vec<Candidate> = Vec::new();
-        let mut candidate_bytes = 0u64;
-        let commit_meta = meta.clone(); // `meta` is a landing file's below
         let landing = self.landing.clone();
         let mut hashed = futures::stream::iter(chunk)
             .map(|(rel, m)| {
@@ -387,100 +485,27 @@ impl SourceRun<'_> {
                 }
             })
             .buffered(4);
-        let mut ledger_entries: Vec<LedgerEntry> = Vec::new();
         // The budget in KiB permits; a kept file holds its permits until its parser ends.
         let budget_kib = (self.cfg.memory_bytes / 1024).clamp(1, u32::MAX as u64) as u32;
         let memory = Arc::new(tokio::sync::Semaphore::new(budget_kib as usize));
         while let Some(f) = hashed.next().await {
             let (rel, meta, data, sha) = f?;
-            let entry = |status: FileStatus, detail: Option<String>| LedgerEntry {
-                source: self.src.name.clone(),
-                path: rel.clone(),
-                size: meta.size as i64,
-                e_tag: meta.e_tag.clone(),
-                sha256: sha.clone(),
-                status,
-                rows: 0,
-                quarantined: 0,
-                batch_id: self.batch_id.to_string(),
-                ingested_at: self.ingested_at,
-                detail,
-            };
-            let previous = by_path.get(&rel).cloned();
             let size = data.len() as u64;
-            let skip = |_: &mut SourceReport| {
-                if let Some(p) = &self.progress {
-                    p.advance(size);
+            let replaces = match self.classify(&rel, &meta, &sha) {
+                Verdict::Ingest { replaces } => replaces,
+                verdict => {
+                    if let Some(p) = &self.progress {
+                        p.advance(size);
+                    }
+                    if let Verdict::Record(e) = verdict {
+                        w.ledger.push(e);
+                    }
+                    continue;
                 }
             };
-            if let Some(prev) = &previous
-                && (prev.sha256 == sha
-                    || (prev.status == FileStatus::Rewritten
-                        && self.rewritten.get(&rel).is_some_and(|v| v.contains(&sha))))
-            {
-                // Same content, new etag (touched or copied again): remember the new etag.
-                skip(sr);
-                sr.files_already_ingested += 1;
-                let mut e = entry(prev.status, prev.detail.clone());
-                e.rows = prev.rows;
-                e.quarantined = prev.quarantined;
-                ledger_entries.push(e);
-                continue;
-            }
-            if let Some(other) = by_sha.get(&sha)
-                && self.src.on_duplicate_file == DuplicateFilePolicy::Skip
-            {
-                skip(sr);
-                sr.files_duplicate += 1;
-                sr.warnings.push(format!(
-                    "{rel}: same content as {other}, already ingested; skipped (on_duplicate_file = \"skip\")"
-                ));
-                ledger_entries.push(entry(
-                    FileStatus::Duplicate,
-                    Some(format!("same content as {other}")),
-                ));
-                continue;
-            }
-            let mut replaces = false;
-            if let Some(prev) = &previous {
-                sr.files_changed += 1;
-                match self.src.on_changed_file {
-                    ChangedFilePolicy::Skip => {
-                        skip(sr);
-                        sr.warnings.push(format!(
-                            "{rel}: content changed since it was ingested (batch {}); skipped (on_changed_file = \"skip\")",
-                            prev.batch_id
-                        ));
-                        ledger_entries.push(entry(FileStatus::Skipped, Some(format!("changed; previous sha256 {}", prev.sha256))));
-                        continue;
-                    }
-                    ChangedFilePolicy::Error => {
-                        skip(sr);
-                        sr.files_rejected += 1;
-                        rejected.push(Error::Input {
-                            location: crate::error::InputLocation { file: rel.clone(), line: 1, column: None },
-                            message: format!("the file changed since it was ingested in batch {}", prev.batch_id),
-                            fix: format!(
-                                "deliver corrections under a new file name, or set on_changed_file = \"ingest\", \"replace\" or \"skip\" in {}",
-                                self.src.file
-                            ),
-                        });
-                        continue;
-                    }
-                    ChangedFilePolicy::Ingest => sr.warnings.push(format!(
-                        "{rel}: content changed since it was ingested (batch {}); ingesting it as a new file",
-                        prev.batch_id
-                    )),
-                    ChangedFilePolicy::Replace => {
-                        sr.warnings.push(format!(
-                            "{rel}: content changed since it was ingested (batch {}); replacing its rows",
-                            prev.batch_id
-                        ));
-                        replaces = true;
-                    }
-                }
-            }
-            by_sha.entry(sha.clone()).or_insert_with(|| rel.clone());
+            self.by_sha
+                .entry(sha.clone())
+                .or_insert_with(|| rel.clone());
             let key = hex::encode(Sha256::digest(
                 format!("{}\0{}\0{}", self.src.name, rel, sha).as_bytes(),
             ));
@@ -494,11 +519,11 @@ impl SourceRun<'_> {
                 permit: None,
                 replaces,
             };
-            all_ids.push(c.app_id.clone());
-            candidate_bytes += c.size;
-            if c.replaces && b_table.version().is_some() {
+            w.ids.push(c.app_id.clone());
+            w.bytes += c.size;
+            if c.replaces && w.b_table.version().is_some() {
                 // Parsed after every unit has started: it must not hold the budget (read again).
-                replacing.push(c);
+                w.replacing.push(c);
                 continue;
             }
             let kib = size.div_ceil(1024).max(1);
@@ -509,10 +534,10 @@ impl SourceRun<'_> {
                     Err(_) => {
                         // The budget is spent: the files held wait in units, so start the one
                         // being filled (it could otherwise wait for this very file), then wait.
-                        units.start(
+                        w.units.start(
                             &starter,
                             writing.as_ref(),
-                            &b_done,
+                            &w.b_done,
                             &mut unit,
                             &mut unit_size,
                         );
@@ -527,60 +552,146 @@ impl SourceRun<'_> {
                 c.permit = Some(permit);
             }
             if writing.is_none() {
-                if b_table.version().is_some() && !same_columns(&b_table, &schema) {
+                if w.b_table.version().is_some() && !same_columns(&w.b_table, &schema) {
                     // The contract changed: evolve the table's schema first (a commit with no data).
                     let (_, t) = append_to(
-                        b_table,
-                        &bt,
+                        w.b_table.clone(),
+                        &w.bt,
                         vec![RecordBatch::new_empty(schema.clone())],
-                        b_opts(Vec::new(), None, &commit_meta),
+                        self.bronze_opts(Vec::new(), None, &w.meta),
                     )
                     .await?;
-                    b_table = t;
+                    w.b_table = t;
                 }
-                writing = Some(self.writer_setup(&b_table, &schema));
+                writing = Some(self.writer_setup(&w.b_table, &schema));
             }
-            b_done.extend(committed_app_ids(&b_table, std::slice::from_ref(&c.app_id)).await?);
+            w.b_done
+                .extend(committed_app_ids(&w.b_table, std::slice::from_ref(&c.app_id)).await?);
             unit_size += c.size;
             unit.push(c);
             if unit_size >= unit_bytes {
-                units.start(
+                w.units.start(
                     &starter,
                     writing.as_ref(),
-                    &b_done,
+                    &w.b_done,
                     &mut unit,
                     &mut unit_size,
                 );
             }
         }
-        units.start(
+        w.units.start(
             &starter,
             writing.as_ref(),
-            &b_done,
+            &w.b_done,
             &mut unit,
             &mut unit_size,
         );
-        if all_ids.is_empty() && ledger_entries.is_empty() {
-            return Ok(());
+        Ok(())
+    }
+
+    /// What to do with the landing file `rel` whose content hashes to `sha`, by what the
+    /// ledger knows of it and the source's file policies.
+    fn classify(&mut self, rel: &str, meta: &ObjectMeta, sha: &str) -> Verdict {
+        let entry = |status: FileStatus, detail: Option<String>| LedgerEntry {
+            source: self.src.name.clone(),
+            path: rel.to_string(),
+            size: meta.size as i64,
+            e_tag: meta.e_tag.clone(),
+            sha256: sha.to_string(),
+            status,
+            rows: 0,
+            quarantined: 0,
+            batch_id: self.batch_id.to_string(),
+            ingested_at: self.ingested_at,
+            detail,
+        };
+        let sr = &mut self.report;
+        let previous = self.by_path.get(rel);
+        if let Some(prev) = previous
+            && (prev.sha256 == sha
+                || (prev.status == FileStatus::Rewritten
+                    && self
+                        .rewritten
+                        .get(rel)
+                        .is_some_and(|v| v.iter().any(|h| h == sha))))
+        {
+            // Same content, new etag (touched or copied again): remember the new etag.
+            sr.files_already_ingested += 1;
+            let mut e = entry(prev.status, prev.detail.clone());
+            e.rows = prev.rows;
+            e.quarantined = prev.quarantined;
+            return Verdict::Record(e);
         }
-        tracing::info!(
-            source = %self.src.name,
-            files = all_ids.len(),
-            bytes = candidate_bytes,
-            ms = phase.elapsed().as_millis() as u64,
-            "hashed and classified"
-        );
-        let q_done = committed_app_ids(&q_table, &all_ids).await?;
-        let replacing_ids: Vec<String> = replacing.iter().map(|c| c.app_id.clone()).collect();
-        b_done.extend(committed_app_ids(&b_table, &replacing_ids).await?);
-        // 2. Files that replace an earlier version of themselves: one at a time, each its own
-        //    commit per table that swaps that file's rows (rare; held in memory). The streamed
-        //    units keep running meanwhile; they only write files.
-        let mut done: Vec<Done> = Vec::new();
-        let mut stats = BatchStats::default();
-        for c in replacing {
+        if let Some(other) = self.by_sha.get(sha)
+            && self.src.on_duplicate_file == DuplicateFilePolicy::Skip
+        {
+            sr.files_duplicate += 1;
+            sr.warnings.push(format!(
+                "{rel}: same content as {other}, already ingested; skipped (on_duplicate_file = \"skip\")"
+            ));
+            return Verdict::Record(entry(
+                FileStatus::Duplicate,
+                Some(format!("same content as {other}")),
+            ));
+        }
+        let Some(prev) = previous else {
+            return Verdict::Ingest { replaces: false };
+        };
+        sr.files_changed += 1;
+        match self.src.on_changed_file {
+            ChangedFilePolicy::Skip => {
+                sr.warnings.push(format!(
+                    "{rel}: content changed since it was ingested (batch {}); skipped (on_changed_file = \"skip\")",
+                    prev.batch_id
+                ));
+                Verdict::Record(entry(
+                    FileStatus::Skipped,
+                    Some(format!("changed; previous sha256 {}", prev.sha256)),
+                ))
+            }
+            ChangedFilePolicy::Error => {
+                sr.files_rejected += 1;
+                self.rejected.push(Error::Input {
+                    location: crate::error::InputLocation {
+                        file: rel.to_string(),
+                        line: 1,
+                        column: None,
+                    },
+                    message: format!(
+                        "the file changed since it was ingested in batch {}",
+                        prev.batch_id
+                    ),
+                    fix: format!(
+                        "deliver corrections under a new file name, or set on_changed_file = \"ingest\", \"replace\" or \"skip\" in {}",
+                        self.src.file
+                    ),
+                });
+                Verdict::Refused
+            }
+            ChangedFilePolicy::Ingest => {
+                sr.warnings.push(format!(
+                    "{rel}: content changed since it was ingested (batch {}); ingesting it as a new file",
+                    prev.batch_id
+                ));
+                Verdict::Ingest { replaces: false }
+            }
+            ChangedFilePolicy::Replace => {
+                sr.warnings.push(format!(
+                    "{rel}: content changed since it was ingested (batch {}); replacing its rows",
+                    prev.batch_id
+                ));
+                Verdict::Ingest { replaces: true }
+            }
+        }
+    }
+
+    /// Files that replace an earlier version of themselves: one at a time, each its own
+    /// commit per table that swaps that file's rows (rare; held in memory). The streamed
+    /// units keep running meanwhile; they only write files.
+    async fn replace_files(&mut self, w: &mut ChunkWork) -> Result<()> {
+        for c in std::mem::take(&mut w.replacing) {
             let data = read_candidate(self.landing, &c).await?;
-            let st = stamp.clone();
+            let st = w.stamp.clone();
             let rel = c.rel.clone();
             let parsed = tokio::task::spawn_blocking(move || st.parse(&data, &rel))
                 .await
@@ -590,96 +701,89 @@ impl SourceRun<'_> {
             }
             let p = match parsed {
                 Err(e @ (Error::Input { .. } | Error::Config { .. })) => {
-                    sr.files_rejected += 1;
-                    by_sha.remove(&c.sha);
-                    rejected.push(e);
+                    self.report.files_rejected += 1;
+                    self.by_sha.remove(&c.sha);
+                    self.rejected.push(e);
                     continue;
                 }
                 Err(e) => return Err(e),
                 Ok(p) => p,
             };
-            if !q_done.contains(&c.app_id) {
+            if !w.q_done.contains(&c.app_id) {
                 let q = p
                     .quarantine
                     .clone()
                     .unwrap_or_else(|| RecordBatch::new_empty(quarantine_schema()));
-                let replace = q_table.version().is_some().then(|| c.rel.clone());
+                let replace = w.q_table.version().is_some().then(|| c.rel.clone());
                 if replace.is_some() || q.num_rows() > 0 {
-                    q_table = append_to(
-                        q_table,
-                        &qt,
-                        vec![q],
-                        q_opts(vec![c.app_id.clone()], replace, &meta),
-                    )
-                    .await?
-                    .1;
+                    let opts = self.quarantine_opts(vec![c.app_id.clone()], replace, &w.meta);
+                    w.q_table = append_to(w.q_table.clone(), &w.qt, vec![q], opts).await?.1;
                 }
             }
-            if !b_done.contains(&c.app_id) {
+            if !w.b_done.contains(&c.app_id) {
                 let mut b = p.bronze;
                 if b.is_empty() {
-                    b.push(stamp.bronze_batch(
+                    b.push(w.stamp.bronze_batch(
                         &RecordBatch::new_empty(self.contract_schema()),
                         &[],
                         &c.rel,
                     )?);
                 }
-                let (_, t) = append_to(
-                    b_table,
-                    &bt,
-                    b,
-                    b_opts(vec![c.app_id.clone()], Some(c.rel.clone()), &meta),
-                )
-                .await?;
-                sr.bronze_version = t.version();
-                b_table = t;
+                let opts = self.bronze_opts(vec![c.app_id.clone()], Some(c.rel.clone()), &w.meta);
+                let (_, t) = append_to(w.b_table.clone(), &w.bt, b, opts).await?;
+                self.report.bronze_version = t.version();
+                w.b_table = t;
             }
-            sr.warnings.extend(p.warnings);
+            self.report.warnings.extend(p.warnings);
             if let Some(s) = p.stats {
-                stats.merge(s);
+                w.stats.merge(s);
             }
-            done.push(Done {
+            w.done.push(Done {
                 rows: p.rows,
                 rejects: p.rejects,
                 c,
             });
         }
-        // 3. The streamed units: each parsed and encoded its files into Parquet files uploaded
-        //    as they filled; one commit adds them all with one Delta `txn` per file.
-        failpoint::hit("ingest.before_bronze");
+        Ok(())
+    }
+
+    /// The streamed units: each parsed and encoded its files into Parquet files uploaded as
+    /// they filled; one commit adds them all to bronze with one Delta `txn` per file, then one
+    /// commit adds their refused rows (with their raw records) to the quarantine.
+    async fn commit_streamed(&mut self, w: &mut ChunkWork, phase: Instant) -> Result<()> {
         let mut adds: Vec<deltalake::kernel::Add> = Vec::new();
         let mut quarantine: Vec<(String, RecordBatch)> = Vec::new();
         let mut stream_ids: Vec<String> = Vec::new();
-        for r in units.join().await {
+        for r in std::mem::take(&mut w.units).join().await {
             let r = r?;
             adds.extend(r.adds);
             if let Some(s) = r.stats {
-                stats.merge(s);
+                w.stats.merge(s);
             }
             for f in r.files {
-                match f.outcome {
+                let p = match f.outcome {
                     Err(e) => {
-                        sr.files_rejected += 1;
-                        by_sha.remove(&f.c.sha);
-                        rejected.push(e);
+                        self.report.files_rejected += 1;
+                        self.by_sha.remove(&f.c.sha);
+                        self.rejected.push(e);
+                        continue;
                     }
-                    Ok(p) => {
-                        sr.warnings.extend(p.warnings);
-                        if p.rows > 0 && !b_done.contains(&f.c.app_id) {
-                            stream_ids.push(f.c.app_id.clone());
-                        }
-                        if let Some(q) = p.quarantine
-                            && !q_done.contains(&f.c.app_id)
-                        {
-                            quarantine.push((f.c.app_id.clone(), q));
-                        }
-                        done.push(Done {
-                            rows: p.rows,
-                            rejects: p.rejects,
-                            c: f.c,
-                        });
-                    }
+                    Ok(p) => p,
+                };
+                self.report.warnings.extend(p.warnings);
+                if p.rows > 0 && !w.b_done.contains(&f.c.app_id) {
+                    stream_ids.push(f.c.app_id.clone());
                 }
+                if let Some(q) = p.quarantine
+                    && !w.q_done.contains(&f.c.app_id)
+                {
+                    quarantine.push((f.c.app_id.clone(), q));
+                }
+                w.done.push(Done {
+                    rows: p.rows,
+                    rejects: p.rejects,
+                    c: f.c,
+                });
             }
         }
         tracing::info!(
@@ -688,37 +792,43 @@ impl SourceRun<'_> {
             ms = phase.elapsed().as_millis() as u64,
             "parsed, encoded and uploaded"
         );
-        meta.push(("silt.files".into(), serde_json::Value::from(done.len())));
+        w.meta
+            .push(("silt.files".into(), serde_json::Value::from(w.done.len())));
         if !adds.is_empty() {
             let t = commit_files(
-                b_table,
-                &bt,
-                &schema,
+                w.b_table.clone(),
+                &w.bt,
+                &w.stamp.bronze_schema(),
                 adds,
                 stream_ids,
-                &b_opts(Vec::new(), None, &meta),
+                &self.bronze_opts(Vec::new(), None, &w.meta),
             )
             .await?;
-            sr.bronze_version = t.version();
+            self.report.bronze_version = t.version();
         }
         failpoint::hit("ingest.after_bronze");
         tracing::info!(source = %self.src.name, ms = phase.elapsed().as_millis() as u64, "bronze committed");
-
-        // 4. Quarantine: the refused rows (with their raw records) of the streamed files.
         if !quarantine.is_empty() {
             let ids = quarantine.iter().map(|(id, _)| id.clone()).collect();
             let batches = quarantine.into_iter().map(|(_, b)| b).collect();
-            append_to(q_table, &qt, batches, q_opts(ids, None, &meta)).await?;
+            let opts = self.quarantine_opts(ids, None, &w.meta);
+            append_to(w.q_table.clone(), &w.qt, batches, opts).await?;
         }
         failpoint::hit("ingest.after_quarantine");
+        Ok(())
+    }
 
-        // 5. Ledger.
-        for d in &done {
+    /// The ledger: every file of the chunk, in one commit, last (a file is in the ledger only
+    /// once its rows are in bronze and the quarantine).
+    async fn record_ledger(&mut self, w: &mut ChunkWork) -> Result<()> {
+        for d in &w.done {
+            let sr = &mut self.report;
             sr.files_ingested += 1;
             sr.rows += d.rows;
             sr.quarantined += d.rejects;
             sr.bytes += d.c.size;
-            if d.rows == 0 && d.rejects == 0 {
+            let empty = d.rows == 0 && d.rejects == 0;
+            if empty {
                 sr.files_empty += 1;
             }
             let e = LedgerEntry {
@@ -727,7 +837,7 @@ impl SourceRun<'_> {
                 size: d.c.meta.size as i64,
                 e_tag: d.c.meta.e_tag.clone(),
                 sha256: d.c.sha.clone(),
-                status: if d.rows == 0 && d.rejects == 0 {
+                status: if empty {
                     FileStatus::Empty
                 } else {
                     FileStatus::Ingested
@@ -741,23 +851,10 @@ impl SourceRun<'_> {
                     .replaces
                     .then(|| "replaced the rows of the earlier version".to_string()),
             };
-            by_path.insert(e.path.clone(), e.clone());
-            ledger_entries.push(e);
+            self.by_path.insert(e.path.clone(), e.clone());
+            w.ledger.push(e);
         }
-        ledger::record(self.catalog.lake(), &ledger_entries, self.batch_id).await?;
-        failpoint::hit("ingest.after_ledger");
-        tracing::info!(source = %self.src.name, ms = phase.elapsed().as_millis() as u64, "quarantine and ledger committed");
-        // Anomaly checks on this batch's good rows (statistics gathered while parsing),
-        // against the previous batches.
-        if let Some(spec) = &self.src.anomaly
-            && stats.rows > 0
-        {
-            let found =
-                anomalies::check_batch(self.catalog, &self.src.name, spec, self.batch_id, &stats)
-                    .await?;
-            sr.anomalies.extend(found);
-        }
-        Ok(())
+        ledger::record(self.catalog.lake(), &w.ledger, self.batch_id).await
     }
 
     fn contract_schema(&self) -> Arc<Schema> {

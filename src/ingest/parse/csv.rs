@@ -16,7 +16,7 @@ use arrow::record_batch::RecordBatch;
 use super::csv_records::Records;
 use super::{Input, ParsedFile, Parser, Reject, Slice, escape_raw};
 use crate::error::{Error, InputLocation, Result};
-use crate::project::config::UnexpectedColumnPolicy;
+use crate::project::config::{Source, UnexpectedColumnPolicy};
 use crate::project::contract::{ColumnType, Scalar, TemporalFormats, parse_scalar};
 
 /// One contract column's values in the slice being built. A row's fields go straight into
@@ -199,103 +199,22 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
     // Fields are trimmed below, only when they need it.
     let mut record =
         Records::new(data, p.delimiter as u8, p.quote as u8).with_quote_limit(p.max_quoted_lines);
-    let fmts = TemporalFormats {
-        date: p.date_formats.clone(),
-        timestamp: p.timestamp_formats.clone(),
+    let Some(header) = Header::read(&mut record, file, src, &mut out)? else {
+        out.warnings
+            .push(format!("{file}: empty file, nothing to ingest"));
+        return Ok(out);
     };
-
-    // Map file fields to contract columns.
+    let row = RowReader {
+        src,
+        header: &header,
+        fmts: TemporalFormats {
+            date: p.date_formats.clone(),
+            timestamp: p.timestamp_formats.clone(),
+        },
+        // A field longer than every null token cannot be one.
+        null_max: p.null_values.iter().map(|n| n.len()).max().unwrap_or(0),
+    };
     let n_cols = src.columns.len();
-    // field index -> Some(contract column index) | None (unexpected)
-    let mut field_map: Vec<Option<usize>> = Vec::new();
-    let mut unexpected: Vec<(usize, String)> = Vec::new();
-    let mut header_len;
-    let mut header_names: Vec<String> = Vec::new();
-    if p.header {
-        if record.next_record().is_none() {
-            out.warnings
-                .push(format!("{file}: empty file, nothing to ingest"));
-            return Ok(out);
-        }
-        header_len = record.len();
-        for (i, h) in record.iter().enumerate() {
-            let name = String::from_utf8_lossy(h).trim().to_string();
-            header_names.push(name.clone());
-            match src.columns.iter().position(|c| c.source == name) {
-                Some(ci) => {
-                    if field_map.contains(&Some(ci)) {
-                        return Err(Error::Input {
-                            location: InputLocation {
-                                file: file.into(),
-                                line: 1,
-                                column: Some(name.clone()),
-                            },
-                            message: format!("the header names column '{name}' twice"),
-                            fix: "remove or rename the second column in the file".into(),
-                        });
-                    }
-                    field_map.push(Some(ci))
-                }
-                None => {
-                    field_map.push(None);
-                    unexpected.push((i, name));
-                }
-            }
-        }
-    } else {
-        header_len = n_cols;
-        field_map = (0..n_cols).map(Some).collect();
-        header_names = src.columns.iter().map(|c| c.source.clone()).collect();
-    }
-    for (_, name) in &unexpected {
-        match src.on_unexpected_column {
-            UnexpectedColumnPolicy::RejectFile => {
-                return Err(Error::Input {
-                    location: InputLocation { file: file.into(), line: 1, column: Some(name.clone()) },
-                    message: format!("column '{name}' is not in the contract of source '{}'", src.name),
-                    fix: format!(
-                        "declare it in {} ([[columns]] name = \"{name}\"), or set on_unexpected_column = \"ignore\" or \"quarantine\"",
-                        src.file
-                    ),
-                });
-            }
-            UnexpectedColumnPolicy::Ignore => out
-                .warnings
-                .push(format!("{file}: column '{name}' is not in the contract; ignored")),
-            UnexpectedColumnPolicy::Quarantine => out.warnings.push(format!(
-                "{file}: column '{name}' is not in the contract; rows with a value in it are quarantined"
-            )),
-        }
-    }
-    for (ci, c) in src.columns.iter().enumerate() {
-        if !field_map.contains(&Some(ci)) {
-            if c.nullable {
-                out.warnings.push(format!(
-                    "{file}: the file has no column '{}'; it is NULL for every row",
-                    c.source
-                ));
-            } else {
-                return Err(Error::Input {
-                    location: InputLocation {
-                        file: file.into(),
-                        line: 1,
-                        column: Some(c.source.clone()),
-                    },
-                    message: format!(
-                        "the header lacks column '{}', which the contract requires (not null)",
-                        c.source
-                    ),
-                    fix: format!(
-                        "add the column to the file, map it with source = \"<header name>\", or declare it nullable in {}",
-                        src.file
-                    ),
-                });
-            }
-        }
-    }
-    if header_len == 0 {
-        header_len = field_map.len();
-    }
 
     // Each slice's builders are sized up front from the file's average row (newlines of its first
     // MiB), so they rarely grow by doubling and copying: a string column gets 1.5× an
@@ -322,7 +241,7 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
     };
     // Contract columns the file lacks (nullable, warned above): NULL in every row.
     let absent: Vec<usize> = (0..n_cols)
-        .filter(|ci| !field_map.contains(&Some(*ci)))
+        .filter(|ci| !header.field_map.contains(&Some(*ci)))
         .collect();
     let mut columns = new_columns();
     let mut emitted = false;
@@ -338,8 +257,6 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
         })
     };
     out.lines.reserve(cap);
-    // A field longer than every null token cannot be one.
-    let null_max = p.null_values.iter().map(|n| n.len()).max().unwrap_or(0);
     let mut errors: Vec<(String, String)> = Vec::new();
     while let Some(at) = record.next_record() {
         let raw_bytes = &data[at.start..at.end];
@@ -363,92 +280,7 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
         errors.clear();
         let kept = out.lines.len();
         // One check for the whole record: an all-ASCII record needs no per-field UTF-8 check.
-        let ascii = raw_bytes.is_ascii();
-        if record.len() != header_len {
-            let (column, what) = if record.len() > header_len {
-                let c = header_names.last().cloned().unwrap_or_default();
-                (
-                    c.clone(),
-                    format!(
-                        "{} value(s) after the last column '{c}'",
-                        record.len() - header_len
-                    ),
-                )
-            } else {
-                let c = header_names.get(record.len()).cloned().unwrap_or_default();
-                (c.clone(), format!("no value from column '{c}' on"))
-            };
-            errors.push((
-                column,
-                format!(
-                    "the row has {} fields but the header has {header_len} ({what}): a field holds an unquoted '{}' or the row is cut short; quote the field or fix the row",
-                    record.len(),
-                    p.delimiter
-                ),
-            ));
-        } else {
-            for (fi, field) in record.iter().enumerate() {
-                let Some(Some(ci)) = field_map.get(fi).copied() else {
-                    if !field.is_empty()
-                        && src.on_unexpected_column == UnexpectedColumnPolicy::Quarantine
-                    {
-                        let name = unexpected
-                            .iter()
-                            .find(|(i, _)| *i == fi)
-                            .map(|(_, n)| n.clone())
-                            .unwrap_or_default();
-                        errors.push((name.clone(), format!("unexpected column '{name}' holds a value; it is not in the contract")));
-                    }
-                    continue;
-                };
-                let col = &src.columns[ci];
-                let field = if p.trim { field.trim_ascii() } else { field };
-                let text = match if ascii {
-                    // SAFETY: ASCII bytes are valid UTF-8.
-                    Ok(unsafe { std::str::from_utf8_unchecked(field) })
-                } else {
-                    std::str::from_utf8(field)
-                } {
-                    // Spaces around a number, a date or a flag are not data: typed columns
-                    // read through them; strings keep them unless `trim` is set.
-                    Ok(t) if matches!(col.ty, ColumnType::String) => t,
-                    Ok(t) => t.trim_matches(|c: char| c.is_ascii_whitespace()),
-                    Err(e) => {
-                        errors.push((
-                            col.name.clone(),
-                            format!(
-                                "column '{}' holds invalid UTF-8 (byte 0x{:02X} at offset {}); if the file is not UTF-8, set parse.encoding (e.g. \"windows-1252\")",
-                                col.name,
-                                field[e.valid_up_to()],
-                                e.valid_up_to()
-                            ),
-                        ));
-                        continue;
-                    }
-                };
-                if text.len() <= null_max && p.null_values.iter().any(|n| n == text) {
-                    if !col.nullable {
-                        errors.push((
-                            col.name.clone(),
-                            format!("column '{}' is required (not null) but empty", col.name),
-                        ));
-                    }
-                    columns[ci].push_null();
-                    continue;
-                }
-                let buf = &mut columns[ci];
-                if let ColumnType::String = col.ty {
-                    buf.push_str(text);
-                    continue;
-                }
-                match parse_scalar(text, &col.ty, &fmts) {
-                    Ok(v) => buf.push(v),
-                    Err(m) => {
-                        errors.push((col.name.clone(), format!("column '{}': {m}", col.name)))
-                    }
-                }
-            }
-        }
+        row.read(&record, raw_bytes.is_ascii(), &mut columns, &mut errors);
         if errors.is_empty() {
             for ci in &absent {
                 columns[*ci].push_null();
@@ -490,6 +322,242 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
     }
     out.lines = Vec::new();
     Ok(out)
+}
+
+/// How a file's fields map to the contract's columns.
+struct Header {
+    /// Field index → the contract column it holds (None: a column not in the contract).
+    field_map: Vec<Option<usize>>,
+    /// The fields not in the contract: index and name.
+    unexpected: Vec<(usize, String)>,
+    /// How many fields a row has.
+    len: usize,
+    names: Vec<String>,
+}
+
+impl Header {
+    /// Read the file's header (when it has one; else the contract's columns in order) and
+    /// hold it against the contract, with the source's policy for columns it does not
+    /// declare. None: the file holds nothing.
+    fn read(
+        record: &mut Records<'_>,
+        file: &str,
+        src: &Source,
+        out: &mut ParsedFile,
+    ) -> Result<Option<Header>> {
+        let n_cols = src.columns.len();
+        let mut h = Header {
+            field_map: Vec::new(),
+            unexpected: Vec::new(),
+            len: n_cols,
+            names: Vec::new(),
+        };
+        if src.parse.header {
+            if record.next_record().is_none() {
+                return Ok(None);
+            }
+            h.len = record.len();
+            for (i, field) in record.iter().enumerate() {
+                let name = String::from_utf8_lossy(field).trim().to_string();
+                h.names.push(name.clone());
+                match src.columns.iter().position(|c| c.source == name) {
+                    Some(ci) if h.field_map.contains(&Some(ci)) => {
+                        return Err(Error::Input {
+                            location: InputLocation {
+                                file: file.into(),
+                                line: 1,
+                                column: Some(name.clone()),
+                            },
+                            message: format!("the header names column '{name}' twice"),
+                            fix: "remove or rename the second column in the file".into(),
+                        });
+                    }
+                    Some(ci) => h.field_map.push(Some(ci)),
+                    None => {
+                        h.field_map.push(None);
+                        h.unexpected.push((i, name));
+                    }
+                }
+            }
+        } else {
+            h.field_map = (0..n_cols).map(Some).collect();
+            h.names = src.columns.iter().map(|c| c.source.clone()).collect();
+        }
+        h.check(file, src, out)?;
+        if h.len == 0 {
+            h.len = h.field_map.len();
+        }
+        Ok(Some(h))
+    }
+
+    /// Apply the source's policy to the columns it does not declare, and refuse a file that
+    /// lacks a required one (warn of a missing nullable one).
+    fn check(&self, file: &str, src: &Source, out: &mut ParsedFile) -> Result<()> {
+        for (_, name) in &self.unexpected {
+            match src.on_unexpected_column {
+                UnexpectedColumnPolicy::RejectFile => {
+                    return Err(Error::Input {
+                        location: InputLocation { file: file.into(), line: 1, column: Some(name.clone()) },
+                        message: format!("column '{name}' is not in the contract of source '{}'", src.name),
+                        fix: format!(
+                            "declare it in {} ([[columns]] name = \"{name}\"), or set on_unexpected_column = \"ignore\" or \"quarantine\"",
+                            src.file
+                        ),
+                    });
+                }
+                UnexpectedColumnPolicy::Ignore => out
+                    .warnings
+                    .push(format!("{file}: column '{name}' is not in the contract; ignored")),
+                UnexpectedColumnPolicy::Quarantine => out.warnings.push(format!(
+                    "{file}: column '{name}' is not in the contract; rows with a value in it are quarantined"
+                )),
+            }
+        }
+        for (ci, c) in src.columns.iter().enumerate() {
+            if self.field_map.contains(&Some(ci)) {
+                continue;
+            }
+            if c.nullable {
+                out.warnings.push(format!(
+                    "{file}: the file has no column '{}'; it is NULL for every row",
+                    c.source
+                ));
+                continue;
+            }
+            return Err(Error::Input {
+                location: InputLocation {
+                    file: file.into(),
+                    line: 1,
+                    column: Some(c.source.clone()),
+                },
+                message: format!(
+                    "the header lacks column '{}', which the contract requires (not null)",
+                    c.source
+                ),
+                fix: format!(
+                    "add the column to the file, map it with source = \"<header name>\", or declare it nullable in {}",
+                    src.file
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads one record's fields into the column buffers, by the header and the contract.
+struct RowReader<'a> {
+    src: &'a Source,
+    header: &'a Header,
+    fmts: TemporalFormats,
+    /// The longest null token: a longer field is not one.
+    null_max: usize,
+}
+
+impl RowReader<'_> {
+    /// Push the record's values into `columns`; what is wrong with it goes to `errors` as
+    /// (column, reason). `ascii`: the record is all ASCII (no field needs a UTF-8 check).
+    #[inline]
+    fn read(
+        &self,
+        record: &Records<'_>,
+        ascii: bool,
+        columns: &mut [ColumnBuf],
+        errors: &mut Vec<(String, String)>,
+    ) {
+        let (src, p) = (self.src, &self.src.parse);
+        if record.len() != self.header.len {
+            errors.push(self.field_count_error(record.len()));
+            return;
+        }
+        for (fi, field) in record.iter().enumerate() {
+            let Some(Some(ci)) = self.header.field_map.get(fi).copied() else {
+                if !field.is_empty()
+                    && src.on_unexpected_column == UnexpectedColumnPolicy::Quarantine
+                {
+                    let name = self
+                        .header
+                        .unexpected
+                        .iter()
+                        .find(|(i, _)| *i == fi)
+                        .map(|(_, n)| n.clone())
+                        .unwrap_or_default();
+                    errors.push((
+                        name.clone(),
+                        format!(
+                            "unexpected column '{name}' holds a value; it is not in the contract"
+                        ),
+                    ));
+                }
+                continue;
+            };
+            let col = &src.columns[ci];
+            let field = if p.trim { field.trim_ascii() } else { field };
+            let text = match if ascii {
+                // SAFETY: ASCII bytes are valid UTF-8.
+                Ok(unsafe { std::str::from_utf8_unchecked(field) })
+            } else {
+                std::str::from_utf8(field)
+            } {
+                // Spaces around a number, a date or a flag are not data: typed columns read
+                // through them; strings keep them unless `trim` is set.
+                Ok(t) if matches!(col.ty, ColumnType::String) => t,
+                Ok(t) => t.trim_matches(|c: char| c.is_ascii_whitespace()),
+                Err(e) => {
+                    errors.push((
+                        col.name.clone(),
+                        format!(
+                            "column '{}' holds invalid UTF-8 (byte 0x{:02X} at offset {}); if the file is not UTF-8, set parse.encoding (e.g. \"windows-1252\")",
+                            col.name,
+                            field[e.valid_up_to()],
+                            e.valid_up_to()
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            if text.len() <= self.null_max && p.null_values.iter().any(|n| n == text) {
+                if !col.nullable {
+                    errors.push((
+                        col.name.clone(),
+                        format!("column '{}' is required (not null) but empty", col.name),
+                    ));
+                }
+                columns[ci].push_null();
+                continue;
+            }
+            let buf = &mut columns[ci];
+            if let ColumnType::String = col.ty {
+                buf.push_str(text);
+                continue;
+            }
+            match parse_scalar(text, &col.ty, &self.fmts) {
+                Ok(v) => buf.push(v),
+                Err(m) => errors.push((col.name.clone(), format!("column '{}': {m}", col.name))),
+            }
+        }
+    }
+
+    /// Why a record with `n` fields does not fit the header.
+    fn field_count_error(&self, n: usize) -> (String, String) {
+        let h = self.header;
+        let (column, what) = if n > h.len {
+            let c = h.names.last().cloned().unwrap_or_default();
+            (
+                c.clone(),
+                format!("{} value(s) after the last column '{c}'", n - h.len),
+            )
+        } else {
+            let c = h.names.get(n).cloned().unwrap_or_default();
+            (c.clone(), format!("no value from column '{c}' on"))
+        };
+        (
+            column,
+            format!(
+                "the row has {n} fields but the header has {} ({what}): a field holds an unquoted '{}' or the row is cut short; quote the field or fix the row",
+                h.len, self.src.parse.delimiter
+            ),
+        )
+    }
 }
 
 fn trim_newline(b: &[u8]) -> &[u8] {
