@@ -216,16 +216,7 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
     };
     let n_cols = src.columns.len();
 
-    // Each slice's builders are sized up front from the file's average row (newlines of its first
-    // MiB), so they rarely grow by doubling and copying: a string column gets 1.5× an
-    // average column's share of a slice's bytes (a wider one grows once). A slice's buffers
-    // are freed once it is encoded, and the next slice's come back from the allocator's heap.
-    // The average row is read off the first MiB (a whole-file count cost a pass over every byte).
-    let sample = &data[..data.len().min(1 << 20)];
-    let sample_rows = memchr::memchr_iter(b'\n', sample).count() + 1;
-    let rows_hint = (data.len() / (sample.len() / sample_rows).max(1)).max(1);
-    let cap = rows_hint.min(slice_rows);
-    let str_bytes = data.len() / rows_hint * cap / n_cols.max(1) * 3 / 2;
+    let (cap, str_bytes) = slice_capacity(data, slice_rows, n_cols);
     let schema = Arc::new(Schema::new(
         src.columns
             .iter()
@@ -322,6 +313,20 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
     }
     out.lines = Vec::new();
     Ok(out)
+}
+
+/// How many rows, and string bytes per column, a slice's builders are sized for up front.
+///
+/// From the file's average row (newlines of its first MiB; a whole-file count cost a pass over
+/// every byte), so they rarely grow by doubling and copying: a string column gets 1.5× an
+/// average column's share of a slice's bytes (a wider one grows once). A slice's buffers are
+/// freed once it is encoded, and the next slice's come back from the allocator's heap.
+fn slice_capacity(data: &[u8], slice_rows: usize, n_cols: usize) -> (usize, usize) {
+    let sample = &data[..data.len().min(1 << 20)];
+    let sample_rows = memchr::memchr_iter(b'\n', sample).count() + 1;
+    let rows_hint = (data.len() / (sample.len() / sample_rows).max(1)).max(1);
+    let cap = rows_hint.min(slice_rows);
+    (cap, data.len() / rows_hint * cap / n_cols.max(1) * 3 / 2)
 }
 
 /// How a file's fields map to the contract's columns.

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::{Input, ParsedFile, Parser, Reject, Slice, escape_raw};
 use crate::error::{Error, InputLocation, Result};
-use crate::project::config::{Format, UnexpectedColumnPolicy};
+use crate::project::config::{Format, Source, UnexpectedColumnPolicy};
 use crate::project::contract::{TemporalFormats, check_json};
 
 /// One record's place in the file; its value is parsed when it is checked (so a file's records
@@ -51,50 +51,23 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
         return Ok(out);
     };
     let is_array = data[first] == b'[';
-    match (src.format, is_array) {
-        (Format::JsonArray, false) => {
-            return Err(Error::Input {
-                location: InputLocation {
-                    file: file.into(),
-                    line: line_of(data, first),
-                    column: None,
-                },
-                message: "expected a top-level JSON array ('[')".into(),
-                fix: format!(
-                    "set format = \"ndjson\" (or \"json\" to detect) in {}",
-                    src.file
-                ),
-            });
-        }
-        (Format::Ndjson, true) => {
-            return Err(Error::Input {
-                location: InputLocation {
-                    file: file.into(),
-                    line: line_of(data, first),
-                    column: None,
-                },
-                message: "expected one JSON object per line, found a top-level array".into(),
-                fix: format!(
-                    "set format = \"json_array\" (or \"json\" to detect) in {}",
-                    src.file
-                ),
-            });
-        }
-        _ => {}
-    }
+    check_shape(data, first, is_array, file, src)?;
     let records = if is_array {
         split_array(data, first, &mut out)
     } else {
         split_lines(data)
     };
-
-    let fmts = TemporalFormats {
-        date: src.parse.date_formats.clone(),
-        timestamp: src.parse.timestamp_formats.clone(),
+    let mut checker = RecordChecker {
+        src,
+        file,
+        fmts: TemporalFormats {
+            date: src.parse.date_formats.clone(),
+            timestamp: src.parse.timestamp_formats.clone(),
+        },
+        ignored_warned: false,
     };
     let mut good: Vec<Value> = Vec::new();
     let mut good_lines: Vec<i64> = Vec::new();
-    let mut ignored_warned = false;
     let hold = src.on_unexpected_column == UnexpectedColumnPolicy::RejectFile;
     let mut held: Vec<Slice> = Vec::new();
     let mut emitted = false;
@@ -129,115 +102,14 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
         Ok(())
     };
     for rec in records {
-        let value = rec.value.and_then(|()| {
-            serde_json::from_slice::<Record>(rec.raw)
-                .map(|r| r.0)
-                .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))
-        });
-        let obj = match value {
-            Ok(Value::Object(m)) => m,
-            Ok(other) => {
-                out.rejects.push(Reject {
-                    line: rec.line,
-                    column: None,
-                    reason: format!("expected a JSON object, found {}", kind(&other)),
-                    raw: escape_raw(rec.raw),
-                });
-                continue;
-            }
-            Err(reason) => {
-                out.rejects.push(Reject {
-                    line: rec.line,
-                    column: None,
-                    reason,
-                    raw: escape_raw(rec.raw),
-                });
-                continue;
-            }
-        };
-        let mut unexpected: Vec<String> = obj
-            .keys()
-            .filter(|k| !src.columns.iter().any(|c| &c.source == *k))
-            .cloned()
-            .collect();
-        let mut normalized = serde_json::Map::with_capacity(src.columns.len());
-        let mut error: Option<(String, String)> = None;
-        for c in &src.columns {
-            let v = obj.get(&c.source);
-            if v.is_none() && !c.nullable {
-                error = Some((
-                    c.name.clone(),
-                    format!("required field '{}' is missing", c.source),
-                ));
-                break;
-            }
-            match check_json(
-                v.unwrap_or(&Value::Null),
-                c,
-                &c.name,
-                &fmts,
-                &mut unexpected,
-            ) {
-                Ok(nv) => {
-                    normalized.insert(c.name.clone(), nv);
-                }
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        if error.is_none() && !unexpected.is_empty() {
-            match src.on_unexpected_column {
-                UnexpectedColumnPolicy::RejectFile => {
-                    return Err(Error::Input {
-                        location: InputLocation {
-                            file: file.into(),
-                            line: rec.line,
-                            column: Some(unexpected[0].clone()),
-                        },
-                        message: format!(
-                            "field '{}' is not in the contract of source '{}'",
-                            unexpected[0], src.name
-                        ),
-                        fix: format!(
-                            "declare it in {}, or set on_unexpected_column = \"ignore\" or \"quarantine\"",
-                            src.file
-                        ),
-                    });
-                }
-                UnexpectedColumnPolicy::Quarantine => {
-                    error = Some((
-                        unexpected[0].clone(),
-                        format!(
-                            "unexpected field(s) {} not in the contract",
-                            unexpected
-                                .iter()
-                                .map(|u| format!("'{u}'"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ));
-                }
-                UnexpectedColumnPolicy::Ignore => {
-                    if !ignored_warned {
-                        out.warnings.push(format!(
-                            "{file}: field(s) {} not in the contract; ignored",
-                            unexpected.join(", ")
-                        ));
-                        ignored_warned = true;
-                    }
-                }
-            }
-        }
-        match error {
-            Some((column, reason)) => out.rejects.push(Reject {
+        match checker.check(&rec, &mut out.warnings)? {
+            Err((column, reason)) => out.rejects.push(Reject {
                 line: rec.line,
-                column: Some(column),
+                column,
                 reason,
                 raw: escape_raw(rec.raw),
             }),
-            None => {
+            Ok(normalized) => {
                 good.push(Value::Object(normalized));
                 good_lines.push(rec.line as i64);
                 if good.len() >= slice_rows {
@@ -255,6 +127,135 @@ fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result
         sink(slice)?;
     }
     Ok(out)
+}
+
+/// Refuse a file whose shape (one array, or one object per line) is not the declared format.
+fn check_shape(data: &[u8], first: usize, is_array: bool, file: &str, src: &Source) -> Result<()> {
+    let (message, format) = match (src.format, is_array) {
+        (Format::JsonArray, false) => ("expected a top-level JSON array ('[')", "ndjson"),
+        (Format::Ndjson, true) => (
+            "expected one JSON object per line, found a top-level array",
+            "json_array",
+        ),
+        _ => return Ok(()),
+    };
+    Err(Error::Input {
+        location: InputLocation {
+            file: file.into(),
+            line: line_of(data, first),
+            column: None,
+        },
+        message: message.into(),
+        fix: format!(
+            "set format = \"{format}\" (or \"json\" to detect) in {}",
+            src.file
+        ),
+    })
+}
+
+/// A record's values by contract column, or why it is refused (the column, when one is to
+/// blame).
+type Checked = std::result::Result<serde_json::Map<String, Value>, (Option<String>, String)>;
+
+/// Checks records against the contract, one at a time.
+struct RecordChecker<'a> {
+    src: &'a Source,
+    file: &'a str,
+    fmts: TemporalFormats,
+    /// Fields the contract ignores are warned of once per file.
+    ignored_warned: bool,
+}
+
+impl RecordChecker<'_> {
+    /// Parse `rec` and check it; `Err`: the source refuses the whole file for it (a field
+    /// not in the contract under `on_unexpected_column = "reject_file"`).
+    fn check(&mut self, rec: &RawRecord<'_>, warnings: &mut Vec<String>) -> Result<Checked> {
+        let value = rec.value.clone().and_then(|()| {
+            serde_json::from_slice::<Record>(rec.raw)
+                .map(|r| r.0)
+                .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))
+        });
+        let obj = match value {
+            Ok(Value::Object(m)) => m,
+            Ok(other) => {
+                return Ok(Err((
+                    None,
+                    format!("expected a JSON object, found {}", kind(&other)),
+                )));
+            }
+            Err(reason) => return Ok(Err((None, reason))),
+        };
+        let src = self.src;
+        let mut unexpected: Vec<String> = obj
+            .keys()
+            .filter(|k| !src.columns.iter().any(|c| &c.source == *k))
+            .cloned()
+            .collect();
+        let mut normalized = serde_json::Map::with_capacity(src.columns.len());
+        for c in &src.columns {
+            let v = obj.get(&c.source);
+            if v.is_none() && !c.nullable {
+                return Ok(Err((
+                    Some(c.name.clone()),
+                    format!("required field '{}' is missing", c.source),
+                )));
+            }
+            match check_json(
+                v.unwrap_or(&Value::Null),
+                c,
+                &c.name,
+                &self.fmts,
+                &mut unexpected,
+            ) {
+                Ok(nv) => {
+                    normalized.insert(c.name.clone(), nv);
+                }
+                Err((column, reason)) => return Ok(Err((Some(column), reason))),
+            }
+        }
+        if unexpected.is_empty() {
+            return Ok(Ok(normalized));
+        }
+        match src.on_unexpected_column {
+            UnexpectedColumnPolicy::RejectFile => Err(Error::Input {
+                location: InputLocation {
+                    file: self.file.into(),
+                    line: rec.line,
+                    column: Some(unexpected[0].clone()),
+                },
+                message: format!(
+                    "field '{}' is not in the contract of source '{}'",
+                    unexpected[0], src.name
+                ),
+                fix: format!(
+                    "declare it in {}, or set on_unexpected_column = \"ignore\" or \"quarantine\"",
+                    src.file
+                ),
+            }),
+            UnexpectedColumnPolicy::Quarantine => Ok(Err((
+                Some(unexpected[0].clone()),
+                format!(
+                    "unexpected field(s) {} not in the contract",
+                    unexpected
+                        .iter()
+                        .map(|u| format!("'{u}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))),
+            UnexpectedColumnPolicy::Ignore => {
+                if !self.ignored_warned {
+                    warnings.push(format!(
+                        "{}: field(s) {} not in the contract; ignored",
+                        self.file,
+                        unexpected.join(", ")
+                    ));
+                    self.ignored_warned = true;
+                }
+                Ok(Ok(normalized))
+            }
+        }
+    }
 }
 
 /// A record parsed as a JSON value whose top-level object may not name a field twice (which
