@@ -28,6 +28,96 @@ use crate::lake::sql_text::{ident as q, literal, partition_in};
 pub use crate::lake::catalog::NEW_SCHEMA;
 pub use crate::lake::meta::runs::{BuildMode, ModelMetrics, ModelState, ModelStatus};
 
+/// A MERGE's increment (the rows to write), and the rows to delete with it.
+const MERGE_SRC: &str = "__silt_src";
+const MERGE_STALE: &str = "__silt_stale";
+/// The target's current partition (and recompute columns) of each key of the increment.
+const MERGE_OLD: &str = "__silt_old";
+
+/// The column of [`MERGE_OLD`] holding the target's current value of `c`.
+fn old_of(c: &str) -> String {
+    format!("__silt_old_{}", c.replace('"', ""))
+}
+
+/// `t.k = s.k AND …` over the unique key.
+fn key_eq(keys: &[String]) -> String {
+    keys.iter()
+        .map(|k| format!("t.{c} = s.{c}", c = q(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// on_schema_change: whether the target gains columns (`in_target` says which it has); an
+/// error naming them when the model does not allow it.
+fn new_columns_allowed(
+    m: &Model,
+    t: &TableRef,
+    cols: &[String],
+    in_target: impl Fn(&str) -> bool,
+) -> Result<bool> {
+    let new_cols: Vec<&String> = cols.iter().filter(|c| !in_target(c.as_str())).collect();
+    if new_cols.is_empty() {
+        return Ok(false);
+    }
+    if m.config.on_schema_change == OnSchemaChange::AppendNewColumns {
+        return Ok(true);
+    }
+    Err(Error::config(
+        &m.file,
+        format!(
+            "the model's output gained column(s) {} that {t} does not have; set on_schema_change='append_new_columns' in its config, or rebuild with --full-refresh",
+            new_cols
+                .iter()
+                .map(|c| format!("'{c}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// The rows a MERGE applies, tagged `upsert` or `delete` in `__silt_op`, and its predicate.
+/// With partition_by, a key whose partition changed is deleted from its old partition (the
+/// predicate matches by partition too, so files of other partitions are not read).
+fn staged_sql(m: &Model, cols: &[String], stale: bool) -> (String, String) {
+    let keys = &m.config.unique_key;
+    let stale_union = if stale {
+        format!(" union all select *, 'delete' as __silt_op from {MERGE_STALE}")
+    } else {
+        String::new()
+    };
+    let key_eq = key_eq(keys);
+    let Some(p) = &m.config.partition_by else {
+        return (
+            format!("select s.*, 'upsert' as __silt_op from {MERGE_SRC} s{stale_union}"),
+            key_eq,
+        );
+    };
+    let select_old = cols
+        .iter()
+        .map(|c| {
+            if c == p {
+                format!("o.{} as {}", q(&old_of(c)), q(c))
+            } else {
+                format!("s.{}", q(c))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key_old = keys
+        .iter()
+        .map(|k| format!("o.{c} = s.{c}", c = q(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    (
+        format!(
+            "select s.*, 'upsert' as __silt_op from {MERGE_SRC} s              union all              select distinct {select_old}, 'delete' as __silt_op from {MERGE_SRC} s join {MERGE_OLD} o on {key_old}              where o.{po} is distinct from s.{pq}{stale_union}",
+            pq = q(p),
+            po = q(&old_of(p))
+        ),
+        format!("{key_eq} AND t.{pq} = s.{pq}", pq = q(p)),
+    )
+}
+
 /// A MERGE's target restricted to the key range of its increment ([`Materializer::in_key_range`]).
 const KEY_RANGE: &str = "__silt_in_range";
 
@@ -85,6 +175,61 @@ struct Recompute {
     /// How many values are recomputed, and the target's rows before the build.
     values: u64,
     target_rows: u64,
+}
+
+/// What an incremental build reads, or that (and why) it runs in full.
+struct Increment {
+    incremental: bool,
+    /// Upstream table → the relation of its rows to read (new rows, or the partitions to redo).
+    relations: BTreeMap<String, String>,
+    /// partition_overwrite: the partition values that changed upstream.
+    touched: BTreeSet<String>,
+    recompute: Option<Recompute>,
+    /// Why it runs in full, when there is more to say than "first build".
+    fallback: Option<FullBuild>,
+    /// Tables registered in the scratch schema for this build, dropped after it.
+    registered: Vec<String>,
+}
+
+impl Increment {
+    /// A full build.
+    fn full(why: Option<FullBuild>) -> Self {
+        Increment {
+            incremental: false,
+            relations: BTreeMap::new(),
+            touched: BTreeSet::new(),
+            recompute: None,
+            fallback: why,
+            registered: Vec::new(),
+        }
+    }
+}
+
+/// The partition columns of a table.
+fn partition_columns(t: &DeltaTable) -> Vec<String> {
+    t.snapshot()
+        .map(|s| s.metadata().partition_columns().to_vec())
+        .unwrap_or_default()
+}
+
+/// Count the files (and for a build that is not a MERGE, the rows) a build added and removed.
+fn count_files(metrics: &mut ModelMetrics, before: &FileMap, after: &FileMap, merged: bool) {
+    for (p, (size, rows, _)) in after {
+        if !before.contains_key(p) {
+            metrics.files_added += 1;
+            metrics.bytes_added += size;
+            metrics.added_files.push(p.clone());
+            if !merged {
+                metrics.rows_inserted += rows;
+            }
+        }
+    }
+    for (p, (size, _, _)) in before {
+        if !after.contains_key(p) {
+            metrics.files_removed += 1;
+            metrics.bytes_removed += size;
+        }
+    }
 }
 
 /// Active files of a table: path → (size, rows, partition values).
@@ -259,7 +404,6 @@ impl Materializer<'_> {
     pub async fn build(&self, m: &Model) -> Result<ModelMetrics> {
         let started = Instant::now();
         let t = m.table();
-        let lake = self.catalog.lake();
         let Current {
             target,
             state,
@@ -288,221 +432,36 @@ impl Materializer<'_> {
         // A changed model keeps building incrementally (as in dbt): `--full-refresh` applies new logic
         // to old rows, and on_schema_change governs new columns.
         let prev = state.filter(|_| !self.full_refresh);
-        let mut incremental = prev.is_some() && m.config.materialized != Materialized::Table;
         let before = if target.version().is_some() {
             files_of(&target)?
         } else {
             FileMap::new()
         };
-
-        // Relations for an incremental build.
-        let mut relations: BTreeMap<String, String> = BTreeMap::new();
-        let mut touched: BTreeSet<String> = BTreeSet::new();
-        let new_schema = self.new_schema()?;
-        let mut registered = Vec::new();
-        let mut recompute: Option<Recompute> = None;
-        // Why an incremental build falls back to a full one, when the user should be told.
-        let mut fallback: Option<FullBuild> = None;
-        if let (Some(prev), Some(column)) = (&prev, &m.config.recompute_by)
-            && incremental
-        {
-            let target_rows: u64 = before.values().map(|f| f.1).sum();
-            match self
-                .recompute_plan(
-                    m,
-                    column,
-                    &ups,
-                    &up_tables,
-                    prev,
-                    target_rows,
-                    &mut registered,
-                )
-                .await?
-            {
-                Ok((rels, keys, values)) => {
-                    relations = rels;
-                    recompute = Some(Recompute {
-                        column: column.clone(),
-                        keys,
-                        values,
-                        target_rows,
-                    });
-                }
-                Err(why) => {
-                    incremental = false;
-                    fallback = Some(why);
-                }
+        let mut inc = match &prev {
+            Some(prev) if m.config.materialized != Materialized::Table => {
+                let target_rows: u64 = before.values().map(|f| f.1).sum();
+                self.increment(m, prev, &ups, &up_tables, target_rows)
+                    .await?
             }
-        } else if let Some(prev) = &prev
-            && incremental
-        {
-            for u in &ups {
-                let key = u.to_string();
-                let ut = &up_tables[&key];
-                let Some(pv) = prev.upstream.get(&key).copied() else {
-                    incremental = false;
-                    break;
-                };
-                if Some(pv) == ut.version() {
-                    if m.config.materialized != Materialized::PartitionOverwrite {
-                        // Nothing new upstream: an empty selection.
-                        let p = ut
-                            .table_provider()
-                            .with_file_selection(crate::lake::storage::select_files(
-                                Vec::<String>::new(),
-                            ))
-                            .await?;
-                        let name = format!("{}__{}", u.layer.schema_name(), u.name);
-                        new_schema.register_table(name.clone(), p)?;
-                        registered.push(name.clone());
-                        relations.insert(key, format!("{NEW_SCHEMA}.{name}"));
-                    }
-                    continue;
-                }
-                // The version last read may be gone (an erasure purged it): rebuild in full.
-                let then = match lake.delta_table_at(&u.rel_path(), pv).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        fallback = Some(FullBuild::warn(format!(
-                            "upstream {u} version {pv}, which the last build read, is not readable ({e}); built in full"
-                        )));
-                        incremental = false;
-                        break;
-                    }
-                };
-                let (now_files, then_files) = (files_of(ut)?, files_of(&then)?);
-                let added: Vec<&String> = now_files
-                    .keys()
-                    .filter(|p| !then_files.contains_key(*p))
-                    .collect();
-                let removed: Vec<&String> = then_files
-                    .keys()
-                    .filter(|p| !now_files.contains_key(*p))
-                    .collect();
-                match m.config.materialized {
-                    Materialized::PartitionOverwrite => {
-                        let pcol = m.config.partition_by.clone().unwrap_or_default();
-                        let parts = ut
-                            .snapshot()
-                            .map(|s| s.metadata().partition_columns().to_vec())
-                            .unwrap_or_default();
-                        if !parts.contains(&pcol) {
-                            incremental = false; // cannot tell which partitions changed
-                            break;
-                        }
-                        for p in added
-                            .iter()
-                            .map(|p| &now_files[*p])
-                            .chain(removed.iter().map(|p| &then_files[*p]))
-                        {
-                            if let Some(Some(v)) = p.2.get(&pcol) {
-                                touched.insert(v.clone());
-                            }
-                        }
-                    }
-                    _ => {
-                        let p = ut
-                            .table_provider()
-                            .with_file_selection(crate::lake::storage::select_files(
-                                added.iter().map(|s| s.to_string()),
-                            ))
-                            .await?;
-                        let name = format!("{}__{}", u.layer.schema_name(), u.name);
-                        new_schema.register_table(name.clone(), p)?;
-                        registered.push(name.clone());
-                        let mut rel = format!("{NEW_SCHEMA}.{name}");
-                        // Files were removed too (a compaction, an erasure, a replaced file):
-                        // the rows they held and the added files hold again are not new.
-                        if !removed.is_empty() {
-                            match self
-                                .without_removed(u, ut, &then, &removed, &then_files, &rel, &name)
-                                .await?
-                            {
-                                Ok((r, n)) => {
-                                    rel = r;
-                                    registered.push(n);
-                                }
-                                Err(why) => {
-                                    fallback = Some(why);
-                                    incremental = false;
-                                    break;
-                                }
-                            }
-                        }
-                        // Lookback: the upstream rows dated up to N days before the earliest new
-                        // row come along as context for the model's window functions.
-                        if let (Some(days), Some(lcol)) =
-                            (m.config.lookback_days, &m.config.lookback_column)
-                        {
-                            let has_col = ut
-                                .snapshot()
-                                .map(|s| s.schema().field(lcol).is_some())
-                                .unwrap_or(false);
-                            if has_col
-                                && let Some(start) = self
-                                    .scalar(&format!(
-                                        "select cast(min({}) as varchar) from {rel}",
-                                        q(lcol)
-                                    ))
-                                    .await?
-                            {
-                                // Context rows come from the files that are not new, so a
-                                // plain UNION ALL holds no row twice (a UNION would
-                                // deduplicate every row through a wide hash aggregate).
-                                let old: Vec<String> = now_files
-                                    .keys()
-                                    .filter(|p| !added.contains(p))
-                                    .cloned()
-                                    .collect();
-                                let cp = ut
-                                    .table_provider()
-                                    .with_file_selection(crate::lake::storage::select_files(old))
-                                    .await?;
-                                let ctx_name = format!("{name}__context");
-                                new_schema.register_table(ctx_name.clone(), cp)?;
-                                registered.push(ctx_name.clone());
-                                rel = format!(
-                                    "(select * from {rel} union all select * from {NEW_SCHEMA}.{ctx_name} where {c} >= cast('{start}' as date) - interval '{days} days')",
-                                    c = q(lcol)
-                                );
-                            }
-                        }
-                        relations.insert(key, rel);
-                    }
-                }
-            }
-            if m.config.materialized == Materialized::PartitionOverwrite && incremental {
-                if touched.is_empty() {
-                    incremental = false;
-                } else {
-                    let pcol = m.config.partition_by.clone().unwrap_or_default();
-                    for u in &ups {
-                        let parts = up_tables[&u.to_string()]
-                            .snapshot()
-                            .map(|s| s.metadata().partition_columns().to_vec())
-                            .unwrap_or_default();
-                        if parts.contains(&pcol) {
-                            let string = string_column(&up_tables[&u.to_string()], &pcol);
-                            relations.insert(
-                                u.to_string(),
-                                in_partitions(&u.to_string(), &pcol, string, &touched),
-                            );
-                        }
-                    }
-                }
-            }
+            _ => Increment::full(None),
+        };
+        if !inc.incremental {
+            inc.relations.clear();
+            inc.touched.clear();
+            inc.recompute = None;
         }
-        if !incremental {
-            relations.clear();
-            touched.clear();
-            recompute = None;
-        }
+        let incremental = inc.incremental;
         let chunks = if m.config.materialized == Materialized::PartitionOverwrite {
-            self.partition_chunks(m, &up_tables, &relations, incremental.then_some(&touched))?
+            self.partition_chunks(
+                m,
+                &up_tables,
+                &inc.relations,
+                incremental.then_some(&inc.touched),
+            )?
         } else {
             None
         };
-        let relations = chunks.unwrap_or_else(|| vec![relations]);
+        let relations = chunks.unwrap_or_else(|| vec![std::mem::take(&mut inc.relations)]);
         metrics.chunks = relations.len() as u64;
         tracing::debug!(model = %m.name, ms = started.elapsed().as_millis() as u64, "planned");
         let result = self
@@ -512,41 +471,26 @@ impl Materializer<'_> {
                 target,
                 incremental,
                 relations,
-                &touched,
-                recompute.as_ref(),
+                &inc.touched,
+                inc.recompute.as_ref(),
                 &new_state,
                 &mut metrics,
             )
             .await;
-        for name in registered {
-            let _ = new_schema.deregister_table(&name);
+        let new_schema = self.new_schema()?;
+        for name in &inc.registered {
+            let _ = new_schema.deregister_table(name);
         }
         let target = result?;
-        let after = files_of(&target)?;
         // Rows written: from the new files, except where a MERGE reported its own counts.
         let merged = incremental
             && matches!(
                 m.config.materialized,
                 Materialized::Incremental | Materialized::Snapshot
             );
-        for (p, (size, rows, _)) in &after {
-            if !before.contains_key(p) {
-                metrics.files_added += 1;
-                metrics.bytes_added += size;
-                metrics.added_files.push(p.clone());
-                if !merged {
-                    metrics.rows_inserted += rows;
-                }
-            }
-        }
-        for (p, (size, _, _)) in &before {
-            if !after.contains_key(p) {
-                metrics.files_removed += 1;
-                metrics.bytes_removed += size;
-            }
-        }
-        metrics.partitions = touched.into_iter().collect();
-        if let Some(f) = fallback.filter(|_| !incremental) {
+        count_files(&mut metrics, &before, &files_of(&target)?, merged);
+        metrics.partitions = std::mem::take(&mut inc.touched).into_iter().collect();
+        if let Some(f) = inc.fallback.filter(|_| !incremental) {
             tracing::info!(model = %m.name, "{}", f.why);
             metrics.message = Some(f.why.clone());
             if f.warn {
@@ -562,6 +506,224 @@ impl Materializer<'_> {
         metrics.version = target.version();
         metrics.ms = started.elapsed().as_millis() as u64;
         Ok(metrics)
+    }
+
+    /// What an incremental build of `m` reads, from what changed upstream since `prev`; or
+    /// why it runs in full instead.
+    async fn increment(
+        &self,
+        m: &Model,
+        prev: &ModelState,
+        ups: &[TableRef],
+        up_tables: &BTreeMap<String, DeltaTable>,
+        target_rows: u64,
+    ) -> Result<Increment> {
+        let mut inc = Increment::full(None);
+        inc.incremental = true;
+        if let Some(column) = &m.config.recompute_by {
+            match self
+                .recompute_plan(
+                    m,
+                    column,
+                    ups,
+                    up_tables,
+                    prev,
+                    target_rows,
+                    &mut inc.registered,
+                )
+                .await?
+            {
+                Ok((rels, keys, values)) => {
+                    inc.relations = rels;
+                    inc.recompute = Some(Recompute {
+                        column: column.clone(),
+                        keys,
+                        values,
+                        target_rows,
+                    });
+                }
+                Err(why) => {
+                    inc.incremental = false;
+                    inc.fallback = Some(why);
+                }
+            }
+            return Ok(inc);
+        }
+        for u in ups {
+            let Some(pv) = prev.upstream.get(&u.to_string()).copied() else {
+                inc.incremental = false;
+                break;
+            };
+            if !self
+                .upstream_change(m, u, &up_tables[&u.to_string()], pv, &mut inc)
+                .await?
+            {
+                inc.incremental = false;
+                break;
+            }
+        }
+        if m.config.materialized == Materialized::PartitionOverwrite && inc.incremental {
+            if inc.touched.is_empty() {
+                inc.incremental = false;
+            } else {
+                let pcol = m.config.partition_by.clone().unwrap_or_default();
+                for u in ups {
+                    let ut = &up_tables[&u.to_string()];
+                    if partition_columns(ut).contains(&pcol) {
+                        let string = string_column(ut, &pcol);
+                        inc.relations.insert(
+                            u.to_string(),
+                            in_partitions(&u.to_string(), &pcol, string, &inc.touched),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(inc)
+    }
+
+    /// What changed in upstream `u` since version `pv`, added to `inc`: the relation of its new
+    /// rows, or (partition_overwrite) the partition values its changed files hold. False: the
+    /// change cannot be read incrementally (why, in `inc.fallback` when the user should know).
+    async fn upstream_change(
+        &self,
+        m: &Model,
+        u: &TableRef,
+        ut: &DeltaTable,
+        pv: u64,
+        inc: &mut Increment,
+    ) -> Result<bool> {
+        let key = u.to_string();
+        let new_schema = self.new_schema()?;
+        if Some(pv) == ut.version() {
+            if m.config.materialized != Materialized::PartitionOverwrite {
+                // Nothing new upstream: an empty selection.
+                let p = ut
+                    .table_provider()
+                    .with_file_selection(crate::lake::storage::select_files(Vec::<String>::new()))
+                    .await?;
+                let name = format!("{}__{}", u.layer.schema_name(), u.name);
+                new_schema.register_table(name.clone(), p)?;
+                inc.registered.push(name.clone());
+                inc.relations.insert(key, format!("{NEW_SCHEMA}.{name}"));
+            }
+            return Ok(true);
+        }
+        // The version last read may be gone (an erasure purged it): rebuild in full.
+        let then = match self.catalog.lake().delta_table_at(&u.rel_path(), pv).await {
+            Ok(t) => t,
+            Err(e) => {
+                inc.fallback = Some(FullBuild::warn(format!(
+                    "upstream {u} version {pv}, which the last build read, is not readable ({e}); built in full"
+                )));
+                return Ok(false);
+            }
+        };
+        let (now_files, then_files) = (files_of(ut)?, files_of(&then)?);
+        let added: Vec<&String> = now_files
+            .keys()
+            .filter(|p| !then_files.contains_key(*p))
+            .collect();
+        let removed: Vec<&String> = then_files
+            .keys()
+            .filter(|p| !now_files.contains_key(*p))
+            .collect();
+        if m.config.materialized == Materialized::PartitionOverwrite {
+            let pcol = m.config.partition_by.clone().unwrap_or_default();
+            if !partition_columns(ut).contains(&pcol) {
+                return Ok(false); // cannot tell which partitions changed
+            }
+            for p in added
+                .iter()
+                .map(|p| &now_files[*p])
+                .chain(removed.iter().map(|p| &then_files[*p]))
+            {
+                if let Some(Some(v)) = p.2.get(&pcol) {
+                    inc.touched.insert(v.clone());
+                }
+            }
+            return Ok(true);
+        }
+        let p = ut
+            .table_provider()
+            .with_file_selection(crate::lake::storage::select_files(
+                added.iter().map(|s| s.to_string()),
+            ))
+            .await?;
+        let name = format!("{}__{}", u.layer.schema_name(), u.name);
+        new_schema.register_table(name.clone(), p)?;
+        inc.registered.push(name.clone());
+        let mut rel = format!("{NEW_SCHEMA}.{name}");
+        // Files were removed too (a compaction, an erasure, a replaced file): the rows they
+        // held and the added files hold again are not new.
+        if !removed.is_empty() {
+            match self
+                .without_removed(u, ut, &then, &removed, &then_files, &rel, &name)
+                .await?
+            {
+                Ok((r, n)) => {
+                    rel = r;
+                    inc.registered.push(n);
+                }
+                Err(why) => {
+                    inc.fallback = Some(why);
+                    return Ok(false);
+                }
+            }
+        }
+        let old: Vec<String> = now_files
+            .keys()
+            .filter(|p| !added.contains(p))
+            .cloned()
+            .collect();
+        let rel = self.with_lookback(m, ut, rel, &name, old, inc).await?;
+        inc.relations.insert(key, rel);
+        Ok(true)
+    }
+
+    /// Lookback: the upstream rows dated up to N days before the earliest new row come along
+    /// with the new rows `rel`, as context for the model's window functions. Context rows come
+    /// from the files that are not new (`old`), so a plain UNION ALL holds no row twice (a
+    /// UNION would deduplicate every row through a wide hash aggregate).
+    async fn with_lookback(
+        &self,
+        m: &Model,
+        ut: &DeltaTable,
+        rel: String,
+        name: &str,
+        old: Vec<String>,
+        inc: &mut Increment,
+    ) -> Result<String> {
+        let (Some(days), Some(lcol)) = (m.config.lookback_days, &m.config.lookback_column) else {
+            return Ok(rel);
+        };
+        let has_col = ut
+            .snapshot()
+            .map(|s| s.schema().field(lcol).is_some())
+            .unwrap_or(false);
+        if !has_col {
+            return Ok(rel);
+        }
+        let Some(start) = self
+            .scalar(&format!(
+                "select cast(min({}) as varchar) from {rel}",
+                q(lcol)
+            ))
+            .await?
+        else {
+            return Ok(rel);
+        };
+        let cp = ut
+            .table_provider()
+            .with_file_selection(crate::lake::storage::select_files(old))
+            .await?;
+        let ctx_name = format!("{name}__context");
+        self.new_schema()?.register_table(ctx_name.clone(), cp)?;
+        inc.registered.push(ctx_name.clone());
+        Ok(format!(
+            "(select * from {rel} union all select * from {NEW_SCHEMA}.{ctx_name} where {c} >= cast('{start}' as date) - interval '{days} days')",
+            c = q(lcol)
+        ))
     }
 
     /// Register the files an incremental build of `m` wrote as one relation, for tests that
@@ -1532,38 +1694,17 @@ impl Materializer<'_> {
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        // on_schema_change: columns the target does not have yet.
         let target_schema = target
             .snapshot()
             .map_err(|e| Error::delta(t.to_string(), e))?
             .schema();
-        let new_cols: Vec<&String> = cols
-            .iter()
-            .filter(|c| target_schema.field(c.as_str()).is_none())
-            .collect();
-        let evolve = !new_cols.is_empty();
-        if evolve && m.config.on_schema_change != OnSchemaChange::AppendNewColumns {
-            return Err(Error::config(
-                &m.file,
-                format!(
-                    "the model's output gained column(s) {} that {t} does not have; set on_schema_change='append_new_columns' in its config, or rebuild with --full-refresh",
-                    new_cols
-                        .iter()
-                        .map(|c| format!("'{c}'"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-        let src_name = "__silt_src";
-        let _ = self.ctx.deregister_table(src_name);
+        let evolve = new_columns_allowed(m, t, &cols, |c| target_schema.field(c).is_some())?;
+        let _ = self.ctx.deregister_table(MERGE_SRC);
         self.ctx.register_batch(
-            src_name,
+            MERGE_SRC,
             arrow::compute::concat_batches(&batches[0].schema(), &batches)?,
         )?;
-        // Rows the target already holds exactly (lookback context, re-deliveries) are dropped, so
-        // the MERGE rewrites only files that really change. With partition_by, only the source's
-        // partitions of the target are read for this.
+        // The target's columns in the increment's order (NULL for the ones it gains).
         let target_cols = cols
             .iter()
             .map(|c| {
@@ -1575,79 +1716,24 @@ impl Materializer<'_> {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        // The source's partitions as literals: a subquery would not prune the target's files.
-        let existing = match &m.config.partition_by {
-            Some(p) if target_schema.field(p.as_str()).is_some() => {
-                let pq = q(p);
-                let parts = self.collect(m, &format!(
-                        "select distinct cast({pq} as varchar) from {src_name} where {pq} is not null"
-                    )).await?;
-                let mut list = Vec::new();
-                for b in &parts {
-                    let c = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
-                    let c = c.as_any().downcast_ref::<arrow::array::StringArray>();
-                    for v in c.into_iter().flatten().flatten() {
-                        list.push(literal(v));
-                    }
-                }
-                if list.is_empty() {
-                    format!("select {target_cols} from {t} where false")
-                } else {
-                    format!(
-                        "select {target_cols} from {t} where {}",
-                        partition_in(p, string_column(&target, p), &list.join(", "))
-                    )
-                }
-            }
-            _ => format!("select {target_cols} from {t}"),
-        };
-        // An anti join on every column (NULL matching NULL) rather than EXCEPT: the increment's
-        // rows are unique by key (checked above), so EXCEPT's deduplication of every row, a
-        // hash aggregate over all columns, buys nothing.
-        let same = cols
-            .iter()
-            .map(|c| format!("(s.{c} is not distinct from e.{c})", c = q(c)))
-            .collect::<Vec<_>>()
-            .join(" and ");
         let changed = self
-            .collect(
-                m,
-                &format!("select s.* from {src_name} s left anti join ({existing}) e on {same}"),
-            )
+            .not_yet_held(m, t, &target, &cols, &target_cols, |c| {
+                target_schema.field(c).is_some()
+            })
             .await?;
-        let keys = &m.config.unique_key;
-        // Recompute: target rows of the recomputed values whose key the new result lacks.
-        let stale_name = "__silt_stale";
-        let _ = self.ctx.deregister_table(stale_name);
-        let mut stale_rows = 0;
-        if let Some(rc) = recompute {
-            let key_same = keys
-                .iter()
-                .map(|k| format!("(t.{c} is not distinct from s.{c})", c = q(k)))
-                .collect::<Vec<_>>()
-                .join(" and ");
-            let stale = self.collect(m, &format!(
-                    "select {target_cols} from (select t.* from {t} t left anti join {src_name} s on {key_same} \
-                     where t.{c} in (select {c} from {keys_rel})) x",
-                    c = q(&rc.column),
-                    keys_rel = rc.keys
-                )).await?;
-            stale_rows = stale.iter().map(|b| b.num_rows()).sum::<usize>();
-            if stale_rows > 0 {
-                self.ctx.register_batch(
-                    stale_name,
-                    arrow::compute::concat_batches(&stale[0].schema(), &stale)?,
-                )?;
-            }
-        }
-        let _ = self.ctx.deregister_table(src_name);
+        let _ = self.ctx.deregister_table(MERGE_STALE);
+        let stale_rows = match recompute {
+            Some(rc) => self.register_stale(m, t, rc, &target_cols).await?,
+            None => 0,
+        };
+        let _ = self.ctx.deregister_table(MERGE_SRC);
         let changed_rows: usize = changed.iter().map(|b| b.num_rows()).sum();
         tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, stale = stale_rows, changed = changed_rows, "merge: changed rows");
-        if changed.iter().all(|b| b.num_rows() == 0) && stale_rows == 0 {
+        if changed_rows == 0 && stale_rows == 0 {
             return self.record_state(m, t, target, state).await;
         }
         self.ctx.register_batch(
-            src_name,
+            MERGE_SRC,
             arrow::compute::concat_batches(&changed[0].schema(), &changed)?,
         )?;
         // Rows to replace spread over the whole of an unpartitioned table (one in twenty rows
@@ -1672,115 +1758,28 @@ impl Materializer<'_> {
                     metrics,
                 )
                 .await;
-            let _ = self.ctx.deregister_table(src_name);
-            let _ = self.ctx.deregister_table(stale_name);
+            let _ = self.ctx.deregister_table(MERGE_SRC);
+            let _ = self.ctx.deregister_table(MERGE_STALE);
             return result;
         }
-        let stale_union = if stale_rows > 0 {
-            format!(" union all select *, 'delete' as __silt_op from {stale_name}")
-        } else {
-            String::new()
-        };
-        let key_eq = keys
-            .iter()
-            .map(|k| format!("t.{c} = s.{c}", c = q(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
         // The target's current version of each changed key, read in one pass over the table:
         // its partition (a move leaves it) and the columns downstream `recompute_by` models
         // recompute by (the values this MERGE changes, published below).
         let from_version = target.version();
         let consumers = self.recompute_consumers(m, &cols);
-        let old_cols: Vec<String> = m
-            .config
-            .partition_by
-            .iter()
-            .chain(consumers.iter().filter(|c| !keys.contains(c)))
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let old_name = "__silt_old";
-        let _ = self.ctx.deregister_table(old_name);
-        let old_of = |c: &str| format!("__silt_old_{}", c.replace('"', ""));
-        if !old_cols.is_empty() {
-            let picked = keys
-                .iter()
-                .map(|k| format!("s.{c} as {c}", c = q(k)))
-                .chain(
-                    old_cols
-                        .iter()
-                        .map(|c| format!("t.{} as {}", q(c), q(&old_of(c)))),
-                )
-                .collect::<Vec<_>>()
-                .join(", ");
-            let in_range = self.in_key_range(m, t, src_name).await?;
-            let old = async {
-                let df = self
-                    .ctx
-                    .sql(&format!(
-                        "select {picked} from {src_name} s join {in_range} t on {key_eq}"
-                    ))
-                    .await?;
-                collect_nonempty(df).await
-            }
-            .await
-            .map_err(|e| sql_error(m, e));
-            let _ = self.ctx.deregister_table(KEY_RANGE);
-            let old = old?;
-            self.ctx.register_table(
-                old_name,
-                Arc::new(datafusion::datasource::MemTable::try_new(
-                    old[0].schema(),
-                    vec![old],
-                )?),
-            )?;
-        }
+        let _ = self.ctx.deregister_table(MERGE_OLD);
+        self.register_old(m, t, &consumers).await?;
         let changes = self
             .changed_values(
                 m,
                 &consumers,
-                src_name,
-                (stale_rows > 0).then_some(stale_name),
-                old_name,
+                MERGE_SRC,
+                (stale_rows > 0).then_some(MERGE_STALE),
+                MERGE_OLD,
                 &old_of,
             )
             .await;
-        let (staged_sql, predicate) = match &m.config.partition_by {
-            Some(p) => {
-                let select_old = cols
-                    .iter()
-                    .map(|c| {
-                        if c == p {
-                            format!("o.{} as {}", q(&old_of(c)), q(c))
-                        } else {
-                            format!("s.{}", q(c))
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let key_old = keys
-                    .iter()
-                    .map(|k| format!("o.{c} = s.{c}", c = q(k)))
-                    .collect::<Vec<_>>()
-                    .join(" AND ");
-                (
-                    format!(
-                        "select s.*, 'upsert' as __silt_op from {src_name} s \
-                         union all \
-                         select distinct {select_old}, 'delete' as __silt_op from {src_name} s join {old_name} o on {key_old} \
-                         where o.{po} is distinct from s.{pq}{stale_union}",
-                        pq = q(p),
-                        po = q(&old_of(p))
-                    ),
-                    format!("{key_eq} AND t.{pq} = s.{pq}", pq = q(p)),
-                )
-            }
-            None => (
-                format!("select s.*, 'upsert' as __silt_op from {src_name} s{stale_union}"),
-                key_eq.clone(),
-            ),
-        };
+        let (staged_sql, predicate) = staged_sql(m, &cols, stale_rows > 0);
         let staged = self
             .ctx
             .sql(&staged_sql)
@@ -1788,63 +1787,13 @@ impl Materializer<'_> {
             .map_err(|e| sql_error(m, e))?;
         let staged = self.ctx.read_batches(staged.collect().await?)?;
         tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: staged");
-        let _ = self.ctx.deregister_table(src_name);
-        let _ = self.ctx.deregister_table(stale_name);
-        let _ = self.ctx.deregister_table(old_name);
-        // Named for what it serves: this step runs in the upstream's build, for the models
-        // downstream that recompute by these columns.
-        let changes = changes.map_err(|e| {
-            let readers: Vec<String> = self
-                .dag
-                .models
-                .values()
-                .filter(|d| d.refs.contains(&m.name) && d.config.recompute_by.is_some())
-                .map(|d| {
-                    format!(
-                        "{} (recompute_by='{}')",
-                        d.name,
-                        d.config.recompute_by.clone().unwrap_or_default()
-                    )
-                })
-                .collect();
-            Error::Context {
-                what: format!(
-                    "finding the values of {} that this MERGE changed, for {}",
-                    consumers.join(", "),
-                    readers.join(", ")
-                ),
-                source: Box::new(e),
-            }
-        })?;
-        let cols2 = cols.clone();
-        let (table, mm) = target
-            .merge(staged, predicate)
-            .with_merge_schema(evolve)
-            .with_source_alias("s")
-            .with_target_alias("t")
-            .with_commit_properties(self.props(m, state))
-            .when_matched_delete(|d| d.predicate("s.__silt_op = 'delete'"))
-            .and_then(|b| {
-                b.when_matched_update(|mut u| {
-                    u = u.predicate("s.__silt_op = 'upsert'");
-                    for c in &cols {
-                        u = u.update(c.as_str(), format!("s.{}", q(c)));
-                    }
-                    u
-                })
-            })
-            .and_then(|b| {
-                b.when_not_matched_insert(|mut i| {
-                    i = i.predicate("s.__silt_op = 'upsert'");
-                    for c in &cols2 {
-                        i = i.set(c.as_str(), format!("s.{}", q(c)));
-                    }
-                    i
-                })
-            })
-            .map_err(|e| Error::delta(t.to_string(), e))?
-            .await
-            .map_err(|e| Error::delta(t.to_string(), e))?;
+        for name in [MERGE_SRC, MERGE_STALE, MERGE_OLD] {
+            let _ = self.ctx.deregister_table(name);
+        }
+        let changes = changes.map_err(|e| self.changed_values_error(m, &consumers, e))?;
+        let (table, mm) = self
+            .run_merge(m, t, target, staged, predicate, evolve, &cols, state)
+            .await?;
         tracing::debug!(
             model = %m.name,
             ms = phase.elapsed().as_millis() as u64,
@@ -1866,6 +1815,213 @@ impl Materializer<'_> {
             ));
         }
         Ok(table)
+    }
+
+    /// The increment's rows that the target does not already hold exactly (lookback context
+    /// and re-deliveries are dropped), so the MERGE rewrites only files that really change.
+    /// With partition_by, only the increment's partitions of the target are read for this.
+    async fn not_yet_held(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: &DeltaTable,
+        cols: &[String],
+        target_cols: &str,
+        in_target: impl Fn(&str) -> bool,
+    ) -> Result<Vec<RecordBatch>> {
+        // The increment's partitions as literals: a subquery would not prune the target's files.
+        let existing = match &m.config.partition_by {
+            Some(p) if in_target(p.as_str()) => {
+                let pq = q(p);
+                let parts = self.collect(m, &format!(
+                        "select distinct cast({pq} as varchar) from {MERGE_SRC} where {pq} is not null"
+                    )).await?;
+                let mut list = Vec::new();
+                for b in &parts {
+                    let c = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+                    let c = c.as_any().downcast_ref::<arrow::array::StringArray>();
+                    for v in c.into_iter().flatten().flatten() {
+                        list.push(literal(v));
+                    }
+                }
+                if list.is_empty() {
+                    format!("select {target_cols} from {t} where false")
+                } else {
+                    format!(
+                        "select {target_cols} from {t} where {}",
+                        partition_in(p, string_column(target, p), &list.join(", "))
+                    )
+                }
+            }
+            _ => format!("select {target_cols} from {t}"),
+        };
+        // An anti join on every column (NULL matching NULL) rather than EXCEPT: the increment's
+        // rows are unique by key (checked above), so EXCEPT's deduplication of every row, a
+        // hash aggregate over all columns, buys nothing.
+        let same = cols
+            .iter()
+            .map(|c| format!("(s.{c} is not distinct from e.{c})", c = q(c)))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        self.collect(
+            m,
+            &format!("select s.* from {MERGE_SRC} s left anti join ({existing}) e on {same}"),
+        )
+        .await
+    }
+
+    /// Recompute: the target rows of the recomputed values whose key the new result lacks,
+    /// registered as [`MERGE_STALE`] (to delete); how many there are.
+    async fn register_stale(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        rc: &Recompute,
+        target_cols: &str,
+    ) -> Result<usize> {
+        let key_same = m
+            .config
+            .unique_key
+            .iter()
+            .map(|k| format!("(t.{c} is not distinct from s.{c})", c = q(k)))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        let stale = self.collect(m, &format!(
+                "select {target_cols} from (select t.* from {t} t left anti join {MERGE_SRC} s on {key_same} \
+                 where t.{c} in (select {c} from {keys_rel})) x",
+                c = q(&rc.column),
+                keys_rel = rc.keys
+            )).await?;
+        let rows = stale.iter().map(|b| b.num_rows()).sum::<usize>();
+        if rows > 0 {
+            self.ctx.register_batch(
+                MERGE_STALE,
+                arrow::compute::concat_batches(&stale[0].schema(), &stale)?,
+            )?;
+        }
+        Ok(rows)
+    }
+
+    /// The target's current partition and `consumers` columns of each key of the increment,
+    /// registered as [`MERGE_OLD`] (their columns named by [`old_of`]); nothing when neither
+    /// is needed.
+    async fn register_old(&self, m: &Model, t: &TableRef, consumers: &[String]) -> Result<()> {
+        let keys = &m.config.unique_key;
+        let old_cols: Vec<String> = m
+            .config
+            .partition_by
+            .iter()
+            .chain(consumers.iter().filter(|c| !keys.contains(c)))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if old_cols.is_empty() {
+            return Ok(());
+        }
+        let picked = keys
+            .iter()
+            .map(|k| format!("s.{c} as {c}", c = q(k)))
+            .chain(
+                old_cols
+                    .iter()
+                    .map(|c| format!("t.{} as {}", q(c), q(&old_of(c)))),
+            )
+            .collect::<Vec<_>>()
+            .join(", ");
+        let in_range = self.in_key_range(m, t, MERGE_SRC).await?;
+        let old = async {
+            let df = self
+                .ctx
+                .sql(&format!(
+                    "select {picked} from {MERGE_SRC} s join {in_range} t on {}",
+                    key_eq(keys)
+                ))
+                .await?;
+            collect_nonempty(df).await
+        }
+        .await
+        .map_err(|e| sql_error(m, e));
+        let _ = self.ctx.deregister_table(KEY_RANGE);
+        let old = old?;
+        self.ctx.register_table(
+            MERGE_OLD,
+            Arc::new(datafusion::datasource::MemTable::try_new(
+                old[0].schema(),
+                vec![old],
+            )?),
+        )?;
+        Ok(())
+    }
+
+    /// Named for what it serves: finding the changed values runs in the upstream's build, for
+    /// the models downstream that recompute by these columns.
+    fn changed_values_error(&self, m: &Model, consumers: &[String], e: Error) -> Error {
+        let readers: Vec<String> = self
+            .dag
+            .models
+            .values()
+            .filter(|d| d.refs.contains(&m.name) && d.config.recompute_by.is_some())
+            .map(|d| {
+                format!(
+                    "{} (recompute_by='{}')",
+                    d.name,
+                    d.config.recompute_by.clone().unwrap_or_default()
+                )
+            })
+            .collect();
+        Error::Context {
+            what: format!(
+                "finding the values of {} that this MERGE changed, for {}",
+                consumers.join(", "),
+                readers.join(", ")
+            ),
+            source: Box::new(e),
+        }
+    }
+
+    /// The Delta MERGE of the staged rows: `upsert` rows update or insert by key, `delete`
+    /// rows delete (a key that moved partition, a stale recomputed row).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_merge(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        staged: DataFrame,
+        predicate: String,
+        evolve: bool,
+        cols: &[String],
+        state: &ModelState,
+    ) -> Result<(DeltaTable, deltalake::operations::merge::MergeMetrics)> {
+        target
+            .merge(staged, predicate)
+            .with_merge_schema(evolve)
+            .with_source_alias("s")
+            .with_target_alias("t")
+            .with_commit_properties(self.props(m, state))
+            .when_matched_delete(|d| d.predicate("s.__silt_op = 'delete'"))
+            .and_then(|b| {
+                b.when_matched_update(|mut u| {
+                    u = u.predicate("s.__silt_op = 'upsert'");
+                    for c in cols {
+                        u = u.update(c.as_str(), format!("s.{}", q(c)));
+                    }
+                    u
+                })
+            })
+            .and_then(|b| {
+                b.when_not_matched_insert(|mut i| {
+                    i = i.predicate("s.__silt_op = 'upsert'");
+                    for c in cols {
+                        i = i.set(c.as_str(), format!("s.{}", q(c)));
+                    }
+                    i
+                })
+            })
+            .map_err(|e| Error::delta(t.to_string(), e))?
+            .await
+            .map_err(|e| Error::delta(t.to_string(), e))
     }
 
     /// The relation to join with `src` to find the target rows of its keys: `t` restricted to

@@ -996,9 +996,52 @@ impl Plan {
             id_set.insert(i);
         }
         let id_set = Arc::new(id_set);
-        // Sources in scope, parents first.
+        plan.scope_sources(silt, &id_set, hmac_key, stored).await?;
+        let mut needles = Needles {
+            ids: id_set.text.iter().cloned().collect(),
+            pii_hmacs: stored
+                .get(PII_HMACS)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect(),
+            hmac_key: Some(hmac_key.to_string()),
+            ..Default::default()
+        };
+        plan.pii_from_bronze(silt, &mut needles).await?;
+        plan.pii_not_in_bronze(silt, &mut needles).await?;
+        plan.pii_hmacs = needles.pii_hmac_list(hmac_key);
+        plan.needles = Arc::new(needles);
+        plan.scope_models(silt, dag, &id_set).await?;
+        for s in project.sources.values() {
+            if !plan.source_scopes.contains_key(&s.name)
+                && s.holds_subjects.is_none()
+                && !s.pii.is_empty()
+            {
+                plan.warnings.push(format!(
+                    "bronze.{}: declares PII columns ({}) but no subject_key or subject_via, so silt forget does not search it (declare holds_subjects = false in {} to say it holds no subject's data)",
+                    s.name,
+                    s.pii.join(", "),
+                    s.file
+                ));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The sources in scope, parents before their `subject_via` children, each with the key
+    /// it matches subjects by: its subject key (the ids), or the keys of the parent's rows of
+    /// the subjects (derived from bronze, plus `stored` ones of an earlier run).
+    async fn scope_sources(
+        &mut self,
+        silt: &Silt,
+        id_set: &Arc<KeySet>,
+        hmac_key: &str,
+        stored: &BTreeMap<String, Vec<String>>,
+    ) -> Result<()> {
         let mut order: Vec<&Source> = Vec::new();
-        let mut pending: Vec<&Source> = project
+        let mut pending: Vec<&Source> = silt
+            .project
             .sources
             .values()
             .filter(|s| s.subject_key.is_some() || s.subject_via.is_some())
@@ -1019,29 +1062,18 @@ impl Plan {
                 break; // check_paths has ruled cycles out
             }
         }
-        let mut needles = Needles {
-            ids: id_set.text.iter().cloned().collect(),
-            pii_hmacs: stored
-                .get(PII_HMACS)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect(),
-            hmac_key: Some(hmac_key.to_string()),
-            ..Default::default()
-        };
         for s in &order {
             let keys = match (&s.subject_key, &s.subject_via) {
                 (Some(k), _) => (k.clone(), id_set.clone()),
                 (None, Some(v)) => {
-                    let parent = &plan.source_scopes[v.parent()];
+                    let parent = &self.source_scopes[v.parent()];
                     let mut set =
                         derive(silt, &TableRef::bronze(v.parent()), parent, &v.key).await?;
                     set.hmac_key = Some(hmac_key.to_string());
                     set.hmacs
                         .extend(stored.get(&s.name).into_iter().flatten().cloned());
                     let set = Arc::new(set);
-                    plan.derived_hmacs
+                    self.derived_hmacs
                         .insert(s.name.clone(), set.hmacs(hmac_key));
                     (v.column.clone(), set)
                 }
@@ -1051,19 +1083,22 @@ impl Plan {
                 keys: vec![keys],
                 pii: s.pii.clone(),
             });
-            plan.sources.push(s.name.clone());
-            plan.source_scopes.insert(s.name.clone(), scope);
+            self.sources.push(s.name.clone());
+            self.source_scopes.insert(s.name.clone(), scope);
         }
-        // The subjects' PII values, from every file (live or retained) of the sources in scope:
-        // what is still anywhere is found.
-        for name in &plan.sources {
-            let src = &project.sources[name];
-            let scope = &plan.source_scopes[name];
+        Ok(())
+    }
+
+    /// The subjects' PII values, from every file (live or retained) of the sources in scope:
+    /// what is still anywhere is found.
+    async fn pii_from_bronze(&self, silt: &Silt, needles: &mut Needles) -> Result<()> {
+        for name in &self.sources {
+            let src = &silt.project.sources[name];
             if src.pii.is_empty() {
                 continue;
             }
             let key_only = Scope {
-                keys: scope.keys.clone(),
+                keys: self.source_scopes[name].keys.clone(),
                 pii: vec![],
             };
             let t = TableRef::bronze(name);
@@ -1099,17 +1134,21 @@ impl Plan {
                 }
             }
         }
-        // ...and from the records of the subjects that never reached bronze: quarantined
-        // ones, and landing files not ingested yet (a quarantined twin without the id still
-        // carries the name and email).
+        Ok(())
+    }
+
+    /// The subjects' PII values from their records that never reached bronze: quarantined
+    /// ones, and landing files not ingested yet (a quarantined twin without the id still
+    /// carries the name and email).
+    async fn pii_not_in_bronze(&self, silt: &Silt, needles: &mut Needles) -> Result<()> {
         let listed = silt.landing.list_landing().await?.0;
-        for name in &plan.sources {
-            let src = &project.sources[name];
+        for name in &self.sources {
+            let src = &silt.project.sources[name];
             if src.pii.is_empty() {
                 continue;
             }
-            let keys = plan.keys_of(name).expect("a source in scope has keys");
-            let rec = Records::new(src, &keys, &needles);
+            let keys = self.keys_of(name).expect("a source in scope has keys");
+            let rec = Records::new(src, &keys, needles);
             let mut found: Vec<String> = Vec::new();
             let fallback: Vec<String> = src.columns.iter().map(|c| c.source.clone()).collect();
             let q = TableRef::quarantine(name);
@@ -1145,19 +1184,23 @@ impl Plan {
             }
             needles.pii.extend(found);
         }
-        plan.pii_hmacs = needles.pii_hmac_list(hmac_key);
-        plan.needles = Arc::new(needles);
-        // What a model can carry from a source: its key, and the key its subject_via children
-        // reach subjects through (a model of orders that keeps o_orderkey but not the
-        // customer key still holds the subjects' orders).
-        let mut inherited: HashMap<String, Vec<(String, Arc<KeySet>)>> = plan
+        Ok(())
+    }
+
+    /// Models, in dag order, with the key columns they carry from upstream tables in scope:
+    /// a source's key, and the key its subject_via children reach subjects through (a model
+    /// of orders that keeps o_orderkey but not the customer key still holds the subjects'
+    /// orders), and its own subject_key.
+    async fn scope_models(&mut self, silt: &Silt, dag: &Dag, id_set: &Arc<KeySet>) -> Result<()> {
+        let project = &silt.project;
+        let mut inherited: HashMap<String, Vec<(String, Arc<KeySet>)>> = self
             .source_scopes
             .iter()
             .map(|(n, sc)| (n.clone(), sc.keys.clone()))
             .collect();
-        for name in &plan.sources {
+        for name in &self.sources {
             if let Some(v) = &project.sources[name].subject_via
-                && let Some(set) = plan.keys_of(name)
+                && let Some(set) = self.keys_of(name)
             {
                 inherited
                     .entry(v.parent().to_string())
@@ -1165,7 +1208,6 @@ impl Plan {
                     .push((v.key.clone(), set));
             }
         }
-        // Models, in dag order: the key columns they carry from upstream tables in scope.
         let project_pii = project.pii_columns();
         let mut model_keys: HashMap<String, Vec<(String, Arc<KeySet>)>> = HashMap::new();
         for name in &dag.order {
@@ -1220,23 +1262,10 @@ impl Plan {
                 .into_iter()
                 .collect();
             model_keys.insert(name.clone(), keys.clone());
-            plan.models
+            self.models
                 .push((name.clone(), Arc::new(Scope { keys, pii })));
         }
-        for s in project.sources.values() {
-            if !plan.source_scopes.contains_key(&s.name)
-                && s.holds_subjects.is_none()
-                && !s.pii.is_empty()
-            {
-                plan.warnings.push(format!(
-                    "bronze.{}: declares PII columns ({}) but no subject_key or subject_via, so silt forget does not search it (declare holds_subjects = false in {} to say it holds no subject's data)",
-                    s.name,
-                    s.pii.join(", "),
-                    s.file
-                ));
-            }
-        }
-        Ok(plan)
+        Ok(())
     }
 
     /// How rows of `t` are matched, when `t` is in scope.

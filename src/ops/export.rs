@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::build::models::Dag;
 use crate::error::{Error, Result};
 use crate::lake::Silt;
-use crate::lake::catalog::Layer;
+use crate::lake::catalog::{Layer, TableRef};
 use crate::lake::meta::exports::{self, ExportRow};
 use crate::project::config::BigQuerySection;
 
@@ -578,7 +578,38 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
     // Check every schema before sending anything.
     let mut plans = Vec::new();
     for name in &wanted {
-        let m = &dag.models[name];
+        plans.push(Planned::of(silt, &dag.models[name]).await?);
+    }
+    let run = Exporter {
+        silt,
+        bq: Bq::new(&cfg).await?,
+        last: exports::last_versions(&silt.catalog).await?,
+        ctx: silt.catalog.session().await?,
+        cfg,
+    };
+    run.bq.ensure_dataset(run.cfg.location.as_deref()).await?;
+    let mut report = ExportReport::default();
+    for plan in plans {
+        report.tables.push(run.table(plan).await?);
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// A model to export: its Delta table at the version to send, and its BigQuery columns.
+struct Planned {
+    m: crate::build::models::Model,
+    t: TableRef,
+    delta: deltalake::DeltaTable,
+    version: u64,
+    arrow_schema: Arc<Schema>,
+    fields: Vec<BqField>,
+    parts: Vec<String>,
+}
+
+impl Planned {
+    /// The export of `m`, or why it cannot be exported (not built, a type BigQuery lacks).
+    async fn of(silt: &Silt, m: &crate::build::models::Model) -> Result<Planned> {
         let t = m.table();
         let delta = silt.lake.delta_table(&t.rel_path()).await?;
         let Some(version) = delta.version() else {
@@ -600,213 +631,263 @@ pub async fn bigquery(silt: &Silt, select: &[String]) -> Result<ExportReport> {
             f.description = m.config.columns.get(&f.name).cloned();
         }
         let parts: Vec<String> = snap.metadata().partition_columns().to_vec();
-        plans.push((m.clone(), t, delta, version, arrow_schema, fields, parts));
+        Ok(Planned {
+            m: m.clone(),
+            t,
+            delta,
+            version,
+            arrow_schema,
+            fields,
+            parts,
+        })
     }
-    let bq = Bq::new(&cfg).await?;
-    bq.ensure_dataset(cfg.location.as_deref()).await?;
-    let last = exports::last_versions(&silt.catalog).await?;
-    let ctx = silt.catalog.session().await?;
-    let mut report = ExportReport::default();
-    for (m, t, delta, version, arrow_schema, fields, parts) in plans {
+
+    /// How the BigQuery table mirrors the Delta table's partitioning: a date partition column
+    /// becomes its time partitioning, the others (up to four) its clustering.
+    fn layout(&self) -> Layout {
+        let is_date = |p: &&String| {
+            matches!(
+                self.arrow_schema
+                    .field_with_name(p)
+                    .map(|f| f.data_type().clone()),
+                Ok(DataType::Date32)
+            )
+        };
+        Layout {
+            time_partition: self.parts.iter().find(is_date).cloned(),
+            clustering: self
+                .parts
+                .iter()
+                .filter(|p| !is_date(p))
+                .take(4)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The partition values whose files changed since version `pv` (None: send everything,
+    /// e.g. when `pv` was purged by an erasure or vacuumed, or the table is not partitioned by
+    /// exactly one column).
+    async fn changed_since(&self, silt: &Silt, pv: u64) -> Result<Option<BTreeSet<String>>> {
+        if pv == self.version {
+            return Ok(Some(BTreeSet::new()));
+        }
+        let (Some(p), 1) = (self.parts.first(), self.parts.len()) else {
+            return Ok(None);
+        };
+        let t = &self.t;
+        let Ok(then) = silt.lake.delta_table_at(&t.rel_path(), pv).await else {
+            return Ok(None);
+        };
+        let files = |d: &deltalake::DeltaTable| -> Result<HashMap<String, Option<String>>> {
+            let s = d.snapshot().map_err(|e| Error::delta(t.to_string(), e))?;
+            Ok(s.log_data()
+                .iter()
+                .map(|f| {
+                    (
+                        f.path().to_string(),
+                        f.partition_values_map().get(p).cloned().flatten(),
+                    )
+                })
+                .collect())
+        };
+        let (a, b) = (files(&then)?, files(&self.delta)?);
+        let mut c = BTreeSet::new();
+        for (path, v) in a
+            .iter()
+            .filter(|(k, _)| !b.contains_key(*k))
+            .chain(b.iter().filter(|(k, _)| !a.contains_key(*k)))
+        {
+            match v {
+                Some(v) => {
+                    c.insert(v.clone());
+                }
+                None => tracing::info!("{t}: {path} has no {p} value; full export"),
+            }
+        }
+        Ok(Some(c))
+    }
+}
+
+/// One export run: the warehouse client, the versions last exported, a session to read with.
+struct Exporter<'a> {
+    silt: &'a Silt,
+    cfg: BigQuerySection,
+    bq: Bq,
+    last: HashMap<(String, String), u64>,
+    ctx: datafusion::prelude::SessionContext,
+}
+
+impl Exporter<'_> {
+    /// Export one table: create it in BigQuery if needed, then send what changed since its
+    /// last export (nothing, its changed partitions, or all of it), and record the version.
+    async fn table(&self, plan: Planned) -> Result<TableExport> {
         let t0 = Instant::now();
+        let (cfg, bq) = (&self.cfg, &self.bq);
+        let m = &plan.m;
         let bq_name = cfg
             .tables
             .get(&m.name)
             .cloned()
             .unwrap_or_else(|| m.name.clone());
         let target = format!("{}.{}.{}", cfg.project, cfg.dataset, bq_name);
-        let prev = last.get(&(m.name.clone(), target.clone())).copied();
+        let prev = self.last.get(&(m.name.clone(), target.clone())).copied();
         let mut te = TableExport {
             model: m.name.clone(),
             target: target.clone(),
             from_version: prev,
-            version,
+            version: plan.version,
             ..Default::default()
         };
         let exists = bq.table(&bq_name).await?;
-        let load_schema = Arc::new(Schema::new(
-            arrow_schema
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone().with_data_type(load_type(f.data_type())))
-                .collect::<Vec<_>>(),
-        ));
-        let layout = Layout {
-            time_partition: parts
-                .iter()
-                .find(|p| {
-                    matches!(
-                        arrow_schema
-                            .field_with_name(p)
-                            .map(|f| f.data_type().clone()),
-                        Ok(DataType::Date32)
-                    )
-                })
-                .cloned(),
-            clustering: parts
-                .iter()
-                .filter(|p| {
-                    !matches!(
-                        arrow_schema
-                            .field_with_name(p)
-                            .map(|f| f.data_type().clone()),
-                        Ok(DataType::Date32)
-                    )
-                })
-                .take(4)
-                .cloned()
-                .collect(),
-        };
+        let layout = plan.layout();
         if let Some(existing) = &exists {
             let names: Vec<&str> = existing["schema"]["fields"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|f| f["name"].as_str()).collect())
                 .unwrap_or_default();
-            let want: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+            let want: Vec<&str> = plan.fields.iter().map(|f| f.name.as_str()).collect();
             if names != want {
                 return Err(Error::Warehouse(format!(
                     "BigQuery table {target} has columns {names:?} but {} has {want:?}: drop or migrate the BigQuery table, then export again",
-                    t
+                    plan.t
                 )));
             }
         } else {
-            bq.create_table(&bq_name, &fields, &layout, m.config.description.as_deref())
-                .await?;
+            bq.create_table(
+                &bq_name,
+                &plan.fields,
+                &layout,
+                m.config.description.as_deref(),
+            )
+            .await?;
             te.mode = ExportMode::Created;
         }
         // Which partitions changed since the last export (None: everything).
-        let changed: Option<BTreeSet<String>> = match (prev, exists.is_some(), parts.first()) {
-            (Some(pv), true, _) if pv == version => Some(BTreeSet::new()),
-            (Some(pv), true, Some(p)) if parts.len() == 1 => {
-                match silt.lake.delta_table_at(&t.rel_path(), pv).await {
-                    Ok(then) => {
-                        let files =
-                            |d: &deltalake::DeltaTable| -> Result<HashMap<String, Option<String>>> {
-                                let s = d.snapshot().map_err(|e| Error::delta(t.to_string(), e))?;
-                                Ok(s.log_data()
-                                    .iter()
-                                    .map(|f| {
-                                        (
-                                            f.path().to_string(),
-                                            f.partition_values_map().get(p).cloned().flatten(),
-                                        )
-                                    })
-                                    .collect())
-                            };
-                        let (a, b) = (files(&then)?, files(&delta)?);
-                        let mut c = BTreeSet::new();
-                        for (path, v) in a
-                            .iter()
-                            .filter(|(k, _)| !b.contains_key(*k))
-                            .chain(b.iter().filter(|(k, _)| !a.contains_key(*k)))
-                        {
-                            match v {
-                                Some(v) => {
-                                    c.insert(v.clone());
-                                }
-                                None => {
-                                    tracing::info!("{t}: {path} has no {p} value; full export");
-                                }
-                            }
-                        }
-                        Some(c)
-                    }
-                    Err(_) => None, // purged by an erasure, or vacuumed: send everything
-                }
-            }
+        let changed = match prev {
+            Some(pv) if exists.is_some() => plan.changed_since(self.silt, pv).await?,
             _ => None,
         };
-        let rel = format!("{}.{}", t.layer.schema_name(), t.name);
         match changed {
             // Up to date (the default), unless just created.
             Some(c) if c.is_empty() => {}
             Some(c) => {
-                let p = &parts[0];
-                let list = c.iter().map(|v| sql_str(v)).collect::<Vec<_>>().join(", ");
-                let dlist = c
-                    .iter()
-                    .map(|v| crate::lake::sql_text::literal(v))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let data = rows_as_parquet(
-                    &ctx,
-                    &format!(
-                        "select * from {rel} where {}",
-                        crate::lake::sql_text::partition_in(
-                            p,
-                            arrow_schema.field_with_name(p).is_ok_and(|f| matches!(
-                                f.data_type(),
-                                arrow::datatypes::DataType::Utf8
-                                    | arrow::datatypes::DataType::LargeUtf8
-                                    | arrow::datatypes::DataType::Utf8View
-                            )),
-                            &dlist
-                        )
-                    ),
-                    &load_schema,
-                    &mut te,
-                )
-                .await?;
-                let stage = format!("{bq_name}__silt_stage");
-                if bq.table(&stage).await?.is_none() {
-                    bq.create_table(
-                        &stage,
-                        &fields,
-                        &Layout {
-                            time_partition: None,
-                            clustering: vec![],
-                        },
-                        Some("silt export staging"),
-                    )
+                self.replace_partitions(&plan, &bq_name, &layout, &c, &mut te)
                     .await?;
-                }
-                te.jobs.push(bq.load(&silt.lake, &stage, data).await?);
-                let cols = fields
-                    .iter()
-                    .map(|f| format!("`{}`", f.name))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let scols = fields
-                    .iter()
-                    .map(|f| format!("S.`{}`", f.name))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let pexpr = if layout.time_partition.as_deref() == Some(p.as_str()) {
-                    format!("CAST(T.`{p}` AS STRING)")
-                } else {
-                    format!("T.`{p}`")
-                };
-                // One DML statement: the changed partitions are replaced atomically.
-                let sql = format!(
-                    "MERGE `{ds}.{bq_name}` T USING `{ds}.{stage}` S ON FALSE \
-                     WHEN NOT MATCHED BY SOURCE AND {pexpr} IN ({list}) THEN DELETE \
-                     WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({scols})",
-                    ds = cfg.dataset
-                );
-                te.jobs.push(
-                    bq.query(&sql, &format!("replace partitions of {target}"))
-                        .await?,
-                );
                 te.partitions = c.into_iter().collect();
                 te.mode = ExportMode::Partitions;
             }
             None => {
-                let data =
-                    rows_as_parquet(&ctx, &format!("select * from {rel}"), &load_schema, &mut te)
-                        .await?;
+                let rel = format!("{}.{}", plan.t.layer.schema_name(), plan.t.name);
+                let data = rows_as_parquet(
+                    &self.ctx,
+                    &format!("select * from {rel}"),
+                    &load_schema(&plan.arrow_schema),
+                    &mut te,
+                )
+                .await?;
                 // One load job with WRITE_TRUNCATE: the whole table is replaced atomically.
-                te.jobs.push(bq.load(&silt.lake, &bq_name, data).await?);
+                te.jobs
+                    .push(bq.load(&self.silt.lake, &bq_name, data).await?);
                 if te.mode != ExportMode::Created {
                     te.mode = ExportMode::Full;
                 }
             }
         }
         te.ms = t0.elapsed().as_millis() as u64;
-        if te.mode != ExportMode::UpToDate || prev != Some(version) {
-            record(silt, std::slice::from_ref(&te)).await?;
+        if te.mode != ExportMode::UpToDate || prev != Some(plan.version) {
+            record(self.silt, std::slice::from_ref(&te)).await?;
         }
-        report.tables.push(te);
+        Ok(te)
     }
-    report.elapsed_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
+
+    /// Send the rows of the `changed` partitions to a staging table, then replace those
+    /// partitions in one MERGE: the change lands atomically.
+    async fn replace_partitions(
+        &self,
+        plan: &Planned,
+        bq_name: &str,
+        layout: &Layout,
+        changed: &BTreeSet<String>,
+        te: &mut TableExport,
+    ) -> Result<()> {
+        let (bq, p) = (&self.bq, &plan.parts[0]);
+        let rel = format!("{}.{}", plan.t.layer.schema_name(), plan.t.name);
+        let list = changed
+            .iter()
+            .map(|v| sql_str(v))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let dlist = changed
+            .iter()
+            .map(|v| crate::lake::sql_text::literal(v))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let string = plan.arrow_schema.field_with_name(p).is_ok_and(|f| {
+            matches!(
+                f.data_type(),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            )
+        });
+        let data = rows_as_parquet(
+            &self.ctx,
+            &format!(
+                "select * from {rel} where {}",
+                crate::lake::sql_text::partition_in(p, string, &dlist)
+            ),
+            &load_schema(&plan.arrow_schema),
+            te,
+        )
+        .await?;
+        let stage = format!("{bq_name}__silt_stage");
+        if bq.table(&stage).await?.is_none() {
+            let flat = Layout {
+                time_partition: None,
+                clustering: vec![],
+            };
+            bq.create_table(&stage, &plan.fields, &flat, Some("silt export staging"))
+                .await?;
+        }
+        te.jobs.push(bq.load(&self.silt.lake, &stage, data).await?);
+        let cols = plan
+            .fields
+            .iter()
+            .map(|f| format!("`{}`", f.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let scols = plan
+            .fields
+            .iter()
+            .map(|f| format!("S.`{}`", f.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let pexpr = if layout.time_partition.as_deref() == Some(p.as_str()) {
+            format!("CAST(T.`{p}` AS STRING)")
+        } else {
+            format!("T.`{p}`")
+        };
+        // One DML statement: the changed partitions are replaced atomically.
+        let sql = format!(
+            "MERGE `{ds}.{bq_name}` T USING `{ds}.{stage}` S ON FALSE \
+             WHEN NOT MATCHED BY SOURCE AND {pexpr} IN ({list}) THEN DELETE \
+             WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({scols})",
+            ds = self.cfg.dataset
+        );
+        te.jobs.push(
+            bq.query(&sql, &format!("replace partitions of {}", te.target))
+                .await?,
+        );
+        Ok(())
+    }
+}
+
+/// The Arrow schema rows are sent in: each column as BigQuery loads it.
+fn load_schema(schema: &Schema) -> Arc<Schema> {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_data_type(load_type(f.data_type())))
+            .collect::<Vec<_>>(),
+    ))
 }
