@@ -10,7 +10,7 @@ use std::time::Instant;
 use datafusion::prelude::SessionContext;
 
 use crate::build::materialize::{Materializer, ModelMetrics, ModelState};
-use crate::build::models::Dag;
+use crate::build::models::{Dag, Model};
 use crate::build::quality::{TestResult, TestStatus};
 use crate::error::{Error, Result};
 use crate::ingest::IngestReport;
@@ -386,187 +386,220 @@ async fn build_models(
     report: &mut RunReport,
 ) -> Result<()> {
     let run_id = report.run_id.clone();
-    let mut done = 0u64;
     let pii: BTreeSet<String> = silt.project.no_stats_columns();
-    let mat = Materializer {
-        catalog: &silt.catalog,
+    let mut run = ModelRun {
+        silt,
         dag,
         ctx,
-        run_id: &run_id,
-        full_refresh,
-        pii: &pii,
-        hmac_key: silt.project.file.gdpr.hmac_key.as_deref(),
-        changes: Default::default(),
+        mat: Materializer {
+            catalog: &silt.catalog,
+            dag,
+            ctx,
+            run_id: &run_id,
+            full_refresh,
+            pii: &pii,
+            hmac_key: silt.project.file.gdpr.hmac_key.as_deref(),
+            changes: Default::default(),
+        },
+        broken_sources,
+        report,
+        broken: BTreeSet::new(),
+        deferred: BTreeMap::new(),
+        built: BTreeSet::new(),
     };
-    let mut broken: BTreeSet<String> = BTreeSet::new();
     if let Some(p) = progress {
         p.start(selected.len() as u64);
     }
-    let skipped = |name: &str, table: String, why: String| ModelMetrics {
-        model: name.to_string(),
-        table,
-        status: ModelStatus::Skipped,
-        mode: BuildMode::None,
-        message: Some(why),
-        ..Default::default()
-    };
-    // An up-to-date model's tests wait until a model reading it is about to build: they gate
-    // that build (a failing model stays failing across runs), and a run with nothing to build
-    // tests nothing (`silt test` checks every table).
-    let mut deferred: BTreeMap<String, (Vec<crate::build::quality::DataTest>, Tested)> =
-        BTreeMap::new();
-    let mut built: BTreeSet<String> = BTreeSet::new();
-    for name in selected {
-        let m = &dag.models[name];
+    for (done, name) in selected.iter().enumerate() {
         if let Some(p) = progress {
-            p.working_on(&m.table().to_string());
+            p.working_on(&dag.models[name].table().to_string());
         }
+        run.model(name).await?;
+        if let Some(p) = progress {
+            p.advance(1);
+        }
+        if let (Some(f), Some(mm)) = (
+            on_model,
+            run.report.models.last().filter(|mm| mm.model == *name),
+        ) {
+            f(mm, done as u64 + 1, selected.len());
+        }
+    }
+    run.singular_tests(selected).await
+}
+
+/// The models of one run, built in dag order, each followed by its tests.
+struct ModelRun<'a> {
+    silt: &'a Silt,
+    dag: &'a Dag,
+    ctx: &'a SessionContext,
+    mat: Materializer<'a>,
+    broken_sources: &'a BTreeSet<String>,
+    report: &'a mut RunReport,
+    /// Models that failed, whose tests failed at error severity, or that were skipped: what
+    /// reads them is skipped.
+    broken: BTreeSet<String>,
+    /// An up-to-date model's tests wait until a model reading it is about to build: they gate
+    /// that build (a failing model stays failing across runs), and a run with nothing to build
+    /// tests nothing (`silt test` checks every table).
+    deferred: BTreeMap<String, (Vec<crate::build::quality::DataTest>, Tested)>,
+    built: BTreeSet<String>,
+}
+
+impl ModelRun<'_> {
+    /// Build `name` (or skip it when an upstream failed), then test it.
+    async fn model(&mut self, name: &String) -> Result<()> {
+        let m = &self.dag.models[name];
         let waiting: Vec<String> = m
             .refs
             .iter()
-            .filter(|r| deferred.contains_key(*r))
+            .filter(|r| self.deferred.contains_key(*r))
             .cloned()
             .collect();
-        if !waiting.is_empty() && !mat.up_to_date(m).await? {
+        if !waiting.is_empty() && !self.mat.up_to_date(m).await? {
             for r in waiting {
-                let (tests, tested) = deferred.remove(&r).unwrap_or_default();
-                if !model_tests(ctx, &tests, &tested, report).await {
-                    broken.insert(r);
+                let (tests, tested) = self.deferred.remove(&r).unwrap_or_default();
+                if !model_tests(self.ctx, &tests, &tested, self.report).await {
+                    self.broken.insert(r);
                 }
             }
         }
         let bad_up = m
             .refs
             .iter()
-            .find(|r| broken.contains(*r))
-            .map(|r| dag.models[r].table().to_string())
+            .find(|r| self.broken.contains(*r))
+            .map(|r| self.dag.models[r].table().to_string())
             .or_else(|| {
                 m.sources
                     .iter()
-                    .find(|s| broken_sources.contains(*s))
+                    .find(|s| self.broken_sources.contains(*s))
                     .map(|s| format!("bronze.{s}"))
             });
         if let Some(up) = bad_up {
-            broken.insert(name.clone());
-            report.models.push(skipped(
-                name,
-                m.table().to_string(),
-                format!("upstream {up} failed"),
-            ));
-        } else {
-            let began = Instant::now();
-            match mat.build(m).await {
-                Ok(metrics) if metrics.status == ModelStatus::UpToDate => {
-                    let tested = Tested::of(&metrics);
-                    report.models.push(metrics);
-                    match dag.model_tests_of(m, None) {
-                        // No tests, nothing to wait for (and no second look at its state).
-                        Ok(tests) if tests.is_empty() => {}
-                        Ok(tests) => {
-                            // A build an earlier run made but never tested (it stopped, or
-                            // was killed, in between) is tested now.
-                            let last = crate::lake::meta::runs::last_tested(
-                                silt.catalog.lake(),
-                                &m.table(),
-                            )
-                            .await?;
-                            if last.as_ref() == Some(&tested.state) {
-                                deferred.insert(name.clone(), (tests, tested));
-                            } else {
-                                if !model_tests(ctx, &tests, &tested, report).await {
-                                    broken.insert(name.clone());
-                                }
-                                mark_tested(silt, m, &tested).await;
-                            }
-                        }
-                        Err(e) => {
-                            broken.insert(name.clone());
-                            report.errors.push((name.clone(), e));
-                        }
+            self.broken.insert(name.clone());
+            self.report.models.push(ModelMetrics {
+                model: name.to_string(),
+                table: m.table().to_string(),
+                status: ModelStatus::Skipped,
+                mode: BuildMode::None,
+                message: Some(format!("upstream {up} failed")),
+                ..Default::default()
+            });
+            return Ok(());
+        }
+        let began = Instant::now();
+        match self.mat.build(m).await {
+            Ok(metrics) if metrics.status == ModelStatus::UpToDate => {
+                self.up_to_date(m, metrics).await?
+            }
+            Ok(metrics) => self.built(m, metrics).await,
+            Err(e) => {
+                self.broken.insert(name.clone());
+                self.report.models.push(ModelMetrics {
+                    model: name.clone(),
+                    table: m.table().to_string(),
+                    status: ModelStatus::Failed,
+                    mode: BuildMode::None,
+                    message: Some(e.to_string()),
+                    ms: began.elapsed().as_millis() as u64,
+                    ..Default::default()
+                });
+                self.report.errors.push((name.clone(), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// An up-to-date model: its tests wait for a model reading it, unless its build was never
+    /// tested (an earlier run stopped, or was killed, in between): then they run now.
+    async fn up_to_date(&mut self, m: &Model, metrics: ModelMetrics) -> Result<()> {
+        let tested = Tested::of(&metrics);
+        self.report.models.push(metrics);
+        match self.dag.model_tests_of(m, None) {
+            // No tests, nothing to wait for (and no second look at its state).
+            Ok(tests) if tests.is_empty() => {}
+            Ok(tests) => {
+                let last = runs::last_tested(self.silt.catalog.lake(), &m.table()).await?;
+                if last.as_ref() == Some(&tested.state) {
+                    self.deferred.insert(m.name.clone(), (tests, tested));
+                } else {
+                    if !model_tests(self.ctx, &tests, &tested, self.report).await {
+                        self.broken.insert(m.name.clone());
                     }
+                    mark_tested(self.silt, m, &tested).await;
                 }
-                Ok(metrics) => {
-                    crate::lake::failpoint::hit("run.built");
-                    built.insert(name.clone());
-                    let tested = Tested::of(&metrics);
-                    // The model's tests run right after it; an error-severity failure stops its
-                    // downstream (the model itself stays built, as in dbt). After an
-                    // incremental build they check the rows it wrote (`silt test` checks all).
-                    let written = match mat.register_written(m, &metrics).await {
-                        Ok(Some(w)) => Some(
-                            crate::build::quality::WrittenScope::new(ctx, w, &m.config.tests).await,
-                        ),
-                        Ok(None) => None,
-                        Err(e) => {
-                            tracing::warn!("{}: testing the whole table ({e})", m.name);
-                            None
-                        }
-                    };
-                    report.models.push(metrics);
-                    match dag.model_tests_of(m, written.as_ref()) {
-                        Ok(tests) => {
-                            if !model_tests(ctx, &tests, &tested, report).await {
-                                broken.insert(name.clone());
-                            }
-                            mark_tested(silt, m, &tested).await;
-                        }
-                        Err(e) => {
-                            broken.insert(name.clone());
-                            report.errors.push((name.clone(), e));
-                        }
-                    }
-                    if let Some(w) = &written {
-                        mat.forget_written(&w.relation);
-                    }
+            }
+            Err(e) => {
+                self.broken.insert(m.name.clone());
+                self.report.errors.push((m.name.clone(), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// A model just built: its tests run right after it; an error-severity failure stops its
+    /// downstream (the model itself stays built, as in dbt). After an incremental build they
+    /// check the rows it wrote (`silt test` checks all).
+    async fn built(&mut self, m: &Model, metrics: ModelMetrics) {
+        crate::lake::failpoint::hit("run.built");
+        self.built.insert(m.name.clone());
+        let tested = Tested::of(&metrics);
+        let written = match self.mat.register_written(m, &metrics).await {
+            Ok(Some(w)) => {
+                Some(crate::build::quality::WrittenScope::new(self.ctx, w, &m.config.tests).await)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("{}: testing the whole table ({e})", m.name);
+                None
+            }
+        };
+        self.report.models.push(metrics);
+        match self.dag.model_tests_of(m, written.as_ref()) {
+            Ok(tests) => {
+                if !model_tests(self.ctx, &tests, &tested, self.report).await {
+                    self.broken.insert(m.name.clone());
                 }
-                Err(e) => {
-                    broken.insert(name.clone());
-                    report.models.push(ModelMetrics {
-                        model: name.clone(),
-                        table: m.table().to_string(),
-                        status: ModelStatus::Failed,
-                        mode: BuildMode::None,
-                        message: Some(e.to_string()),
-                        ms: began.elapsed().as_millis() as u64,
-                        ..Default::default()
-                    });
-                    report.errors.push((name.clone(), e));
+                mark_tested(self.silt, m, &tested).await;
+            }
+            Err(e) => {
+                self.broken.insert(m.name.clone());
+                self.report.errors.push((m.name.clone(), e));
+            }
+        }
+        if let Some(w) = &written {
+            self.mat.forget_written(&w.relation);
+        }
+    }
+
+    /// Singular tests over models of this selection that all built cleanly: only when every
+    /// model a test reads was part of this selection (a stale model would make a
+    /// reconciliation fail for no reason), and one of them was built (over unchanged tables
+    /// it would say again what it said when they were built).
+    async fn singular_tests(&mut self, selected: &[String]) -> Result<()> {
+        let selected_set: BTreeSet<&String> = selected.iter().collect();
+        for (t, st) in self.dag.singular_tests() {
+            let touches = !st.refs.is_empty()
+                && st.refs.iter().all(|r| selected_set.contains(r))
+                && st.refs.iter().any(|r| self.built.contains(r));
+            let clean = st.refs.iter().all(|r| !self.broken.contains(r))
+                && st.sources.iter().all(|s| !self.broken_sources.contains(s));
+            let mut exists = true;
+            for r in &st.refs {
+                exists &= self
+                    .silt
+                    .catalog
+                    .open(&self.dag.models[r].table())
+                    .await?
+                    .is_some();
+            }
+            if touches && clean && exists {
+                match crate::build::quality::run(self.ctx, &t).await {
+                    Ok(r) => self.report.tests.push(r),
+                    Err(e) => self.report.errors.push((t.name.clone(), e)),
                 }
             }
         }
-        done += 1;
-        if let Some(p) = progress {
-            p.advance(1);
-        }
-        if let (Some(f), Some(mm)) = (
-            on_model,
-            report.models.last().filter(|mm| mm.model == *name),
-        ) {
-            f(mm, done, selected.len());
-        }
+        Ok(())
     }
-    // Singular tests over models of this selection that all built cleanly.
-    let selected_set: BTreeSet<&String> = selected.iter().collect();
-    for (t, st) in dag.singular_tests() {
-        // Only when every model it reads was part of this selection: a stale model would make a
-        // reconciliation fail for no reason.
-        // And only when one of them was built: over unchanged tables it would say again what
-        // it said when they were built.
-        let touches = !st.refs.is_empty()
-            && st.refs.iter().all(|r| selected_set.contains(r))
-            && st.refs.iter().any(|r| built.contains(r));
-        let clean = st.refs.iter().all(|r| !broken.contains(r))
-            && st.sources.iter().all(|s| !broken_sources.contains(s));
-        let mut exists = true;
-        for r in &st.refs {
-            exists &= silt.catalog.open(&dag.models[r].table()).await?.is_some();
-        }
-        if touches && clean && exists {
-            match crate::build::quality::run(ctx, &t).await {
-                Ok(r) => report.tests.push(r),
-                Err(e) => report.errors.push((t.name.clone(), e)),
-            }
-        }
-    }
-    Ok(())
 }

@@ -401,90 +401,104 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
     }
     let first = text.trim_start().as_bytes()[0];
     let json = matches!(ext, "json" | "ndjson" | "jsonl") || first == b'{' || first == b'[';
-    if json {
-        let mut key_order: Vec<Vec<String>> = Vec::new();
-        let (records, format): (Vec<Value>, &str) = if first == b'[' {
-            let mut recs = Vec::new();
-            // Take every complete element, even from a truncated document.
-            let body = text.trim_start();
-            let mut stream = serde_json::Deserializer::from_str(&body[1..]).into_iter::<Value>();
-            let _ = &mut stream;
-            let mut pos = 1;
-            loop {
-                let rest = body[pos..].trim_start_matches(|c: char| c.is_whitespace() || c == ',');
-                pos = body.len() - rest.len();
-                if rest.is_empty() || rest.starts_with(']') {
-                    break;
-                }
-                let mut s = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
-                match s.next() {
-                    Some(Ok(v)) => {
-                        let end = s.byte_offset();
-                        key_order.push(keys_in_order(&rest[..end]));
-                        pos += end;
-                        recs.push(v);
-                    }
-                    _ => break,
-                }
-            }
-            (recs, "json_array")
-        } else {
-            let mut recs = Vec::new();
-            for l in text.lines() {
-                if let Ok(v) = serde_json::from_str::<Value>(l.trim()) {
-                    key_order.push(keys_in_order(l.trim()));
-                    recs.push(v);
-                }
-            }
-            (recs, "ndjson")
-        };
-        let objects: Vec<&serde_json::Map<String, Value>> =
-            records.iter().filter_map(|r| r.as_object()).collect();
-        // Columns in the order the file names them (first seen first).
-        let mut order: Vec<String> = Vec::new();
-        for k in key_order.into_iter().flatten() {
-            if !order.contains(&k) {
-                order.push(k);
+    let mut inferred = if json {
+        infer_json_records(&text, first == b'[')
+    } else {
+        infer_csv(&text, file)?
+    };
+    inferred.encoding = encoding;
+    inferred.truncated = truncated;
+    Ok(inferred)
+}
+
+/// The records of a JSON sample (one array, or one object per line; every complete element
+/// of a truncated array), each with its keys in the order it names them.
+fn json_records(text: &str, array: bool) -> (Vec<Value>, Vec<Vec<String>>) {
+    let mut recs = Vec::new();
+    let mut key_order: Vec<Vec<String>> = Vec::new();
+    if !array {
+        for l in text.lines() {
+            if let Ok(v) = serde_json::from_str::<Value>(l.trim()) {
+                key_order.push(keys_in_order(l.trim()));
+                recs.push(v);
             }
         }
-        let columns = order
-            .iter()
-            .map(|k| {
-                let vals: Vec<&Value> = objects
-                    .iter()
-                    .map(|o| o.get(k).unwrap_or(&Value::Null))
-                    .collect();
-                let ty = vals
-                    .iter()
-                    .filter_map(|v| infer_json(v))
-                    .fold(Inferred::Unknown, merge);
-                let nullable = vals.iter().any(|v| v.is_null());
-                let texts: Vec<String> = vals
-                    .iter()
-                    .filter(|v| !v.is_null())
-                    .map(|v| v.to_string())
-                    .collect();
-                column(k, ty, nullable, &texts)
-            })
-            .collect();
-        return Ok(InferredSource {
-            format: format.into(),
-            delimiter: ',',
-            encoding,
-            columns,
-            rows: objects.len(),
-            spaced: false,
-            truncated,
-        });
+        return (recs, key_order);
     }
-    // CSV: the delimiter is the candidate seen most in the header line.
+    let body = text.trim_start();
+    let mut pos = 1;
+    loop {
+        let rest = body[pos..].trim_start_matches(|c: char| c.is_whitespace() || c == ',');
+        pos = body.len() - rest.len();
+        if rest.is_empty() || rest.starts_with(']') {
+            break;
+        }
+        let mut s = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        match s.next() {
+            Some(Ok(v)) => {
+                let end = s.byte_offset();
+                key_order.push(keys_in_order(&rest[..end]));
+                pos += end;
+                recs.push(v);
+            }
+            _ => break,
+        }
+    }
+    (recs, key_order)
+}
+
+/// The contract of a JSON sample: its columns in the order the file names them (first seen
+/// first), each typed by all its values.
+fn infer_json_records(text: &str, array: bool) -> InferredSource {
+    let (records, key_order) = json_records(text, array);
+    let objects: Vec<&serde_json::Map<String, Value>> =
+        records.iter().filter_map(|r| r.as_object()).collect();
+    let mut order: Vec<String> = Vec::new();
+    for k in key_order.into_iter().flatten() {
+        if !order.contains(&k) {
+            order.push(k);
+        }
+    }
+    let columns = order
+        .iter()
+        .map(|k| {
+            let vals: Vec<&Value> = objects
+                .iter()
+                .map(|o| o.get(k).unwrap_or(&Value::Null))
+                .collect();
+            let ty = vals
+                .iter()
+                .filter_map(|v| infer_json(v))
+                .fold(Inferred::Unknown, merge);
+            let nullable = vals.iter().any(|v| v.is_null());
+            let texts: Vec<String> = vals
+                .iter()
+                .filter(|v| !v.is_null())
+                .map(|v| v.to_string())
+                .collect();
+            column(k, ty, nullable, &texts)
+        })
+        .collect();
+    InferredSource {
+        format: if array { "json_array" } else { "ndjson" }.into(),
+        delimiter: ',',
+        encoding: String::new(),
+        columns,
+        rows: objects.len(),
+        spaced: false,
+        truncated: false,
+    }
+}
+
+/// The contract of a CSV sample: the delimiter is the candidate seen most in the header line;
+/// fields are read as they are (silt keeps spaces in strings unless `trim` is set), and types
+/// inferred from the trimmed text, as ingest reads typed columns.
+fn infer_csv(text: &str, file: &str) -> Result<InferredSource> {
     let header_line = text.lines().next().unwrap_or_default();
     let delimiter = [',', ';', '\t', '|']
         .into_iter()
         .max_by_key(|d| header_line.matches(*d).count())
         .unwrap_or(',');
-    // Fields as they are (silt keeps spaces in strings unless `trim` is set); types are
-    // inferred from the trimmed text, as ingest reads typed columns.
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(delimiter as u8)
         .flexible(true)
@@ -528,11 +542,11 @@ pub fn infer(data: &[u8], file: &str, ext: &str) -> Result<InferredSource> {
     Ok(InferredSource {
         format: "csv".into(),
         delimiter,
-        encoding,
+        encoding: String::new(),
         columns,
         rows,
         spaced,
-        truncated,
+        truncated: false,
     })
 }
 
@@ -620,6 +634,16 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
     ));
     o.push_str(&format!("glob = {}\n", toml_str(glob)));
     o.push_str(&format!("format = \"{}\"\n", inf.format));
+    let pk = key_lines(&mut o, inf);
+    parse_lines(&mut o, inf);
+    column_lines(&mut o, inf, pk);
+    Ok(o)
+}
+
+/// The lines that name the source's keys, partitioning, data subject and PII (each guessed
+/// from the sample, with why); the primary key chosen.
+fn key_lines<'i>(o: &mut String, inf: &'i InferredSource) -> Option<&'i InferredColumn> {
+    let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
     let pii: Vec<&InferredColumn> = inf
         .columns
         .iter()
@@ -716,6 +740,12 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
             ));
         }
     }
+    pk
+}
+
+/// The file policies and the `[parse]` options the inference relied on.
+fn parse_lines(o: &mut String, inf: &InferredSource) {
+    let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
     o.push_str("on_unexpected_column = \"quarantine\"\non_changed_file = \"ingest\"\non_duplicate_file = \"skip\"\n\n");
     o.push_str("# How the sample was read: every option the inference relied on.\n[parse]\n");
     if inf.format == "csv" {
@@ -758,6 +788,11 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
                 .join(", ")
         ));
     }
+}
+
+/// One `[[columns]]` table per column (the key not nullable), with what the sample showed.
+fn column_lines(o: &mut String, inf: &InferredSource, pk: Option<&InferredColumn>) {
+    let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
     for c in &inf.columns {
         let is_key = pk.is_some_and(|k| k.name == c.name);
         let note = if is_key {
@@ -782,7 +817,6 @@ pub fn render_source(name: &str, glob: &str, inf: &InferredSource, sample: &str)
             o.push_str(&format!("source = {}\n", toml_str(&c.source)));
         }
     }
-    Ok(o)
 }
 
 /// What `silt source new` wrote and how the sample fares under it.
