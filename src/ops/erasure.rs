@@ -1461,7 +1461,79 @@ impl<'a> ForgetBuilder<'a> {
         hmacs.sort();
         hmacs.dedup();
         let subjects = hmacs.join(",");
-        // Resume an interrupted request for the same subjects, or start one.
+        let (plan, mut report) = self.start(&dag, &key, hmacs, &subjects).await?;
+        failpoint::hit("forget.started");
+        let mut run = Run {
+            silt,
+            n: plan.needles.clone(),
+            request: report.request_id.clone(),
+            subjects: subjects.clone(),
+            steps: Vec::new(),
+            seen: HashMap::new(),
+            headers: HashMap::new(),
+        };
+        run.erase(&dag, &plan, &key, &mut report).await?;
+        failpoint::hit("forget.before_complete");
+        report.steps = run.steps;
+        report.rows_deleted = report
+            .steps
+            .iter()
+            .filter(|s| s.action != Step::Rebuild)
+            .map(|s| s.rows_deleted)
+            .sum();
+        report.files_purged = report
+            .steps
+            .iter()
+            .map(|s| s.files_purged.len() as u64)
+            .sum();
+        report.matched = report.rows_deleted > 0 || report.files_purged > 0;
+        let mut done_row = self.audit_row(&report.request_id, AuditStatus::Completed, &subjects);
+        done_row.rows_deleted = report.rows_deleted as i64;
+        done_row.files_purged = report.files_purged as i64;
+        done_row.files_rewritten = report
+            .steps
+            .iter()
+            .map(|s| s.files_rewritten.len() as i64)
+            .sum();
+        done_row.detail = Some(format!(
+            "{} step(s){}{}",
+            report.steps.len(),
+            if report.resumed { "; resumed" } else { "" },
+            if report.matched {
+                ""
+            } else {
+                "; no-op: no record matched the subjects"
+            }
+        ));
+        audit(&silt.lake, &[done_row]).await?;
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    /// An audit row of this request.
+    fn audit_row(&self, request_id: &str, status: AuditStatus, subjects: &str) -> AuditRow {
+        AuditRow {
+            request_id: request_id.to_string(),
+            status,
+            subjects: subjects.to_string(),
+            reason: self.reason.clone(),
+            at: chrono::Utc::now().timestamp_micros(),
+            ..Default::default()
+        }
+    }
+
+    /// Resume an interrupted request for the same subjects, or start one (audited as
+    /// started, with the HMACs of the keys and PII values it will look for). The scope comes
+    /// first: a source holding subject data without a declared path stops the request before
+    /// anything is written.
+    async fn start(
+        &self,
+        dag: &Dag,
+        key: &str,
+        hmacs: Vec<String>,
+        subjects: &str,
+    ) -> Result<(Plan, ForgetReport)> {
+        let silt = self.silt;
         let entries = audit_entries(&silt.catalog).await?;
         let done: HashSet<&str> = entries
             .iter()
@@ -1473,21 +1545,11 @@ impl<'a> ForgetBuilder<'a> {
                 && e.subject_hmacs == subjects
                 && !done.contains(e.request_id.as_str())
         });
-        // The scope first: a source holding subject data without a declared path stops the
-        // request before anything is written.
         let stored = pending.map(|p| p.key_hmacs.clone()).unwrap_or_default();
-        let plan = Plan::resolve(silt, &dag, &self.ids, &key, &stored).await?;
+        let plan = Plan::resolve(silt, dag, &self.ids, key, &stored).await?;
         let mut report = ForgetReport {
-            subjects: hmacs.clone(),
+            subjects: hmacs,
             warnings: plan.warnings.clone(),
-            ..Default::default()
-        };
-        let row = |request_id: &str, status: AuditStatus| AuditRow {
-            request_id: request_id.to_string(),
-            status,
-            subjects: subjects.clone(),
-            reason: self.reason.clone(),
-            at: chrono::Utc::now().timestamp_micros(),
             ..Default::default()
         };
         match pending {
@@ -1497,7 +1559,8 @@ impl<'a> ForgetBuilder<'a> {
             }
             None => {
                 report.request_id = uuid::Uuid::now_v7().to_string();
-                let mut started = row(&report.request_id, AuditStatus::Started);
+                let mut started =
+                    self.audit_row(&report.request_id, AuditStatus::Started, subjects);
                 let mut recorded = plan.derived_hmacs.clone();
                 if !plan.pii_hmacs.is_empty() {
                     recorded.insert(PII_HMACS.into(), plan.pii_hmacs.clone());
@@ -1508,16 +1571,21 @@ impl<'a> ForgetBuilder<'a> {
                 audit(&silt.lake, &[started]).await?;
             }
         }
-        failpoint::hit("forget.started");
-        let mut run = Run {
-            silt,
-            n: plan.needles.clone(),
-            request: report.request_id.clone(),
-            subjects: subjects.clone(),
-            steps: Vec::new(),
-            seen: HashMap::new(),
-            headers: HashMap::new(),
-        };
+        Ok((plan, report))
+    }
+}
+
+impl Run<'_> {
+    /// The erasure's steps, in order: landing files, the sources' quarantine and bronze in
+    /// place, the models, then the purge of every older file still holding a subject.
+    async fn erase(
+        &mut self,
+        dag: &Dag,
+        plan: &Plan,
+        key: &str,
+        report: &mut ForgetReport,
+    ) -> Result<()> {
+        let silt = self.silt;
         // 1. Landing files of the sources in scope (PII values are still in bronze to find
         //    them by).
         let (listed, skipped) = silt.landing.list_landing().await?;
@@ -1525,20 +1593,20 @@ impl<'a> ForgetBuilder<'a> {
         for name in &plan.sources {
             let src = &silt.project.sources[name];
             let keys = plan.keys_of(name).expect("a source in scope has keys");
-            run.landing(src, keys, &listed).await?;
+            self.landing(src, keys, &listed).await?;
         }
         // 2. Quarantine and bronze of the sources in scope, in place.
         for name in &plan.sources {
             let t = TableRef::quarantine(name);
-            if let Some(m) = plan.matcher(&t, run.headers.get(name).unwrap_or(&HashMap::new())) {
-                run.rewrite(&t, &m, None).await?;
+            if let Some(m) = plan.matcher(&t, self.headers.get(name).unwrap_or(&HashMap::new())) {
+                self.rewrite(&t, &m, None).await?;
             }
             failpoint::hit("forget.table");
         }
         for name in &plan.sources {
             let t = TableRef::bronze(name);
             if let Some(m) = plan.matcher(&t, &HashMap::new()) {
-                run.rewrite(&t, &m, None).await?;
+                self.rewrite(&t, &m, None).await?;
             }
             failpoint::hit("forget.table");
         }
@@ -1547,7 +1615,7 @@ impl<'a> ForgetBuilder<'a> {
         //    rebuilt the normal way, so partition_overwrite models redo only the partitions
         //    that changed.
         let started_at = chrono::Utc::now().timestamp_micros();
-        let rebuilt = run.models(&dag, &plan, &key).await?;
+        let rebuilt = self.models(dag, plan, key).await?;
         // The model steps appear in `silt runs` as a run of their own.
         if !rebuilt.is_empty() {
             let rows = rebuilt.iter().map(RunRecord::from).collect();
@@ -1572,46 +1640,12 @@ impl<'a> ForgetBuilder<'a> {
             tables.push(TableRef::bronze(name));
         }
         for t in tables {
-            let headers = run.headers.get(&t.name).cloned().unwrap_or_default();
+            let headers = self.headers.get(&t.name).cloned().unwrap_or_default();
             if let Some(m) = plan.matcher(&t, &headers) {
-                run.purge(&t, &m).await?;
+                self.purge(&t, &m).await?;
             }
         }
-        failpoint::hit("forget.before_complete");
-        report.steps = run.steps;
-        report.rows_deleted = report
-            .steps
-            .iter()
-            .filter(|s| s.action != Step::Rebuild)
-            .map(|s| s.rows_deleted)
-            .sum();
-        report.files_purged = report
-            .steps
-            .iter()
-            .map(|s| s.files_purged.len() as u64)
-            .sum();
-        let mut done_row = row(&report.request_id, AuditStatus::Completed);
-        done_row.rows_deleted = report.rows_deleted as i64;
-        done_row.files_purged = report.files_purged as i64;
-        done_row.files_rewritten = report
-            .steps
-            .iter()
-            .map(|s| s.files_rewritten.len() as i64)
-            .sum();
-        report.matched = report.rows_deleted > 0 || report.files_purged > 0;
-        done_row.detail = Some(format!(
-            "{} step(s){}{}",
-            report.steps.len(),
-            if report.resumed { "; resumed" } else { "" },
-            if report.matched {
-                ""
-            } else {
-                "; no-op: no record matched the subjects"
-            }
-        ));
-        audit(&silt.lake, &[done_row]).await?;
-        report.elapsed_ms = started.elapsed().as_millis() as u64;
-        Ok(report)
+        Ok(())
     }
 }
 
@@ -2657,8 +2691,8 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
         }
     }
     let plan = Plan::resolve(silt, &dag, ids, &key, &stored).await?;
-    let n = plan.needles.clone();
     let mut report = VerifyReport::default();
+    let headers = verify_landing(silt, &plan, &mut report).await?;
     // The lake: every data file and log entry of the tables in scope, live or retained.
     let mut tables: Vec<TableRef> = plan
         .models
@@ -2669,14 +2703,34 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
         tables.push(TableRef::bronze(name));
         tables.push(TableRef::quarantine(name));
     }
+    for t in tables {
+        let none = HashMap::new();
+        let Some(how) = plan.matcher(&t, headers.get(&t.name).unwrap_or(&none)) else {
+            continue;
+        };
+        if how.columns().is_empty() {
+            continue;
+        }
+        verify_table(silt, &t, &how, &plan.needles, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// Scan the landing files of the sources in scope for records an erasure would drop; the CSV
+/// headers read on the way (per source, per file), which the quarantine's raw records are
+/// read by.
+async fn verify_landing(
+    silt: &Silt,
+    plan: &Plan,
+    report: &mut VerifyReport,
+) -> Result<HashMap<String, HashMap<String, Vec<String>>>> {
     let mut headers: HashMap<String, HashMap<String, Vec<String>>> = HashMap::new();
-    // The landing files of the sources in scope: a record the erasure would drop.
     let (landing, skipped) = silt.landing.list_landing().await?;
     report.unreadable = skipped;
     for name in &plan.sources {
         let src = &silt.project.sources[name];
         let keys = plan.keys_of(name).expect("a source in scope has keys");
-        let rec = Records::new(src, &keys, &n);
+        let rec = Records::new(src, &keys, &plan.needles);
         for o in &landing {
             let Some(rel) = silt.landing.relative(&o.location) else {
                 continue;
@@ -2704,99 +2758,104 @@ pub async fn verify(silt: &Silt, ids: &[String]) -> Result<VerifyReport> {
             }
         }
     }
+    Ok(headers)
+}
+
+/// Scan every object under table `t` (data files live or retained, log entries): a subject's
+/// key or PII value in a data file, or in a log entry's file statistics, is a finding.
+async fn verify_table(
+    silt: &Silt,
+    t: &TableRef,
+    how: &Matcher,
+    n: &Needles,
+    report: &mut VerifyReport,
+) -> Result<()> {
     let no_doomed = HashSet::new();
-    for t in tables {
-        let none = HashMap::new();
-        let Some(how) = plan.matcher(&t, headers.get(&t.name).unwrap_or(&none)) else {
+    let rel = t.rel_path();
+    for o in silt.lake.list(&rel).await? {
+        let Some(full) = silt.lake.relative(&o.location) else {
             continue;
         };
-        if how.columns().is_empty() {
+        let Some(inner) = full.strip_prefix(&format!("{rel}/")) else {
+            continue;
+        };
+        let location = format!("lake:{full}");
+        report.objects_scanned += 1;
+        let data = silt.lake.get(&o.location).await?;
+        if let Some(log) = inner.strip_prefix("_delta_log/") {
+            if log_mentions(log, data, &no_doomed, how, n)? {
+                report.findings.push(Finding {
+                    location,
+                    kind: "file statistics".into(),
+                    column: None,
+                });
+            }
             continue;
         }
-        let rel = t.rel_path();
-        for o in silt.lake.list(&rel).await? {
-            let Some(full) = silt.lake.relative(&o.location) else {
-                continue;
-            };
-            let Some(inner) = full.strip_prefix(&format!("{rel}/")) else {
-                continue;
-            };
-            let location = format!("lake:{full}");
-            report.objects_scanned += 1;
-            let data = silt.lake.get(&o.location).await?;
-            if let Some(log) = inner.strip_prefix("_delta_log/") {
-                if log_mentions(log, data, &no_doomed, &how, &n)? {
-                    report.findings.push(Finding {
-                        location,
-                        kind: "file statistics".into(),
-                        column: None,
-                    });
-                }
-                continue;
-            }
-            if !inner.ends_with(".parquet") {
-                continue;
-            }
-            report.parquet_files += 1;
-            let batches = match decode_parquet(data.clone(), &full) {
-                Ok(b) => b,
-                Err(e) => {
-                    report.findings.push(Finding {
-                        location,
-                        kind: format!("unreadable Parquet ({e})"),
-                        column: None,
-                    });
-                    continue;
-                }
-            };
-            let mut seen: BTreeSet<(String, Option<String>)> = BTreeSet::new();
-            for b in batches {
-                match &how {
-                    Matcher::Columns(scope) => {
-                        for (c, set) in &scope.keys {
-                            if let Some(a) = b.column_by_name(c)
-                                && set.mask(a).into_iter().any(|m| m == Some(true))
-                            {
-                                seen.insert(("subject key".into(), Some(c.clone())));
-                            }
-                        }
-                        // PII on rows keyed to nobody (a row of another subject that shares a
-                        // name is not a finding).
-                        let pii_only = Scope {
-                            keys: scope.keys.clone(),
-                            pii: vec![],
-                        };
-                        let keyed = pii_only.mask(&b, &n);
-                        for c in &scope.pii {
-                            let one = Scope {
-                                keys: scope.keys.clone(),
-                                pii: vec![c.clone()],
-                            };
-                            if one
-                                .mask(&b, &n)
-                                .into_iter()
-                                .zip(&keyed)
-                                .any(|(m, k)| m && !k)
-                            {
-                                seen.insert(("PII value".into(), Some(c.clone())));
-                            }
-                        }
-                    }
-                    Matcher::Raw(_) => {
-                        if how.mask(&b, &n).true_count() > 0 {
-                            seen.insert(("subject record".into(), Some("raw_record".into())));
-                        }
-                    }
-                }
-            }
-            for (kind, column) in seen {
+        if !inner.ends_with(".parquet") {
+            continue;
+        }
+        report.parquet_files += 1;
+        let batches = match decode_parquet(data.clone(), &full) {
+            Ok(b) => b,
+            Err(e) => {
                 report.findings.push(Finding {
-                    location: location.clone(),
-                    kind,
-                    column,
+                    location,
+                    kind: format!("unreadable Parquet ({e})"),
+                    column: None,
                 });
+                continue;
+            }
+        };
+        let mut seen: BTreeSet<(String, Option<String>)> = BTreeSet::new();
+        for b in batches {
+            seen.extend(findings_in(&b, how, n));
+        }
+        for (kind, column) in seen {
+            report.findings.push(Finding {
+                location: location.clone(),
+                kind,
+                column,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What of the subjects one batch of a data file holds: (what, column).
+fn findings_in(b: &RecordBatch, how: &Matcher, n: &Needles) -> BTreeSet<(String, Option<String>)> {
+    let mut seen = BTreeSet::new();
+    match how {
+        Matcher::Columns(scope) => {
+            for (c, set) in &scope.keys {
+                if let Some(a) = b.column_by_name(c)
+                    && set.mask(a).into_iter().any(|m| m == Some(true))
+                {
+                    seen.insert(("subject key".into(), Some(c.clone())));
+                }
+            }
+            // PII on rows keyed to nobody (a row of another subject that shares a name is not
+            // a finding).
+            let pii_only = Scope {
+                keys: scope.keys.clone(),
+                pii: vec![],
+            };
+            let keyed = pii_only.mask(b, n);
+            for c in &scope.pii {
+                let one = Scope {
+                    keys: scope.keys.clone(),
+                    pii: vec![c.clone()],
+                };
+                if one.mask(b, n).into_iter().zip(&keyed).any(|(m, k)| m && !k) {
+                    seen.insert(("PII value".into(), Some(c.clone())));
+                }
+            }
+        }
+        Matcher::Raw(_) => {
+            if how.mask(b, n).true_count() > 0 {
+                seen.insert(("subject record".into(), Some("raw_record".into())));
             }
         }
     }
-    Ok(report)
+    seen
 }
