@@ -421,24 +421,12 @@ impl Dag {
         let mut files: Vec<(Layer, PathBuf)> = Vec::new();
         for layer in [Layer::Silver, Layer::Gold] {
             let dir = project.dir.join("sql").join(layer.schema_name());
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                let mut ps: Vec<PathBuf> = rd
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-                    .collect();
-                ps.sort();
-                files.extend(ps.into_iter().map(|p| (layer, p)));
-            }
+            files.extend(sql_files(&dir).into_iter().map(|p| (layer, p)));
         }
         let mut known: BTreeMap<String, Layer> = BTreeMap::new();
         let mut seen_file: BTreeMap<String, String> = BTreeMap::new();
         for (layer, p) in &files {
-            let name = p
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_string();
+            let name = file_stem(p);
             let rel = rel_path(&project.dir, p);
             if !crate::project::config::is_identifier(&name) {
                 return Err(Error::config(
@@ -454,120 +442,20 @@ impl Dag {
             }
             known.insert(name, *layer);
         }
-        let known = Arc::new(known);
-        let sources = Arc::new(project.sources.keys().cloned().collect::<BTreeSet<_>>());
-        let vars = Arc::new(project.file.vars.clone());
+        let names = Names {
+            models: Arc::new(known),
+            sources: Arc::new(project.sources.keys().cloned().collect::<BTreeSet<_>>()),
+            vars: Arc::new(project.file.vars.clone()),
+        };
         let mut models = BTreeMap::new();
         for (layer, p) in files {
-            let name = p
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_string();
-            let rel = rel_path(&project.dir, &p);
-            let template =
-                std::fs::read_to_string(&p).map_err(|e| Error::config(&rel, e.to_string()))?;
-            // Render both ways so refs inside `{% if is_incremental() %}` count too.
-            let mut config = None;
-            let mut refs = BTreeSet::new();
-            let mut srcs = BTreeSet::new();
-            for incremental in [false, true] {
-                let cap = Arc::new(Mutex::new(Captured::default()));
-                let this = TableRef::new(layer, name.clone()).to_string();
-                let env = env_for(
-                    this,
-                    RenderContext {
-                        incremental,
-                        ..Default::default()
-                    },
-                    cap.clone(),
-                    known.clone(),
-                    sources.clone(),
-                    vars.clone(),
-                    config_newlines(&template),
-                );
-                env.render_str(&template, ())
-                    .map_err(|e| Error::config(&rel, jinja_message(&e)))?;
-                let mut c = cap.lock().unwrap();
-                if config.is_none() {
-                    config = c.config.take();
-                }
-                refs.extend(std::mem::take(&mut c.refs));
-                srcs.extend(std::mem::take(&mut c.sources));
-            }
-            let config = match config {
-                None => ModelConfig::default(),
-                Some(Ok(c)) => c,
-                Some(Err(m)) => return Err(Error::config(&rel, m)),
-            };
-            if refs.contains(&name) {
-                return Err(Error::config(
-                    &rel,
-                    format!(
-                        "model '{name}' refs itself: use {{{{ this }}}} for the model's own table"
-                    ),
-                ));
-            }
-            models.insert(
-                name.clone(),
-                Model {
-                    name,
-                    layer,
-                    file: rel,
-                    template,
-                    config,
-                    refs,
-                    sources: srcs,
-                },
-            );
+            let m = names.model(project, layer, &p)?;
+            models.insert(m.name.clone(), m);
         }
         let order = topo_order(&models)?;
-        // Singular tests.
         let mut singular = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(project.dir.join("sql").join("tests")) {
-            let mut ps: Vec<PathBuf> = rd
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-                .collect();
-            ps.sort();
-            for p in ps {
-                let rel = rel_path(&project.dir, &p);
-                let name = p
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or_default()
-                    .to_string();
-                let template =
-                    std::fs::read_to_string(&p).map_err(|e| Error::config(&rel, e.to_string()))?;
-                let cap = Arc::new(Mutex::new(Captured::default()));
-                let env = env_for(
-                    format!("test.{name}"),
-                    RenderContext::default(),
-                    cap.clone(),
-                    known.clone(),
-                    sources.clone(),
-                    vars.clone(),
-                    config_newlines(&template),
-                );
-                let sql = env
-                    .render_str(&template, ())
-                    .map_err(|e| Error::config(&rel, jinja_message(&e)))?;
-                let mut c = cap.lock().unwrap();
-                let severity = match c.config.take() {
-                    Some(Ok(cfg)) => cfg.severity,
-                    Some(Err(m)) => return Err(Error::config(&rel, m)),
-                    None => crate::build::quality::Severity::Error,
-                };
-                singular.push(SingularTest {
-                    name,
-                    file: rel,
-                    sql: sql.trim().trim_end_matches(';').to_string(),
-                    refs: std::mem::take(&mut c.refs),
-                    sources: std::mem::take(&mut c.sources),
-                    severity,
-                });
-            }
+        for p in sql_files(&project.dir.join("sql").join("tests")) {
+            singular.push(names.singular_test(project, &p)?);
         }
         let dag = Dag {
             models,
@@ -1122,4 +1010,131 @@ pub fn render_dag(dag: &Dag, format: &str) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// The `.sql` files of a folder, sorted (none when it does not exist).
+fn sql_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut ps: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    ps.sort();
+    ps
+}
+
+fn file_stem(p: &Path) -> String {
+    p.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// What a template may name: the models (by layer), the sources and the project's vars.
+struct Names {
+    models: Arc<BTreeMap<String, Layer>>,
+    sources: Arc<BTreeSet<String>>,
+    vars: Arc<BTreeMap<String, toml::Value>>,
+}
+
+impl Names {
+    /// Render `template` (named `this`), capturing its config, refs and sources.
+    fn render(
+        &self,
+        this: String,
+        ctx: RenderContext,
+        template: &str,
+        rel: &str,
+    ) -> Result<(String, Captured)> {
+        let cap = Arc::new(Mutex::new(Captured::default()));
+        let env = env_for(
+            this,
+            ctx,
+            cap.clone(),
+            self.models.clone(),
+            self.sources.clone(),
+            self.vars.clone(),
+            config_newlines(template),
+        );
+        let sql = env
+            .render_str(template, ())
+            .map_err(|e| Error::config(rel, jinja_message(&e)))?;
+        let captured = std::mem::take(&mut *cap.lock().unwrap());
+        Ok((sql, captured))
+    }
+
+    /// The model in file `p` of `layer`: its template rendered both ways, so refs inside
+    /// `{% if is_incremental() %}` count too.
+    fn model(&self, project: &Project, layer: Layer, p: &Path) -> Result<Model> {
+        let name = file_stem(p);
+        let rel = rel_path(&project.dir, p);
+        let template =
+            std::fs::read_to_string(p).map_err(|e| Error::config(&rel, e.to_string()))?;
+        let mut config = None;
+        let mut refs = BTreeSet::new();
+        let mut srcs = BTreeSet::new();
+        for incremental in [false, true] {
+            let this = TableRef::new(layer, name.clone()).to_string();
+            let ctx = RenderContext {
+                incremental,
+                ..Default::default()
+            };
+            let (_, mut c) = self.render(this, ctx, &template, &rel)?;
+            if config.is_none() {
+                config = c.config.take();
+            }
+            refs.extend(std::mem::take(&mut c.refs));
+            srcs.extend(std::mem::take(&mut c.sources));
+        }
+        let config = match config {
+            None => ModelConfig::default(),
+            Some(Ok(c)) => c,
+            Some(Err(m)) => return Err(Error::config(&rel, m)),
+        };
+        if refs.contains(&name) {
+            return Err(Error::config(
+                &rel,
+                format!("model '{name}' refs itself: use {{{{ this }}}} for the model's own table"),
+            ));
+        }
+        Ok(Model {
+            name,
+            layer,
+            file: rel,
+            template,
+            config,
+            refs,
+            sources: srcs,
+        })
+    }
+
+    /// The singular test in file `p` (sql/tests/): its SQL, what it reads, its severity.
+    fn singular_test(&self, project: &Project, p: &Path) -> Result<SingularTest> {
+        let rel = rel_path(&project.dir, p);
+        let name = file_stem(p);
+        let template =
+            std::fs::read_to_string(p).map_err(|e| Error::config(&rel, e.to_string()))?;
+        let (sql, mut c) = self.render(
+            format!("test.{name}"),
+            RenderContext::default(),
+            &template,
+            &rel,
+        )?;
+        let severity = match c.config.take() {
+            Some(Ok(cfg)) => cfg.severity,
+            Some(Err(m)) => return Err(Error::config(&rel, m)),
+            None => crate::build::quality::Severity::Error,
+        };
+        Ok(SingularTest {
+            name,
+            file: rel,
+            sql: sql.trim().trim_end_matches(';').to_string(),
+            refs: std::mem::take(&mut c.refs),
+            sources: std::mem::take(&mut c.sources),
+            severity,
+        })
+    }
 }

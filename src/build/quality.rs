@@ -206,11 +206,6 @@ pub fn compile_scoped(
         .as_ref()
         .map(|w| format!(" and ({w})"))
         .unwrap_or_default();
-    let where_only = spec
-        .where_
-        .as_ref()
-        .map(|w| format!(" where ({w})"))
-        .unwrap_or_default();
     let (sql, label) = match spec.kind.as_str() {
         "not_null" => {
             let c = col()?;
@@ -225,48 +220,7 @@ pub fn compile_scoped(
             } else {
                 spec.columns.clone()
             };
-            let list = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
-            let sql = match written {
-                None => format!(
-                    "select {list}, count(*) as n_rows from {table}{where_only} group by {list} having count(*) > 1"
-                ),
-                Some(w) => {
-                    // The table between the written bounds of the first column, and its NULLs
-                    // (a NULL key counts as a value, as in the whole-table test).
-                    let bounded = w.ranges.get(&cols[0]).map(|(lo, hi)| {
-                        format!(
-                            "({c} between {lo} and {hi} or {c} is null)",
-                            c = q(&cols[0])
-                        )
-                    });
-                    let filter = bounded
-                        .into_iter()
-                        .chain(spec.where_.as_ref().map(|x| format!("({x})")))
-                        .collect::<Vec<_>>();
-                    let table_where = if filter.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" where {}", filter.join(" and "))
-                    };
-                    let on = cols
-                        .iter()
-                        .map(|c| format!("(t.{c} is not distinct from n.{c})", c = q(c)))
-                        .collect::<Vec<_>>()
-                        .join(" and ");
-                    let t_list = cols
-                        .iter()
-                        .map(|c| format!("t.{}", q(c)))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    format!(
-                        "select {t_list}, count(*) as n_rows from (select {list} from {table}{table_where}) t \
-                         join (select distinct {list} from {wr}{where_only}) n on {on} \
-                         group by {t_list} having count(*) > 1",
-                        wr = w.relation
-                    )
-                }
-            };
-            (sql, cols.join("_"))
+            (unique_sql(spec, table, &cols, written), cols.join("_"))
         }
         "accepted_values" => {
             let c = col()?;
@@ -339,6 +293,60 @@ pub fn compile_scoped(
         },
         sql,
     })
+}
+
+/// The SQL of a `unique` test on `cols`: key values held by more than one row. Scoped to the
+/// rows a build wrote, it counts their keys across the whole table, reading only the table
+/// between the written bounds of the first column, and its NULLs (a NULL key counts as a value,
+/// as in the whole-table test).
+fn unique_sql(
+    spec: &TestSpec,
+    table: &TableRef,
+    cols: &[String],
+    written: Option<&WrittenScope>,
+) -> String {
+    let where_only = spec
+        .where_
+        .as_ref()
+        .map(|w| format!(" where ({w})"))
+        .unwrap_or_default();
+    let list = cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+    let Some(w) = written else {
+        return format!(
+            "select {list}, count(*) as n_rows from {table}{where_only} group by {list} having count(*) > 1"
+        );
+    };
+    let bounded = w.ranges.get(&cols[0]).map(|(lo, hi)| {
+        format!(
+            "({c} between {lo} and {hi} or {c} is null)",
+            c = q(&cols[0])
+        )
+    });
+    let filter = bounded
+        .into_iter()
+        .chain(spec.where_.as_ref().map(|x| format!("({x})")))
+        .collect::<Vec<_>>();
+    let table_where = if filter.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", filter.join(" and "))
+    };
+    let on = cols
+        .iter()
+        .map(|c| format!("(t.{c} is not distinct from n.{c})", c = q(c)))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let t_list = cols
+        .iter()
+        .map(|c| format!("t.{}", q(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "select {t_list}, count(*) as n_rows from (select {list} from {table}{table_where}) t \
+         join (select distinct {list} from {wr}{where_only}) n on {on} \
+         group by {t_list} having count(*) > 1",
+        wr = w.relation
+    )
 }
 
 /// Run one test: count the failing rows and keep the first few.
