@@ -1,0 +1,166 @@
+//! The landing step of an erasure: every landing file of a source in scope rewritten without
+//! the subjects' records (or deleted when nothing else is left), the ledger told first so the
+//! rewrite is never taken for new content. It must not touch lake tables other than the ledger.
+
+use super::*;
+
+/// How many bytes of rewritten landing files wait for one ledger commit (a commit per file
+/// would make the landing step mostly ledger writes).
+pub(super) const LANDING_GROUP_BYTES: usize = 32 << 20;
+
+/// A landing file's location, its path relative to the landing root, and its rewrite.
+pub(super) type LandingFile = (object_store::path::Path, String, Option<(Vec<u8>, u64)>);
+
+/// Landing files rewritten (`Some`: new content, records dropped) or to delete (`None`), with
+/// their ledger entries, not yet landed.
+#[derive(Default)]
+pub(super) struct LandingGroup {
+    pub(super) files: Vec<LandingFile>,
+    pub(super) entries: Vec<LedgerEntry>,
+    pub(super) bytes: usize,
+}
+
+impl Run<'_> {
+    /// Rewrite (or remove) the landing files of `src` that hold a subject's records (by the
+    /// key field, `keys` holding the values that belong to the subjects).
+    pub(super) async fn landing(
+        &mut self,
+        src: &Source,
+        keys: Arc<KeySet>,
+        listed: &[object_store::ObjectMeta],
+    ) -> Result<()> {
+        let landing = &self.silt.landing;
+        let mut step = TableErasure::new(format!("landing:{}", src.name), Step::Landing);
+        let entries = ledger::read(&self.silt.catalog, &src.name).await?;
+        let mut latest: HashMap<String, LedgerEntry> = HashMap::new();
+        for e in entries {
+            latest.insert(e.path.clone(), e);
+        }
+        let batch_id = format!("erasure-{}", self.request);
+        let mut group = LandingGroup::default();
+        let mut files = Vec::new();
+        for m in listed {
+            let Some(rel) = landing.relative(&m.location) else {
+                continue;
+            };
+            if src.glob.is_match(&rel) {
+                files.push((m.location.clone(), rel));
+            }
+        }
+        step.files_scanned = files.len() as u64;
+        // Each file is read, searched and rewritten in its own task, two at a time; the
+        // results come back in listing order, so the ledger groups are as before.
+        let shared = Arc::new(src.clone());
+        let headers: Arc<std::sync::Mutex<HashMap<String, Vec<String>>>> = Default::default();
+        let jobs = files.into_iter().map(|(location, rel)| {
+            let (landing, n, shared, keys, headers) = (
+                landing.clone(),
+                self.n.clone(),
+                shared.clone(),
+                keys.clone(),
+                headers.clone(),
+            );
+            async move {
+                let src = &*shared;
+                let data = landing.get(&location).await?;
+                if src.format == Format::Csv
+                    && src.parse.header
+                    && let Some(h) = csv_header(&data, src)
+                {
+                    headers.lock().unwrap().insert(rel.clone(), h);
+                }
+                let rec = Records::new(src, &keys, &n);
+                let Some((bytes, dropped)) = without_subjects(&data, &rec) else {
+                    return Ok(None);
+                };
+                let rewritten = match src.on_erasure {
+                    ErasurePolicy::Remove => None,
+                    ErasurePolicy::Rewrite => Some((bytes, dropped)),
+                };
+                let sha = rewritten
+                    .as_ref()
+                    .map(|(bytes, _)| hex::encode(Sha256::digest(bytes)));
+                Ok(Some((location, rel, rewritten, sha)))
+            }
+        });
+        let mut found = Box::pin(in_tasks(jobs, "landing erasure"));
+        while let Some(r) = found.next().await {
+            let Some((location, rel, rewritten, sha)) = r? else {
+                continue;
+            };
+            let now = chrono::Utc::now().timestamp_micros();
+            let entry = latest.get(&rel).map(|prev| match &rewritten {
+                Some((bytes, dropped)) => LedgerEntry {
+                    source: src.name.clone(),
+                    path: rel.clone(),
+                    size: bytes.len() as i64,
+                    e_tag: None,
+                    sha256: sha.clone().unwrap_or_default(),
+                    status: FileStatus::Rewritten,
+                    rows: prev.rows,
+                    quarantined: prev.quarantined,
+                    batch_id: batch_id.clone(),
+                    ingested_at: now,
+                    detail: Some(format!(
+                        "GDPR erasure {}: {dropped} record(s) removed",
+                        self.request
+                    )),
+                },
+                None => LedgerEntry {
+                    status: FileStatus::Erased,
+                    batch_id: batch_id.clone(),
+                    ingested_at: now,
+                    detail: Some(format!("GDPR erasure {}: file removed", self.request)),
+                    ..prev.clone()
+                },
+            });
+            group.bytes += rewritten.as_ref().map_or(0, |r| r.0.len());
+            group.entries.extend(entry);
+            group.files.push((location, rel, rewritten));
+            if group.bytes >= LANDING_GROUP_BYTES {
+                self.land(std::mem::take(&mut group), &batch_id, &mut step)
+                    .await?;
+            }
+        }
+        drop(found);
+        self.land(group, &batch_id, &mut step).await?;
+        let headers = std::mem::take(&mut *headers.lock().unwrap());
+        self.headers.insert(src.name.clone(), headers);
+        if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
+            self.step_audit(&step).await?;
+        }
+        self.steps.push(step);
+        Ok(())
+    }
+
+    /// Land one group of landing rewrites: ledger first, in one commit for the group (the new
+    /// content is known as ingested before it lands, and the old one stays known, so a crash
+    /// in between never re-ingests a file), then each file's new content or its deletion.
+    pub(super) async fn land(
+        &self,
+        group: LandingGroup,
+        batch_id: &str,
+        step: &mut TableErasure,
+    ) -> Result<()> {
+        let landing = &self.silt.landing;
+        if group.files.is_empty() {
+            return Ok(());
+        }
+        ledger::record(&self.silt.lake, &group.entries, batch_id).await?;
+        failpoint::hit("forget.landing_ledger");
+        for (location, rel, rewritten) in group.files {
+            match rewritten {
+                Some((bytes, dropped)) => {
+                    landing.put(&location, Bytes::from(bytes)).await?;
+                    step.rows_deleted += dropped;
+                    step.files_rewritten.push(rel);
+                }
+                None => {
+                    landing.delete(&location).await?;
+                    step.files_purged.push(rel);
+                }
+            }
+        }
+        Ok(())
+    }
+}
