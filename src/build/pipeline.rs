@@ -523,16 +523,10 @@ impl ModelRun<'_> {
                 if last.as_ref() == Some(&tested.state) {
                     self.deferred.insert(m.name.clone(), (tests, tested));
                 } else {
-                    if !model_tests(self.ctx, &tests, &tested, self.report).await {
-                        self.broken.insert(m.name.clone());
-                    }
-                    mark_tested(self.silt, m, &tested).await;
+                    self.test(m, Ok(tests), &tested).await;
                 }
             }
-            Err(e) => {
-                self.broken.insert(m.name.clone());
-                self.report.errors.push((m.name.clone(), e));
-            }
+            Err(e) => self.test(m, Err(e), &tested).await,
         }
         Ok(())
     }
@@ -555,20 +549,32 @@ impl ModelRun<'_> {
             }
         };
         self.report.models.push(metrics);
-        match self.dag.model_tests_of(m, written.as_ref()) {
+        let tests = self.dag.model_tests_of(m, written.as_ref());
+        self.test(m, tests, &tested).await;
+        if let Some(w) = &written {
+            self.mat.forget_written(&w.relation);
+        }
+    }
+
+    /// Run `m`'s tests (or record why they could not be compiled) and mark its build tested;
+    /// a failure at error severity breaks it for what reads it.
+    async fn test(
+        &mut self,
+        m: &Model,
+        tests: Result<Vec<crate::build::quality::DataTest>>,
+        tested: &Tested,
+    ) {
+        match tests {
             Ok(tests) => {
-                if !model_tests(self.ctx, &tests, &tested, self.report).await {
+                if !model_tests(self.ctx, &tests, tested, self.report).await {
                     self.broken.insert(m.name.clone());
                 }
-                mark_tested(self.silt, m, &tested).await;
+                mark_tested(self.silt, m, tested).await;
             }
             Err(e) => {
                 self.broken.insert(m.name.clone());
                 self.report.errors.push((m.name.clone(), e));
             }
-        }
-        if let Some(w) = &written {
-            self.mat.forget_written(&w.relation);
         }
     }
 

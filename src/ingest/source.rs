@@ -218,51 +218,45 @@ impl SourceRun<'_> {
         })
     }
 
-    /// How the quarantine's commits are written.
-    pub(super) fn quarantine_opts(
+    /// How a commit to bronze or to the quarantine (`to`) is written: `ids`, the Delta `txn`
+    /// app ids of its landing files; `replace`, the landing file whose earlier rows it replaces.
+    pub(super) fn append_opts(
         &self,
+        to: &TableRef,
         ids: Vec<String>,
         replace: Option<String>,
         meta: &[(String, serde_json::Value)],
     ) -> AppendOptions {
+        let quarantine = to.layer == crate::lake::catalog::Layer::Quarantine;
+        let stats = if quarantine {
+            [
+                "_source_file",
+                "_source_line",
+                "column_name",
+                "_batch_id",
+                "_ingested_at",
+            ]
+            .map(String::from)
+            .to_vec()
+        } else {
+            self.stats_columns()
+        };
         AppendOptions {
-            partition_columns: vec![],
-            stats_columns: Some(
-                [
-                    "_source_file",
-                    "_source_line",
-                    "column_name",
-                    "_batch_id",
-                    "_ingested_at",
-                ]
-                .map(String::from)
-                .to_vec(),
-            ),
+            partition_columns: match quarantine {
+                true => vec![],
+                false => self.src.partition.iter().map(|p| p.column_name()).collect(),
+            },
+            stats_columns: Some(stats),
             app_ids: ids,
             metadata: meta.to_vec(),
             target_file_size: Some(self.cfg.target_file_size),
-            description: Some(format!(
-                "rows of source '{}' refused by its contract",
-                self.src.name
-            )),
-            replace_source_file: replace,
-        }
-    }
-
-    /// How bronze's commits are written.
-    pub(super) fn bronze_opts(
-        &self,
-        ids: Vec<String>,
-        replace: Option<String>,
-        meta: &[(String, serde_json::Value)],
-    ) -> AppendOptions {
-        AppendOptions {
-            partition_columns: self.src.partition.iter().map(|p| p.column_name()).collect(),
-            stats_columns: Some(self.stats_columns()),
-            app_ids: ids,
-            metadata: meta.to_vec(),
-            target_file_size: Some(self.cfg.target_file_size),
-            description: self.src.description.clone(),
+            description: match quarantine {
+                true => Some(format!(
+                    "rows of source '{}' refused by its contract",
+                    self.src.name
+                )),
+                false => self.src.description.clone(),
+            },
             replace_source_file: replace,
         }
     }
@@ -385,7 +379,7 @@ impl SourceRun<'_> {
                         w.b_table.clone(),
                         &w.bt,
                         vec![RecordBatch::new_empty(schema.clone())],
-                        self.bronze_opts(Vec::new(), None, &w.meta),
+                        self.append_opts(&w.bt, Vec::new(), None, &w.meta),
                     )
                     .await?;
                     w.b_table = t;
@@ -543,7 +537,7 @@ impl SourceRun<'_> {
                     .unwrap_or_else(|| RecordBatch::new_empty(quarantine_schema()));
                 let replace = w.q_table.version().is_some().then(|| c.rel.clone());
                 if replace.is_some() || q.num_rows() > 0 {
-                    let opts = self.quarantine_opts(vec![c.app_id.clone()], replace, &w.meta);
+                    let opts = self.append_opts(&w.qt, vec![c.app_id.clone()], replace, &w.meta);
                     w.q_table = append_to(w.q_table.clone(), &w.qt, vec![q], opts).await?.1;
                 }
             }
@@ -556,7 +550,8 @@ impl SourceRun<'_> {
                         &c.rel,
                     )?);
                 }
-                let opts = self.bronze_opts(vec![c.app_id.clone()], Some(c.rel.clone()), &w.meta);
+                let opts =
+                    self.append_opts(&w.bt, vec![c.app_id.clone()], Some(c.rel.clone()), &w.meta);
                 let (_, t) = append_to(w.b_table.clone(), &w.bt, b, opts).await?;
                 self.report.bronze_version = t.version();
                 w.b_table = t;
@@ -632,7 +627,7 @@ impl SourceRun<'_> {
                 &w.stamp.bronze_schema(),
                 adds,
                 stream_ids,
-                &self.bronze_opts(Vec::new(), None, &w.meta),
+                &self.append_opts(&w.bt, Vec::new(), None, &w.meta),
             )
             .await?;
             self.report.bronze_version = t.version();
@@ -642,7 +637,7 @@ impl SourceRun<'_> {
         if !quarantine.is_empty() {
             let ids = quarantine.iter().map(|(id, _)| id.clone()).collect();
             let batches = quarantine.into_iter().map(|(_, b)| b).collect();
-            let opts = self.quarantine_opts(ids, None, &w.meta);
+            let opts = self.append_opts(&w.qt, ids, None, &w.meta);
             append_to(w.q_table.clone(), &w.qt, batches, opts).await?;
         }
         failpoint::hit("ingest.after_quarantine");

@@ -14,7 +14,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 
 use super::csv_records::Records;
-use super::{Input, ParsedFile, Parser, Reject, Slice, escape_raw};
+use super::{Input, ParsedFile, Parser, Reject, Sink, Slice, escape_raw};
 use crate::error::{Error, InputLocation, Result};
 use crate::project::config::{Source, UnexpectedColumnPolicy};
 use crate::project::contract::{ColumnType, Scalar, TemporalFormats, parse_scalar};
@@ -162,157 +162,145 @@ const SLICE_STRING_BYTES: usize = 1 << 30;
 pub struct Csv;
 
 impl Parser for Csv {
-    fn parse(
-        &self,
-        input: &Input<'_>,
-        sink: &mut dyn FnMut(Slice) -> Result<()>,
-    ) -> Result<ParsedFile> {
-        parse(input, sink)
-    }
-}
-
-fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result<ParsedFile> {
-    let &Input {
-        data,
-        file,
-        source: src,
-        slice_rows,
-    } = input;
-    let mut out = ParsedFile::default();
-    if data.iter().all(|b| b.is_ascii_whitespace()) {
-        out.warnings
-            .push(format!("{file}: empty file, nothing to ingest"));
-        return Ok(out);
-    }
-    for c in &src.columns {
-        if !c.ty.is_scalar() {
-            return Err(Error::config(
-                &src.file,
-                format!(
-                    "column '{}' is {}: a CSV field cannot hold nested values; declare it as a string",
-                    c.name, c.ty
-                ),
-            ));
+    fn parse(&self, input: &Input, sink: &mut Sink) -> Result<ParsedFile> {
+        let (data, src) = (input.data, input.source);
+        let file = input.file;
+        let mut out = ParsedFile::default();
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            out.warnings
+                .push(format!("{file}: empty file, nothing to ingest"));
+            return Ok(out);
         }
-    }
-    let p = &src.parse;
-    // Fields are trimmed below, only when they need it.
-    let mut record =
-        Records::new(data, p.delimiter as u8, p.quote as u8).with_quote_limit(p.max_quoted_lines);
-    let Some(header) = Header::read(&mut record, file, src, &mut out)? else {
-        out.warnings
-            .push(format!("{file}: empty file, nothing to ingest"));
-        return Ok(out);
-    };
-    let row = RowReader {
-        src,
-        header: &header,
-        fmts: TemporalFormats {
-            date: p.date_formats.clone(),
-            timestamp: p.timestamp_formats.clone(),
-        },
-        // A field longer than every null token cannot be one.
-        null_max: p.null_values.iter().map(|n| n.len()).max().unwrap_or(0),
-    };
-    let n_cols = src.columns.len();
-
-    let (cap, str_bytes) = slice_capacity(data, slice_rows, n_cols);
-    let schema = Arc::new(Schema::new(
-        src.columns
-            .iter()
-            .map(|c| c.to_arrow_field())
-            .collect::<Vec<Field>>(),
-    ));
-    let new_columns = || -> Vec<ColumnBuf> {
-        src.columns
-            .iter()
-            .zip(schema.fields())
-            .map(|(c, f)| ColumnBuf::new(f.clone(), &c.ty, cap, str_bytes))
-            .collect()
-    };
-    // Contract columns the file lacks (nullable, warned above): NULL in every row.
-    let absent: Vec<usize> = (0..n_cols)
-        .filter(|ci| !header.field_map.contains(&Some(*ci)))
-        .collect();
-    let mut columns = new_columns();
-    let mut emitted = false;
-    let mut emit = |columns: Vec<ColumnBuf>, lines: &mut Vec<i64>| -> Result<()> {
-        let arrays = columns
-            .into_iter()
-            .map(ColumnBuf::finish)
-            .collect::<Result<Vec<ArrayRef>>>()?;
-        let batch = RecordBatch::try_new(schema.clone(), arrays)?;
-        sink(Slice {
-            batch,
-            lines: std::mem::replace(lines, Vec::with_capacity(cap)),
-        })
-    };
-    out.lines.reserve(cap);
-    let mut errors: Vec<(String, String)> = Vec::new();
-    while let Some(at) = record.next_record() {
-        let raw_bytes = &data[at.start..at.end];
-        let line = at.line;
-        if let Some(reason) = at.broken {
-            out.rejects.push(Reject {
-                line,
-                column: None,
-                reason,
-                raw: escape_raw(trim_newline(raw_bytes)),
-            });
-            continue;
-        }
-        if record.len() == 1
-            && record
-                .get(0)
-                .is_some_and(|f| f.is_empty() || (p.trim && f.trim_ascii().is_empty()))
-        {
-            continue; // a blank line
-        }
-        errors.clear();
-        let kept = out.lines.len();
-        // One check for the whole record: an all-ASCII record needs no per-field UTF-8 check.
-        row.read(&record, raw_bytes.is_ascii(), &mut columns, &mut errors);
-        if errors.is_empty() {
-            for ci in &absent {
-                columns[*ci].push_null();
+        for c in &src.columns {
+            if !c.ty.is_scalar() {
+                return Err(Error::config(
+                    &src.file,
+                    format!(
+                        "column '{}' is {}: a CSV field cannot hold nested values; declare it as a string",
+                        c.name, c.ty
+                    ),
+                ));
             }
-            out.lines.push(line as i64);
-            if out.lines.len() >= slice_rows
-                || columns.iter().any(|c| c.bytes() >= SLICE_STRING_BYTES)
+        }
+        let p = &src.parse;
+        // Fields are trimmed below, only when they need it.
+        let mut record = Records::new(data, p.delimiter as u8, p.quote as u8)
+            .with_quote_limit(p.max_quoted_lines);
+        let Some(header) = Header::read(&mut record, file, src, &mut out)? else {
+            out.warnings
+                .push(format!("{file}: empty file, nothing to ingest"));
+            return Ok(out);
+        };
+        let row = RowReader {
+            src,
+            header: &header,
+            fmts: TemporalFormats {
+                date: p.date_formats.clone(),
+                timestamp: p.timestamp_formats.clone(),
+            },
+            // A field longer than every null token cannot be one.
+            null_max: p.null_values.iter().map(|n| n.len()).max().unwrap_or(0),
+        };
+        let n_cols = src.columns.len();
+
+        let (cap, str_bytes) = slice_capacity(data, input.slice_rows, n_cols);
+        let schema = Arc::new(Schema::new(
+            src.columns
+                .iter()
+                .map(|c| c.to_arrow_field())
+                .collect::<Vec<Field>>(),
+        ));
+        let new_columns = || -> Vec<ColumnBuf> {
+            src.columns
+                .iter()
+                .zip(schema.fields())
+                .map(|(c, f)| ColumnBuf::new(f.clone(), &c.ty, cap, str_bytes))
+                .collect()
+        };
+        // Contract columns the file lacks (nullable, warned above): NULL in every row.
+        let absent: Vec<usize> = (0..n_cols)
+            .filter(|ci| !header.field_map.contains(&Some(*ci)))
+            .collect();
+        let mut columns = new_columns();
+        let mut emitted = false;
+        let mut emit = |columns: Vec<ColumnBuf>, lines: &mut Vec<i64>| -> Result<()> {
+            let arrays = columns
+                .into_iter()
+                .map(ColumnBuf::finish)
+                .collect::<Result<Vec<ArrayRef>>>()?;
+            let batch = RecordBatch::try_new(schema.clone(), arrays)?;
+            sink(Slice {
+                batch,
+                lines: std::mem::replace(lines, Vec::with_capacity(cap)),
+            })
+        };
+        out.lines.reserve(cap);
+        let mut errors: Vec<(String, String)> = Vec::new();
+        while let Some(at) = record.next_record() {
+            let raw_bytes = &data[at.start..at.end];
+            let line = at.line;
+            if let Some(reason) = at.broken {
+                out.rejects.push(Reject {
+                    line,
+                    column: None,
+                    reason,
+                    raw: escape_raw(trim_newline(raw_bytes)),
+                });
+                continue;
+            }
+            if record.len() == 1
+                && record
+                    .get(0)
+                    .is_some_and(|f| f.is_empty() || (p.trim && f.trim_ascii().is_empty()))
             {
-                emit(
-                    std::mem::replace(&mut columns, new_columns()),
-                    &mut out.lines,
-                )?;
-                emitted = true;
+                continue; // a blank line
             }
-        } else {
-            for c in &mut columns {
-                c.truncate(kept);
+            errors.clear();
+            let kept = out.lines.len();
+            // One check for the whole record: an all-ASCII record needs no per-field UTF-8 check.
+            row.read(&record, raw_bytes.is_ascii(), &mut columns, &mut errors);
+            if errors.is_empty() {
+                for ci in &absent {
+                    columns[*ci].push_null();
+                }
+                out.lines.push(line as i64);
+                if out.lines.len() >= input.slice_rows
+                    || columns.iter().any(|c| c.bytes() >= SLICE_STRING_BYTES)
+                {
+                    emit(
+                        std::mem::replace(&mut columns, new_columns()),
+                        &mut out.lines,
+                    )?;
+                    emitted = true;
+                }
+            } else {
+                for c in &mut columns {
+                    c.truncate(kept);
+                }
+                let column = errors
+                    .iter()
+                    .map(|(c, _)| c.clone())
+                    .find(|c| !c.is_empty());
+                let reason = errors
+                    .iter()
+                    .map(|(_, r)| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                out.rejects.push(Reject {
+                    line,
+                    column,
+                    reason,
+                    raw: escape_raw(trim_newline(raw_bytes)),
+                });
             }
-            let column = errors
-                .iter()
-                .map(|(c, _)| c.clone())
-                .find(|c| !c.is_empty());
-            let reason = errors
-                .iter()
-                .map(|(_, r)| r.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
-            out.rejects.push(Reject {
-                line,
-                column,
-                reason,
-                raw: escape_raw(trim_newline(raw_bytes)),
-            });
         }
+        // The rest; a file whose rows were all refused still yields its one (empty) slice.
+        if !out.lines.is_empty() || !emitted {
+            emit(columns, &mut out.lines)?;
+        }
+        out.lines = Vec::new();
+        Ok(out)
     }
-    // The rest; a file whose rows were all refused still yields its one (empty) slice.
-    if !out.lines.is_empty() || !emitted {
-        emit(columns, &mut out.lines)?;
-    }
-    out.lines = Vec::new();
-    Ok(out)
 }
 
 /// How many rows, and string bytes per column, a slice's builders are sized for up front.

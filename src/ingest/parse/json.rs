@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow::datatypes::{Field, Schema};
 use serde_json::Value;
 
-use super::{Input, ParsedFile, Parser, Reject, Slice, escape_raw};
+use super::{Input, ParsedFile, Parser, Reject, Sink, Slice, escape_raw};
 use crate::error::{Error, InputLocation, Result};
 use crate::project::config::{Format, Source, UnexpectedColumnPolicy};
 use crate::project::contract::{TemporalFormats, check_json};
@@ -27,106 +27,93 @@ struct RawRecord<'a> {
 pub struct Json;
 
 impl Parser for Json {
-    fn parse(
-        &self,
-        input: &Input<'_>,
-        sink: &mut dyn FnMut(Slice) -> Result<()>,
-    ) -> Result<ParsedFile> {
-        parse(input, sink)
-    }
-}
-
-fn parse(input: &Input<'_>, sink: &mut dyn FnMut(Slice) -> Result<()>) -> Result<ParsedFile> {
-    let &Input {
-        data,
-        file,
-        source: src,
-        slice_rows,
-    } = input;
-    let mut out = ParsedFile::default();
-    let first = data.iter().position(|b| !b.is_ascii_whitespace());
-    let Some(first) = first else {
-        out.warnings
-            .push(format!("{file}: empty file, nothing to ingest"));
-        return Ok(out);
-    };
-    let is_array = data[first] == b'[';
-    check_shape(data, first, is_array, file, src)?;
-    let records = if is_array {
-        split_array(data, first, &mut out)
-    } else {
-        split_lines(data)
-    };
-    let mut checker = RecordChecker {
-        src,
-        file,
-        fmts: TemporalFormats {
-            date: src.parse.date_formats.clone(),
-            timestamp: src.parse.timestamp_formats.clone(),
-        },
-        ignored_warned: false,
-    };
-    let mut good: Vec<Value> = Vec::new();
-    let mut good_lines: Vec<i64> = Vec::new();
-    let hold = src.on_unexpected_column == UnexpectedColumnPolicy::RejectFile;
-    let mut held: Vec<Slice> = Vec::new();
-    let mut emitted = false;
-    let schema = Arc::new(Schema::new(
-        src.columns
-            .iter()
-            .map(|c| c.to_arrow_field())
-            .collect::<Vec<Field>>(),
-    ));
-    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(slice_rows)
-        .build_decoder()?;
-    let mut to_arrow = |good: &mut Vec<Value>, lines: &mut Vec<i64>| -> Result<()> {
-        decoder.serialize(good).map_err(|e| {
-            Error::Internal(format!(
-                "{file}: building Arrow data from checked records failed: {e}"
-            ))
-        })?;
-        good.clear();
-        let batch = decoder
-            .flush()?
-            .unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema.clone()));
-        let slice = Slice {
-            batch,
-            lines: std::mem::take(lines),
+    fn parse(&self, input: &Input, sink: &mut Sink) -> Result<ParsedFile> {
+        let (data, file, src) = (input.data, input.file, input.source);
+        let mut out = ParsedFile::default();
+        let first = data.iter().position(|b| !b.is_ascii_whitespace());
+        let Some(first) = first else {
+            out.warnings
+                .push(format!("{file}: empty file, nothing to ingest"));
+            return Ok(out);
         };
-        if hold {
-            held.push(slice)
+        let is_array = data[first] == b'[';
+        check_shape(data, first, is_array, file, src)?;
+        let records = if is_array {
+            split_array(data, first, &mut out)
         } else {
-            sink(slice)?
-        }
-        Ok(())
-    };
-    for rec in records {
-        match checker.check(&rec, &mut out.warnings)? {
-            Err((column, reason)) => out.rejects.push(Reject {
-                line: rec.line,
-                column,
-                reason,
-                raw: escape_raw(rec.raw),
-            }),
-            Ok(normalized) => {
-                good.push(Value::Object(normalized));
-                good_lines.push(rec.line as i64);
-                if good.len() >= slice_rows {
-                    to_arrow(&mut good, &mut good_lines)?;
-                    emitted = true;
+            split_lines(data)
+        };
+        let mut checker = RecordChecker {
+            src,
+            file,
+            fmts: TemporalFormats {
+                date: src.parse.date_formats.clone(),
+                timestamp: src.parse.timestamp_formats.clone(),
+            },
+            ignored_warned: false,
+        };
+        let mut good: Vec<Value> = Vec::new();
+        let mut good_lines: Vec<i64> = Vec::new();
+        let hold = src.on_unexpected_column == UnexpectedColumnPolicy::RejectFile;
+        let mut held: Vec<Slice> = Vec::new();
+        let mut emitted = false;
+        let schema = Arc::new(Schema::new(
+            src.columns
+                .iter()
+                .map(|c| c.to_arrow_field())
+                .collect::<Vec<Field>>(),
+        ));
+        let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(input.slice_rows)
+            .build_decoder()?;
+        let mut to_arrow = |good: &mut Vec<Value>, lines: &mut Vec<i64>| -> Result<()> {
+            decoder.serialize(good).map_err(|e| {
+                Error::Internal(format!(
+                    "{file}: building Arrow data from checked records failed: {e}"
+                ))
+            })?;
+            good.clear();
+            let batch = decoder
+                .flush()?
+                .unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema.clone()));
+            let slice = Slice {
+                batch,
+                lines: std::mem::take(lines),
+            };
+            if hold {
+                held.push(slice)
+            } else {
+                sink(slice)?
+            }
+            Ok(())
+        };
+        for rec in records {
+            match checker.check(&rec, &mut out.warnings)? {
+                Err((column, reason)) => out.rejects.push(Reject {
+                    line: rec.line,
+                    column,
+                    reason,
+                    raw: escape_raw(rec.raw),
+                }),
+                Ok(normalized) => {
+                    good.push(Value::Object(normalized));
+                    good_lines.push(rec.line as i64);
+                    if good.len() >= input.slice_rows {
+                        to_arrow(&mut good, &mut good_lines)?;
+                        emitted = true;
+                    }
                 }
             }
         }
+        // The rest; a file whose records were all refused still yields its one (empty) slice.
+        if !good.is_empty() || !emitted {
+            to_arrow(&mut good, &mut good_lines)?;
+        }
+        for slice in held {
+            sink(slice)?;
+        }
+        Ok(out)
     }
-    // The rest; a file whose records were all refused still yields its one (empty) slice.
-    if !good.is_empty() || !emitted {
-        to_arrow(&mut good, &mut good_lines)?;
-    }
-    for slice in held {
-        sink(slice)?;
-    }
-    Ok(out)
 }
 
 /// Refuse a file whose shape (one array, or one object per line) is not the declared format.

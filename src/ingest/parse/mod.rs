@@ -26,12 +26,11 @@ pub struct Input<'a> {
 /// rejects, warnings and a refusal of the whole file come back. A refusal (`Error::Input`)
 /// always comes before the first slice.
 pub trait Parser: Sync {
-    fn parse(
-        &self,
-        input: &Input<'_>,
-        sink: &mut dyn FnMut(Slice) -> Result<()>,
-    ) -> Result<ParsedFile>;
+    fn parse(&self, input: &Input, sink: &mut Sink) -> Result<ParsedFile>;
 }
+
+/// Where a parser hands its slices of good rows.
+pub type Sink<'s> = dyn FnMut(Slice) -> Result<()> + 's;
 
 /// The parser of a source's format.
 pub fn parser_for(format: Format) -> &'static dyn Parser {
