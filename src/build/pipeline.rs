@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::ingest::IngestReport;
 use crate::lake::Silt;
 use crate::lake::catalog::TableRef;
-use crate::lake::meta::runs::{self, BuildMode, ModelStatus, RunRecord};
+use crate::lake::meta::runs::{self, BuildCounts, BuildMode, ModelStatus, RunRecord};
 use crate::progress::{Progress, SharedProgress};
 
 #[derive(Default)]
@@ -165,7 +165,10 @@ pub async fn run(silt: &Silt, opts: RunOptions) -> Result<RunReport> {
                     materialized: "ingest".into(),
                     status: ModelStatus::Built,
                     mode: BuildMode::Incremental,
-                    rows_inserted: rows,
+                    counts: BuildCounts {
+                        rows_inserted: rows,
+                        ..Default::default()
+                    },
                     ms: r.elapsed_ms,
                     message: Some(format!("{files} landing file(s), batch {}", r.batch_id)),
                     ..Default::default()

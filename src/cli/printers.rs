@@ -139,14 +139,18 @@ impl Render for RunReport {
                     m.table.clone(),
                     m.status.to_string(),
                     m.mode.to_string(),
-                    m.rows_inserted.to_string(),
-                    m.rows_updated.to_string(),
-                    m.rows_deleted.to_string(),
-                    m.rows_copied.to_string(),
-                    format!("{}/{}", m.files_scanned, m.files_scanned + m.files_skipped),
-                    m.files_added.to_string(),
-                    m.files_removed.to_string(),
-                    m.bytes_added.to_string(),
+                    m.counts.rows_inserted.to_string(),
+                    m.counts.rows_updated.to_string(),
+                    m.counts.rows_deleted.to_string(),
+                    m.counts.rows_copied.to_string(),
+                    format!(
+                        "{}/{}",
+                        m.counts.files_scanned,
+                        m.counts.files_scanned + m.counts.files_skipped
+                    ),
+                    m.counts.files_added.to_string(),
+                    m.counts.files_removed.to_string(),
+                    m.counts.bytes_added.to_string(),
                     m.ms.to_string(),
                 ]
             })
@@ -168,7 +172,7 @@ pub fn model_line(i: u64, of: usize, m: &ModelMetrics) -> String {
     let what = match m.status {
         ModelStatus::Built => format!(
             "built: +{} ~{} -{} row(s)",
-            m.rows_inserted, m.rows_updated, m.rows_deleted
+            m.counts.rows_inserted, m.counts.rows_updated, m.counts.rows_deleted
         ),
         ModelStatus::UpToDate => "up to date".to_string(),
         ModelStatus::Failed => "FAILED".to_string(),

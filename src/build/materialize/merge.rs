@@ -104,12 +104,12 @@ pub(super) fn merge_metrics(
     metrics: &mut ModelMetrics,
     mm: &deltalake::operations::merge::MergeMetrics,
 ) {
-    metrics.rows_inserted = mm.num_target_rows_inserted as u64;
-    metrics.rows_updated = mm.num_target_rows_updated as u64;
-    metrics.rows_deleted = mm.num_target_rows_deleted as u64;
-    metrics.rows_copied = mm.num_target_rows_copied as u64;
-    metrics.files_scanned = mm.num_target_files_scanned as u64;
-    metrics.files_skipped = mm.num_target_files_skipped_during_scan as u64;
+    metrics.counts.rows_inserted = mm.num_target_rows_inserted as u64;
+    metrics.counts.rows_updated = mm.num_target_rows_updated as u64;
+    metrics.counts.rows_deleted = mm.num_target_rows_deleted as u64;
+    metrics.counts.rows_copied = mm.num_target_rows_copied as u64;
+    metrics.counts.files_scanned = mm.num_target_files_scanned as u64;
+    metrics.counts.files_skipped = mm.num_target_files_skipped_during_scan as u64;
 }
 
 impl Materializer<'_> {
@@ -173,9 +173,9 @@ impl Materializer<'_> {
             .with_commit_properties(self.props(m, state))
             .await
             .map_err(|e| Error::delta(t.to_string(), e))?;
-        metrics.rows_updated = updated;
-        metrics.rows_inserted = changed_rows.saturating_sub(updated);
-        metrics.rows_deleted = stale_rows as u64;
+        metrics.counts.rows_updated = updated;
+        metrics.counts.rows_inserted = changed_rows.saturating_sub(updated);
+        metrics.counts.rows_deleted = stale_rows as u64;
         metrics.message = Some(format!(
             "{} value(s) of {} recomputed; the table was rewritten in one pass",
             rc.values, rc.column

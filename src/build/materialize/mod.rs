@@ -75,18 +75,18 @@ struct Current {
 fn count_files(metrics: &mut ModelMetrics, before: &FileMap, after: &FileMap, merged: bool) {
     for (p, (size, rows, _)) in after {
         if !before.contains_key(p) {
-            metrics.files_added += 1;
-            metrics.bytes_added += size;
+            metrics.counts.files_added += 1;
+            metrics.counts.bytes_added += size;
             metrics.added_files.push(p.clone());
             if !merged {
-                metrics.rows_inserted += rows;
+                metrics.counts.rows_inserted += rows;
             }
         }
     }
     for (p, (size, _, _)) in before {
         if !after.contains_key(p) {
-            metrics.files_removed += 1;
-            metrics.bytes_removed += size;
+            metrics.counts.files_removed += 1;
+            metrics.counts.bytes_removed += size;
         }
     }
 }

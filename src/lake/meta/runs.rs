@@ -54,14 +54,10 @@ pub enum BuildMode {
     None,
 }
 
-/// What building one model did (a row of `_silt.runs`).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ModelMetrics {
-    pub model: String,
-    pub table: String,
-    pub materialized: String,
-    pub status: ModelStatus,
-    pub mode: BuildMode,
+/// What a build wrote: rows (a MERGE's own counts, or the rows of the files it added), and
+/// files and bytes added, removed and scanned.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BuildCounts {
     pub rows_inserted: u64,
     pub rows_updated: u64,
     pub rows_deleted: u64,
@@ -72,6 +68,18 @@ pub struct ModelMetrics {
     pub files_removed: u64,
     pub bytes_added: u64,
     pub bytes_removed: u64,
+}
+
+/// What building one model did (a row of `_silt.runs`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelMetrics {
+    pub model: String,
+    pub table: String,
+    pub materialized: String,
+    pub status: ModelStatus,
+    pub mode: BuildMode,
+    #[serde(flatten)]
+    pub counts: BuildCounts,
     pub ms: u64,
     /// Tests: rows the test query returned.
     pub failing_rows: u64,
@@ -116,16 +124,8 @@ pub struct RunRecord {
     pub status: String,
     /// A model's [`BuildMode`], or a test's scope (table | written).
     pub mode: String,
-    pub rows_inserted: u64,
-    pub rows_updated: u64,
-    pub rows_deleted: u64,
-    pub rows_copied: u64,
-    pub files_scanned: u64,
-    pub files_skipped: u64,
-    pub files_added: u64,
-    pub files_removed: u64,
-    pub bytes_added: u64,
-    pub bytes_removed: u64,
+    #[serde(flatten)]
+    pub counts: BuildCounts,
     pub ms: u64,
     pub ingested_rows: u64,
     pub quarantined_rows: u64,
@@ -206,16 +206,7 @@ impl From<&ModelMetrics> for RunRecord {
             materialized: m.materialized.clone(),
             status: m.status.to_string(),
             mode: m.mode.to_string(),
-            rows_inserted: m.rows_inserted,
-            rows_updated: m.rows_updated,
-            rows_deleted: m.rows_deleted,
-            rows_copied: m.rows_copied,
-            files_scanned: m.files_scanned,
-            files_skipped: m.files_skipped,
-            files_added: m.files_added,
-            files_removed: m.files_removed,
-            bytes_added: m.bytes_added,
-            bytes_removed: m.bytes_removed,
+            counts: m.counts.clone(),
             ms: m.ms,
             version: m.version.map(|v| v as i64),
             upstream_versions: serde_json::to_string(&m.upstream).unwrap_or_default(),

@@ -394,9 +394,12 @@ impl Run<'_> {
                         materialized: "erasure".into(),
                         status: ModelStatus::Built,
                         mode: BuildMode::InPlace,
-                        rows_deleted: step.rows_deleted,
-                        files_added: step.files_added,
-                        files_removed: step.files_rewritten.len() as u64,
+                        counts: crate::lake::meta::runs::BuildCounts {
+                            rows_deleted: step.rows_deleted,
+                            files_added: step.files_added,
+                            files_removed: step.files_rewritten.len() as u64,
+                            ..Default::default()
+                        },
                         version: Some(v),
                         ms: started.elapsed().as_millis() as u64,
                         ..Default::default()
@@ -410,8 +413,8 @@ impl Run<'_> {
                 let mm = mat.build(m).await?;
                 if mm.status != ModelStatus::UpToDate {
                     let step = TableErasure {
-                        rows_deleted: mm.rows_deleted,
-                        files_added: mm.files_added,
+                        rows_deleted: mm.counts.rows_deleted,
+                        files_added: mm.counts.files_added,
                         version: mm.version,
                         partitions: mm.partitions.clone(),
                         ..TableErasure::new(t.to_string(), Step::Rebuild)
