@@ -171,19 +171,11 @@ impl Lease {
         HELD_HERE.fetch_add(1, Ordering::SeqCst);
         let seq = Arc::new(AtomicU64::new(seq));
         let lost = Arc::new(AtomicBool::new(false));
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let renewer = {
-            let (lake, seq, lost, mut holder) =
-                (lake.clone(), seq.clone(), lost.clone(), holder.clone());
-            tokio::spawn(async move {
-                loop {
-                    // Only the sleep is interruptible: a renewal in flight always completes, so
-                    // the release below never races an entry of its own.
-                    tokio::select! {
-                        _ = tokio::time::sleep(opts.ttl / 3) => {}
-                        _ = &mut stopped => return,
-                    }
-                    holder.expires_at = Utc::now() + ttl(opts);
+        let (stop, renewer) = {
+            let (lake, seq, lost) = (lake.clone(), seq.clone(), lost.clone());
+            renewal(opts, holder.clone(), move |holder| {
+                let (lake, seq, lost) = (lake.clone(), seq.clone(), lost.clone());
+                async move {
                     let next = seq.load(Ordering::SeqCst) + 1;
                     match create(&lake, next, &holder).await {
                         Ok(true) => seq.store(next, Ordering::SeqCst),
@@ -194,12 +186,13 @@ impl Lease {
                                  keeps every commit whole"
                             );
                             lost.store(true, Ordering::SeqCst);
-                            return;
+                            return false;
                         }
                         // A failed renewal is tried again at the next tick; the entry still
                         // has two thirds of its time to live.
                         Err(e) => tracing::warn!("cannot renew the lake's lease: {e}"),
                     }
+                    true
                 }
             })
         };
@@ -309,21 +302,17 @@ pub async fn claim_ingest(
             }
             _ => {
                 HELD_HERE.fetch_add(1, Ordering::SeqCst);
-                let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-                let renewer = {
-                    let (lake, path, mut holder) = (lake.clone(), path.clone(), holder.clone());
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::select! {
-                                _ = tokio::time::sleep(opts.ttl / 3) => {}
-                                _ = &mut stopped => return,
-                            }
-                            holder.expires_at = Utc::now() + ttl(opts);
+                let (stop, renewer) = {
+                    let (lake, path) = (lake.clone(), path.clone());
+                    renewal(opts, holder.clone(), move |holder| {
+                        let (lake, path) = (lake.clone(), path.clone());
+                        async move {
                             if let Ok(body) = serde_json::to_vec(&holder)
                                 && let Err(e) = lake.put(&path, body.into()).await
                             {
                                 tracing::warn!("cannot renew the ingest's claim: {e}");
                             }
+                            true
                         }
                     })
                 };
@@ -530,4 +519,35 @@ fn hostname() -> String {
     }
     let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Renew an entry every third of its time to live until told to stop (or until `renew` says
+/// false): `renew` writes `holder` with its new expiry. Only the sleep is interruptible: a
+/// renewal in flight always completes, so a release never races an entry of its own.
+fn renewal<F, Fut>(
+    opts: LeaseOptions,
+    mut holder: Holder,
+    mut renew: F,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    F: FnMut(Holder) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let renewer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(opts.ttl / 3) => {}
+                _ = &mut stopped => return,
+            }
+            holder.expires_at = Utc::now() + ttl(opts);
+            if !renew(holder.clone()).await {
+                return;
+            }
+        }
+    });
+    (stop, renewer)
 }

@@ -13,8 +13,13 @@ use serde_json::Value;
 
 pub const SILT: &str = env!("CARGO_BIN_EXE_silt");
 
+/// The checkout under test. Cargo sets CARGO_MANIFEST_DIR when it runs the tests; the value
+/// compiled in is only a fallback, since a shared target dir can reuse a binary built in
+/// another clone of the repository.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// A project in a temp dir: the reference silt.toml and sql/, its own landing and lake roots.
