@@ -23,12 +23,18 @@ build:
 emulators:
 	bash tests/emulators/setup.sh
 
-## The pipeline benchmark on a release build (never in CI): make bench SCALE=1
+## The benchmarks on a release build (never in CI): make bench SCALE=1
+## 1. the reference pipeline; 2. the line-item scenario, silt and DuckDB side by side (DuckDB,
+## pyarrow and numpy go into a venv in ~/.cache/silt-bench-venv).
 SCALE ?= 1
 REPEAT ?= 1
+BENCH_VENV ?= $(HOME)/.cache/silt-bench-venv
 bench:
 	$(CARGO) build --release --bin silt
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check duckdb pyarrow numpy
 	python3 benches/pipeline.py --scale $(SCALE) --repeat $(REPEAT) --silt $${CARGO_TARGET_DIR:-target}/release/silt
+	$(BENCH_VENV)/bin/python benches/lineitem.py --scale $(SCALE) --repeat $(REPEAT) --silt $${CARGO_TARGET_DIR:-target}/release/silt --python $(BENCH_VENV)/bin/python
 
 ## Regenerate the reference landing files and their MANIFEST.json.
 fixtures:

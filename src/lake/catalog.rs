@@ -225,6 +225,8 @@ impl Catalog {
             .with_config(config)
             .with_runtime_env(runtime)
             .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
+            // `row_number() … = 1` (the latest row per key) as a streaming pass over the sort.
+            .with_physical_optimizer_rule(Arc::new(crate::lake::dedupe::FirstOfKeyRule))
             .build();
         let ctx = SessionContext::new_with_state(state);
         let tables = self.list().await?;

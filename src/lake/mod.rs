@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod commit;
+pub mod dedupe;
 pub mod failpoint;
 pub mod lease;
 pub mod meta;

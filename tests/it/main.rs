@@ -5,6 +5,7 @@
 mod architecture;
 mod bigquery;
 mod contract;
+mod dedupe;
 mod erasure;
 mod gcs;
 mod hardening;

@@ -1,0 +1,252 @@
+//! The latest row per key (`row_number() … = 1`) through silt's streaming first-of-key pass:
+//! the same rows as DataFusion's window, within a small memory pool, and only where the shape
+//! allows it.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Int32Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::datasource::MemTable;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_plan::{ExecutionPlan, collect, displayable};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use silt::lake::dedupe::FirstOfKeyRule;
+
+/// Line items with a composite key, re-delivered: about a fifth of the keys come two or three
+/// times with later `ts`, a few as exact copies (same `ts` and `seq`), some customer names null.
+fn deliveries(rows: usize, batches: usize) -> Vec<Vec<RecordBatch>> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("orderkey", DataType::Int64, false),
+        Field::new("linenumber", DataType::Int32, false),
+        Field::new("customer", DataType::Utf8, true),
+        Field::new("qty", DataType::Int64, false),
+        Field::new("ts", DataType::Int64, false),
+        Field::new("seq", DataType::Int64, false),
+    ]));
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut cols: (
+        Vec<i64>,
+        Vec<i32>,
+        Vec<Option<String>>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+    ) = Default::default();
+    let mut seq = 0;
+    while cols.0.len() < rows {
+        let order = (next() % (rows as u64 / 3)) as i64;
+        let line = (next() % 7) as i32 + 1;
+        let copies = match next() % 10 {
+            0 | 1 => 2,
+            2 => 3,
+            _ => 1,
+        };
+        let exact = next() % 20 == 0;
+        let group = seq + 1;
+        for c in 0..copies {
+            seq += 1;
+            cols.0.push(order);
+            cols.1.push(line);
+            cols.2
+                .push((order % 11 != 0).then(|| format!("Customer#{:09}", order % 1000)));
+            cols.3.push((next() % 50) as i64 + c);
+            cols.4.push(if exact {
+                1_000
+            } else {
+                (next() % 1_000_000) as i64
+            });
+            cols.5.push(if exact { group } else { seq });
+            if exact {
+                // An exact re-delivery: every column the same as the copy before.
+                let q = cols.3[cols.3.len() - 1 - c as usize];
+                *cols.3.last_mut().unwrap() = q;
+            }
+        }
+    }
+    let per = cols.0.len().div_ceil(batches);
+    (0..batches)
+        .map(|b| {
+            let r = (b * per)..((b + 1) * per).min(cols.0.len());
+            vec![
+                RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(Int64Array::from(cols.0[r.clone()].to_vec())),
+                        Arc::new(Int32Array::from(cols.1[r.clone()].to_vec())),
+                        Arc::new(StringArray::from(cols.2[r.clone()].to_vec())),
+                        Arc::new(Int64Array::from(cols.3[r.clone()].to_vec())),
+                        Arc::new(Int64Array::from(cols.4[r.clone()].to_vec())),
+                        Arc::new(Int64Array::from(cols.5[r].to_vec())),
+                    ],
+                )
+                .unwrap(),
+            ]
+        })
+        .collect()
+}
+
+fn session(
+    first_of_key: bool,
+    pool_bytes: Option<usize>,
+    data: &[Vec<RecordBatch>],
+) -> SessionContext {
+    let mut config = SessionConfig::new()
+        .with_target_partitions(2)
+        .with_batch_size(4096);
+    // What a sort sets aside for merging its spill files (10 MiB by default) must fit the pool.
+    config.options_mut().execution.sort_spill_reservation_bytes = 1 << 20;
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(bytes) = pool_bytes {
+        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(bytes)));
+    }
+    let mut state = SessionStateBuilder::new()
+        .with_default_features()
+        .with_config(config)
+        .with_runtime_env(runtime.build_arc().unwrap());
+    if first_of_key {
+        state = state.with_physical_optimizer_rule(Arc::new(FirstOfKeyRule));
+    }
+    let ctx = SessionContext::new_with_state(state.build());
+    let schema = data[0][0].schema();
+    ctx.register_table(
+        "t",
+        Arc::new(MemTable::try_new(schema, data.to_vec()).unwrap()),
+    )
+    .unwrap();
+    ctx
+}
+
+/// The query's rows in a fixed order, as text, and its physical plan.
+async fn run(ctx: &SessionContext, sql: &str) -> (String, Arc<dyn ExecutionPlan>) {
+    let plan = ctx
+        .sql(sql)
+        .await
+        .unwrap()
+        .create_physical_plan()
+        .await
+        .unwrap();
+    let batches = collect(plan.clone(), ctx.task_ctx())
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    // Put in order outside the session under test (its pool is for the query alone).
+    let ordered = SessionContext::new().read_batches(batches).unwrap();
+    let every_column = ordered
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| datafusion::prelude::col(f.name()))
+        .collect();
+    let sorted = ordered
+        .sort_by(every_column)
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    (pretty_format_batches(&sorted).unwrap().to_string(), plan)
+}
+
+/// Equal texts, or the first line where they differ.
+fn same(got: &str, expected: &str, what: &str) {
+    if got != expected {
+        let (i, (g, e)) = got
+            .lines()
+            .zip(expected.lines())
+            .enumerate()
+            .find(|(_, (g, e))| g != e)
+            .unwrap_or((0, ("(length differs)", "")));
+        let (ng, ne) = (got.lines().count(), expected.lines().count());
+        panic!("{what}: line {i} is\n{g}\nnot\n{e}\n({ng} lines, expected {ne})");
+    }
+}
+
+fn latest(filter: &str) -> String {
+    format!(
+        "select * from (select *, row_number() over (partition by orderkey, linenumber \
+         order by ts desc, seq desc) as rn from t) where {filter}"
+    )
+}
+
+fn plan_text(plan: &Arc<dyn ExecutionPlan>) -> String {
+    displayable(plan.as_ref()).indent(false).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_of_key_keeps_exactly_the_rows_the_window_keeps() {
+    let data = deliveries(60_000, 6);
+    let window = session(false, None, &data);
+    let fast = session(true, None, &data);
+    for filter in ["rn = 1", "1 = rn", "rn <= 1", "rn < 2"] {
+        let (expected, plan) = run(&window, &latest(filter)).await;
+        assert!(!plan_text(&plan).contains("FirstOfKeyExec"));
+        let (got, plan) = run(&fast, &latest(filter)).await;
+        assert!(
+            plan_text(&plan).contains("FirstOfKeyExec"),
+            "{filter}: {}",
+            plan_text(&plan)
+        );
+        assert!(!plan_text(&plan).contains("BoundedWindowAggExec"));
+        same(&got, &expected, filter);
+        let kept = got.lines().count() - 4;
+        assert!(kept > 10_000 && kept < 60_000, "{filter}: {kept} rows kept");
+    }
+    // The rank column is the window's: usable above the filter, with its type.
+    let sql = format!(
+        "select sum(rn) as n, count(*) as c, arrow_typeof(min(rn)) as t from ({})",
+        latest("rn = 1")
+    );
+    assert_eq!(
+        run_scalar(&fast, &sql).await,
+        run_scalar(&window, &sql).await
+    );
+    // Shapes it must leave to the window: another rank, another function, two windows.
+    for sql in [
+        latest("rn = 2"),
+        latest("rn <= 2"),
+        "select * from (select *, rank() over (partition by orderkey order by ts desc) as rn from t) where rn = 1".to_string(),
+        "select * from (select *, row_number() over (partition by orderkey order by ts desc, seq desc) as rn, \
+         sum(qty) over (partition by orderkey) as total from t) where rn = 1"
+            .to_string(),
+    ] {
+        let (expected, _) = run(&window, &sql).await;
+        let (got, plan) = run(&fast, &sql).await;
+        assert!(!plan_text(&plan).contains("FirstOfKeyExec"), "{sql}");
+        same(&got, &expected, &sql);
+    }
+}
+
+async fn run_scalar(ctx: &SessionContext, sql: &str) -> String {
+    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    pretty_format_batches(&batches).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_of_key_spills_its_sort_and_stays_within_a_small_pool() {
+    let data = deliveries(300_000, 12);
+    let window = session(false, None, &data);
+    let small = session(true, Some(16 << 20), &data);
+    let (expected, _) = run(&window, &latest("rn = 1")).await;
+    let (got, plan) = run(&small, &latest("rn = 1")).await;
+    same(&got, &expected, "rn = 1 in 16 MiB");
+    let mut spills = 0;
+    let mut stack = vec![plan.clone()];
+    while let Some(p) = stack.pop() {
+        if p.name() == "SortExec" {
+            spills += p.metrics().and_then(|m| m.spill_count()).unwrap_or(0);
+        }
+        stack.extend(p.children().into_iter().cloned());
+    }
+    assert!(
+        spills > 0,
+        "the sort under the first-of-key pass did not spill:\n{}",
+        plan_text(&plan)
+    );
+}
