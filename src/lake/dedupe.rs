@@ -31,7 +31,9 @@ use datafusion::physical_expr::window::StandardWindowExpr;
 use datafusion::physical_expr::{OrderingRequirements, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::distribution_requirements::InputDistributionRequirements;
+use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
 use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowUDFExpr};
 use datafusion::physical_plan::{
@@ -69,15 +71,24 @@ impl PhysicalOptimizerRule for FirstOfKeyRule {
     }
 }
 
-/// `FilterExec(rn = 1) → BoundedWindowAggExec(row_number() partition by K order by O) → input`
-/// becomes `FirstOfKeyExec(K) → input`; None for any other shape.
+/// `FilterExec(rn = 1) → [ProjectionExec] → BoundedWindowAggExec(row_number() partition by K
+/// order by O) → input` becomes `[ProjectionExec] → FirstOfKeyExec(K) → input`; None for any
+/// other shape. (DataFusion's projection pushdown puts a projection between filter and window,
+/// or into the filter.)
 fn rewrite(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
     let filter = plan.downcast_ref::<FilterExec>()?;
-    if filter.projection().is_some() {
-        return None;
-    }
-    let rn_index = keeps_only_rank_one(filter.predicate())?;
-    let window = filter.input().downcast_ref::<BoundedWindowAggExec>()?;
+    let mut rn_index = keeps_only_rank_one(filter.predicate())?;
+    let projection = filter.input().downcast_ref::<ProjectionExec>();
+    let window_plan = match projection {
+        Some(p) => {
+            // The filtered column must be the window's output passed through unchanged.
+            let expr = &p.expr().get(rn_index)?.expr;
+            rn_index = expr.downcast_ref::<Column>()?.index();
+            p.input()
+        }
+        None => filter.input(),
+    };
+    let window = window_plan.downcast_ref::<BoundedWindowAggExec>()?;
     if window.input_order_mode != InputOrderMode::Sorted || window.window_expr().len() != 1 {
         return None;
     }
@@ -93,14 +104,37 @@ fn rewrite(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
     if udf.fun().name() != "row_number" || expr.partition_by().is_empty() {
         return None;
     }
-    Some(Arc::new(FirstOfKeyExec {
+    let first: Arc<dyn ExecutionPlan> = Arc::new(FirstOfKeyExec {
         input: Arc::clone(window.input()),
         keys: expr.partition_by().to_vec(),
-        schema: filter.schema(),
-        properties: Arc::clone(filter.properties()),
+        schema: window.schema(),
+        // The window's: the same columns, and every row kept is one the window emits.
+        properties: Arc::clone(window.properties()),
         ordering: window.required_input_ordering(),
         distribution: window.input_distribution_requirements(),
-    }))
+    });
+    let unfiltered = match projection {
+        Some(_) => replace_children_if_necessary(Arc::clone(filter.input()), vec![first]).ok()?,
+        None => first,
+    };
+    // A projection folded into the filter becomes a projection of its own.
+    match filter.projection() {
+        None => Some(unfiltered),
+        Some(indices) => {
+            let schema = unfiltered.schema();
+            let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = indices
+                .iter()
+                .map(|&i| {
+                    let name = schema.field(i).name().clone();
+                    (
+                        Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
+                        name,
+                    )
+                })
+                .collect();
+            Some(Arc::new(ProjectionExec::try_new(exprs, unfiltered).ok()?))
+        }
+    }
 }
 
 /// The column index when the predicate keeps exactly rank 1: `c = 1`, `c <= 1`, `c < 2`, or the
@@ -138,7 +172,7 @@ fn keeps_only_rank_one(predicate: &Arc<dyn PhysicalExpr>) -> Option<usize> {
 pub struct FirstOfKeyExec {
     input: Arc<dyn ExecutionPlan>,
     keys: Vec<Arc<dyn PhysicalExpr>>,
-    /// The filter's output: the window's input columns and then the rank.
+    /// The window's output: its input columns and then the rank.
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
     ordering: Vec<Option<OrderingRequirements>>,
