@@ -227,6 +227,8 @@ impl Catalog {
             .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
             // `row_number() … = 1` (the latest row per key) as a streaming pass over the sort.
             .with_physical_optimizer_rule(Arc::new(crate::lake::dedupe::FirstOfKeyRule))
+            // … and only over the rows whose key occurs more than once.
+            .with_optimizer_rule(Arc::new(crate::lake::dedupe::DuplicatedKeysRule))
             .build();
         let ctx = SessionContext::new_with_state(state);
         let tables = self.list().await?;

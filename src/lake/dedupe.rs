@@ -1,18 +1,21 @@
-//! The cheap "latest row per key": a physical-plan rule that replaces
-//! `row_number() over (partition by K order by O) … where rn = 1` with a streaming pass.
+//! The cheap "latest row per key": `row_number() over (partition by K order by O) … where
+//! rn = 1` planned so that it costs a grouped count, not a sort of every row.
 //!
-//! DataFusion runs that pattern as a sort on (K, O) followed by a window operator that keeps one
-//! window partition per key; with about as many keys as rows the window, not the sort, is most of
-//! the cost and it grows faster than the data. Once the input is sorted on (K, O) the first row of
-//! each run of equal keys *is* the row with `rn = 1`, so [`FirstOfKeyExec`] keeps exactly those
-//! rows by comparing each key with the one before it (carried across batches), and emits the
-//! `rn` column as the constant 1 so the plan above sees the same schema. The sort under it is
-//! DataFusion's own: it spills and stays within the session's memory pool. Nothing is held here
-//! but the last key of the batch before.
+//! DataFusion runs that pattern as a sort on (K, O) of the whole input and a window operator
+//! with one window partition per key; with about as many keys as rows both grow faster than
+//! the data. Two rules, registered on every session the catalog opens:
+//! - [`DuplicatedKeysRule`] (logical): a grouped count over K finds the keys that occur more than
+//!   once; every other row passes through an anti join with `rn = 1`, and only the duplicated
+//!   rows go to the window.
+//! - [`FirstOfKeyRule`] (physical): a window whose input arrives sorted on (K, O) and whose only
+//!   use is `rn = 1` becomes [`FirstOfKeyExec`], which keeps the first row of each run of equal
+//!   keys (the key carried across batches) instead of building window partitions.
 //!
-//! This module must not change results: it fires only when the window holds that one
-//! `row_number`, the input arrives sorted on the partition keys (`InputOrderMode::Sorted`), and
-//! the filter keeps exactly `rn = 1` (or `rn <= 1`, `rn < 2`). Any other shape is left alone.
+//! The sort, the count and the joins are DataFusion's own: they spill and stay within the
+//! session's memory pool. This module must not change results: the rules fire only for that one
+//! `row_number` over plain key columns under a filter that keeps exactly rank 1 (`= 1`, `<= 1`,
+//! `< 2`), NULL keys match NULL keys as they share a window partition, and ties in O are broken
+//! as the sort leaves them, as the window would. Any other shape is left alone.
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,6 +29,8 @@ use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, Tr
 use datafusion::common::{Result as DfResult, ScalarValue};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::Operator;
+use datafusion::logical_expr::{Expr, Filter, LogicalPlan, Projection, lit};
+use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
 use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
 use datafusion::physical_expr::window::StandardWindowExpr;
 use datafusion::physical_expr::{OrderingRequirements, PhysicalExpr};
@@ -315,4 +320,201 @@ impl FirstOfKey {
         columns.push(rank);
         Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
+}
+
+/// The logical half: under a filter that keeps `rn = 1`, a `row_number() over (partition by K
+/// …)` window runs only on the rows whose key occurs more than once. A grouped count over the
+/// key columns finds those keys; the rest pass with `rn = 1` and are never sorted:
+///
+/// ```text
+/// Window(rn, input)  =  Union( AntiJoin(input, dup) + [1 as rn],
+///                              Window(rn, SemiJoin(input, dup)) )
+/// dup = Aggregate(input, group by K, count(*) > 1)
+/// ```
+///
+/// The two are the same rows for any input (a key's window partition is independent of the
+/// others, and a key seen once is always rank 1); NULL keys match NULL keys, as they share a
+/// window partition. Mostly unique keys are the case it is for: a re-delivery dedupe where a
+/// sort of every (wide) row was the cost. The window over the duplicated rows still goes
+/// through [`FirstOfKeyRule`].
+#[derive(Debug, Default)]
+pub struct DuplicatedKeysRule;
+
+/// Names the join side of the duplicated keys, so the rule never rewrites its own output.
+const DUPLICATED: &str = "__silt_duplicated_keys";
+
+impl OptimizerRule for DuplicatedKeysRule {
+    fn name(&self) -> &str {
+        "DuplicatedKeysOnly"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::TopDown)
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> DfResult<Transformed<LogicalPlan>> {
+        let LogicalPlan::Filter(filter) = &plan else {
+            return Ok(Transformed::no(plan));
+        };
+        let Some(rank) = keeps_rank_one(&filter.predicate) else {
+            return Ok(Transformed::no(plan));
+        };
+        // The window right below the filter, or below a projection passing the rank through.
+        let (window, projection) = match filter.input.as_ref() {
+            LogicalPlan::Window(w) => (w, None),
+            LogicalPlan::Projection(p) => match p.input.as_ref() {
+                LogicalPlan::Window(w) if passes_through(&p.expr, &rank) => (w, Some(p)),
+                _ => return Ok(Transformed::no(plan)),
+            },
+            _ => return Ok(Transformed::no(plan)),
+        };
+        let Some(split) = split_window(window)? else {
+            return Ok(Transformed::no(plan));
+        };
+        let below = match projection {
+            None => split,
+            Some(p) => {
+                LogicalPlan::Projection(Projection::try_new(p.expr.clone(), Arc::new(split))?)
+            }
+        };
+        let rewritten =
+            LogicalPlan::Filter(Filter::try_new(filter.predicate.clone(), Arc::new(below))?);
+        Ok(Transformed::yes(rewritten))
+    }
+}
+
+/// The column a logical predicate keeps at rank 1 (`c = 1`, `c <= 1`, `c < 2`, flipped too).
+fn keeps_rank_one(predicate: &Expr) -> Option<datafusion::common::Column> {
+    let Expr::BinaryExpr(b) = predicate else {
+        return None;
+    };
+    let (column, value, op) = match (b.left.as_ref(), b.right.as_ref()) {
+        (Expr::Column(c), Expr::Literal(v, _)) => (c, v, b.op),
+        (Expr::Literal(v, _), Expr::Column(c)) => (c, v, b.op.swap()?),
+        _ => return None,
+    };
+    let n = match value.cast_to(&datafusion::arrow::datatypes::DataType::Int64) {
+        Ok(ScalarValue::Int64(Some(n))) => n,
+        _ => return None,
+    };
+    matches!(
+        (op, n),
+        (Operator::Eq, 1) | (Operator::LtEq, 1) | (Operator::Lt, 2)
+    )
+    .then(|| column.clone())
+}
+
+/// Whether a projection outputs `column` as a window column unchanged.
+fn passes_through(exprs: &[Expr], column: &datafusion::common::Column) -> bool {
+    exprs.iter().any(|e| match e {
+        Expr::Column(c) => c == column,
+        Expr::Alias(a) => a.name == column.name && matches!(a.expr.as_ref(), Expr::Column(_)),
+        _ => false,
+    })
+}
+
+/// `Window(row_number() partition by K order by O)` as the union above, with the window's
+/// exact schema; None when the window is not that one function over plain key columns.
+fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<LogicalPlan>> {
+    use datafusion::logical_expr::{JoinType, LogicalPlanBuilder, WindowFunctionDefinition};
+    if window.window_expr.len() != 1 {
+        return Ok(None);
+    }
+    let Expr::WindowFunction(f) = window.window_expr[0].clone().unalias() else {
+        return Ok(None);
+    };
+    let named_row_number =
+        matches!(&f.fun, WindowFunctionDefinition::WindowUDF(u) if u.name() == "row_number");
+    let p = &f.params;
+    if !named_row_number || !p.args.is_empty() || p.filter.is_some() || p.partition_by.is_empty() {
+        return Ok(None);
+    }
+    let keys: Vec<datafusion::common::Column> = match p
+        .partition_by
+        .iter()
+        .map(|e| match e {
+            Expr::Column(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+    {
+        Some(k) => k,
+        None => return Ok(None),
+    };
+    // The rule's own output: the window over the duplicated rows only.
+    if let LogicalPlan::Join(j) = window.input.as_ref()
+        && matches!(j.right.as_ref(), LogicalPlan::SubqueryAlias(a) if a.alias.table() == DUPLICATED)
+    {
+        return Ok(None);
+    }
+    let input = window.input.as_ref().clone();
+    let key_names: Vec<String> = (0..keys.len()).map(|i| format!("__silt_key_{i}")).collect();
+    let duplicated = LogicalPlanBuilder::from(input.clone())
+        .aggregate(
+            keys.iter().cloned().map(Expr::Column),
+            vec![datafusion::functions_aggregate::expr_fn::count(lit(1)).alias("__silt_n")],
+        )?
+        .filter(datafusion::prelude::col("__silt_n").gt(lit(1i64)))?
+        .project(
+            keys.iter()
+                .zip(&key_names)
+                .map(|(k, n)| Expr::Column(k.clone()).alias(n)),
+        )?
+        .alias(DUPLICATED)?
+        .build()?;
+    let on = || {
+        (
+            keys.clone(),
+            key_names
+                .iter()
+                .map(|n| datafusion::common::Column::new(Some(DUPLICATED), n))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let null_keys_match = datafusion::common::NullEquality::NullEqualsNull;
+    let rank_field = window.schema.field(window.schema.fields().len() - 1);
+    let rank_one = ScalarValue::try_from(rank_field.data_type())?;
+    let rank_one = ScalarValue::UInt64(Some(1)).cast_to(&rank_one.data_type())?;
+    let input_columns: Vec<Expr> = input
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    let once = LogicalPlanBuilder::from(input.clone())
+        .join_detailed(
+            duplicated.clone(),
+            JoinType::LeftAnti,
+            on(),
+            None,
+            null_keys_match,
+        )?
+        .project(
+            input_columns
+                .into_iter()
+                .chain([lit(rank_one).alias(rank_field.name())]),
+        )?
+        .build()?;
+    let more_than_once = LogicalPlanBuilder::from(input)
+        .join_detailed(duplicated, JoinType::LeftSemi, on(), None, null_keys_match)?
+        .window(window.window_expr.clone())?
+        .build()?;
+    let union = LogicalPlanBuilder::from(once)
+        .union(more_than_once)?
+        .build()?;
+    // Back to the window's schema, qualifiers included (the plan above refers to them).
+    let exprs: Vec<Expr> = union
+        .schema()
+        .columns()
+        .into_iter()
+        .zip(window.schema.iter())
+        .map(|(c, (q, f))| Expr::Column(c).alias_qualified(q.cloned(), f.name()))
+        .collect();
+    Ok(Some(
+        LogicalPlanBuilder::from(union).project(exprs)?.build()?,
+    ))
 }
