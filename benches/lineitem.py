@@ -11,7 +11,8 @@ on the project in benches/lineitem/, and the same stages with DuckDB writing Par
   batch      a CDC delivery (1% updates, 1% inserts): bronze append, MERGE into the touched
              silver months (DuckDB: rewrite those partition folders), gold rebuilt
   idle run   the same run again with nothing new (silt only)
-  forget     100 customers erased from every layer (DuckDB: tables rewritten without them)
+  forget     100 customers erased from every layer and from the landing files (DuckDB: the
+             landing files holding them and every table rewritten without them)
 
 Every stage is its own process; each line gives wall seconds and peak RSS (wait4) for both and
 silt's time as a multiple of DuckDB's. Gold results of both are compared after the gold stage
@@ -84,6 +85,10 @@ class Duck:
 
     def __init__(self, python, work, data):
         self.python, self.dir, self.data = python, os.path.join(work, "duck"), data
+        # Its own copy of the landing files: a forget erases them (silt's runs first).
+        self.landing = os.path.join(work, "duck-landing")
+        shutil.rmtree(self.landing, ignore_errors=True)
+        shutil.copytree(os.path.join(data, "landing"), self.landing)
         shutil.rmtree(self.dir, ignore_errors=True)
         for layer in ("bronze", "silver", "gold"):
             os.makedirs(os.path.join(self.dir, layer))
@@ -92,7 +97,7 @@ class Duck:
         path = os.path.join(self.dir, "stage.py")
         with open(path, "w") as f:
             f.write("import duckdb, os, shutil, sys\ncon = duckdb.connect()\n"
-                    f"D = {self.dir!r}\nL = {os.path.join(self.data, 'landing')!r}\n"
+                    f"D = {self.dir!r}\nL = {self.landing!r}\n"
                     f"B = {os.path.join(self.data, 'batch')!r}\n"
                     f"LINEITEM_T = {cols(LINEITEM_COLS)!r}\nORDERS_T = {cols(ORDERS_COLS)!r}\n"
                     f"CUSTOMER_T = {cols(CUSTOMER_COLS)!r}\n" + script)
@@ -174,6 +179,28 @@ def rewrite(path, where, partition=None):
     os.rename(new, path)
 orders = f"(SELECT o_orderkey FROM read_parquet('{D}/bronze/orders/**/*.parquet', hive_partitioning=true) WHERE o_custkey IN ({idl}))"
 con.execute(f"CREATE TEMP TABLE gone AS {orders}")
+# The landing files that hold a subject, rewritten without its rows (as silt's forget does).
+import glob, json
+def erase_csv(pattern, keep, types):
+    # One pass finds the files holding a subject; only those are rewritten.
+    held = con.execute(f"SELECT DISTINCT filename FROM read_csv('{pattern}', header=true, filename=true, columns={types}) WHERE NOT ({keep})").fetchall()
+    for (f,) in held:
+        rel = f"read_csv('{f}', header=true, columns={types})"
+        con.execute(f"COPY (SELECT * FROM {rel} WHERE {keep}) TO '{f}.tmp' (FORMAT csv, HEADER true)")
+        os.replace(f + ".tmp", f)
+erase_csv(f"{L}/orders/*.csv", f"o_custkey NOT IN ({idl})", ORDERS_T)
+erase_csv(f"{L}/lineitem/*.csv", "l_orderkey NOT IN (SELECT o_orderkey FROM gone)", LINEITEM_T)
+erase_csv(f"{L}/customers/*.csv", f"c_custkey NOT IN ({idl})", CUSTOMER_T)
+for f in sorted(glob.glob(f"{L}/customers_json/*")):
+    text = open(f).read()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    kept = [r for r in rows if r["c_custkey"] not in set(ids)]
+    if len(kept) < len(rows):
+        with open(f, "w") as out:
+            if text.lstrip().startswith("["):
+                json.dump(kept, out)
+            else:
+                out.write("".join(json.dumps(r) + "\\n" for r in kept))
 rewrite(f"{D}/bronze/lineitem", "l_orderkey NOT IN (SELECT o_orderkey FROM gone)", "l_shipdate_month")
 rewrite(f"{D}/silver/stg_lineitem", "l_orderkey NOT IN (SELECT o_orderkey FROM gone)", "l_shipmonth")
 rewrite(f"{D}/bronze/orders", f"o_custkey NOT IN ({idl})", "o_orderdate_month")
@@ -217,6 +244,7 @@ def one_run(a, work, data):
     gold_check(silt, duck, "after the gold stage")
     # The CDC delivery lands next to the old files.
     shutil.copytree(os.path.join(data, "batch"), os.path.join(data, "landing"), dirs_exist_ok=True)
+    shutil.copytree(os.path.join(data, "batch"), duck.landing, dirs_exist_ok=True)
     os.sync()
 
     def merge_stats(o):
