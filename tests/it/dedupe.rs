@@ -15,6 +15,16 @@ use datafusion::physical_plan::{ExecutionPlan, collect, displayable};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use silt::lake::dedupe::{DuplicatedKeysRule, FirstOfKeyRule};
 
+/// orderkey, linenumber, customer, qty, ts, seq.
+type Columns = (
+    Vec<i64>,
+    Vec<i32>,
+    Vec<Option<String>>,
+    Vec<i64>,
+    Vec<i64>,
+    Vec<i64>,
+);
+
 /// Line items with a composite key, re-delivered: about a fifth of the keys come two or three
 /// times with later `ts`, a few as exact copies (same `ts` and `seq`), some customer names null.
 fn deliveries(rows: usize, batches: usize) -> Vec<Vec<RecordBatch>> {
@@ -33,14 +43,7 @@ fn deliveries(rows: usize, batches: usize) -> Vec<Vec<RecordBatch>> {
         state ^= state << 17;
         state
     };
-    let mut cols: (
-        Vec<i64>,
-        Vec<i32>,
-        Vec<Option<String>>,
-        Vec<i64>,
-        Vec<i64>,
-        Vec<i64>,
-    ) = Default::default();
+    let mut cols: Columns = Default::default();
     let mut seq = 0;
     while cols.0.len() < rows {
         let order = (next() % (rows as u64 / 3)) as i64;
