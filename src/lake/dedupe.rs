@@ -157,18 +157,20 @@ fn keeps_only_rank_one(predicate: &Arc<dyn PhysicalExpr>) -> Option<usize> {
             (c, l, binary.op().swap()?)
         }
     };
-    let n = match literal
-        .value()
-        .cast_to(&datafusion::arrow::datatypes::DataType::Int64)
-    {
+    only_rank_one(op, literal.value()).then_some(column.index())
+}
+
+/// `rank <op> value` keeps exactly rank 1: `= 1`, `<= 1` or `< 2` (the op as if the rank
+/// stood on the left).
+fn only_rank_one(op: Operator, value: &ScalarValue) -> bool {
+    let n = match value.cast_to(&datafusion::arrow::datatypes::DataType::Int64) {
         Ok(ScalarValue::Int64(Some(n))) => n,
-        _ => return None,
+        _ => return false,
     };
-    let only_one = matches!(
+    matches!(
         (op, n),
         (Operator::Eq, 1) | (Operator::LtEq, 1) | (Operator::Lt, 2)
-    );
-    only_one.then_some(column.index())
+    )
 }
 
 /// Keeps the first row of every run of equal keys in each input partition, and appends the
@@ -397,15 +399,7 @@ fn keeps_rank_one(predicate: &Expr) -> Option<datafusion::common::Column> {
         (Expr::Literal(v, _), Expr::Column(c)) => (c, v, b.op.swap()?),
         _ => return None,
     };
-    let n = match value.cast_to(&datafusion::arrow::datatypes::DataType::Int64) {
-        Ok(ScalarValue::Int64(Some(n))) => n,
-        _ => return None,
-    };
-    matches!(
-        (op, n),
-        (Operator::Eq, 1) | (Operator::LtEq, 1) | (Operator::Lt, 2)
-    )
-    .then(|| column.clone())
+    only_rank_one(op, value).then(|| column.clone())
 }
 
 /// Whether a projection outputs `column` as a window column unchanged.
@@ -477,8 +471,7 @@ fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<Lo
     };
     let null_keys_match = datafusion::common::NullEquality::NullEqualsNull;
     let rank_field = window.schema.field(window.schema.fields().len() - 1);
-    let rank_one = ScalarValue::try_from(rank_field.data_type())?;
-    let rank_one = ScalarValue::UInt64(Some(1)).cast_to(&rank_one.data_type())?;
+    let rank_one = ScalarValue::UInt64(Some(1)).cast_to(rank_field.data_type())?;
     let input_columns: Vec<Expr> = input
         .schema()
         .columns()

@@ -954,13 +954,7 @@ fn recompute_by_without_its_column_or_on_a_table_is_a_config_error() {
         "{{ config(materialized='incremental', unique_key='a', recompute_by='client_id') }}\nselect client_id as a from {{ ref('stg_fees') }} group by client_id\n",
     )
     .unwrap();
-    let out = p.run(&["run"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = p.exits(&["run"], 2);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("sql/gold/bad_recompute.sql") && err.contains("has no column 'client_id'"),

@@ -55,13 +55,7 @@ union all select 3, 'q', 'y', 'C0003'
         p.run(&["build", "--select", "qa_probe"]).status.code(),
         Some(1)
     );
-    let out = p.run(&["--json", "test"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = p.exits(&["--json", "test"], 1);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     for (name, status, rows) in [
         ("nn_pass", "pass", 0),
@@ -408,13 +402,7 @@ fn after_an_incremental_build_tests_check_the_rows_it_wrote() {
         ),
     )
     .unwrap();
-    let out = p.run(&["--json", "run"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = p.exits(&["--json", "run"], 1);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(model(&r, "stg_fees")["mode"], "incremental");
     let written = p.count(&format!(

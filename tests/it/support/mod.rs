@@ -85,6 +85,19 @@ impl Project {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Run silt and insist on this exit code; its output.
+    pub fn exits(&self, args: &[&str], code: i32) -> Output {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "silt {args:?}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Rows of a query, as JSON objects.
     pub fn query(&self, sql: &str) -> Vec<serde_json::Map<String, Value>> {
         let out = self.ok(&["query", sql, "--format", "json"]);
