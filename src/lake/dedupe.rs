@@ -35,6 +35,7 @@ use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
 use datafusion::physical_expr::window::StandardWindowExpr;
 use datafusion::physical_expr::{OrderingRequirements, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::distribution_requirements::InputDistributionRequirements;
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
 use datafusion::physical_plan::filter::FilterExec;
@@ -45,7 +46,7 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, InputOrderMode, PlanProperties,
     SendableRecordBatchStream,
 };
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 /// The rule, appended after DataFusion's own physical optimizers (so sorts and repartitions are
 /// already in place and it only has to look at `FilterExec → BoundedWindowAggExec`).
@@ -58,13 +59,15 @@ impl PhysicalOptimizerRule for FirstOfKeyRule {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        plan.transform_down(|node| {
-            Ok(match rewrite(&node) {
-                Some(new) => Transformed::yes(new),
-                None => Transformed::no(node),
+        let plan = plan
+            .transform_down(|node| {
+                Ok(match rewrite(&node) {
+                    Some(new) => Transformed::yes(new),
+                    None => Transformed::no(node),
+                })
             })
-        })
-        .data()
+            .data()?;
+        share_duplicated_keys(keys_on_the_build_side(plan)?)
     }
 
     fn name(&self) -> &str {
@@ -344,6 +347,8 @@ pub struct DuplicatedKeysRule;
 
 /// Names the join side of the duplicated keys, so the rule never rewrites its own output.
 const DUPLICATED: &str = "__silt_duplicated_keys";
+/// The key columns of that side.
+const KEY_PREFIX: &str = "__silt_key_";
 
 impl OptimizerRule for DuplicatedKeysRule {
     fn name(&self) -> &str {
@@ -441,12 +446,14 @@ fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<Lo
     };
     // The rule's own output: the window over the duplicated rows only.
     if let LogicalPlan::Join(j) = window.input.as_ref()
-        && matches!(j.right.as_ref(), LogicalPlan::SubqueryAlias(a) if a.alias.table() == DUPLICATED)
+        && matches!(j.left.as_ref(), LogicalPlan::SubqueryAlias(a) if a.alias.table() == DUPLICATED)
     {
         return Ok(None);
     }
     let input = window.input.as_ref().clone();
-    let key_names: Vec<String> = (0..keys.len()).map(|i| format!("__silt_key_{i}")).collect();
+    let key_names: Vec<String> = (0..keys.len())
+        .map(|i| format!("{KEY_PREFIX}{i}"))
+        .collect();
     let duplicated = LogicalPlanBuilder::from(input.clone())
         .aggregate(
             keys.iter().cloned().map(Expr::Column),
@@ -460,13 +467,15 @@ fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<Lo
         )?
         .alias(DUPLICATED)?
         .build()?;
+    // The duplicated keys on the left: without statistics DataFusion builds its hash table
+    // on the left side, and that table must hold the few duplicated keys, not the input.
     let on = || {
         (
-            keys.clone(),
             key_names
                 .iter()
                 .map(|n| datafusion::common::Column::new(Some(DUPLICATED), n))
                 .collect::<Vec<_>>(),
+            keys.clone(),
         )
     };
     let null_keys_match = datafusion::common::NullEquality::NullEqualsNull;
@@ -478,10 +487,10 @@ fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<Lo
         .into_iter()
         .map(Expr::Column)
         .collect();
-    let once = LogicalPlanBuilder::from(input.clone())
+    let once = LogicalPlanBuilder::from(duplicated.clone())
         .join_detailed(
-            duplicated.clone(),
-            JoinType::LeftAnti,
+            input.clone(),
+            JoinType::RightAnti,
             on(),
             None,
             null_keys_match,
@@ -492,8 +501,8 @@ fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<Lo
                 .chain([lit(rank_one).alias(rank_field.name())]),
         )?
         .build()?;
-    let more_than_once = LogicalPlanBuilder::from(input)
-        .join_detailed(duplicated, JoinType::LeftSemi, on(), None, null_keys_match)?
+    let more_than_once = LogicalPlanBuilder::from(duplicated)
+        .join_detailed(input, JoinType::RightSemi, on(), None, null_keys_match)?
         .window(window.window_expr.clone())?
         .build()?;
     let union = LogicalPlanBuilder::from(once)
@@ -510,4 +519,209 @@ fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<Lo
     Ok(Some(
         LogicalPlanBuilder::from(union).project(exprs)?.build()?,
     ))
+}
+
+/// Whether a plan is the duplicated-keys side of [`DuplicatedKeysRule`]'s joins.
+fn is_duplicated_keys(p: &Arc<dyn ExecutionPlan>) -> bool {
+    p.downcast_ref::<ProjectionExec>().is_some()
+        && p.schema()
+            .fields()
+            .iter()
+            .next()
+            .is_some_and(|f| f.name().starts_with(KEY_PREFIX))
+}
+
+/// DataFusion's join selection weighs the sides by statistics: a Delta scan has row counts,
+/// the grouped count has none, so it moves the input to the build side and would hold every
+/// input row in a hash table that cannot spill. The duplicated keys go back to the build side.
+fn keys_on_the_build_side(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    use datafusion::common::JoinType;
+    use datafusion::physical_plan::joins::HashJoinExec;
+    plan.transform_up(|node| {
+        let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        let swapped = match join.join_type() {
+            JoinType::LeftAnti => JoinType::RightAnti,
+            JoinType::LeftSemi => JoinType::RightSemi,
+            _ => return Ok(Transformed::no(node)),
+        };
+        if !is_duplicated_keys(join.right()) || join.filter().is_some() || join.projection.is_some()
+        {
+            return Ok(Transformed::no(node));
+        }
+        let on = join
+            .on()
+            .iter()
+            .map(|(l, r)| (Arc::clone(r), Arc::clone(l)))
+            .collect();
+        let new = HashJoinExec::try_new(
+            Arc::clone(join.right()),
+            Arc::clone(join.left()),
+            on,
+            None,
+            &swapped,
+            None,
+            *join.partition_mode(),
+            join.null_equality(),
+            false,
+        )?;
+        Ok(Transformed::yes(Arc::new(new) as Arc<dyn ExecutionPlan>))
+    })
+    .data()
+}
+
+/// The duplicated keys of [`DuplicatedKeysRule`] feed both branches of its union, and DataFusion
+/// plans a subtree per use: two grouped counts over every key. Identical `__silt_key_*`
+/// subtrees are wrapped in [`SharedOnceExec`] over one cache, so the count runs once and the
+/// second join reads its result.
+fn share_duplicated_keys(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    use std::collections::HashMap;
+    let is_keys = |p: &Arc<dyn ExecutionPlan>| {
+        p.downcast_ref::<ProjectionExec>().is_some()
+            && p.schema()
+                .fields()
+                .iter()
+                .next()
+                .is_some_and(|f| f.name().starts_with(KEY_PREFIX))
+    };
+    let text = |p: &Arc<dyn ExecutionPlan>| {
+        datafusion::physical_plan::displayable(p.as_ref())
+            .indent(true)
+            .to_string()
+    };
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    plan.apply(|node| {
+        if is_keys(node) {
+            *uses.entry(text(node)).or_default() += 1;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if uses.values().all(|&n| n < 2) {
+        return Ok(plan);
+    }
+    let mut caches: HashMap<String, Arc<SharedCache>> = HashMap::new();
+    plan.transform_up(|node| {
+        if !is_keys(&node) {
+            return Ok(Transformed::no(node));
+        }
+        let key = text(&node);
+        if uses.get(&key).copied().unwrap_or(0) < 2 {
+            return Ok(Transformed::no(node));
+        }
+        let partitions = node.output_partitioning().partition_count();
+        let cache = caches
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(SharedCache {
+                    partitions: (0..partitions)
+                        .map(|_| tokio::sync::OnceCell::new())
+                        .collect(),
+                })
+            })
+            .clone();
+        Ok(Transformed::yes(Arc::new(SharedOnceExec {
+            properties: Arc::clone(node.properties()),
+            input: node,
+            cache,
+        }) as Arc<dyn ExecutionPlan>))
+    })
+    .data()
+}
+
+/// Each partition's batches, computed by whichever consumer asks first.
+#[derive(Debug)]
+struct SharedCache {
+    partitions: Vec<tokio::sync::OnceCell<Vec<RecordBatch>>>,
+}
+
+/// Runs its input once per partition for every plan node that shares its cache; the batches
+/// are small (the keys seen more than once) and held until the plan is dropped.
+#[derive(Debug)]
+pub struct SharedOnceExec {
+    input: Arc<dyn ExecutionPlan>,
+    properties: Arc<PlanProperties>,
+    cache: Arc<SharedCache>,
+}
+
+impl DisplayAs for SharedOnceExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "SharedOnceExec")
+    }
+}
+
+impl ExecutionPlan for SharedOnceExec {
+    fn name(&self) -> &str {
+        "SharedOnceExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return datafusion::common::internal_err!("SharedOnceExec takes one child");
+        }
+        // A new input is a new computation: it gets a cache of its own.
+        let input = children.swap_remove(0);
+        let partitions = input.output_partitioning().partition_count();
+        Ok(Arc::new(SharedOnceExec {
+            properties: Arc::clone(input.properties()),
+            input,
+            cache: Arc::new(SharedCache {
+                partitions: (0..partitions)
+                    .map(|_| tokio::sync::OnceCell::new())
+                    .collect(),
+            }),
+        }))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        let (input, cache, schema) = (
+            Arc::clone(&self.input),
+            Arc::clone(&self.cache),
+            self.schema(),
+        );
+        let batches = futures::stream::once(async move {
+            let cell = cache.partitions.get(partition).ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(format!(
+                    "SharedOnceExec has no partition {partition}"
+                ))
+            })?;
+            let batches = cell
+                .get_or_try_init(|| async {
+                    let stream = input.execute(partition, context)?;
+                    datafusion::physical_plan::common::collect(stream).await
+                })
+                .await?;
+            Ok::<_, datafusion::error::DataFusionError>(futures::stream::iter(
+                batches.clone().into_iter().map(Ok),
+            ))
+        })
+        .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
+    }
 }
