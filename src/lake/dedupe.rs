@@ -6,7 +6,9 @@
 //! the data. Two rules, registered on every session the catalog opens:
 //! - [`DuplicatedKeysRule`] (logical): a grouped count over K finds the keys that occur more than
 //!   once; every other row passes through an anti join with `rn = 1`, and only the duplicated
-//!   rows go to the window.
+//!   rows go to the window. The physical half keeps those few keys on the joins' build side
+//!   (DataFusion's join selection would hash the whole input there) and computes them once
+//!   for both joins ([`SharedOnceExec`]).
 //! - [`FirstOfKeyRule`] (physical): a window whose input arrives sorted on (K, O) and whose only
 //!   use is `rn = 1` becomes [`FirstOfKeyExec`], which keeps the first row of each run of equal
 //!   keys (the key carried across batches) instead of building window partitions.
