@@ -538,7 +538,7 @@ fn is_duplicated_keys(p: &Arc<dyn ExecutionPlan>) -> bool {
 /// input row in a hash table that cannot spill. The duplicated keys go back to the build side.
 fn keys_on_the_build_side(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
     use datafusion::common::JoinType;
-    use datafusion::physical_plan::joins::HashJoinExec;
+    use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
     plan.transform_up(|node| {
         let Some(join) = node.downcast_ref::<HashJoinExec>() else {
             return Ok(Transformed::no(node));
@@ -548,7 +548,13 @@ fn keys_on_the_build_side(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn Exec
             JoinType::LeftSemi => JoinType::RightSemi,
             _ => return Ok(Transformed::no(node)),
         };
-        if !is_duplicated_keys(join.right()) || join.filter().is_some() || join.projection.is_some()
+        // Only a partitioned join (both sides hashed on the key, so swapping keeps the output
+        // partitioned by it). A collect-left join means the statistics found the input small
+        // enough to hold whole.
+        if *join.partition_mode() != PartitionMode::Partitioned
+            || !is_duplicated_keys(join.right())
+            || join.filter().is_some()
+            || join.projection.is_some()
         {
             return Ok(Transformed::no(node));
         }
