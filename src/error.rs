@@ -243,7 +243,7 @@ impl Error {
     /// What to change, when the error says it.
     pub fn hint(&self) -> Option<&'static str> {
         self.out_of_memory().then_some(
-            "fix: raise [engine] memory_limit_mb in silt.toml (or SILT_ENGINE_MEMORY_LIMIT_MB; default: a quarter of the machine's memory): a join's build side must fit in it, sorts and aggregates spill",
+            "fix: raise [engine] memory_limit_mb in silt.toml (or SILT_ENGINE_MEMORY_LIMIT_MB; default: a sixteenth of the machine's memory, at most 4 GiB): a join's build side must fit in it, sorts and aggregates spill",
         )
     }
 }

@@ -148,7 +148,14 @@ impl<'a> IngestBuilder<'a> {
         let sources = self.project.select_sources(&self.sources)?;
         let (all, skipped) = self.landing.list_landing().await?;
         report.warnings = skipped;
+        // The ledger is read once for every source (each read replays its log).
+        let mut ledger = if sources.is_empty() {
+            HashMap::new()
+        } else {
+            ledger::read_all(&self.catalog).await?
+        };
         for src in sources {
+            let entries = ledger.remove(&src.name).unwrap_or_default();
             let mut sr = SourceReport {
                 source: src.name.clone(),
                 ..Default::default()
@@ -177,7 +184,7 @@ impl<'a> IngestBuilder<'a> {
                 report: sr,
                 rejected: Vec::new(),
             };
-            run.ingest(files).await?;
+            run.ingest(files, entries).await?;
             report.rejected.extend(run.rejected);
             report.sources.push(run.report);
         }

@@ -86,8 +86,12 @@ pub(super) struct ChunkWork {
 }
 
 impl SourceRun<'_> {
-    pub(super) async fn ingest(&mut self, files: Vec<ObjectMeta>) -> Result<()> {
-        let entries = ledger::read(self.catalog, &self.src.name).await?;
+    /// Ingest `files`, of which `entries` is what the ledger knows (this source's entries).
+    pub(super) async fn ingest(
+        &mut self,
+        files: Vec<ObjectMeta>,
+        entries: Vec<LedgerEntry>,
+    ) -> Result<()> {
         // Contents a GDPR erasure rewrote: the old one stays "already ingested" until the new
         // one lands (the ledger learns of the rewrite first).
         let mut known: HashMap<String, Vec<String>> = HashMap::new();

@@ -33,6 +33,12 @@ pub struct AppendOptions {
     pub replace_source_file: Option<String>,
 }
 
+/// Commits between two checkpoints of the tables silt creates (Delta's default is 100). Every
+/// command loads the tables it touches by replaying the log from the last checkpoint, and the
+/// ingest ledger and model tables gain a commit per run: a short interval keeps that replay, and
+/// so a run with nothing new, small however long the lake has lived.
+pub const CHECKPOINT_INTERVAL: &str = "10";
+
 /// What one append wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CommitOutcome {
@@ -198,6 +204,10 @@ fn builder(w: WriteBuilder, is_new: bool, t: &TableRef, opts: &AppendOptions) ->
             );
         }
         config.insert("delta.appendOnly".into(), Some("false".into()));
+        config.insert(
+            "delta.checkpointInterval".into(),
+            Some(CHECKPOINT_INTERVAL.into()),
+        );
         w = w.with_configuration(config);
         if let Some(d) = &opts.description {
             w = w.with_description(d.clone());
@@ -251,6 +261,10 @@ pub async fn commit_files(
             config.insert("delta.dataSkippingStatsColumns".into(), cols.join(","));
         }
         config.insert("delta.appendOnly".into(), "false".into());
+        config.insert(
+            "delta.checkpointInterval".into(),
+            CHECKPOINT_INTERVAL.into(),
+        );
         let mut metadata =
             deltalake::kernel::new_metadata(&kernel, opts.partition_columns.clone(), config)
                 .and_then(|m| m.with_name(t.to_string()))
@@ -290,6 +304,101 @@ pub async fn commit_files(
         .build(Some(&snapshot), table.log_store(), operation)
         .await
         .map_err(&err)?;
+    table
+        .update_incremental(Some(done.version()))
+        .await
+        .map_err(err)?;
+    Ok(table)
+}
+
+/// A table replaced whole by data files written elsewhere (lake/files.rs), as one commit: every
+/// current file removed and `adds` added, with `props`' metadata and delta-rs's write metrics.
+/// A new table gets version 0 with its protocol and metadata (`schema`, `partition_columns`,
+/// `configuration`, its name). Conflicts are retried by delta-rs's commit as for its own write.
+/// The caller has checked that an existing table keeps its schema
+/// and partitioning (a change goes through delta-rs's write, which rewrites the metadata).
+#[allow(clippy::too_many_arguments)]
+pub async fn commit_overwrite(
+    table: DeltaTable,
+    t: &TableRef,
+    schema: &arrow::datatypes::Schema,
+    partition_columns: Vec<String>,
+    configuration: HashMap<String, Option<String>>,
+    adds: Vec<deltalake::kernel::Add>,
+    rows: u64,
+    metadata: Vec<(String, serde_json::Value)>,
+) -> Result<DeltaTable> {
+    use deltalake::kernel::Action;
+    use deltalake::kernel::transaction::CommitBuilder;
+    use deltalake::protocol::DeltaOperation;
+    let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
+    let mut actions: Vec<Action> = Vec::new();
+    let snapshot = match table.version() {
+        Some(_) => Some(table.snapshot().map_err(err)?.clone()),
+        None => None,
+    };
+    let removed = match &snapshot {
+        Some(s) => {
+            let removes: Vec<Action> = s
+                .log_data()
+                .iter()
+                .map(|f| Action::Remove(f.remove_action(true)))
+                .collect();
+            let n = removes.len();
+            actions.extend(removes);
+            n
+        }
+        None => {
+            use deltalake::kernel::MetadataExt;
+            use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+            let kernel: deltalake::kernel::StructType = schema
+                .try_into_kernel()
+                .map_err(|e| err(deltalake::DeltaTableError::from(e)))?;
+            let config: HashMap<String, String> = configuration
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k, v)))
+                .collect();
+            let metadata =
+                deltalake::kernel::new_metadata(&kernel, partition_columns.clone(), config)
+                    .and_then(|m| m.with_name(t.to_string()))
+                    .map_err(|e| err(e.into()))?;
+            let protocol: deltalake::kernel::Protocol = serde_json::from_value(
+                serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}),
+            )
+            .map_err(|e| err(e.into()))?;
+            actions.push(Action::Protocol(protocol));
+            actions.push(Action::Metadata(metadata));
+            0
+        }
+    };
+    let added = adds.len();
+    actions.extend(adds.into_iter().map(Action::Add));
+    let operation = DeltaOperation::Write {
+        mode: SaveMode::Overwrite,
+        partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
+        predicate: None,
+    };
+    let mut metadata = metadata;
+    metadata.push((
+        "operationMetrics".to_string(),
+        serde_json::json!({
+            "num_added_files": added,
+            "num_removed_files": removed,
+            "num_added_rows": rows,
+        }),
+    ));
+    let done = CommitBuilder::from(CommitProperties::default().with_metadata(metadata))
+        .with_actions(actions)
+        .build(
+            snapshot
+                .as_ref()
+                .map(|s| s as &dyn deltalake::kernel::transaction::TableReference),
+            table.log_store(),
+            operation,
+        )
+        .await
+        .map_err(err)?;
+    let mut table = table;
     table
         .update_incremental(Some(done.version()))
         .await

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod commit;
 pub mod dedupe;
 pub mod failpoint;
+pub mod files;
 pub mod lease;
 pub mod meta;
 pub mod sql_text;

@@ -7,6 +7,7 @@ mod bigquery;
 mod contract;
 mod dedupe;
 mod erasure;
+mod files;
 mod gcs;
 mod hardening;
 mod ingest;

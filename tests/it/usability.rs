@@ -401,7 +401,7 @@ fn the_default_memory_pool_is_a_share_of_the_machine() {
         .and_then(|t| t.trim().parse::<u64>().ok());
     let usable = cgroup.map_or(total, |c| c.min(total));
     let pool = silt::project::config::EngineSection::default().memory_limit_bytes() as u64;
-    assert_eq!(pool, (usable / 4).max(256 << 20));
+    assert_eq!(pool, (usable / 16).clamp(256 << 20, 4 << 30));
     // Set explicitly, it is what the file says.
     let set = silt::project::config::EngineSection {
         memory_limit_mb: Some(300),

@@ -122,12 +122,14 @@ pub async fn last_state(t: &DeltaTable) -> Result<Option<ModelState>> {
     if t.version().is_none() {
         return Ok(None);
     }
-    let infos: Vec<_> = t
-        .history(Some(50))
-        .try_collect()
+    // Newest first, read lazily: the state is almost always in the latest commit, so this
+    // stops after the first few reads instead of reading fifty commits.
+    let mut infos = t.history(Some(50));
+    while let Some(i) = infos
+        .try_next()
         .await
-        .map_err(|e| Error::delta(t.table_url().as_str(), e))?;
-    for i in infos {
+        .map_err(|e| Error::delta(t.table_url().as_str(), e))?
+    {
         if let Some(v) = i.info.get("silt.state") {
             return Ok(serde_json::from_value(v.clone()).ok());
         }

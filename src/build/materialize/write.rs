@@ -84,6 +84,118 @@ impl Materializer<'_> {
             .with_writer_properties(writer_properties())
     }
 
+    /// A full build's write: the table replaced whole, in one commit. A partitioned table that
+    /// keeps its schema and partitioning (or is new) is written by lake/files.rs, with a few
+    /// partition files open at a time, counted in the pool; otherwise by delta-rs's write
+    /// (which keeps every partition's file open to the end, and rewrites the table's metadata).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn write_full(
+        &self,
+        m: &Model,
+        t: &TableRef,
+        target: DeltaTable,
+        df: DataFrame,
+        partition_cols: Vec<String>,
+        config: HashMap<String, Option<String>>,
+        state: &ModelState,
+    ) -> Result<DeltaTable> {
+        if let Some(schema) = self.bounded_write_schema(&target, &df, &partition_cols) {
+            let table_config: HashMap<String, Option<String>> = match target.snapshot() {
+                Ok(s) => s
+                    .metadata()
+                    .configuration()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Some(v.clone())))
+                    .collect(),
+                Err(_) => config.clone(),
+            };
+            let (num_indexed, stats_cols) =
+                deltalake::operations::get_num_idx_cols_and_stats_columns(None, table_config);
+            let writer = deltalake::datafile::writer::WriterConfig::new(
+                schema.clone(),
+                partition_cols.clone(),
+                Some(writer_properties()),
+                Some(deltalake::table::config::DEFAULT_TARGET_FILE_SIZE),
+                None,
+                num_indexed,
+                stats_cols,
+            );
+            let plan = df
+                .create_physical_plan()
+                .await
+                .map_err(|e| sql_error(m, e))?;
+            let (adds, written) = crate::lake::files::write_partitioned(
+                &t.to_string(),
+                plan,
+                self.ctx.task_ctx(),
+                target.log_store().object_store(None),
+                writer,
+                schema.clone(),
+                partition_cols.clone(),
+            )
+            .await
+            .map_err(|e| match e {
+                Error::Engine(e) => sql_error(m, e),
+                e => e,
+            })?;
+            tracing::debug!(
+                model = %m.name,
+                files = adds.len(),
+                rows = written.rows,
+                closed_early = written.closed_early,
+                late_rows = written.late_rows,
+                peak_open = written.peak_open,
+                "partitioned write"
+            );
+            return crate::lake::commit::commit_overwrite(
+                target,
+                t,
+                &schema,
+                partition_cols,
+                config,
+                adds,
+                written.rows,
+                self.commit_metadata(m, state),
+            )
+            .await;
+        }
+        self.write_plan(target, df)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(SchemaMode::Overwrite)
+            .with_partition_columns(partition_cols)
+            .with_configuration(config)
+            .with_table_name(t.to_string())
+            .with_commit_properties(self.props(m, state))
+            .await
+            .map_err(|e| Error::delta(t.to_string(), e))
+    }
+
+    /// The Arrow schema a bounded partitioned write gives `df`'s rows: the table's own when it
+    /// exists and keeps its schema and partition columns, the schema delta-rs would create
+    /// otherwise; None when the table is unpartitioned or changes shape.
+    fn bounded_write_schema(
+        &self,
+        target: &DeltaTable,
+        df: &DataFrame,
+        partition_cols: &[String],
+    ) -> Option<arrow::datatypes::SchemaRef> {
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+        if partition_cols.is_empty() {
+            return None;
+        }
+        let arrow =
+            deltalake::kernel::normalize_for_delta(&Arc::new(df.schema().as_arrow().clone()));
+        let kernel: deltalake::kernel::StructType = arrow.as_ref().try_into_kernel().ok()?;
+        if target.version().is_none() {
+            return Some(arrow);
+        }
+        let snapshot = target.snapshot().ok()?;
+        let same = snapshot.schema().as_ref() == &kernel
+            && snapshot.metadata().partition_columns() == partition_cols
+            && snapshot.protocol().min_writer_version() <= 2;
+        same.then(|| snapshot.snapshot().arrow_schema())
+    }
+
     /// A commit with no data that records the model's new build state (nothing changed, but the
     /// upstream versions it has seen moved on).
     pub(super) async fn record_state(
@@ -120,7 +232,8 @@ impl Materializer<'_> {
         Ok(target)
     }
 
-    /// `delta.dataSkippingStatsColumns`: every column but the PII ones.
+    /// A new model table's configuration: `delta.dataSkippingStatsColumns`, every column but
+    /// the PII ones, and silt's checkpoint interval.
     pub(super) fn stats_config(
         &self,
         m: &Model,
@@ -135,6 +248,10 @@ impl Materializer<'_> {
             })
             .collect();
         let mut m = HashMap::new();
+        m.insert(
+            "delta.checkpointInterval".to_string(),
+            Some(crate::lake::commit::CHECKPOINT_INTERVAL.to_string()),
+        );
         if keep.len() < cols.len() {
             m.insert(
                 "delta.dataSkippingStatsColumns".to_string(),
@@ -150,7 +267,16 @@ impl Materializer<'_> {
     }
 
     pub(super) fn props(&self, m: &Model, state: &ModelState) -> CommitProperties {
-        CommitProperties::default().with_metadata([
+        CommitProperties::default().with_metadata(self.commit_metadata(m, state))
+    }
+
+    /// The `silt.*` metadata of a build's commit: operation, model, run and build state.
+    pub(super) fn commit_metadata(
+        &self,
+        m: &Model,
+        state: &ModelState,
+    ) -> Vec<(String, serde_json::Value)> {
+        vec![
             (
                 "silt.operation".to_string(),
                 serde_json::Value::from("build"),
@@ -167,7 +293,7 @@ impl Materializer<'_> {
                 "silt.state".to_string(),
                 serde_json::to_value(state).unwrap_or_default(),
             ),
-        ])
+        ]
     }
 
     /// The model's SQL rendered with `relations` and planned in the session (pseudonymized
@@ -373,16 +499,10 @@ impl Materializer<'_> {
             // table is never held in memory (sorts and aggregates spill under the session's
             // memory limit).
             let schema_cols = columns_of(&df);
+            let config = self.stats_config(m, &schema_cols);
             let table = self
-                .write_plan(target, df)
-                .with_save_mode(SaveMode::Overwrite)
-                .with_schema_mode(SchemaMode::Overwrite)
-                .with_partition_columns(partition_cols)
-                .with_configuration(self.stats_config(m, &schema_cols))
-                .with_table_name(t.to_string())
-                .with_commit_properties(self.props(m, state))
-                .await
-                .map_err(|e| Error::delta(t.to_string(), e))?;
+                .write_full(m, t, target, df, partition_cols, config, state)
+                .await?;
             if cfg.materialized == Materialized::Incremental {
                 let written = self.ctx.read_table(table.table_provider().await?)?;
                 if let Err(e) = self.check_unique(m, &written, false).await {

@@ -3,6 +3,8 @@
 //! writes it last in each step, so a file is in the ledger only once its rows are in bronze and
 //! quarantine. It must not parse files or write bronze.
 
+use std::collections::HashMap;
+
 use arrow::datatypes::{DataType, FieldRef};
 use serde::{Deserialize, Serialize};
 
@@ -78,12 +80,18 @@ impl MetaTable for LedgerEntry {
 
 /// All ledger entries of `source`, oldest first.
 pub async fn read(catalog: &Catalog, source: &str) -> Result<Vec<LedgerEntry>> {
-    let mut out: Vec<LedgerEntry> = super::read::<LedgerEntry>(catalog)
-        .await?
-        .into_iter()
-        .filter(|e| e.source == source)
-        .collect();
-    out.sort_by_key(|e| e.ingested_at);
+    Ok(read_all(catalog).await?.remove(source).unwrap_or_default())
+}
+
+/// Every source's ledger entries, oldest first: one read of the table for a whole ingest.
+pub async fn read_all(catalog: &Catalog) -> Result<HashMap<String, Vec<LedgerEntry>>> {
+    let mut out: HashMap<String, Vec<LedgerEntry>> = HashMap::new();
+    for e in super::read::<LedgerEntry>(catalog).await? {
+        out.entry(e.source.clone()).or_default().push(e);
+    }
+    for entries in out.values_mut() {
+        entries.sort_by_key(|e| e.ingested_at);
+    }
     Ok(out)
 }
 
