@@ -279,6 +279,57 @@ async fn check_version(
 
 /// The commit info of every version whose commit file is in the log, oldest first (versions a
 /// GDPR erasure purged are missing).
+/// The latest version of `t` from its log's listing alone (the newest commit file), without
+/// loading the table; None when it has no commit.
+pub async fn latest_version(catalog: &Catalog, t: &TableRef) -> Result<Option<u64>> {
+    Ok(latest_commit_file(catalog, t).await?.map(|(v, _)| v))
+}
+
+/// The latest version of `t` and its commit info, reading that one commit file.
+pub async fn latest_commit(
+    catalog: &Catalog,
+    t: &TableRef,
+) -> Result<Option<(u64, serde_json::Map<String, serde_json::Value>)>> {
+    let Some((v, path)) = latest_commit_file(catalog, t).await? else {
+        return Ok(None);
+    };
+    let data = catalog.lake().get(&path).await?;
+    let info = data
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+        .find_map(|a| match a.get("commitInfo") {
+            Some(serde_json::Value::Object(m)) => Some(m.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Ok(Some((v, info)))
+}
+
+async fn latest_commit_file(
+    catalog: &Catalog,
+    t: &TableRef,
+) -> Result<Option<(u64, object_store::path::Path)>> {
+    let mut latest: Option<(u64, object_store::path::Path)> = None;
+    for o in catalog
+        .lake()
+        .list(&format!("{}/_delta_log", t.rel_path()))
+        .await?
+    {
+        let Some(v) = o
+            .location
+            .filename()
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if latest.as_ref().is_none_or(|l| v > l.0) {
+            latest = Some((v, o.location.clone()));
+        }
+    }
+    Ok(latest)
+}
+
 pub async fn commit_infos(
     catalog: &Catalog,
     t: &TableRef,

@@ -117,6 +117,26 @@ fn files_of(t: &DeltaTable) -> Result<FileMap> {
         .collect())
 }
 
+/// The hash of a model's template and config, as its build state records it.
+fn sql_hash(m: &Model) -> String {
+    hex::encode(Sha256::digest(
+        format!(
+            "{}\0{}",
+            m.template,
+            serde_json::to_string(&m.config).unwrap_or_default()
+        )
+        .as_bytes(),
+    ))
+}
+
+/// The model's materialization as the run log spells it.
+fn materialized_name(m: &Model) -> String {
+    serde_json::to_value(m.config.materialized)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 /// The silt state of the target's latest model commit.
 pub async fn last_state(t: &DeltaTable) -> Result<Option<ModelState>> {
     if t.version().is_none() {
@@ -200,14 +220,7 @@ impl Materializer<'_> {
             upstream.insert(u.to_string(), v);
             up_tables.insert(u.to_string(), ut);
         }
-        let sql_hash = hex::encode(Sha256::digest(
-            format!(
-                "{}\0{}",
-                m.template,
-                serde_json::to_string(&m.config).unwrap_or_default()
-            )
-            .as_bytes(),
-        ));
+        let sql_hash = sql_hash(m);
         Ok(Current {
             target,
             state,
@@ -217,11 +230,50 @@ impl Materializer<'_> {
         })
     }
 
+    /// The up-to-date check from the Delta logs alone, without loading a table: the target's
+    /// latest commit carries the state its build recorded, and each upstream's latest version
+    /// is the newest commit file in its log. Some((version, state)) when `m` is up to date;
+    /// None when it may not be (the full check in [`Materializer::states`] decides then, e.g.
+    /// when the latest commit is an optimize that carries no state).
+    async fn up_to_date_from_logs(&self, m: &Model) -> Result<Option<(u64, ModelState)>> {
+        use crate::lake::time_travel::{latest_commit, latest_version};
+        if self.full_refresh {
+            return Ok(None);
+        }
+        let Some((version, info)) = latest_commit(self.catalog, &m.table()).await? else {
+            return Ok(None);
+        };
+        let Some(state) = info
+            .get("silt.state")
+            .and_then(|s| serde_json::from_value::<ModelState>(s.clone()).ok())
+        else {
+            return Ok(None);
+        };
+        if state.sql_hash != sql_hash(m) {
+            return Ok(None);
+        }
+        let mut ups: Vec<TableRef> = m.sources.iter().map(|s| TableRef::bronze(s)).collect();
+        ups.extend(m.refs.iter().map(|r| self.dag.models[r].table()));
+        if ups.len() != state.upstream.len() {
+            return Ok(None);
+        }
+        for u in &ups {
+            let now = latest_version(self.catalog, u).await?;
+            if now.is_none() || state.upstream.get(&u.to_string()) != now.as_ref() {
+                return Ok(None);
+            }
+        }
+        Ok(Some((version, state)))
+    }
+
     /// Whether [`Materializer::build`] would find `m` up to date (its upstream versions and
     /// SQL are those of its last build). An upstream that does not exist yet counts as not.
     pub async fn up_to_date(&self, m: &Model) -> Result<bool> {
         if self.full_refresh {
             return Ok(false);
+        }
+        if self.up_to_date_from_logs(m).await?.is_some() {
+            return Ok(true);
         }
         match self.states(m).await {
             Ok(c) => Ok(c.state.as_ref() == Some(&c.new_state)),
@@ -234,6 +286,20 @@ impl Materializer<'_> {
     pub async fn build(&self, m: &Model) -> Result<ModelMetrics> {
         let started = Instant::now();
         let t = m.table();
+        if let Some((version, state)) = self.up_to_date_from_logs(m).await? {
+            return Ok(ModelMetrics {
+                model: m.name.clone(),
+                table: t.to_string(),
+                materialized: materialized_name(m),
+                upstream: state.upstream,
+                sql_hash: state.sql_hash,
+                status: ModelStatus::UpToDate,
+                mode: BuildMode::None,
+                version: Some(version),
+                ms: started.elapsed().as_millis() as u64,
+                ..Default::default()
+            });
+        }
         let Current {
             target,
             state,
@@ -244,10 +310,7 @@ impl Materializer<'_> {
         let mut metrics = ModelMetrics {
             model: m.name.clone(),
             table: t.to_string(),
-            materialized: serde_json::to_value(m.config.materialized)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            materialized: materialized_name(m),
             upstream: new_state.upstream.clone(),
             sql_hash: new_state.sql_hash.clone(),
             ..Default::default()
