@@ -229,6 +229,10 @@ impl Catalog {
             .with_physical_optimizer_rule(Arc::new(crate::lake::dedupe::FirstOfKeyRule))
             // … and only over the rows whose key occurs more than once.
             .with_optimizer_rule(Arc::new(crate::lake::dedupe::DuplicatedKeysRule))
+            // `count(distinct x)` beside sums as two group-bys, also when coercion aliased a sum.
+            .with_optimizer_rule(Arc::new(
+                crate::lake::distinct::UnaliasDistinctAggregatesRule,
+            ))
             .build();
         let ctx = SessionContext::new_with_state(state);
         let tables = self.list().await?;

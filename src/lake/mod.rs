@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod commit;
 pub mod dedupe;
+pub mod distinct;
 pub mod failpoint;
 pub mod files;
 pub mod lease;

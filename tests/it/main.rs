@@ -6,6 +6,7 @@ mod architecture;
 mod bigquery;
 mod contract;
 mod dedupe;
+mod distinct;
 mod erasure;
 mod files;
 mod gcs;
