@@ -187,10 +187,31 @@ impl Materializer<'_> {
             deltalake::kernel::normalize_for_delta(&Arc::new(df.schema().as_arrow().clone()));
         let kernel: deltalake::kernel::StructType = arrow.as_ref().try_into_kernel().ok()?;
         if target.version().is_none() {
-            return Some(arrow);
+            // commit_overwrite creates protocol 1/2: a column needing a table feature (a
+            // timestamp without time zone, nested types) goes through delta-rs's write.
+            use arrow::datatypes::DataType as D;
+            let plain = arrow.fields().iter().all(|f| {
+                !matches!(
+                    f.data_type(),
+                    D::Timestamp(_, None)
+                        | D::Struct(_)
+                        | D::List(_)
+                        | D::LargeList(_)
+                        | D::Map(..)
+                )
+            });
+            return plain.then_some(arrow);
         }
         let snapshot = target.snapshot().ok()?;
-        let same = snapshot.schema().as_ref() == &kernel
+        // Same columns in the same order (StructType equality ignores the order, and the rows
+        // are matched to the table's columns by position).
+        let same_order = snapshot
+            .schema()
+            .fields()
+            .map(|f| f.name())
+            .eq(kernel.fields().map(|f| f.name()));
+        let same = same_order
+            && snapshot.schema().as_ref() == &kernel
             && snapshot.metadata().partition_columns() == partition_cols
             && snapshot.protocol().min_writer_version() <= 2;
         same.then(|| snapshot.snapshot().arrow_schema())
