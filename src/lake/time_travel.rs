@@ -294,15 +294,19 @@ pub async fn latest_commit(
         return Ok(None);
     };
     let data = catalog.lake().get(&path).await?;
-    let info = data
-        .split(|b| *b == b'\n')
+    let info = commit_info(&data);
+    Ok(Some((v, info)))
+}
+
+/// The commit info of one JSON commit file (empty when it has none).
+fn commit_info(data: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+    data.split(|b| *b == b'\n')
         .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
         .find_map(|a| match a.get("commitInfo") {
             Some(serde_json::Value::Object(m)) => Some(m.clone()),
             _ => None,
         })
-        .unwrap_or_default();
-    Ok(Some((v, info)))
+        .unwrap_or_default()
 }
 
 async fn latest_commit_file(
@@ -347,15 +351,7 @@ pub async fn commit_infos(
             continue;
         };
         let data = lake.get(&o.location).await?;
-        let info = data
-            .split(|b| *b == b'\n')
-            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
-            .find_map(|a| match a.get("commitInfo") {
-                Some(serde_json::Value::Object(m)) => Some(m.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
-        out.push((v, info));
+        out.push((v, commit_info(&data)));
     }
     out.sort_by_key(|c| c.0);
     Ok(out)
