@@ -4,7 +4,7 @@ SILT = $(CARGO) run --quiet --bin silt --
 # DataFusion plans recurse deeply in debug builds.
 export RUST_MIN_STACK ?= 16777216
 
-.PHONY: run test build fixtures fmt clean-lake bench emulators
+.PHONY: run test build fixtures fmt clean-lake bench bench-cluster emulators cluster-demo
 
 ## Run the reference pipeline on fixtures/landing into ./lake.
 run:
@@ -35,6 +35,20 @@ bench:
 	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check duckdb pyarrow numpy
 	python3 benches/pipeline.py --scale $(SCALE) --repeat $(REPEAT) --silt $${CARGO_TARGET_DIR:-target}/release/silt
 	$(BENCH_VENV)/bin/python benches/lineitem.py --scale $(SCALE) --repeat $(REPEAT) --silt $${CARGO_TARGET_DIR:-target}/release/silt --python $(BENCH_VENV)/bin/python
+
+## The reference pipeline through a cluster: a scheduler and two executors on 127.0.0.1
+## (the same silt binary), a run into ./lake, the tasks each executor ran, then all stopped.
+cluster-demo:
+	$(CARGO) build --quiet --bin silt
+	bash benches/cluster_demo.sh $${CARGO_TARGET_DIR:-target}/debug/silt
+
+## The line-item scenario with silt's stages run through a local cluster (a scheduler and two
+## executors on 127.0.0.1), beside DuckDB: compare with `make bench` at the same SCALE.
+bench-cluster:
+	$(CARGO) build --release --bin silt
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check duckdb pyarrow numpy
+	$(BENCH_VENV)/bin/python benches/lineitem.py --scale $(SCALE) --repeat $(REPEAT) --cluster --silt $${CARGO_TARGET_DIR:-target}/release/silt --python $(BENCH_VENV)/bin/python
 
 ## Regenerate the reference landing files and their MANIFEST.json.
 fixtures:

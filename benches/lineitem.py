@@ -57,8 +57,62 @@ def measure(argv, out_path, err_path, env=None):
     return time.monotonic() - t0, os.waitstatus_to_exitcode(status), ru.ru_maxrss / 1024.0
 
 
+class LocalCluster:
+    """A scheduler and two executors of the same silt binary on 127.0.0.1 (--cluster)."""
+
+    def __init__(self, binary, work):
+        import socket
+        def port():
+            while True:
+                with socket.socket() as a:
+                    a.bind(("127.0.0.1", 0))
+                    p = a.getsockname()[1]
+                with socket.socket() as b:
+                    try:
+                        b.bind(("127.0.0.1", p + 1))
+                        return p
+                    except OSError:
+                        pass
+        def wait(p):
+            for _ in range(600):
+                with socket.socket() as c:
+                    if c.connect_ex(("127.0.0.1", p)) == 0:
+                        return
+                time.sleep(0.1)
+            sys.exit(f"nothing listens on {p}")
+        self.dir = os.path.join(work, "cluster")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        sp = port()
+        self.procs = [subprocess.Popen([binary, "scheduler", "--bind", f"127.0.0.1:{sp}"],
+                                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "scheduler.log"), "wb"))]
+        wait(sp)
+        self.logs = []
+        for i in (1, 2):
+            ep, wd = port(), os.path.join(self.dir, f"executor{i}")
+            os.makedirs(wd)
+            log = os.path.join(self.dir, f"executor{i}.log")
+            self.procs.append(subprocess.Popen(
+                [binary, "executor", "--scheduler", f"127.0.0.1:{sp}", "--bind", f"127.0.0.1:{ep}",
+                 "--concurrent-tasks", "2", "--work-dir", wd, "--heartbeat-secs", "2"],
+                stdout=subprocess.DEVNULL, stderr=open(log, "wb")))
+            self.logs.append(log)
+            wait(ep)
+        time.sleep(3)
+        self.url = f"df://127.0.0.1:{sp}"
+
+    def tasks(self):
+        return [sum(1 for line in open(l, errors="replace") if ": task " in line) for l in self.logs]
+
+    def stop(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
 class Silt:
-    def __init__(self, binary, work, data):
+    def __init__(self, binary, work, data, cluster=None):
+        self.cluster = cluster
         self.binary, self.project = binary, os.path.join(work, "silt-project")
         shutil.rmtree(self.project, ignore_errors=True)
         shutil.copytree(os.path.join(HERE, "lineitem"), self.project)
@@ -68,7 +122,8 @@ class Silt:
 
     def stage(self, args):
         out, err = os.path.join(self.project, "out.json"), os.path.join(self.project, "err.log")
-        wall, code, rss = measure([self.binary, "--project", self.project, "--json"] + args, out, err, self.env)
+        via = ["--cluster", self.cluster.url] if self.cluster else []
+        wall, code, rss = measure([self.binary, "--project", self.project, "--json"] + via + args, out, err, self.env)
         if code not in (0, 1):
             sys.exit(f"silt {' '.join(args)} failed ({code}):\n" + open(err).read()[-4000:])
         text = open(out).read()
@@ -223,17 +278,29 @@ def gold_check(silt, duck, when):
 
 
 def one_run(a, work, data):
-    silt, duck = Silt(a.silt, work, data), Duck(a.python, work, data)
+    cluster = LocalCluster(a.silt, work) if a.cluster else None
+    try:
+        return stages_of(a, work, data, cluster)
+    finally:
+        if cluster:
+            cluster.stop()
+
+
+def stages_of(a, work, data, cluster):
+    silt, duck = Silt(a.silt, work, data, cluster), Duck(a.python, work, data)
     shutil.copy(os.path.join(data, "forget_ids.txt"), os.path.join(duck.dir, "forget_ids.txt"))
     stages = []
 
     def both(name, silt_args, duck_script, extra=None):
+        before = cluster.tasks() if cluster else None
         sw, srss, out = silt.stage(silt_args) if silt_args else (None, None, None)
         dw, drss = duck.stage(duck_script) if duck_script else (None, None)
         row = {"stage": name, "silt_s": sw and round(sw, 3), "duckdb_s": dw and round(dw, 3),
                "silt_rss_mb": srss and round(srss), "duckdb_rss_mb": drss and round(drss)}
         if extra and out:
             row.update(extra(out))
+        if cluster:
+            row["tasks_per_executor"] = [n - b for n, b in zip(cluster.tasks(), before)]
         stages.append(row)
         print(json.dumps(row), flush=True)
         return out
@@ -267,6 +334,8 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="a python with duckdb, pyarrow, numpy")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--cluster", action="store_true",
+                    help="run silt's stages through a scheduler and two executors on 127.0.0.1")
     a = ap.parse_args()
     work = a.work or f"/tmp/silt-lineitem-s{a.scale:g}"
     generated, data = os.path.join(work, "generated"), os.path.join(work, "data")
@@ -294,16 +363,18 @@ def main():
     total = {e: sum(r[f"{e}_s"] for r in best if r["stage"] != "idle run" and r[f"{e}_s"]) for e in ("silt", "duckdb")}
     report = {"scale": a.scale, "repeat": len(runs), "stages": best, "total_s": total,
               "peak_rss_mb": {e: max(r[f"{e}_rss_mb"] or 0 for r in best) for e in ("silt", "duckdb")}}
-    with open(os.path.join(work, "report.json"), "w") as f:
+    report["cluster"] = bool(a.cluster)
+    with open(os.path.join(work, "report-cluster.json" if a.cluster else "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\nline-item scenario, scale {a.scale:g} (fastest of {len(runs)}); report in {work}/report.json")
+    print(f"\nline-item scenario, scale {a.scale:g} (fastest of {len(runs)}){' through a 2-executor cluster' if a.cluster else ''}; report in {work}")
     print(f"{'stage':14} {'silt s':>8} {'DuckDB s':>9} {'ratio':>6} {'silt MB':>8} {'DuckDB MB':>9}")
     fmt = lambda v, w, p=2: f"{v:{w}.{p}f}" if v is not None else " " * (w - 1) + "-"
     for r in best + [{"stage": "whole run", "silt_s": total["silt"], "duckdb_s": total["duckdb"],
                       "silt_rss_mb": report["peak_rss_mb"]["silt"], "duckdb_rss_mb": report["peak_rss_mb"]["duckdb"]}]:
         ratio = r["silt_s"] / r["duckdb_s"] if r["silt_s"] and r["duckdb_s"] else None
+        tasks = f" tasks {r['tasks_per_executor']}" if "tasks_per_executor" in r else ""
         print(f"{r['stage']:14} {fmt(r['silt_s'], 8)} {fmt(r['duckdb_s'], 9)} {fmt(ratio, 6)} "
-              f"{fmt(r['silt_rss_mb'], 8, 0)} {fmt(r['duckdb_rss_mb'], 9, 0)}")
+              f"{fmt(r['silt_rss_mb'], 8, 0)} {fmt(r['duckdb_rss_mb'], 9, 0)}{tasks}")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,11 @@ pub enum Error {
     /// idempotent ingest step first.
     #[error("{0}")]
     Busy(String),
+
+    /// The cluster (`[engine] cluster`, `SILT_CLUSTER`, `--cluster`) cannot be reached or
+    /// failed a job.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -242,6 +247,11 @@ impl Error {
 
     /// What to change, when the error says it.
     pub fn hint(&self) -> Option<&'static str> {
+        if matches!(self, Error::Cluster(_)) {
+            return Some(
+                "fix: start the scheduler (`silt scheduler --bind HOST:PORT`) and executors, or run locally: unset [engine] cluster in silt.toml, SILT_CLUSTER, or drop --cluster",
+            );
+        }
         self.out_of_memory().then_some(
             "fix: raise [engine] memory_limit_mb in silt.toml (or SILT_ENGINE_MEMORY_LIMIT_MB; default: a sixteenth of the machine's memory, at most 4 GiB): a join's build side must fit in it, sorts and aggregates spill",
         )

@@ -9,11 +9,10 @@ use std::process::ExitCode;
 use cli::ExitWith;
 
 fn main() -> ExitCode {
-    // Like other Unix tools, end quietly when the reader of stdout goes away (`silt … | head`).
-    // SAFETY: restoring the default SIGPIPE disposition before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): gRPC and HTTP clients write to sockets with
+    // writev, and a peer that closed one must be an error, not a silent death of a cluster node
+    // or a client. Output to a reader that went away (`silt … | head`) is dropped quietly by
+    // `cli::printers::write_stdout`.
     let cli = cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(cli::log_filter(&cli))

@@ -22,6 +22,10 @@ pub struct Cli {
     /// Log more (-v info, -vv debug, -vvv trace) on stderr.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Run model builds, tests and queries on the Ballista cluster at df://HOST:PORT (the
+    /// address `silt scheduler --bind` listens on); also `[engine] cluster` or SILT_CLUSTER.
+    #[arg(long, global = true, value_name = "df://HOST:PORT")]
+    pub cluster: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -70,6 +74,45 @@ pub enum Command {
     Tables,
     /// Landing sources.
     Source(SourceArgs),
+    /// Run a cluster scheduler (Apache Ballista): clients send it plans with --cluster.
+    Scheduler(SchedulerArgs),
+    /// Run a cluster executor (Apache Ballista) that takes tasks from a scheduler.
+    Executor(ExecutorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Address to listen on (clients use --cluster df://HOST:PORT).
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    pub bind: std::net::SocketAddr,
+    /// Seconds without a heartbeat after which an executor is taken for lost and its tasks
+    /// run elsewhere.
+    #[arg(long, default_value_t = 60)]
+    pub executor_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecutorArgs {
+    /// The scheduler: df://HOST:PORT or HOST:PORT.
+    #[arg(long)]
+    pub scheduler: String,
+    /// Address other nodes fetch this executor's results from (Arrow Flight); its gRPC
+    /// service takes the next port.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub bind: std::net::SocketAddr,
+    /// Tasks run at once (default: the number of cores).
+    #[arg(long)]
+    pub concurrent_tasks: Option<usize>,
+    /// Directory for shuffle files and spills (default: a temporary directory).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Memory the tasks' sorts, aggregates and joins share before they spill, in MiB
+    /// (default: as [engine] memory_limit_mb's default, a sixteenth of the machine's memory).
+    #[arg(long)]
+    pub memory_limit_mb: Option<u64>,
+    /// Seconds between heartbeats to the scheduler.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -19,10 +19,16 @@ use super::progress::Bar;
 /// Run the command of `cli`, holding the lake's lease around it when it writes.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
-    if let Command::Init(a) = &cli.command {
-        return init(a, json);
+    match cli.command {
+        Command::Init(a) => return init(&a, json),
+        Command::Scheduler(a) => return scheduler(a).await,
+        Command::Executor(a) => return executor(a).await,
+        _ => {}
     }
-    let silt = Silt::open(&cli.project)?;
+    let mut silt = Silt::open(&cli.project)?;
+    if let Some(c) = &cli.cluster {
+        silt = silt.with_cluster(c)?;
+    }
     if matches!(cli.command, Command::Ingest(_)) {
         return with_ingest_claim(&silt, execute(&silt, cli.command, json)).await;
     }
@@ -114,6 +120,8 @@ async fn with_lease(
 async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()> {
     match command {
         Command::Init(a) => init(&a, json),
+        Command::Scheduler(a) => scheduler(a).await,
+        Command::Executor(a) => executor(a).await,
         Command::Ingest(a) => ingest(silt, a.sources, json).await,
         Command::Run(a) => build(silt, a, true, json).await,
         Command::Build(a) => build(silt, a, false, json).await,
@@ -165,16 +173,18 @@ async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()
 fn init(a: &InitArgs, json: bool) -> anyhow::Result<()> {
     let written = silt::ops::scaffold::init(&a.dir)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&written)?);
+        write_stdout(&format!("{}\n", serde_json::to_string_pretty(&written)?))?;
         return Ok(());
     }
+    let mut out = String::new();
     for w in written {
-        println!("created {}", a.dir.join(w).display());
+        out.push_str(&format!("created {}\n", a.dir.join(w).display()));
     }
-    println!(
-        "\nnext: cd {} && silt ingest && silt query \"select * from bronze.example\"",
+    out.push_str(&format!(
+        "\nnext: cd {} && silt ingest && silt query \"select * from bronze.example\"\n",
         a.dir.display()
-    );
+    ));
+    write_stdout(&out)?;
     Ok(())
 }
 
@@ -271,7 +281,7 @@ async fn watch(silt: &Silt, a: WatchArgs, json: bool) -> anyhow::Result<()> {
 async fn test(silt: &Silt, a: TestArgs, json: bool) -> anyhow::Result<()> {
     let report = silt::build::pipeline::test(silt, &a.select).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        write_stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     }
     printers::print_tests(&report, json)?;
     printers::print_errors(&report.errors);
@@ -315,7 +325,7 @@ async fn runs(silt: &Silt, a: RunsArgs, json: bool) -> anyhow::Result<()> {
         None => silt::lake::meta::runs::list(&silt.catalog, a.limit).await?,
     };
     if !json && batches.iter().all(|b| b.num_rows() == 0) && a.run.is_none() {
-        println!("no run recorded yet: `silt run` builds the pipeline and records it");
+        write_stdout("no run recorded yet: `silt run` builds the pipeline and records it\n")?;
         return Ok(());
     }
     let format = if json {
@@ -352,7 +362,7 @@ async fn restore(silt: &Silt, a: RestoreArgs) -> anyhow::Result<()> {
         (None, None) => return Err(Error::Usage("give --version or --timestamp".into()).into()),
     };
     let v = silt::lake::time_travel::restore(&silt.catalog, &t, &as_of).await?;
-    println!("{t} restored as version {v}");
+    write_stdout(&format!("{t} restored as version {v}\n"))?;
     Ok(())
 }
 
@@ -483,4 +493,34 @@ async fn export_after(silt: &Silt, json: bool) -> anyhow::Result<()> {
 async fn export(silt: &Silt, select: &[String], json: bool) -> anyhow::Result<()> {
     let r = silt::ops::export::bigquery(silt, select).await?;
     emit(&r, json)
+}
+
+/// `silt scheduler`: a cluster scheduler until stopped.
+async fn scheduler(a: SchedulerArgs) -> anyhow::Result<()> {
+    silt::ops::roles::run_scheduler(silt::ops::roles::SchedulerOptions {
+        bind: a.bind,
+        executor_timeout_secs: a.executor_timeout_secs,
+    })
+    .await?;
+    Ok(())
+}
+
+/// `silt executor`: a cluster executor until stopped.
+async fn executor(a: ExecutorArgs) -> anyhow::Result<()> {
+    let engine = silt::project::config::EngineSection {
+        memory_limit_mb: a.memory_limit_mb,
+        ..Default::default()
+    };
+    silt::ops::roles::run_executor(silt::ops::roles::ExecutorOptions {
+        scheduler: silt::lake::cluster::Cluster::parse(&a.scheduler)?,
+        bind: a.bind,
+        concurrent_tasks: a
+            .concurrent_tasks
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        work_dir: a.work_dir,
+        memory_pool_bytes: engine.memory_limit_bytes() as u64,
+        heartbeat_secs: a.heartbeat_secs,
+    })
+    .await?;
+    Ok(())
 }

@@ -261,7 +261,10 @@ pub fn watch_cycle(changed: usize, r: &RunReport, json: bool) {
         })
         .unwrap_or((0, 0));
     if json {
-        println!("{}", serde_json::to_string(r).unwrap_or_default());
+        let _ = write_stdout(&format!(
+            "{}\n",
+            serde_json::to_string(r).unwrap_or_default()
+        ));
     }
     eprintln!(
         "silt: {changed} change(s): ingested {files} file(s), {rows} row(s); built {} model(s){}{} in {} ms",

@@ -165,6 +165,47 @@ impl Catalog {
         &self.lake
     }
 
+    /// A scan of some data files (`LogicalFileView::path`s) of `table` at the version it is
+    /// loaded at: delta-rs's own scan, or on a cluster the plain Parquet scan executors run.
+    pub async fn files_scan<S: AsRef<str>>(
+        &self,
+        table: &DeltaTable,
+        files: impl IntoIterator<Item = S>,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let files: Vec<String> = files.into_iter().map(|f| f.as_ref().to_string()).collect();
+        if self.engine.cluster.is_some() {
+            let url = table.table_url().to_string();
+            let rel = url
+                .strip_prefix(self.lake.url().as_str())
+                .map(|r| r.trim_matches('/').to_string())
+                .ok_or_else(|| Error::Internal(format!("{url} is not under the lake root")))?;
+            let selection: std::collections::HashSet<String> = files.into_iter().collect();
+            let scan = crate::lake::snapshot_scan::SnapshotScan::try_new(
+                &self.lake,
+                &rel,
+                table,
+                Some(&selection),
+            )
+            .await?;
+            return Ok(Arc::new(scan));
+        }
+        Ok(table
+            .table_provider()
+            .with_file_selection(crate::lake::storage::select_files(files))
+            .await?)
+    }
+
+    /// The cluster sessions run on (`[engine] cluster`), checked to be reachable; None to
+    /// run here.
+    pub async fn cluster(&self) -> Result<Option<crate::lake::cluster::Cluster>> {
+        let Some(url) = self.engine.cluster.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let c = crate::lake::cluster::Cluster::parse(url)?;
+        c.check_reachable().await?;
+        Ok(Some(c))
+    }
+
     /// Every table that exists (has a Delta log), by layer then name.
     pub async fn list(&self) -> Result<Vec<TableRef>> {
         let mut out = Vec::new();
@@ -219,8 +260,20 @@ impl Catalog {
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))
             .build_arc()?;
+        let cluster = self.cluster().await?;
+        if cluster.is_some() {
+            // Ballista's settings for plans it splits into stages: no dynamic filters (they do
+            // not cross a stage boundary), scalar subqueries as joins, sort-merge joins (they
+            // spill), broadcast thresholds.
+            use ballista_core::extension::SessionConfigExt;
+            config = config.upgrade_for_ballista();
+        }
+        if cluster.is_some() {
+            // Scans of the cluster's plain Parquet form that stay here read the lake directly.
+            runtime.register_object_store(&self.lake.store_url(), self.lake.object_store());
+        }
         // delta-rs's planner too: model writes hand it plans of this session.
-        let state = datafusion::execution::SessionStateBuilder::new()
+        let mut state = datafusion::execution::SessionStateBuilder::new()
             .with_default_features()
             .with_config(config)
             .with_runtime_env(runtime)
@@ -232,8 +285,21 @@ impl Catalog {
             // `count(distinct x)` beside sums as two group-bys, also when coercion aliased a sum.
             .with_optimizer_rule(Arc::new(
                 crate::lake::distinct::UnaliasDistinctAggregatesRule,
-            ))
-            .build();
+            ));
+        if let Some(c) = &cluster {
+            // Last of all: what can travel goes to the cluster as it was planned here.
+            state = state.with_physical_optimizer_rule(Arc::new(
+                crate::lake::cluster::ClusterRule::new(c.clone()),
+            ));
+        }
+        let mut state = state.build();
+        if cluster.is_some() {
+            // … and its logical rewrites (NOT IN as a plan that distributes).
+            let rules = ballista_core::optimizer::with_ballista_optimizer_rules(state.optimizers());
+            state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
+                .with_optimizer_rules(rules)
+                .build();
+        }
         let ctx = SessionContext::new_with_state(state);
         let tables = self.list().await?;
         let catalog = ctx
@@ -250,6 +316,8 @@ impl Catalog {
                 layer: Some(layer),
                 lake: self.lake.clone(),
                 tables: names,
+                // silt's bookkeeping stays on delta-rs's scan: small, and read here.
+                plain_parquet: cluster.is_some() && layer != Layer::Silt,
             };
             catalog.register_schema(layer.schema_name(), Arc::new(provider))?;
         }
@@ -263,6 +331,8 @@ struct LayerSchema {
     layer: Option<Layer>,
     lake: Storage,
     tables: BTreeMap<String, TableRef>,
+    /// Tables as plain Parquet scans (`lake/snapshot_scan.rs`), which a cluster can run.
+    plain_parquet: bool,
 }
 
 #[async_trait]
@@ -291,6 +361,17 @@ impl SchemaProvider for LayerSchema {
             opened.map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
         if table.version().is_none() {
             return Ok(None);
+        }
+        if self.plain_parquet {
+            let scan = crate::lake::snapshot_scan::SnapshotScan::try_new(
+                &self.lake,
+                &t.rel_path(),
+                &table,
+                None,
+            )
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+            return Ok(Some(Arc::new(scan)));
         }
         let provider = table
             .table_provider()

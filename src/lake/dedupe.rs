@@ -733,3 +733,77 @@ impl ExecutionPlan for SharedOnceExec {
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
     }
 }
+
+impl FirstOfKeyExec {
+    /// When every key is a plain column, the keys (name, index) and the rank column's name:
+    /// what a cluster codec sends besides the input. None for any other key.
+    pub(crate) fn parts(&self) -> Option<(Vec<(String, usize)>, String)> {
+        let keys = self
+            .keys
+            .iter()
+            .map(|k| {
+                k.downcast_ref::<Column>()
+                    .map(|c| (c.name().to_string(), c.index()))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let rank = self.schema.fields().last()?.name().clone();
+        Some((keys, rank))
+    }
+
+    /// The node rebuilt from [`FirstOfKeyExec::parts`] on the far side of the wire: the
+    /// plan around it is already optimized, so it only needs to run, not to be re-planned.
+    pub(crate) fn from_parts(
+        input: Arc<dyn ExecutionPlan>,
+        keys: Vec<(String, usize)>,
+        rank: String,
+    ) -> DfResult<Self> {
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::physical_expr::{Distribution, EquivalenceProperties};
+        let keys: Vec<Arc<dyn PhysicalExpr>> = keys
+            .into_iter()
+            .map(|(n, i)| Arc::new(Column::new(&n, i)) as Arc<dyn PhysicalExpr>)
+            .collect();
+        let mut fields = input.schema().fields().to_vec();
+        fields.push(Arc::new(Field::new(rank, DataType::UInt64, false)));
+        let schema: SchemaRef = Arc::new(Schema::new_with_metadata(
+            fields,
+            input.schema().metadata().clone(),
+        ));
+        let eq = match input.output_ordering() {
+            Some(o) => EquivalenceProperties::new_with_orderings(Arc::clone(&schema), [o.clone()]),
+            None => EquivalenceProperties::new(Arc::clone(&schema)),
+        };
+        let properties = Arc::new(PlanProperties::new(
+            eq,
+            input.output_partitioning().clone(),
+            input.pipeline_behavior(),
+            input.boundedness(),
+        ));
+        Ok(FirstOfKeyExec {
+            distribution: InputDistributionRequirements::new(vec![Distribution::KeyPartitioned(
+                keys.clone(),
+            )]),
+            ordering: vec![None],
+            input,
+            keys,
+            schema,
+            properties,
+        })
+    }
+}
+
+impl SharedOnceExec {
+    /// A node of its own over `input` (a decoded plan shares no cache with another).
+    pub(crate) fn new(input: Arc<dyn ExecutionPlan>) -> Self {
+        let partitions = input.output_partitioning().partition_count();
+        SharedOnceExec {
+            properties: Arc::clone(input.properties()),
+            input,
+            cache: Arc::new(SharedCache {
+                partitions: (0..partitions)
+                    .map(|_| tokio::sync::OnceCell::new())
+                    .collect(),
+            }),
+        }
+    }
+}

@@ -58,7 +58,12 @@ impl OptimizerRule for UnaliasDistinctAggregatesRule {
                 e => e.clone(),
             })
             .collect();
-        let unaliased = Aggregate::try_new(agg.input.clone(), agg.group_expr.clone(), plain)?;
+        // Two aggregates that differ only in their aliases would share one name once
+        // unaliased: the plan is then left as it is rather than failing.
+        let Ok(unaliased) = Aggregate::try_new(agg.input.clone(), agg.group_expr.clone(), plain)
+        else {
+            return Ok(Transformed::no(plan));
+        };
         // The same columns, renamed back to what the aliased aggregate produced.
         let names: Vec<Expr> = unaliased
             .schema

@@ -4,6 +4,8 @@
 //! above take. It must not know models, sources' parsing or GDPR rules.
 
 pub mod catalog;
+pub mod cluster;
+pub mod codec;
 pub mod commit;
 pub mod dedupe;
 pub mod distinct;
@@ -11,6 +13,7 @@ pub mod failpoint;
 pub mod files;
 pub mod lease;
 pub mod meta;
+pub mod snapshot_scan;
 pub mod sql_text;
 pub mod storage;
 pub mod time_travel;
@@ -35,11 +38,23 @@ impl Silt {
         let cloud = storage::CloudOptions::from_project(&project);
         let lake = storage::Storage::new(&project.lake_url, &cloud)?;
         let landing = storage::Storage::existing(&project.landing_url, &cloud)?;
+        if let Some(c) = &project.file.engine.cluster {
+            cluster::Cluster::parse(c)?;
+        }
         Ok(Silt {
             catalog: catalog::Catalog::new(lake.clone()).with_engine(project.file.engine.clone()),
             project,
             lake,
             landing,
         })
+    }
+
+    /// Run on the cluster at `url` (`df://host:port`, as `--cluster` gives it), whatever
+    /// silt.toml says.
+    pub fn with_cluster(mut self, url: &str) -> Result<Silt> {
+        let c = cluster::Cluster::parse(url)?;
+        self.project.file.engine.cluster = Some(c.url);
+        self.catalog = self.catalog.with_engine(self.project.file.engine.clone());
+        Ok(self)
     }
 }

@@ -371,6 +371,21 @@ impl Storage {
         })
     }
 
+    /// The URL DataFusion knows this root's object store by (`file:///`, `gs://bucket`):
+    /// object paths (`path`, `file_path`) are relative to that store.
+    pub fn store_url(&self) -> Url {
+        let mut u = self.root_url.clone();
+        u.set_path("/");
+        u.set_query(None);
+        u.set_fragment(None);
+        u
+    }
+
+    /// The object store under [`Storage::store_url`], for a DataFusion runtime to read from.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.store)
+    }
+
     pub fn url(&self) -> &Url {
         &self.root_url
     }
@@ -621,5 +636,69 @@ impl Storage {
         Ok(DeltaTableBuilder::from_url(table_url)
             .map_err(|e| Error::delta(url.as_str(), e))?
             .with_storage_backend(self.store.clone(), store_root))
+    }
+}
+
+/// The object stores a cluster executor reads from, built on first use by the same rules as
+/// the client's ([`Storage`]): `file://`, and `gs://` only with explicit credentials
+/// (`GOOGLE_APPLICATION_CREDENTIALS` or Application Default Credentials), never a metadata
+/// server.
+#[derive(Debug, Default)]
+pub struct LakeStores {
+    opts: CloudOptions,
+    stores: std::sync::RwLock<std::collections::HashMap<String, Arc<dyn ObjectStore>>>,
+}
+
+impl LakeStores {
+    /// Credentials from this process's environment.
+    pub fn from_env() -> Self {
+        LakeStores {
+            opts: CloudOptions {
+                gcs_service_account_key: std::env::var("GOOGLE_APPLICATION_CREDENTIALS")
+                    .ok()
+                    .filter(|s| !s.is_empty()),
+                gcs_timeout_secs: None,
+            },
+            stores: Default::default(),
+        }
+    }
+
+    fn key(url: &Url) -> String {
+        format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""))
+    }
+}
+
+impl datafusion::execution::object_store::ObjectStoreRegistry for LakeStores {
+    fn register_store(
+        &self,
+        url: &Url,
+        store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        self.stores
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Self::key(url), store)
+    }
+
+    fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
+        let key = Self::key(url);
+        if let Some(s) = self
+            .stores
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(Arc::clone(s));
+        }
+        let mut root = url.clone();
+        root.set_path("/");
+        let store = Storage::existing(&root, &self.opts)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
+            .object_store();
+        self.stores
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, Arc::clone(&store));
+        Ok(store)
     }
 }

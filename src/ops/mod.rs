@@ -9,5 +9,6 @@ pub mod freshness;
 pub mod maintenance;
 pub mod profile;
 pub mod query;
+pub mod roles;
 pub mod scaffold;
 pub mod watch;

@@ -143,6 +143,10 @@ pub struct EngineSection {
     /// Rows per Arrow batch inside the engine.
     #[serde(default = "default_engine_batch_size")]
     pub batch_size: usize,
+    /// A Ballista scheduler (`df://host:port`) that runs model builds, tests and queries;
+    /// left out, everything runs in this process. `SILT_CLUSTER` or `--cluster` set it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 impl Default for EngineSection {
@@ -151,6 +155,7 @@ impl Default for EngineSection {
             memory_limit_mb: None,
             target_partitions: 0,
             batch_size: default_engine_batch_size(),
+            cluster: None,
         }
     }
 }
@@ -958,7 +963,12 @@ fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<Str
         ("gdpr", &["hmac_key"]),
         (
             "engine",
-            &["memory_limit_mb", "target_partitions", "batch_size"],
+            &[
+                "memory_limit_mb",
+                "target_partitions",
+                "batch_size",
+                "cluster",
+            ],
         ),
         (
             "bigquery",
@@ -978,6 +988,9 @@ fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<Str
             let mut v = env(&var);
             if v.is_none() && *key == "root" {
                 v = env(&format!("SILT_{}", section.to_uppercase()));
+            }
+            if v.is_none() && *key == "cluster" {
+                v = env("SILT_CLUSTER");
             }
             let Some(v) = v else { continue };
             let parsed = format!("x = {v}")

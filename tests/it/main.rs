@@ -4,6 +4,7 @@
 
 mod architecture;
 mod bigquery;
+mod cluster;
 mod contract;
 mod dedupe;
 mod distinct;

@@ -175,10 +175,7 @@ impl Materializer<'_> {
         if Some(pv) == ut.version() {
             if m.config.materialized != Materialized::PartitionOverwrite {
                 // Nothing new upstream: an empty selection.
-                let p = ut
-                    .table_provider()
-                    .with_file_selection(crate::lake::storage::select_files(Vec::<String>::new()))
-                    .await?;
+                let p = self.catalog.files_scan(ut, Vec::<String>::new()).await?;
                 let name = format!("{}__{}", u.layer.schema_name(), u.name);
                 new_schema.register_table(name.clone(), p)?;
                 inc.registered.push(name.clone());
@@ -221,11 +218,9 @@ impl Materializer<'_> {
             }
             return Ok(true);
         }
-        let p = ut
-            .table_provider()
-            .with_file_selection(crate::lake::storage::select_files(
-                added.iter().map(|s| s.to_string()),
-            ))
+        let p = self
+            .catalog
+            .files_scan(ut, added.iter().map(|s| s.to_string()))
             .await?;
         let name = format!("{}__{}", u.layer.schema_name(), u.name);
         new_schema.register_table(name.clone(), p)?;
@@ -290,10 +285,7 @@ impl Materializer<'_> {
         else {
             return Ok(rel);
         };
-        let cp = ut
-            .table_provider()
-            .with_file_selection(crate::lake::storage::select_files(old))
-            .await?;
+        let cp = self.catalog.files_scan(ut, old).await?;
         let ctx_name = format!("{name}__context");
         self.new_schema()?.register_table(ctx_name.clone(), cp)?;
         inc.registered.push(ctx_name.clone());

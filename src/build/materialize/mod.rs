@@ -417,11 +417,9 @@ impl Materializer<'_> {
         if table.version() != metrics.version {
             return Ok(None); // written to since: test the whole table
         }
-        let p = table
-            .table_provider()
-            .with_file_selection(crate::lake::storage::select_files(
-                metrics.added_files.iter().cloned(),
-            ))
+        let p = self
+            .catalog
+            .files_scan(&table, metrics.added_files.iter().cloned())
             .await?;
         let name = format!("{}__{}__written", t.layer.schema_name(), t.name);
         let schema = self.new_schema()?;

@@ -166,14 +166,8 @@ impl Materializer<'_> {
         if let Some(why) = self.missing_files(u, from, &removed).await? {
             return Ok(Err(why));
         }
-        let a = ut
-            .table_provider()
-            .with_file_selection(crate::lake::storage::select_files(added))
-            .await?;
-        let r = then
-            .table_provider()
-            .with_file_selection(crate::lake::storage::select_files(removed.clone()))
-            .await?;
+        let a = self.catalog.files_scan(ut, added).await?;
+        let r = self.catalog.files_scan(&then, removed.clone()).await?;
         let schema = self.new_schema()?;
         let side = |s: &str| format!("{}__{}__{from}_{to}__{s}", u.layer.schema_name(), u.name);
         let (an, rn) = (side("added"), side("removed"));
@@ -345,10 +339,7 @@ impl Materializer<'_> {
                 removed.len()
             ))));
         }
-        let p = then
-            .table_provider()
-            .with_file_selection(crate::lake::storage::select_files(removed))
-            .await?;
+        let p = self.catalog.files_scan(then, removed).await?;
         let gone = format!("{name}__removed");
         self.new_schema()?.register_table(gone.clone(), p)?;
         let same = cols
