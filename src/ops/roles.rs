@@ -43,6 +43,20 @@ pub async fn run_scheduler(opts: SchedulerOptions) -> Result<()> {
     config.executor_timeout_seconds = opts.executor_timeout_secs.max(2);
     config.expire_dead_executor_interval_seconds = (opts.executor_timeout_secs / 3).clamp(1, 15);
     config.no_executors_grace_period_seconds = config.executor_timeout_seconds;
+    // Decoding a plan names the object stores of its scans: the scheduler's sessions know
+    // the same ones as the executors'.
+    let stores = Arc::new(LakeStores::from_env());
+    config.override_session_builder = Some(Arc::new(move |session: SessionConfig| {
+        let state = ballista_core::utils::default_session_builder(session)?;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_object_store_registry(stores.clone())
+            .build_arc()?;
+        Ok(
+            datafusion::execution::SessionStateBuilder::new_from_existing(state)
+                .with_runtime_env(runtime)
+                .build(),
+        )
+    }));
     let cluster = BallistaCluster::new_from_config(&config)
         .await
         .map_err(|e| Error::Cluster(format!("scheduler on {}: {e}", opts.bind)))?;

@@ -42,12 +42,13 @@ struct Node {
 }
 
 impl Node {
-    fn start(args: &[String], log: PathBuf) -> Node {
+    fn start(args: &[String], log: PathBuf, env: &[(&str, String)]) -> Node {
         let err = std::fs::File::create(&log).unwrap();
         let child = Command::new(SILT)
             .args(args)
             .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
             .env_remove("SILT_CLUSTER")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -99,6 +100,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// With this environment for every node (the credentials they read a lake with).
+    fn start_with(env: &[(&str, String)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port_pair();
         let scheduler = Node::start(
@@ -110,6 +116,7 @@ impl Cluster {
                 "6".into(),
             ],
             dir.path().join("scheduler.log"),
+            env,
         );
         wait_listening(port, "the scheduler");
         let mut executors = Vec::new();
@@ -134,6 +141,7 @@ impl Cluster {
                     "2".into(),
                 ],
                 dir.path().join(format!("executor{i}.log")),
+                env,
             ));
             wait_listening(p, "an executor");
             wait_listening(p + 1, "an executor's gRPC service");
@@ -334,6 +342,10 @@ fn an_executor_killed_mid_build_leaves_nothing_half_done_and_a_rerun_completes()
     c.executors[victim].kill();
     let out = build.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "executor {victim} killed mid-build: the build exited {:?}",
+        out.status.code()
+    );
     match out.status.code() {
         Some(0) => {} // Ballista ran the lost tasks again on the other executor.
         Some(3) => {
@@ -373,4 +385,54 @@ fn an_unreachable_scheduler_is_exit_3_at_once_naming_it() {
     assert!(stderr.contains(&url), "{stderr}");
     // A malformed address is a usage error.
     p.exits(&["--cluster", "nowhere", "query", "select 1"], 2);
+}
+
+/// The same on gs:// roots (the GCS emulator): executors read the lake with their own explicit
+/// credentials, and nothing asks a metadata server.
+#[test]
+fn the_reference_pipeline_on_gcs_through_a_cluster_is_golden() {
+    use crate::gcs::{Faults, Gcs, ok, on_gcs, upload};
+    let gcs = Gcs::start(Faults::default());
+    let c = Cluster::start_with(&[
+        (
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            gcs.key.display().to_string(),
+        ),
+        ("GCE_METADATA_HOST", format!("127.0.0.1:{}", gcs.port)),
+        ("GCE_METADATA_IP", format!("127.0.0.1:{}", gcs.port)),
+    ]);
+    let p = Project::empty_reference();
+    let (lake, landing) = ("gs://lake/clustered", "gs://landing/incoming");
+    upload(
+        &gcs.store("landing"),
+        &repo().join("fixtures/landing"),
+        "incoming",
+    );
+    let run = |args: &[&str]| {
+        ok(on_gcs(
+            &p,
+            &gcs,
+            lake,
+            landing,
+            &on(&c, args).iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+    };
+    run(&["run"]);
+    for g in GOLD {
+        let got = run(&[
+            "query",
+            &format!("select * from gold.{g}"),
+            "--format",
+            "csv",
+        ]);
+        assert_eq!(
+            sorted_csv(&got),
+            golden(g),
+            "gold.{g} on gs:// through the cluster"
+        );
+    }
+    assert!(c.tasks().iter().all(|&n| n > 0), "{:?}", c.tasks());
+    for r in gcs.requests() {
+        assert!(!r.to_string().contains("computeMetadata"), "{r}");
+    }
 }

@@ -144,7 +144,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Upload a local directory under `prefix`.
-fn upload(store: &Arc<dyn ObjectStore>, dir: &Path, prefix: &str) {
+pub(crate) fn upload(store: &Arc<dyn ObjectStore>, dir: &Path, prefix: &str) {
     let mut files = Vec::new();
     walk(dir, &mut |p| files.push(p.to_path_buf()));
     rt().block_on(async {
@@ -204,13 +204,13 @@ fn objects_holding(store: &Arc<dyn ObjectStore>, prefix: &str, needles: &[String
 }
 
 /// A silt command for `p` on gs:// roots of `gcs`.
-fn on_gcs(p: &Project, gcs: &Gcs, lake: &str, landing: &str, args: &[&str]) -> Command {
+pub(crate) fn on_gcs(p: &Project, gcs: &Gcs, lake: &str, landing: &str, args: &[&str]) -> Command {
     let mut c = p.cmd(args);
     gcs.env(&mut c, lake, landing);
     c
 }
 
-fn ok(mut c: Command) -> String {
+pub(crate) fn ok(mut c: Command) -> String {
     let out = c.output().unwrap();
     assert!(
         out.status.success(),
