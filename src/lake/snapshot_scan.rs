@@ -163,7 +163,13 @@ impl SnapshotScan {
 
     /// The files whose partition values can satisfy `filters` (those of them that name only
     /// partition columns); every file when there are none.
-    fn prune(&self, filters: &[Expr], session: &dyn Session) -> DfResult<Vec<&DataFile>> {
+    fn prune(&self, filters: &[Expr], session: &dyn Session) -> Vec<&DataFile> {
+        // A filter this cannot evaluate prunes nothing; DataFusion still applies it above.
+        self.try_prune(filters, session)
+            .unwrap_or_else(|_| self.files.iter().collect())
+    }
+
+    fn try_prune(&self, filters: &[Expr], session: &dyn Session) -> DfResult<Vec<&DataFile>> {
         let names: HashSet<&str> = self
             .partition_fields
             .iter()
@@ -235,7 +241,7 @@ impl TableProvider for SnapshotScan {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let files = self.prune(filters, session)?;
+        let files = self.prune(filters, session);
         let table_schema = TableSchema::builder(Arc::clone(&self.file_schema))
             .with_table_partition_cols(self.partition_fields.clone())
             .build();
