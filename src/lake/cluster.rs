@@ -176,6 +176,22 @@ impl PhysicalOptimizerRule for ClusterRule {
     }
 }
 
+/// Whether `plan` holds rows in memory (a scratch table): they would travel inside the plan
+/// itself, past gRPC's message limit for a large one.
+fn holds_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        if let Some(ds) = node.downcast_ref::<DataSourceExec>()
+            && ds.data_source().downcast_ref::<FileScanConfig>().is_none()
+        {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
 /// Whether `plan` reads at least one file (a plain Parquet scan).
 fn reads_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut found = false;
@@ -191,8 +207,8 @@ fn reads_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
     found
 }
 
-/// Whether the whole of `plan` can run on an executor: it encodes, and it calls no function
-/// that must stay here.
+/// Whether the whole of `plan` can run on an executor: it encodes, holds no rows in memory,
+/// and calls no function that must stay here.
 fn travels(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut local_only = false;
     let _ = plan.apply(|node| {
@@ -219,6 +235,7 @@ fn travels(plan: &Arc<dyn ExecutionPlan>) -> bool {
         })
     });
     !local_only
+        && !holds_rows(plan)
         && PhysicalPlanNode::try_from_physical_plan(Arc::clone(plan), &SiltCodec::default()).is_ok()
 }
 
