@@ -284,12 +284,17 @@ impl Catalog {
             .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
             // `row_number() … = 1` (the latest row per key) as a streaming pass over the sort.
             .with_physical_optimizer_rule(Arc::new(crate::lake::dedupe::FirstOfKeyRule))
-            // … and only over the rows whose key occurs more than once.
-            .with_optimizer_rule(Arc::new(crate::lake::dedupe::DuplicatedKeysRule))
             // `count(distinct x)` beside sums as two group-bys, also when coercion aliased a sum.
             .with_optimizer_rule(Arc::new(
                 crate::lake::distinct::UnaliasDistinctAggregatesRule,
             ));
+        if cluster.is_none() {
+            // … and only over the rows whose key occurs more than once. Not on a cluster: its
+            // joins against the shared set of duplicated keys let repeated keys through when
+            // Ballista split them into stages (S=4 line items); the sort and the first-of-key
+            // pass alone are partitioned by key, so they stay exact across executors.
+            state = state.with_optimizer_rule(Arc::new(crate::lake::dedupe::DuplicatedKeysRule));
+        }
         if let Some(c) = &cluster {
             // Last of all: what can travel goes to the cluster as it was planned here.
             state = state.with_physical_optimizer_rule(Arc::new(
