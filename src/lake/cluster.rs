@@ -116,7 +116,7 @@ impl ClusterRule {
     }
 
     fn offload(&self, plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
-        if plan.children().is_empty() || !reads_files(&plan) {
+        if plan.children().is_empty() || !has_source(&plan, true) {
             // A bare scan is cheaper here; a plan without files has nothing to distribute.
             return Ok(plan);
         }
@@ -176,28 +176,14 @@ impl PhysicalOptimizerRule for ClusterRule {
     }
 }
 
-/// Whether `plan` holds rows in memory (a scratch table): they would travel inside the plan
-/// itself, past gRPC's message limit for a large one.
-fn holds_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
+/// Whether `plan` has a data source that reads files (`true`) or that holds rows in memory
+/// (`false`: a scratch table, which would travel inside the plan itself, past gRPC's message
+/// limit for a large one).
+fn has_source(plan: &Arc<dyn ExecutionPlan>, of_files: bool) -> bool {
     let mut found = false;
     let _ = plan.apply(|node| {
         if let Some(ds) = node.downcast_ref::<DataSourceExec>()
-            && ds.data_source().downcast_ref::<FileScanConfig>().is_none()
-        {
-            found = true;
-            return Ok(TreeNodeRecursion::Stop);
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    found
-}
-
-/// Whether `plan` reads at least one file (a plain Parquet scan).
-fn reads_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        if let Some(ds) = node.downcast_ref::<DataSourceExec>()
-            && ds.data_source().downcast_ref::<FileScanConfig>().is_some()
+            && ds.data_source().downcast_ref::<FileScanConfig>().is_some() == of_files
         {
             found = true;
             return Ok(TreeNodeRecursion::Stop);
@@ -235,7 +221,7 @@ fn travels(plan: &Arc<dyn ExecutionPlan>) -> bool {
         })
     });
     !local_only
-        && !holds_rows(plan)
+        && !has_source(plan, false)
         && PhysicalPlanNode::try_from_physical_plan(Arc::clone(plan), &SiltCodec::default()).is_ok()
 }
 
@@ -347,16 +333,4 @@ impl ExecutionPlan for ClusterExec {
 
 fn in_cluster(cluster: &Cluster, e: DataFusionError) -> DataFusionError {
     DataFusionError::Execution(format!("on the cluster at {cluster}: {e}"))
-}
-
-/// The nodes of `plan` that ran on the cluster, for `EXPLAIN`-style reports and tests.
-pub fn cluster_parts(plan: &Arc<dyn ExecutionPlan>) -> usize {
-    let mut n = 0;
-    let _ = plan.apply(|node| {
-        if node.downcast_ref::<ClusterExec>().is_some() {
-            n += 1;
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    n
 }

@@ -690,17 +690,7 @@ impl ExecutionPlan for SharedOnceExec {
             return datafusion::common::internal_err!("SharedOnceExec takes one child");
         }
         // A new input is a new computation: it gets a cache of its own.
-        let input = children.swap_remove(0);
-        let partitions = input.output_partitioning().partition_count();
-        Ok(Arc::new(SharedOnceExec {
-            properties: Arc::clone(input.properties()),
-            input,
-            cache: Arc::new(SharedCache {
-                partitions: (0..partitions)
-                    .map(|_| tokio::sync::OnceCell::new())
-                    .collect(),
-            }),
-        }))
+        Ok(Arc::new(SharedOnceExec::new(children.swap_remove(0))))
     }
 
     fn execute(
@@ -793,7 +783,7 @@ impl FirstOfKeyExec {
 }
 
 impl SharedOnceExec {
-    /// A node of its own over `input` (a decoded plan shares no cache with another).
+    /// A node of its own over `input`, with a cache of its own (a decoded plan, a new input).
     pub(crate) fn new(input: Arc<dyn ExecutionPlan>) -> Self {
         let partitions = input.output_partitioning().partition_count();
         SharedOnceExec {

@@ -43,7 +43,6 @@ struct DataFile {
 /// A Delta table version as a plain Parquet table provider.
 #[derive(Debug)]
 pub struct SnapshotScan {
-    table: String,
     store_url: ObjectStoreUrl,
     /// The table's columns in Delta order (as delta-rs's provider shows them).
     schema: SchemaRef,
@@ -147,18 +146,12 @@ impl SnapshotScan {
         }
         let store_url = ObjectStoreUrl::parse(lake.store_url().as_str())?;
         Ok(SnapshotScan {
-            table: name,
             store_url,
             schema,
             file_schema,
             partition_fields,
             files,
         })
-    }
-
-    /// How many files the scan reads.
-    pub fn file_count(&self) -> usize {
-        self.files.len()
     }
 
     /// The files whose partition values can satisfy `filters` (those of them that name only
@@ -303,11 +296,5 @@ impl TableProvider for SnapshotScan {
             .with_projection_indices(Some(indices))?
             .build();
         Ok(DataSourceExec::from_data_source(config))
-    }
-}
-
-impl std::fmt::Display for SnapshotScan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({} files)", self.table, self.files.len())
     }
 }
