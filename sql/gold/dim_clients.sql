@@ -1,5 +1,7 @@
 {{ config(materialized='incremental', unique_key='client_id', recompute_by='client_id',
-    description='One row per current client: cohort month and first-touch adviser (no PII)') }}
+    pii=['city'],
+    description='One row per current client: cohort month, first-touch adviser and city (the only personal data here: city comes from the address)',
+    columns={'city': 'City of the client address (PII: derived from bronze.clients.address)'}) }}
 -- A client's row depends only on that client's profile and fees: a batch recomputes just the
 -- clients whose profile or fees changed (recompute_by), from their whole fee history.
 

@@ -4,7 +4,7 @@
     strategy='timestamp',
     updated_at='updated_at',
     check_cols=['full_name', 'email', 'nino', 'date_of_birth', 'address_line1', 'city', 'postcode', 'accounts'],
-    pii=['full_name', 'email', 'nino', 'date_of_birth', 'address_line1', 'postcode'],
+    pii=['full_name', 'email', 'nino', 'date_of_birth', 'address_line1', 'city', 'postcode'],
     pseudonymize={'full_name': 'mask', 'email': 'hash', 'nino': 'hash', 'address_line1': 'mask', 'postcode': 'mask'},
     description='Client profiles as SCD2 history: a new version whenever a delivered profile differs from the current one'
 ) }}

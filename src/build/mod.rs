@@ -2,6 +2,7 @@
 //! tests, pseudonymised columns, and how each materialization writes its table. It must not
 //! ingest landing files itself (ingest/ does) nor erase subjects (ops/erasure does).
 
+pub mod lineage;
 pub mod materialize;
 pub mod models;
 pub mod pipeline;

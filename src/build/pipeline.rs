@@ -142,6 +142,15 @@ pub async fn run(silt: &Silt, opts: RunOptions) -> Result<RunReport> {
     } else {
         dag.select(&opts.select)?
     };
+    // Column lineage from the models' plans, and the PII check on it: a model computing a
+    // column from PII that it neither pseudonymizes nor declares fails the run here.
+    let began = Instant::now();
+    let lineage = crate::build::lineage::compute(&silt.project, &dag).await?;
+    crate::build::lineage::check_pii(&lineage)?;
+    tracing::info!(
+        ms = began.elapsed().as_millis() as u64,
+        "column lineage planned and PII flow checked"
+    );
     let mut ingest_row = None;
     if opts.ingest {
         let mut b = silt.ingest();
@@ -197,6 +206,17 @@ pub async fn run(silt: &Silt, opts: RunOptions) -> Result<RunReport> {
         &mut report,
     )
     .await?;
+    // Lineage changes only with a model's SQL or config, which rebuilds the model: a run that
+    // built nothing stores nothing (and reads no `_silt.lineage`, keeping idle runs cheap).
+    if report.models.iter().any(|m| m.status == ModelStatus::Built) {
+        let began = Instant::now();
+        let stored = crate::build::lineage::store(&silt.catalog, &report.run_id, &lineage).await?;
+        tracing::info!(
+            tables = stored,
+            ms = began.elapsed().as_millis() as u64,
+            "column lineage stored"
+        );
+    }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     let command = if opts.ingest { "run" } else { "build" };
     record_run(silt, command, started_at, &report, ingest_row).await?;
@@ -236,6 +256,7 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
         model_tests(&ctx, &tests, &tested, &mut report).await;
         mark_tested(silt, m, &tested).await;
     }
+    pii_flow(silt, &dag, &mut report).await?;
     for (t, st) in dag.singular_tests() {
         if select.is_empty()
             || (!st.refs.is_empty() && st.refs.iter().all(|r| selected.contains(r)))
@@ -249,6 +270,41 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     record_run(silt, "test", started_at, &report, None).await?;
     Ok(report)
+}
+
+/// The PII check as test results: one failure per model column computed from PII that is
+/// neither pseudonymized nor declared PII (the path in its sample), or one pass.
+async fn pii_flow(silt: &Silt, dag: &Dag, report: &mut RunReport) -> Result<()> {
+    let began = Instant::now();
+    let lineage = crate::build::lineage::compute(&silt.project, dag).await?;
+    let leaks = lineage.pii_leaks();
+    let result = |subject: String, status: TestStatus, sample: String, failing: u64| TestResult {
+        name: "pii_flow".into(),
+        subject,
+        kind: "pii_flow".into(),
+        severity: crate::build::quality::Severity::Error,
+        status,
+        scope: crate::build::quality::TestScope::Table,
+        failing_rows: failing,
+        sample,
+        ms: began.elapsed().as_millis() as u64,
+        table_version: None,
+        built_from: Default::default(),
+    };
+    if leaks.is_empty() {
+        report
+            .tests
+            .push(result("project".into(), TestStatus::Pass, String::new(), 0));
+    }
+    for l in leaks {
+        report.tests.push(result(
+            format!("{}.{}", l.table, l.column),
+            TestStatus::Fail,
+            l.message(),
+            1,
+        ));
+    }
+    Ok(())
 }
 
 /// One `_silt/runs` entry, when the run changed something or a test did not pass; a run that

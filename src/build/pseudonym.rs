@@ -55,6 +55,17 @@ fn udf(name: &str, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Scalar
     )
 }
 
+/// Register `silt_hmac` (under `key`) and `silt_mask` in `ctx`.
+fn register_with_key(ctx: &SessionContext, key: String) {
+    ctx.register_udf(udf("silt_hmac", move |v| hmac_hex(&key, v)));
+    ctx.register_udf(udf("silt_mask", mask));
+}
+
+/// The pseudonym functions for a session that only plans (lineage): no key is needed to plan.
+pub fn register_for_planning(ctx: &SessionContext) {
+    register_with_key(ctx, String::new());
+}
+
 /// The model's SQL wrapped in a projection that replaces its `pseudonymize` columns; the
 /// `silt_hmac` / `silt_mask` functions are registered in `ctx`.
 pub fn wrap_sql(
@@ -84,8 +95,7 @@ pub fn wrap_sql(
             ));
         }
     }
-    ctx.register_udf(udf("silt_hmac", move |v| hmac_hex(&key, v)));
-    ctx.register_udf(udf("silt_mask", mask));
+    register_with_key(ctx, key);
     let q = crate::lake::sql_text::ident;
     let select: Vec<String> = columns
         .iter()

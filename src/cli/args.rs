@@ -50,6 +50,11 @@ pub enum Command {
     Profile(ProfileArgs),
     /// Show the model dag: a text tree, or --format mermaid|dot|json.
     Dag(DagArgs),
+    /// Column lineage from the models' plans: where a column comes from (down to the landing
+    /// fields), what depends on it (--downstream), or what a change affects (--changed).
+    Lineage(LineageArgs),
+    /// Write a static documentation site (tables, columns, tests, lineage) into a folder.
+    Docs(DocsArgs),
     /// Past runs (run, build, test, forget), newest first: one line each; --run ID shows each
     /// model and test of one run in the order they ran.
     Runs(RunsArgs),
@@ -209,6 +214,30 @@ pub struct ProfileArgs {
 pub struct DagArgs {
     #[arg(long, value_enum, default_value_t = DagFormat::Text)]
     pub format: DagFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct LineageArgs {
+    /// A column (gold.rpt_client_ltv.ltv_total) or a table (every column of it).
+    #[arg(required_unless_present = "changed")]
+    pub target: Option<String>,
+    /// Every column that depends on it, instead of where it comes from.
+    #[arg(long)]
+    pub downstream: bool,
+    /// The columns and models a change to the project's SQL or contracts affects, against
+    /// the lineage the last run stored.
+    #[arg(long, conflicts_with_all = ["downstream", "run"])]
+    pub changed: bool,
+    /// The lineage as run ID stored it (`silt runs` lists runs), instead of the project's now.
+    #[arg(long, value_name = "ID")]
+    pub run: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DocsArgs {
+    /// The folder to write (created; an earlier site there is replaced).
+    #[arg(long, default_value = "target/silt-docs")]
+    pub out: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -133,6 +133,25 @@ async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()
             emit(cols.as_slice(), json)
         }
         Command::Dag(a) => dag(silt, a, json),
+        Command::Lineage(a) => lineage(silt, a, json).await,
+        Command::Docs(a) => {
+            let out = if a.out.is_absolute() {
+                a.out
+            } else {
+                silt.project.dir.join(a.out)
+            };
+            let r = silt::ops::docs::generate(silt, &out).await?;
+            if json {
+                write_stdout(&format!("{}\n", serde_json::to_string_pretty(&r)?))
+            } else {
+                write_stdout(&format!(
+                    "wrote {} tables to {}\nopen {}\n",
+                    r.tables,
+                    r.out.display(),
+                    r.index.display()
+                ))
+            }
+        }
         Command::Runs(a) => runs(silt, a, json).await,
         Command::Query(a) => query(silt, a, json).await,
         Command::History(a) => {
@@ -317,6 +336,46 @@ fn dag(silt: &Silt, a: DagArgs, json: bool) -> anyhow::Result<()> {
         }
     };
     write_stdout(&silt::build::models::render_dag(&dag, format)?)
+}
+
+async fn lineage(silt: &Silt, a: LineageArgs, json: bool) -> anyhow::Result<()> {
+    use silt::ops::lineage as l;
+    if a.changed {
+        let c = l::changed(silt).await?;
+        return if json {
+            write_stdout(&format!("{}\n", serde_json::to_string_pretty(&c)?))
+        } else {
+            write_stdout(&l::render_changes(&c))
+        };
+    }
+    let lineage = l::load(silt, a.run.as_deref()).await?;
+    let target = a.target.unwrap_or_default();
+    let trees: Vec<l::Tree> = l::targets(&lineage, &target)?
+        .iter()
+        .map(|id| {
+            if a.downstream {
+                l::downstream(&lineage, id)
+            } else {
+                l::upstream(&lineage, id)
+            }
+        })
+        .collect();
+    if json {
+        let v = if trees.len() == 1 {
+            serde_json::to_value(&trees[0])?
+        } else {
+            serde_json::to_value(&trees)?
+        };
+        write_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?))
+    } else {
+        write_stdout(
+            &trees
+                .iter()
+                .map(l::render_tree)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    }
 }
 
 async fn runs(silt: &Silt, a: RunsArgs, json: bool) -> anyhow::Result<()> {

@@ -91,19 +91,7 @@ impl Stamp {
 
     /// The schema of [`Stamp::bronze_batch`]'s output.
     pub(super) fn bronze_schema(&self) -> Arc<Schema> {
-        let mut fields: Vec<Field> = self
-            .src
-            .columns
-            .iter()
-            .map(|c| c.to_arrow_field())
-            .collect();
-        if let Some(p) = &self.src.partition
-            && p.granularity.is_some()
-        {
-            fields.push(Field::new(p.column_name(), DataType::Utf8, true));
-        }
-        fields.extend(metadata_fields());
-        Arc::new(Schema::new(fields))
+        bronze_schema_of(&self.src)
     }
 
     /// Contract columns, the derived partition column if any, then the metadata columns.
@@ -285,6 +273,19 @@ pub(super) fn repeated(value: &str, n: usize) -> StringArray {
     let len = value.len();
     let offsets = arrow::buffer::OffsetBuffer::from_repeated_length(len, n);
     StringArray::new(offsets, value.repeat(n).into_bytes().into(), None)
+}
+
+/// A source's bronze table schema: its contract columns, the derived partition column if any,
+/// then the metadata columns.
+pub fn bronze_schema_of(src: &crate::project::config::Source) -> Arc<Schema> {
+    let mut fields: Vec<Field> = src.columns.iter().map(|c| c.to_arrow_field()).collect();
+    if let Some(p) = &src.partition
+        && p.granularity.is_some()
+    {
+        fields.push(Field::new(p.column_name(), DataType::Utf8, true));
+    }
+    fields.extend(metadata_fields());
+    Arc::new(Schema::new(fields))
 }
 
 pub(super) fn metadata_fields() -> Vec<Field> {

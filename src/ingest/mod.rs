@@ -14,8 +14,8 @@ pub mod parse;
 mod source;
 mod units;
 
-pub use bronze::quarantine_schema;
 use bronze::{Parsed, Stamp, same_columns, writer_properties};
+pub use bronze::{bronze_schema_of, quarantine_schema};
 use source::{Candidate, SourceRun, sha256};
 use units::{UnitStarter, Units, WriterSetup, read_candidate};
 

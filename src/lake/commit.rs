@@ -327,6 +327,7 @@ pub async fn commit_overwrite(
     adds: Vec<deltalake::kernel::Add>,
     rows: u64,
     metadata: Vec<(String, serde_json::Value)>,
+    description: Option<&str>,
 ) -> Result<DeltaTable> {
     use deltalake::kernel::Action;
     use deltalake::kernel::transaction::CommitBuilder;
@@ -358,10 +359,15 @@ pub async fn commit_overwrite(
                 .into_iter()
                 .filter_map(|(k, v)| v.map(|v| (k, v)))
                 .collect();
-            let metadata =
+            let mut metadata =
                 deltalake::kernel::new_metadata(&kernel, partition_columns.clone(), config)
                     .and_then(|m| m.with_name(t.to_string()))
                     .map_err(|e| err(e.into()))?;
+            if let Some(d) = description {
+                metadata = metadata
+                    .with_description(d.to_string())
+                    .map_err(|e| err(e.into()))?;
+            }
             let protocol: deltalake::kernel::Protocol = serde_json::from_value(
                 serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}),
             )

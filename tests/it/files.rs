@@ -139,6 +139,7 @@ async fn write(
         adds,
         written.rows,
         vec![("silt.operation".into(), "test".into())],
+        None,
     )
     .await
     .unwrap();

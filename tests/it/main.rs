@@ -14,6 +14,7 @@ mod gcs;
 mod hardening;
 mod ingest;
 mod lease;
+mod lineage;
 mod maintenance;
 mod models;
 mod outside;

@@ -322,7 +322,7 @@ fn partition_values_that_need_encoding_survive_erasure_builds_and_vacuum() {
         ),
         (
             "sql/silver/stg_people.sql",
-            "{{ config(materialized='incremental', unique_key='pid', partition_by='slot') }}\n\
+            "{{ config(materialized='incremental', unique_key='pid', partition_by='slot', pii=['email']) }}\n\
              select pid, email, slot from {{ source('people') }}\n",
         ),
         (

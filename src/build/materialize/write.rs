@@ -156,16 +156,21 @@ impl Materializer<'_> {
                 adds,
                 written.rows,
                 self.commit_metadata(m, state),
+                m.config.description.as_deref(),
             )
             .await;
         }
-        self.write_plan(target, df)
+        let mut w = self
+            .write_plan(target, df)
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(SchemaMode::Overwrite)
             .with_partition_columns(partition_cols)
             .with_configuration(config)
-            .with_table_name(t.to_string())
-            .with_commit_properties(self.props(m, state))
+            .with_table_name(t.to_string());
+        if let Some(d) = &m.config.description {
+            w = w.with_description(d.clone());
+        }
+        w.with_commit_properties(self.props(m, state))
             .await
             .map_err(|e| Error::delta(t.to_string(), e))
     }

@@ -8,6 +8,7 @@ pub mod batch_stats;
 pub mod erasures;
 pub mod exports;
 pub mod ledger;
+pub mod lineage;
 pub mod runs;
 
 use arrow::datatypes::{DataType, Field, FieldRef, TimeUnit};

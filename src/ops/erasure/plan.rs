@@ -7,8 +7,9 @@ use super::*;
 
 /// Which tables an erasure reaches, and how it matches rows in each. A table is in scope only
 /// through a declared key: a source's `subject_key`, a source's `subject_via` (the keys of its
-/// parent's subject rows), a model column named like a key of an upstream in scope, or a
-/// model's `config(subject_key=…)`. Models reading a table in scope without such a column are
+/// parent's subject rows), a model column named like a key of an upstream in scope or that
+/// is such a key copied under another name (column lineage), or a model's
+/// `config(subject_key=…)`. Models reading a table in scope without such a column are
 /// rebuilt; no other table is read.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -274,26 +275,34 @@ impl Plan {
             }
         }
         let project_pii = project.pii_columns();
+        // Column lineage finds a key a model renamed (`o_custkey as buyer`); without a plan
+        // (a model that does not plan fails its own build) keys are matched by name alone.
+        let lineage = crate::build::lineage::compute(project, dag).await.ok();
         let mut model_keys: HashMap<String, Vec<(String, Arc<KeySet>)>> = HashMap::new();
         for name in &dag.order {
             let m = &dag.models[name];
-            let mut upstream: Vec<(String, Arc<KeySet>)> = Vec::new();
+            // (upstream table, key column, keys)
+            let mut upstream: Vec<(String, String, Arc<KeySet>)> = Vec::new();
             let mut reached = false;
             for s in &m.sources {
                 if let Some(keys) = inherited.get(s) {
                     reached = true;
-                    upstream.extend(keys.iter().cloned());
+                    upstream.extend(
+                        keys.iter()
+                            .map(|(c, set)| (format!("bronze.{s}"), c.clone(), set.clone())),
+                    );
                 }
             }
             for r in &m.refs {
                 if let Some(k) = model_keys.get(r) {
                     reached = true;
-                    upstream.extend(k.iter().cloned());
+                    let t = dag.models[r].table().to_string();
+                    upstream.extend(k.iter().map(|(c, set)| (t.clone(), c.clone(), set.clone())));
                 }
             }
             if let Some(k) = &m.config.subject_key {
                 reached = true;
-                upstream.push((k.clone(), id_set.clone()));
+                upstream.push((String::new(), k.clone(), id_set.clone()));
             }
             if !reached {
                 continue;
@@ -312,10 +321,35 @@ impl Plan {
                     .as_ref()
                     .is_some_and(|s| s.field_with_name(c).is_ok())
             };
+            let lineage_of = lineage
+                .as_ref()
+                .and_then(|l| l.table(&m.table().to_string()));
             let mut keys: Vec<(String, Arc<KeySet>)> = Vec::new();
-            for (c, set) in upstream {
-                if has(&c) && !keys.iter().any(|(k, s)| *k == c && Arc::ptr_eq(s, &set)) {
-                    keys.push((c, set));
+            for (from, c, set) in upstream {
+                let mut names: Vec<String> = Vec::new();
+                if has(&c) {
+                    names.push(c.clone());
+                }
+                // A column that is that key copied, and nothing else (a union of customer
+                // and product ids is no customer key).
+                for col in lineage_of.iter().flat_map(|t| t.columns.iter()) {
+                    let mut data = col
+                        .deps
+                        .iter()
+                        .filter(|d| d.kind != crate::build::lineage::Kind::Filter);
+                    let only_the_key = data.next().is_some_and(|d| {
+                        d.kind == crate::build::lineage::Kind::Copied
+                            && d.table == from
+                            && d.column == c
+                    }) && data.next().is_none();
+                    if only_the_key && has(&col.name) && !names.contains(&col.name) {
+                        names.push(col.name.clone());
+                    }
+                }
+                for n in names {
+                    if !keys.iter().any(|(k, s)| *k == n && Arc::ptr_eq(s, &set)) {
+                        keys.push((n, set.clone()));
+                    }
                 }
             }
             let pii: Vec<String> = project_pii

@@ -1,6 +1,7 @@
 {{ config(
     materialized='table',
     unique_key='c_custkey',
+    pii=['c_name', 'c_address', 'c_phone'],
     description='Customers from the CSV and the JSON deliveries'
 ) }}
 select c_custkey, c_name, c_address, c_nationkey, c_phone, c_acctbal, c_mktsegment
