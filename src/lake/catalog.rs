@@ -268,9 +268,13 @@ impl Catalog {
             // executors' pools bound it, and a sort-merge join sorts every row of a dedupe's
             // input (the S=1 line-item silver build: 271 s against 9 s locally).
             use ballista_core::extension::SessionConfigExt;
+            // Result messages may exceed gRPC's 16 MiB default (a 17 MB Flight message failed
+            // a line-item build): the limit applies to the client's fetches and, carried with
+            // the job's settings, to the executors' shuffle reads.
             config = config
                 .upgrade_for_ballista()
-                .set_bool("datafusion.optimizer.prefer_hash_join", true);
+                .set_bool("datafusion.optimizer.prefer_hash_join", true)
+                .set_usize("ballista.client.grpc_max_message_size", 256 << 20);
         }
         if cluster.is_some() {
             // Scans of the cluster's plain Parquet form that stay here read the lake directly.

@@ -312,6 +312,10 @@ impl ExecutionPlan for ClusterExec {
         let schema = self.remote.schema();
         let config = context.session_config().clone();
         tracing::info!(cluster = %cluster, "submitting a plan to the cluster");
+        tracing::debug!(
+            plan = %datafusion::physical_plan::displayable(remote.as_ref()).indent(true),
+            "the plan the cluster runs"
+        );
         let stream = futures::stream::once(async move {
             let codec = SiltCodec::default();
             ballista_core::execution_plans::execute_physical_plan::<PhysicalPlanNode>(

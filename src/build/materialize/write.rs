@@ -120,10 +120,29 @@ impl Materializer<'_> {
                 num_indexed,
                 stats_cols,
             );
+            // On a cluster the rows come back on one stream in whatever order the plan left
+            // them (a dedupe's: by key, every partition in every batch), which would send
+            // nearly all of them through the writer's late-row sort on this machine. Sorted by
+            // the partition columns on the executors instead, they arrive one partition after
+            // another.
+            let df = if self.catalog.cluster().await?.is_some() {
+                let order = partition_cols
+                    .iter()
+                    .map(|c| ident(c).sort(true, false))
+                    .collect();
+                df.sort(order).map_err(|e| sql_error(m, e))?
+            } else {
+                df
+            };
             let plan = df
                 .create_physical_plan()
                 .await
                 .map_err(|e| sql_error(m, e))?;
+            tracing::debug!(
+                model = %m.name,
+                plan = %datafusion::physical_plan::displayable(plan.as_ref()).indent(true),
+                "physical plan of a partitioned write"
+            );
             let (adds, written) = crate::lake::files::write_partitioned(
                 &t.to_string(),
                 plan,
