@@ -151,7 +151,8 @@ nullable = false
         ("sql/tests/.gitkeep", String::new()),
         ("landing/example/orders_2026_01.csv", "order_id,customer_id,customer_email,order_date,amount\n1,c1,ada@example.com,2026-01-03,120.00\n2,c2,bob@example.com,2026-01-05,80.50\n3,c1,ada@example.com,2026-01-09,-20.00\n".to_string()),
         ("lake/README.md", "# lake/\n\nThe default local lake root: silt writes its Delta tables here (bronze/, silver/, gold/, _silt/).\nIts contents are not tracked by git. Point `SILT_LAKE` (or `[lake] root`) elsewhere to use another\nlocation, such as `gs://bucket/prefix`.\n".to_string()),
-        (".gitignore", "/lake/*\n!/lake/README.md\n".to_string()),
+        // `silt docs` writes its site under target/ by default.
+        (".gitignore", "/lake/*\n!/lake/README.md\n/target/\n".to_string()),
     ];
     let mut written = Vec::new();
     for (rel, content) in files {

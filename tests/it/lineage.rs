@@ -534,6 +534,9 @@ fn a_fresh_init_project_has_lineage_and_docs() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // The default site folder is ignored by the new project's git.
+    let ignore = std::fs::read_to_string(proj.join(".gitignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "/target/"), "{ignore}");
     let site = run(&["--json", "docs", "--out", "site"]);
     let r: Value = serde_json::from_str(&site).unwrap();
     assert!(r["tables"].as_u64().unwrap() >= 2, "{r}");
