@@ -830,7 +830,7 @@ pub async fn compute(project: &Project, dag: &Dag) -> Result<Lineage> {
             Err(e) => {
                 out.tables.push(TableLineage {
                     table: m.table().to_string(),
-                    kind: materialized(m),
+                    kind: crate::build::materialize::materialized_name(m),
                     file: m.file.clone(),
                     landing: None,
                     columns: vec![],
@@ -843,13 +843,6 @@ pub async fn compute(project: &Project, dag: &Dag) -> Result<Lineage> {
         out.tables.push(table);
     }
     Ok(out)
-}
-
-fn materialized(m: &Model) -> String {
-    serde_json::to_value(m.config.materialized)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
 }
 
 /// One model's lineage and the schema of the table it writes.
@@ -989,7 +982,7 @@ async fn model(ctx: &SessionContext, dag: &Dag, m: &Model) -> Result<(TableLinea
     Ok((
         TableLineage {
             table,
-            kind: materialized(m),
+            kind: crate::build::materialize::materialized_name(m),
             file: m.file.clone(),
             landing: None,
             columns,
@@ -1030,8 +1023,20 @@ pub async fn store(
 
 /// The lineage stored as of `at` (microseconds; `None`: the newest), sources first.
 pub async fn stored(catalog: &crate::lake::catalog::Catalog, at: Option<i64>) -> Result<Lineage> {
-    let mut tables: Vec<TableLineage> = crate::lake::meta::lineage::as_of(catalog, at)
-        .await?
+    from_rows(crate::lake::meta::lineage::as_of(catalog, at).await?)
+}
+
+/// The lineage as run `run_id` (started at `started_at`) left it, sources first.
+pub async fn stored_at_run(
+    catalog: &crate::lake::catalog::Catalog,
+    run_id: &str,
+    started_at: i64,
+) -> Result<Lineage> {
+    from_rows(crate::lake::meta::lineage::as_of_run(catalog, run_id, started_at).await?)
+}
+
+fn from_rows(rows: Vec<crate::lake::meta::lineage::LineageRow>) -> Result<Lineage> {
+    let mut tables: Vec<TableLineage> = rows
         .into_iter()
         .map(|r| {
             serde_json::from_str(&r.lineage)

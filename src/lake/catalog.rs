@@ -195,6 +195,14 @@ impl Catalog {
             .await?)
     }
 
+    /// Whether sessions run on a cluster (`[engine] cluster`), from the configuration alone.
+    pub fn is_clustered(&self) -> bool {
+        self.engine
+            .cluster
+            .as_deref()
+            .is_some_and(|u| !u.is_empty())
+    }
+
     /// The cluster sessions run on (`[engine] cluster`), checked to be reachable; None to
     /// run here.
     pub async fn cluster(&self) -> Result<Option<crate::lake::cluster::Cluster>> {

@@ -49,16 +49,11 @@ pub async fn load(silt: &Silt, run: Option<&str>) -> Result<Lineage> {
                     "no run '{id}' in the run log: `silt runs` lists them"
                 )));
             };
-            // Lineage a run stored is stamped after it started: as of its rows when it
-            // stored some, else as of its start.
-            let stored = crate::build::lineage::stored(&silt.catalog, None).await?;
-            let cutoff = crate::lake::meta::lineage::stored_by(&silt.catalog, &r.run_id)
-                .await?
-                .unwrap_or(r.started_at);
-            let l = crate::build::lineage::stored(&silt.catalog, Some(cutoff)).await?;
-            if l.tables.is_empty() && !stored.tables.is_empty() {
+            let l = crate::build::lineage::stored_at_run(&silt.catalog, &r.run_id, r.started_at)
+                .await?;
+            if l.tables.is_empty() {
                 return Err(Error::Usage(format!(
-                    "run '{id}' is older than the lineage silt stored (stored since a later run)"
+                    "no lineage was stored as of run '{id}' (a run stores it when it builds a model)"
                 )));
             }
             Ok(l)
@@ -193,7 +188,6 @@ pub fn render_tree(t: &Tree) -> String {
         s
     }
     fn walk(t: &Tree, prefix: &str, out: &mut String) {
-        let mut kids: Vec<String> = t.children.iter().map(|_| String::new()).collect();
         let n = t.children.len() + usize::from(t.landing.is_some());
         let mut i = 0;
         if let Some(l) = &t.landing {
@@ -204,7 +198,7 @@ pub fn render_tree(t: &Tree) -> String {
                 if last { "└─ " } else { "├─ " }
             ));
         }
-        for (c, _) in t.children.iter().zip(kids.iter_mut()) {
+        for c in &t.children {
             i += 1;
             let last = i == n;
             out.push_str(&format!(

@@ -175,6 +175,12 @@ fn reference_gold_lineage_matches_hand_derived_and_golden() {
     );
 }
 
+/// Customer and product ids in one column: a union, and no subject key.
+const PARTIES_SQL: &str = "{{ config(materialized='table') }}\n\
+     select c_custkey as party, 'customer' as party_kind from {{ source('customers') }}\n\
+     union all\n\
+     select p_partkey as party, 'product' as party_kind from {{ source('products') }}\n";
+
 #[test]
 fn lineage_follows_ctes_joins_case_windows_aggregates_and_unions_on_outside_data() {
     let p = orders_project();
@@ -191,14 +197,7 @@ fn lineage_follows_ctes_joins_case_windows_aggregates_and_unions_on_outside_data
          from o left join l on l.l_orderkey = o.o_orderkey\n\
          where o.o_totalprice > 0\n",
     );
-    write(
-        p.path(),
-        "sql/gold/parties.sql",
-        "{{ config(materialized='table') }}\n\
-         select c_custkey as party, 'customer' as party_kind from {{ source('customers') }}\n\
-         union all\n\
-         select p_partkey as party, 'product' as party_kind from {{ source('products') }}\n",
-    );
+    write(p.path(), "sql/gold/parties.sql", PARTIES_SQL);
     write(
         p.path(),
         "sql/gold/customer_sizes.sql",
@@ -856,14 +855,7 @@ fn erasure_follows_a_renamed_subject_key_through_lineage_but_not_a_mixed_column(
         "{{ config(materialized='incremental', unique_key='buyer') }}\n\
          select o_custkey as buyer, sum(o_totalprice) as spent from {{ source('orders') }} group by o_custkey\n",
     );
-    write(
-        p.path(),
-        "sql/gold/parties.sql",
-        "{{ config(materialized='table') }}\n\
-         select c_custkey as party, 'customer' as party_kind from {{ source('customers') }}\n\
-         union all\n\
-         select p_partkey as party, 'product' as party_kind from {{ source('products') }}\n",
-    );
+    write(p.path(), "sql/gold/parties.sql", PARTIES_SQL);
     p.ok(&["run"]);
     assert_eq!(
         p.count("select count(*) from gold.buyers where buyer = 42"),

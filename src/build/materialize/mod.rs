@@ -130,7 +130,7 @@ fn sql_hash(m: &Model) -> String {
 }
 
 /// The model's materialization as the run log spells it.
-fn materialized_name(m: &Model) -> String {
+pub(crate) fn materialized_name(m: &Model) -> String {
     serde_json::to_value(m.config.materialized)
         .ok()
         .and_then(|v| v.as_str().map(String::from))

@@ -125,7 +125,7 @@ impl Materializer<'_> {
             // nearly all of them through the writer's late-row sort on this machine. Sorted by
             // the partition columns on the executors instead, they arrive one partition after
             // another.
-            let df = if self.catalog.cluster().await?.is_some() {
+            let df = if self.catalog.is_clustered() {
                 let order = partition_cols
                     .iter()
                     .map(|c| ident(c).sort(true, false))

@@ -46,11 +46,16 @@ impl MetaTable for LineageRow {
 
 /// Per table, the newest row not after `at` (microseconds; `None`: the newest).
 pub async fn as_of(catalog: &Catalog, at: Option<i64>) -> Result<Vec<LineageRow>> {
+    let rows = super::read::<LineageRow>(catalog).await?;
+    Ok(newest(
+        rows.into_iter().filter(|r| at.is_none_or(|a| r.at <= a)),
+    ))
+}
+
+/// Per table, the newest of `rows`.
+fn newest(rows: impl Iterator<Item = LineageRow>) -> Vec<LineageRow> {
     let mut latest: BTreeMap<String, LineageRow> = BTreeMap::new();
-    for r in super::read::<LineageRow>(catalog).await? {
-        if at.is_some_and(|a| r.at > a) {
-            continue;
-        }
+    for r in rows {
         match latest.get(&r.table_name) {
             Some(x) if x.at > r.at => {}
             _ => {
@@ -58,17 +63,24 @@ pub async fn as_of(catalog: &Catalog, at: Option<i64>) -> Result<Vec<LineageRow>
             }
         }
     }
-    Ok(latest.into_values().collect())
+    latest.into_values().collect()
 }
 
-/// When run `run_id` stored lineage (microseconds), if it did.
-pub async fn stored_by(catalog: &Catalog, run_id: &str) -> Result<Option<i64>> {
-    Ok(super::read::<LineageRow>(catalog)
-        .await?
-        .into_iter()
+/// The rows as run `run_id` (started at `started_at`, microseconds) left them: per table, the
+/// newest not after the rows that run stored, or, when it stored none, not after its start.
+pub async fn as_of_run(
+    catalog: &Catalog,
+    run_id: &str,
+    started_at: i64,
+) -> Result<Vec<LineageRow>> {
+    let rows = super::read::<LineageRow>(catalog).await?;
+    let cutoff = rows
+        .iter()
         .filter(|r| r.run_id == run_id)
         .map(|r| r.at)
-        .max())
+        .max()
+        .unwrap_or(started_at);
+    Ok(newest(rows.into_iter().filter(|r| r.at <= cutoff)))
 }
 
 /// Store `(table, hash, lineage JSON)` for the tables whose hash differs from the newest
