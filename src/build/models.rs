@@ -415,6 +415,9 @@ fn parse_config(kw: &Kwargs) -> std::result::Result<ModelConfig, String> {
     Ok(c)
 }
 
+/// The selector of models whose SQL or config changed (`state:modified`).
+pub const STATE_MODIFIED: &str = "state:modified";
+
 impl Dag {
     /// Discover and parse every model of the project.
     pub fn load(project: &Project) -> Result<Dag> {
@@ -515,6 +518,25 @@ impl Dag {
     /// Models selected by `--select` terms: `name`, `name+` (and downstream), `+name` (and
     /// upstream), `silver` / `gold` (a layer). Empty = all. Returned in dag order.
     pub fn select(&self, terms: &[String]) -> Result<Vec<String>> {
+        self.select_with_state(terms, None)
+    }
+
+    /// Whether `terms` use `state:modified` (which needs [`Dag::select_with_state`]'s set).
+    pub fn uses_state(terms: &[String]) -> bool {
+        terms
+            .iter()
+            .flat_map(|t| t.split(','))
+            .any(|t| t.trim().trim_matches('+') == STATE_MODIFIED)
+    }
+
+    /// As [`Dag::select`], and `state:modified` (with `+` before or after as for a name):
+    /// the models in `modified`, those whose SQL or config changed against the lake they are
+    /// compared with.
+    pub fn select_with_state(
+        &self,
+        terms: &[String],
+        modified: Option<&BTreeSet<String>>,
+    ) -> Result<Vec<String>> {
         if terms.is_empty() {
             return Ok(self.order.clone());
         }
@@ -533,6 +555,23 @@ impl Dag {
                 let up = term.starts_with('+');
                 let down = term.ends_with('+');
                 let name = term.trim_matches('+');
+                if name == STATE_MODIFIED {
+                    let Some(set) = modified else {
+                        return Err(Error::Usage(format!(
+                            "--select '{term}' is not available here: use it with silt build or silt run"
+                        )));
+                    };
+                    for n in set {
+                        chosen.insert(n.clone());
+                        if up {
+                            chosen.extend(self.upstream(n));
+                        }
+                        if down {
+                            chosen.extend(self.downstream(n));
+                        }
+                    }
+                    continue;
+                }
                 if !self.models.contains_key(name) {
                     return Err(Error::Usage(format!(
                         "--select '{term}': no model named '{name}' (models: {})",

@@ -139,6 +139,9 @@ pub async fn run(silt: &Silt, opts: RunOptions) -> Result<RunReport> {
     let dag = Dag::load(&silt.project)?;
     let selected = if opts.no_models {
         Vec::new()
+    } else if Dag::uses_state(&opts.select) {
+        let modified = modified_models(silt, &dag).await?;
+        dag.select_with_state(&opts.select, Some(&modified))?
     } else {
         dag.select(&opts.select)?
     };
@@ -229,7 +232,14 @@ pub async fn test(silt: &Silt, select: &[String]) -> Result<RunReport> {
     let started_at = chrono::Utc::now().timestamp_micros();
     let mut report = new_report();
     let dag = Dag::load(&silt.project)?;
-    let selected: BTreeSet<String> = dag.select(select)?.into_iter().collect();
+    let selected: BTreeSet<String> = if Dag::uses_state(select) {
+        let modified = modified_models(silt, &dag).await?;
+        dag.select_with_state(select, Some(&modified))?
+    } else {
+        dag.select(select)?
+    }
+    .into_iter()
+    .collect();
     let ctx = silt.catalog.session().await?;
     if select.is_empty() {
         source_tests(silt, &dag, &ctx, &mut report).await?;
@@ -459,6 +469,7 @@ async fn build_models(
             pii: &pii,
             hmac_key: silt.project.file.gdpr.hmac_key.as_deref(),
             changes: Default::default(),
+            rebuild_changed: silt.env.is_some(),
         },
         broken_sources,
         report,
@@ -667,4 +678,23 @@ impl ModelRun<'_> {
         }
         Ok(())
     }
+}
+
+/// The models whose SQL or config differ from those the base lake last built them with
+/// (`state:modified`): the source an environment was cloned from, or the lake itself. A model
+/// the base never built counts as modified.
+pub async fn modified_models(silt: &Silt, dag: &Dag) -> Result<BTreeSet<String>> {
+    let base = match silt.check_env().await? {
+        Some(rec) => silt.sibling(&rec.from).await?,
+        None => silt.clone(),
+    };
+    let mut out = BTreeSet::new();
+    for (name, m) in &dag.models {
+        let table = base.lake.delta_table(&m.table().rel_path()).await?;
+        let built = crate::build::materialize::last_state(&table).await?;
+        if built.is_none_or(|s| s.sql_hash != crate::build::materialize::sql_hash(m)) {
+            out.insert(name.clone());
+        }
+    }
+    Ok(out)
 }

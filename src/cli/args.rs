@@ -26,6 +26,10 @@ pub struct Cli {
     /// address `silt scheduler --bind` listens on); also `[engine] cluster` or SILT_CLUSTER.
     #[arg(long, global = true, value_name = "df://HOST:PORT")]
     pub cluster: Option<String>,
+    /// Work in this environment (`silt env create NAME`) instead of the project's own lake
+    /// (`prod`).
+    #[arg(long, global = true, env = "SILT_ENV", value_name = "NAME")]
+    pub env: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -79,6 +83,9 @@ pub enum Command {
     Tables,
     /// Landing sources.
     Source(SourceArgs),
+    /// Environments: zero-copy clones of the lake (or of another environment) to build, test
+    /// and diff changes in, then promote.
+    Env(EnvArgs),
     /// Run a cluster scheduler (Apache Ballista): clients send it plans with --cluster.
     Scheduler(SchedulerArgs),
     /// Run a cluster executor (Apache Ballista) that takes tasks from a scheduler.
@@ -129,8 +136,9 @@ pub struct IngestArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Selectors: name, name+ (and downstream), +name (and upstream), silver, gold
-    /// (comma-separated or repeated).
+    /// Selectors: name, name+ (and downstream), +name (and upstream), silver, gold,
+    /// state:modified (SQL or config changed against the lake an environment was cloned from,
+    /// or against the last build; state:modified+ adds downstream), comma-separated or repeated.
     #[arg(long = "select", short = 's', value_delimiter = ',')]
     pub select: Vec<String>,
     /// Rebuild from scratch instead of incrementally.
@@ -287,8 +295,12 @@ pub struct DiffArgs {
     /// The table, as layer.name.
     pub table: String,
     /// The older version to compare (see `silt history`).
-    #[arg(long)]
-    pub from: u64,
+    #[arg(long, required_unless_present = "against", conflicts_with = "against")]
+    pub from: Option<u64>,
+    /// Compare with the same table in this environment (`prod`: the project's lake) instead
+    /// of an older version: `silt diff --env dev --against prod gold.x`.
+    #[arg(long, value_name = "ENV")]
+    pub against: Option<String>,
     /// Default: the latest version.
     #[arg(long)]
     pub to: Option<u64>,
@@ -344,6 +356,46 @@ pub struct VacuumArgs {
     /// List the files that would be deleted, and delete nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    #[command(subcommand)]
+    pub command: EnvCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCommand {
+    /// Create NAME: every table of --from cloned at its current version; no data file is
+    /// copied (the clones' logs name the source's files).
+    Create {
+        name: String,
+        /// The lake to clone: `prod` (the project's own) or another environment.
+        #[arg(long, default_value = "prod")]
+        from: String,
+    },
+    /// The environments, what each was cloned from, and the tables each changed.
+    List,
+    /// Delete NAME: its own files and logs; the files it referenced stay where they are.
+    Drop { name: String },
+    /// Make NAME's changed model tables the next versions of the lake it was cloned from,
+    /// one commit per table, only if none of those moved since.
+    Promote {
+        name: String,
+        /// The lake to promote to (it must be the one NAME was cloned from).
+        #[arg(long, default_value = "prod")]
+        to: String,
+        /// List what would change, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Copy the files NAME's tables (or one table) reference in another lake into NAME, for
+    /// readers that cannot follow a shallow clone (DuckDB's delta extension, pyarrow).
+    Localize {
+        name: String,
+        /// One table (layer.name); default: every table.
+        table: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -25,10 +25,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Executor(a) => return executor(a).await,
         _ => {}
     }
-    let mut silt = Silt::open(&cli.project)?;
+    if let Command::Env(a) = cli.command {
+        let mut silt = Silt::open(&cli.project)?;
+        if let Some(c) = &cli.cluster {
+            silt = silt.with_cluster(c)?;
+        }
+        return env(&silt, a.command, json).await;
+    }
+    let mut silt = Silt::open_in(&cli.project, cli.env.as_deref())?;
     if let Some(c) = &cli.cluster {
         silt = silt.with_cluster(c)?;
     }
+    silt.check_env().await?;
     if matches!(cli.command, Command::Ingest(_)) {
         return with_ingest_claim(&silt, execute(&silt, cli.command, json)).await;
     }
@@ -120,6 +128,7 @@ async fn with_lease(
 async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()> {
     match command {
         Command::Init(a) => init(&a, json),
+        Command::Env(a) => env(silt, a.command, json).await,
         Command::Scheduler(a) => scheduler(a).await,
         Command::Executor(a) => executor(a).await,
         Command::Ingest(a) => ingest(silt, a.sources, json).await,
@@ -251,7 +260,19 @@ async fn build(silt: &Silt, args: BuildArgs, ingest: bool, json: bool) -> anyhow
     };
     let report = silt::build::pipeline::run(silt, opts).await;
     bar.finish();
-    let report = report?;
+    let command = if ingest { "run" } else { "build" };
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            notify(
+                silt,
+                &[silt::ops::notify::failure_event(command, &e.to_string())],
+            )
+            .await;
+            return Err(e.into());
+        }
+    };
+    notify(silt, &silt::ops::notify::run_events(command, &report)).await;
     if !json && let Some(r) = &report.ingest {
         printers::warn_ingest(r);
     }
@@ -299,6 +320,7 @@ async fn watch(silt: &Silt, a: WatchArgs, json: bool) -> anyhow::Result<()> {
 
 async fn test(silt: &Silt, a: TestArgs, json: bool) -> anyhow::Result<()> {
     let report = silt::build::pipeline::test(silt, &a.select).await?;
+    notify(silt, &silt::ops::notify::run_events("test", &report)).await;
     if json {
         write_stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     }
@@ -313,6 +335,7 @@ async fn test(silt: &Silt, a: TestArgs, json: bool) -> anyhow::Result<()> {
 
 async fn freshness(silt: &Silt, json: bool) -> anyhow::Result<()> {
     let rows = silt::ops::freshness::freshness(silt, chrono::Utc::now()).await?;
+    notify(silt, &silt::ops::notify::freshness_events(&rows)).await;
     emit(rows.as_slice(), json)?;
     if rows
         .iter()
@@ -437,11 +460,20 @@ async fn vacuum(silt: &Silt, a: VacuumArgs, json: bool) -> anyhow::Result<()> {
             .filter(|t| t.layer != Layer::Silt)
             .collect(),
     };
+    // Files that environments cloned from this lake still name are kept.
+    let referenced = silt::ops::env::referenced_by_envs(silt).await?;
     let mut reports = Vec::new();
     for t in tables {
         reports.push(
-            silt::ops::maintenance::vacuum(&silt.catalog, &t, a.retain_hours, a.dry_run, a.force)
-                .await?,
+            silt::ops::maintenance::vacuum(
+                &silt.catalog,
+                &t,
+                a.retain_hours,
+                a.dry_run,
+                a.force,
+                &referenced,
+            )
+            .await?,
         );
     }
     emit(reports.as_slice(), json)
@@ -468,7 +500,21 @@ fn subject_ids(a: &ForgetArgs) -> anyhow::Result<Vec<String>> {
 
 async fn verify(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
     let ids = subject_ids(&a)?;
-    let r = silt::ops::erasure::verify(silt, &ids).await?;
+    let mut r = silt::ops::erasure::verify(silt, &ids).await?;
+    // Every environment cloned from this lake is scanned too.
+    for env in silt::ops::env::descendants(silt).await? {
+        let name = silt::ops::env::name_of(&env).to_string();
+        let e = silt::ops::erasure::verify(&env, &ids).await?;
+        r.objects_scanned += e.objects_scanned;
+        r.parquet_files += e.parquet_files;
+        r.findings.extend(e.findings.into_iter().map(|mut f| {
+            f.location = format!("env {name}: {}", f.location);
+            f
+        }));
+        r.unreadable.extend(e.unreadable);
+    }
+    r.unreadable.sort();
+    r.unreadable.dedup();
     emit(&r, json)?;
     if !json {
         for u in &r.unreadable {
@@ -483,10 +529,41 @@ async fn verify(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
 
 async fn forget(silt: &Silt, a: ForgetArgs, json: bool) -> anyhow::Result<()> {
     let ids = subject_ids(&a)?;
+    // Environments cloned from this lake first (children before parents), each under its own
+    // lease: they still read the files this lake's forget purges.
+    let mut envs = silt::ops::env::descendants(silt).await?;
+    envs.reverse();
+    for env in &envs {
+        let (ids, reason) = (ids.clone(), a.reason.clone());
+        let name = silt::ops::env::name_of(env).to_string();
+        with_lease(env, "forget", async {
+            let r = silt::ops::erasure::ForgetBuilder::new(env, ids)
+                .with_reason(reason)
+                .execute()
+                .await?;
+            if !json {
+                eprintln!(
+                    "silt: environment {name}: {} row(s) deleted, {} file(s) purged",
+                    r.rows_deleted, r.files_purged
+                );
+            }
+            notify(env, &[silt::ops::notify::erasure_event(&name, &r)]).await;
+            Ok(())
+        })
+        .await?;
+    }
     let r = silt::ops::erasure::ForgetBuilder::new(silt, ids)
         .with_reason(a.reason)
         .execute()
         .await?;
+    notify(
+        silt,
+        &[silt::ops::notify::erasure_event(
+            silt::ops::env::name_of(silt),
+            &r,
+        )],
+    )
+    .await;
     emit(&r, json)?;
     for w in r
         .warnings
@@ -505,6 +582,36 @@ async fn diff(silt: &Silt, a: DiffArgs, json: bool) -> anyhow::Result<()> {
     } else {
         a.key
     };
+    if let Some(other) = &a.against {
+        // The table here against the same table in another environment (or prod).
+        let there = silt::ops::env::open(silt, other).await?;
+        let open = |s: &Silt| {
+            let (s, t) = (s.clone(), t.clone());
+            async move {
+                s.catalog.open(&t).await?.ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{t} does not exist in '{}'",
+                        silt::ops::env::name_of(&s)
+                    ))
+                })
+            }
+        };
+        let (a_t, b_t) = (open(&there).await?, open(silt).await?);
+        let d = silt::lake::time_travel::diff_tables(&silt.lake, &a_t, &b_t, &key).await?;
+        let view = printers::DiffView {
+            table: t.to_string(),
+            from: other.clone(),
+            to: silt::ops::env::name_of(silt).to_string(),
+            diff: &d,
+        };
+        return emit(&view, json);
+    }
+    let Some(from) = a.from else {
+        return Err(Error::Usage(
+            "give --from VERSION (two versions of the table) or --against ENV (the table in another environment)".into(),
+        )
+        .into());
+    };
     let to = match a.to {
         Some(v) => v,
         None => silt
@@ -517,15 +624,15 @@ async fn diff(silt: &Silt, a: DiffArgs, json: bool) -> anyhow::Result<()> {
     let d = silt::lake::time_travel::diff(
         &silt.catalog,
         &t,
-        &AsOf::Version(a.from),
+        &AsOf::Version(from),
         &AsOf::Version(to),
         &key,
     )
     .await?;
     let view = printers::DiffView {
         table: t.to_string(),
-        from: a.from,
-        to,
+        from: format!("version {from}"),
+        to: format!("version {to}"),
         diff: &d,
     };
     emit(&view, json)
@@ -582,4 +689,52 @@ async fn executor(a: ExecutorArgs) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// Send `events` per `[notify]`; a notification that fails is a warning on stderr.
+async fn notify(silt: &Silt, events: &[silt::ops::notify::Event]) {
+    for p in silt::ops::notify::send(silt, events).await {
+        eprintln!("warning: {p}");
+    }
+}
+
+/// `silt env …`. `silt` is the project's own lake.
+async fn env(silt: &Silt, c: EnvCommand, json: bool) -> anyhow::Result<()> {
+    use silt::ops::env as e;
+    match c {
+        EnvCommand::Create { name, from } => {
+            let source = e::open(silt, &from).await?;
+            let r = e::create(&source, &name).await?;
+            emit(&r, json)
+        }
+        EnvCommand::List => emit(e::list(silt).await?.as_slice(), json),
+        EnvCommand::Drop { name } => {
+            let r = e::drop(silt, &name).await?;
+            emit(&r, json)
+        }
+        EnvCommand::Promote { name, to, dry_run } => {
+            let env = e::open(silt, &name).await?;
+            let target = e::open(silt, &to).await?;
+            if dry_run {
+                return emit(&e::promote(&env, &target, true).await?, json);
+            }
+            let work = async {
+                let r = e::promote(&env, &target, false).await?;
+                emit(&r, json)
+            };
+            with_lease(&target, "promote", with_lease(&env, "promote", work)).await
+        }
+        EnvCommand::Localize { name, table } => {
+            let env = e::open(silt, &name).await?;
+            let t = match table {
+                Some(t) => Some(TableRef::parse(&t)?),
+                None => None,
+            };
+            let work = async {
+                let r = e::localize(&env, t.as_ref()).await?;
+                emit(&r, json)
+            };
+            with_lease(&env, "localize", work).await
+        }
+    }
 }

@@ -419,9 +419,17 @@ impl Render for [VacuumReport] {
                 "deleted"
             };
             out.push_str(&format!(
-                "{}: {} file(s) {verb}\n",
+                "{}: {} file(s) {verb}{}\n",
                 r.table,
-                r.files_deleted.len()
+                r.files_deleted.len(),
+                if r.kept_for_envs.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} kept (live environments reference them)",
+                        r.kept_for_envs.len()
+                    )
+                }
             ));
             if r.dry_run {
                 for f in &r.files_deleted {
@@ -521,8 +529,9 @@ impl Render for ForgetReport {
 /// A diff with the table and versions it compares (its JSON is the diff's alone).
 pub struct DiffView<'a> {
     pub table: String,
-    pub from: u64,
-    pub to: u64,
+    /// What the sides are: "version 3", "prod".
+    pub from: String,
+    pub to: String,
     pub diff: &'a Diff,
 }
 
@@ -536,7 +545,7 @@ impl Render for DiffView<'_> {
     fn text(&self) -> String {
         let d = self.diff;
         let mut out = format!(
-            "{}: version {} → {}: {} added, {} removed, {} changed (key: {})\n",
+            "{}: {} → {}: {} added, {} removed, {} changed (key: {}); rows {} → {}\n",
             self.table,
             self.from,
             self.to,
@@ -547,8 +556,24 @@ impl Render for DiffView<'_> {
                 "whole row".into()
             } else {
                 d.key.join(", ")
-            }
+            },
+            d.rows_before,
+            d.rows_after,
         );
+        for c in &d.summary {
+            let sums = c.sum_before != c.sum_after;
+            if sums || c.nulls_before != c.nulls_after {
+                let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}"));
+                out.push_str(&format!(
+                    "  {}: sum {} → {}, nulls {} → {}\n",
+                    c.column,
+                    fmt(c.sum_before),
+                    fmt(c.sum_after),
+                    c.nulls_before,
+                    c.nulls_after
+                ));
+            }
+        }
         for r in &d.added {
             out.push_str(&format!("+ {}\n", serde_json::Value::Object(r.clone())));
         }
@@ -662,6 +687,115 @@ impl Render for ExportReport {
             rows,
         );
         out.push_str(&format!("exported in {} ms\n", self.elapsed_ms));
+        out
+    }
+}
+
+impl Render for silt::ops::env::CreateReport {
+    fn text(&self) -> String {
+        format!(
+            "created environment {} from {} at {}: {} tables cloned, {} data files ({} bytes) referenced, {} copied ({} ms)\n",
+            self.env,
+            self.from,
+            self.root,
+            self.tables.len(),
+            self.files_referenced,
+            self.bytes_referenced,
+            self.files_copied,
+            self.elapsed_ms
+        )
+    }
+}
+
+impl Render for [silt::ops::env::EnvSummary] {
+    fn text(&self) -> String {
+        if self.is_empty() {
+            return "no environments (create one with `silt env create NAME`)\n".into();
+        }
+        let rows = self
+            .iter()
+            .map(|e| {
+                vec![
+                    e.name.clone(),
+                    e.from.clone(),
+                    e.created_at.clone(),
+                    e.tables.to_string(),
+                    if e.changed.is_empty() {
+                        "-".into()
+                    } else {
+                        e.changed.join(", ")
+                    },
+                ]
+            })
+            .collect::<Vec<_>>();
+        simple_table(&["env", "from", "created", "tables", "changed"], rows)
+    }
+}
+
+impl Render for silt::ops::env::DropReport {
+    fn text(&self) -> String {
+        format!(
+            "dropped environment {}: {} objects ({} bytes) deleted\n",
+            self.env, self.objects_deleted, self.bytes_deleted
+        )
+    }
+}
+
+impl Render for silt::ops::env::PromoteReport {
+    fn text(&self) -> String {
+        let mut out = format!(
+            "{} {} → {}: {} table(s)\n",
+            if self.dry_run {
+                "would promote"
+            } else {
+                "promoted"
+            },
+            self.env,
+            self.to,
+            self.tables.len()
+        );
+        for t in &self.tables {
+            out.push_str(&format!(
+                "  {}: {} → {} ({} files copied, {} bytes; {} referenced)\n",
+                t.table,
+                t.target_version
+                    .map_or("new".to_string(), |v| format!("version {v}")),
+                t.new_version
+                    .map_or(format!("env version {}", t.env_version), |v| format!(
+                        "version {v}"
+                    )),
+                t.files_copied,
+                t.bytes_copied,
+                t.files_referenced
+            ));
+        }
+        let not: Vec<&String> = self
+            .not_promoted
+            .iter()
+            .filter(|t| !t.starts_with("_silt."))
+            .collect();
+        if !not.is_empty() {
+            out.push_str(&format!(
+                "  not promoted (the environment's own data): {}\n",
+                not.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        out
+    }
+}
+
+impl Render for silt::ops::env::LocalizeReport {
+    fn text(&self) -> String {
+        let mut out = format!(
+            "environment {}: {} file(s) copied in\n",
+            self.env, self.files_copied
+        );
+        for (t, n) in self.tables.iter().filter(|(_, n)| *n > 0) {
+            out.push_str(&format!("  {t}: {n}\n"));
+        }
         out
     }
 }

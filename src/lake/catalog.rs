@@ -173,7 +173,12 @@ impl Catalog {
         files: impl IntoIterator<Item = S>,
     ) -> Result<Arc<dyn TableProvider>> {
         let files: Vec<String> = files.into_iter().map(|f| f.as_ref().to_string()).collect();
-        if self.engine.cluster.is_some() {
+        // delta-rs selects only files under the table's own root; an environment's clone
+        // names its source's files by absolute URL, which silt's own scan reads.
+        let cloned = files
+            .iter()
+            .any(|f| crate::lake::storage::absolute_url(f).is_some());
+        if self.engine.cluster.is_some() || cloned {
             let url = table.table_url().to_string();
             let rel = url
                 .strip_prefix(self.lake.url().as_str())
@@ -284,10 +289,9 @@ impl Catalog {
                 .set_bool("datafusion.optimizer.prefer_hash_join", true)
                 .set_usize("ballista.client.grpc_max_message_size", 256 << 20);
         }
-        if cluster.is_some() {
-            // Scans of the cluster's plain Parquet form that stay here read the lake directly.
-            runtime.register_object_store(&self.lake.store_url(), self.lake.object_store());
-        }
+        // Scans of the cluster's plain Parquet form that stay here, and silt's own scans of an
+        // environment's cloned files, read the lake directly.
+        runtime.register_object_store(&self.lake.store_url(), self.lake.object_store());
         // delta-rs's planner too: model writes hand it plans of this session.
         let mut state = datafusion::execution::SessionStateBuilder::new()
             .with_default_features()

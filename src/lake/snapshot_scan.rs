@@ -138,7 +138,7 @@ impl SnapshotScan {
                 })
                 .collect::<DfResult<Vec<_>>>()?;
             files.push(DataFile {
-                path: lake.file_path(rel, &path),
+                path: lake.data_file(rel, &path),
                 size: f.size().max(0) as u64,
                 rows: f.num_records().map(|n| n as u64),
                 partition_values,

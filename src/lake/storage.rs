@@ -30,6 +30,15 @@ pub fn same_path(p: &str) -> String {
     }
 }
 
+/// `path` as an absolute URL when a Delta log names a file by one (`file:///…`, `gs://…`):
+/// a shallow clone's reference to another table's file. None for a table-relative path.
+pub fn absolute_url(path: &str) -> Option<Url> {
+    if !path.contains("://") {
+        return None;
+    }
+    Url::parse(path).ok().filter(|u| u.scheme().len() > 1)
+}
+
 /// A selection of a Delta table's data files by the paths its snapshot reports
 /// (`LogicalFileView::path`, decoded once), spelled as delta-rs compares them: in
 /// object_store's encoding, as the log's add actions are (a partition value with a space, a
@@ -412,6 +421,34 @@ impl Storage {
             };
         }
         p
+    }
+
+    /// The object of a data file of the table at `rel` as its log names it: a path relative
+    /// to the table, or an absolute URL (a shallow clone's reference to another table's file,
+    /// on this store's bucket or filesystem).
+    pub fn data_file(&self, rel: &str, path: &str) -> Path {
+        match absolute_url(path) {
+            Some(u) => self
+                .object_of(&u)
+                .unwrap_or_else(|| self.file_path(rel, path)),
+            None => self.file_path(rel, path),
+        }
+    }
+
+    /// The object at `url` when it lies on this store (same scheme and bucket).
+    pub fn object_of(&self, url: &Url) -> Option<Path> {
+        if url.scheme() != self.root_url.scheme() || url.host_str() != self.root_url.host_str() {
+            return None;
+        }
+        Path::from_url_path(url.path()).ok()
+    }
+
+    /// Copy one object on this store (server-side where the backend can).
+    pub async fn copy(&self, from: &Path, to: &Path) -> Result<()> {
+        self.store
+            .copy(from, to)
+            .await
+            .map_err(|e| Error::storage(from.as_ref(), e))
     }
 
     /// The path of `p` relative to this root, or None if it lies outside.

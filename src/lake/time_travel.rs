@@ -574,6 +574,20 @@ pub struct Diff {
         serde_json::Map<String, serde_json::Value>,
         serde_json::Map<String, serde_json::Value>,
     )>,
+    pub rows_before: u64,
+    pub rows_after: u64,
+    /// Per column: null counts, and sums of numeric columns, before and after.
+    pub summary: Vec<ColumnSummary>,
+}
+
+/// One column's summary statistics on both sides of a diff.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnSummary {
+    pub column: String,
+    pub nulls_before: u64,
+    pub nulls_after: u64,
+    pub sum_before: Option<f64>,
+    pub sum_after: Option<f64>,
 }
 
 async fn rows(
@@ -604,9 +618,22 @@ pub async fn diff(
     to: &AsOf,
     key: &[String],
 ) -> Result<Diff> {
-    let ctx = SessionContext::new();
     let a = open_as_of(catalog, t, from).await?;
     let b = open_as_of(catalog, t, to).await?;
+    diff_tables(catalog.lake(), &a, &b, key).await
+}
+
+/// Rows added, removed and changed from table `a` to table `b` (two versions of one table,
+/// or one table in two environments), by `key` when given, with row counts and per-column
+/// summaries.
+pub async fn diff_tables(
+    lake: &crate::lake::storage::Storage,
+    a: &deltalake::DeltaTable,
+    b: &deltalake::DeltaTable,
+    key: &[String],
+) -> Result<Diff> {
+    let ctx = SessionContext::new();
+    ctx.register_object_store(&lake.store_url(), lake.object_store());
     ctx.register_table(
         "a",
         a.table_provider().await.map_err(Error::from_datafusion)?,
@@ -630,12 +657,66 @@ pub async fn diff(
         .join(", ");
     let only_b = format!("select {list} from b except select {list} from a");
     let only_a = format!("select {list} from a except select {list} from b");
+    let numeric: Vec<bool> = ctx
+        .table("b")
+        .await?
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.data_type().is_numeric())
+        .collect();
+    let mut summary = Vec::new();
+    let mut counts = (0u64, 0u64);
+    for (side, alias) in [("a", 0), ("b", 1)] {
+        let mut exprs = vec!["count(*) as n".to_string()];
+        for (i, c) in cols.iter().enumerate() {
+            exprs.push(format!("count(*) - count(\"{c}\") as \"n{i}\""));
+            if numeric[i] {
+                exprs.push(format!("cast(sum(\"{c}\") as double) as \"s{i}\""));
+            }
+        }
+        let r = rows(&ctx, &format!("select {} from {side}", exprs.join(", "))).await?;
+        let r = r.into_iter().next().unwrap_or_default();
+        let n = r.get("n").and_then(|v| v.as_u64()).unwrap_or(0);
+        if alias == 0 {
+            counts.0 = n;
+        } else {
+            counts.1 = n;
+        }
+        for (i, c) in cols.iter().enumerate() {
+            if alias == 0 {
+                summary.push(ColumnSummary {
+                    column: c.clone(),
+                    nulls_before: 0,
+                    nulls_after: 0,
+                    sum_before: None,
+                    sum_after: None,
+                });
+            }
+            let nulls = r
+                .get(&format!("n{i}"))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            let sum = r.get(&format!("s{i}")).and_then(|v| v.as_f64());
+            let s = &mut summary[i];
+            if alias == 0 {
+                s.nulls_before = nulls;
+                s.sum_before = sum;
+            } else {
+                s.nulls_after = nulls;
+                s.sum_after = sum;
+            }
+        }
+    }
     if key.is_empty() {
         return Ok(Diff {
             key: vec![],
             added: rows(&ctx, &only_b).await?,
             removed: rows(&ctx, &only_a).await?,
             changed: vec![],
+            rows_before: counts.0,
+            rows_after: counts.1,
+            summary,
         });
     }
     let kq = key
@@ -659,6 +740,9 @@ pub async fn diff(
         added: vec![],
         removed: vec![],
         changed: vec![],
+        rows_before: counts.0,
+        rows_after: counts.1,
+        summary,
     };
     for (kk, r) in &new_by_key {
         match old_by_key.get(kk) {

@@ -3,6 +3,7 @@
 //! returning metrics. It must not change table content (optimize rewrites files with the same
 //! rows) nor decide which tables exist (catalog.rs does).
 
+use std::collections::HashSet;
 use std::num::NonZeroU64;
 
 use deltalake::kernel::transaction::CommitProperties;
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::lake::catalog::{Catalog, TableRef};
+use crate::lake::storage::same_path;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OptimizeReport {
@@ -92,6 +94,9 @@ pub struct VacuumReport {
     /// The files deleted (or, in a dry run, that would be): only files that existed. Files a
     /// GDPR erasure already purged are still tombstones in the log; they are not counted.
     pub files_deleted: Vec<String>,
+    /// Files a vacuum would have deleted that a live environment still references: kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept_for_envs: Vec<String>,
 }
 
 /// Delta's default retention (`delta.deletedFileRetentionDuration`): 7 days.
@@ -100,12 +105,17 @@ pub const DEFAULT_RETAIN_HOURS: u64 = 168;
 /// Delete the files of `t` that no version newer than `retain_hours` ago references. Versions
 /// older than that can no longer be read, and an incremental build whose last read version
 /// is older rebuilds in full; so a period below Delta's default 7 days needs `force`.
+///
+/// `referenced`: the files (absolute URLs in [`same_path`] form) that environments cloned from
+/// this lake still name; they are kept. A table that itself names other lakes' files (an
+/// environment's clone) never deletes those: only files under its own root go.
 pub async fn vacuum(
     catalog: &Catalog,
     t: &TableRef,
     retain_hours: u64,
     dry_run: bool,
     force: bool,
+    referenced: &HashSet<String>,
 ) -> Result<VacuumReport> {
     t.writable_by_user("vacuum")?;
     if retain_hours < DEFAULT_RETAIN_HOURS && !force && !dry_run {
@@ -121,11 +131,25 @@ pub async fn vacuum(
     // already gone included.
     let rel = t.rel_path();
     let present = catalog.lake().names_under(&rel).await?;
+    let prefix = format!(
+        "{}/",
+        same_path(catalog.lake().url_of(&rel).as_str()).trim_end_matches('/')
+    );
+    let keep: HashSet<String> = referenced
+        .iter()
+        .filter_map(|r| r.strip_prefix(&prefix).map(String::from))
+        .collect();
+    let foreign = !crate::lake::env::foreign_files(catalog.lake(), t)
+        .await?
+        .is_empty();
+    // delta-rs deletes what its plan names; with files to keep, or foreign files in the log,
+    // silt takes its plan (a dry run) and deletes the table's own files itself.
+    let own = !keep.is_empty() || foreign;
     let (_, m) = table
         .vacuum()
         .with_retention_period(chrono::Duration::hours(retain_hours as i64))
         .with_enforce_retention_duration(false)
-        .with_dry_run(dry_run)
+        .with_dry_run(dry_run || own)
         .await
         .map_err(|e| Error::delta(t.to_string(), e))?;
     let mut files_deleted: Vec<String> = m
@@ -139,12 +163,30 @@ pub async fn vacuum(
                 None => f,
             }
         })
-        .filter(|f| present.contains(&crate::lake::storage::same_path(f)))
+        .filter(|f| present.contains(&same_path(f)))
         .collect();
+    let mut kept_for_envs = Vec::new();
+    if own {
+        let (kept, gone): (Vec<String>, Vec<String>) = files_deleted
+            .into_iter()
+            .partition(|f| keep.contains(&same_path(f)));
+        kept_for_envs = kept;
+        files_deleted = gone;
+        if !dry_run {
+            for f in &files_deleted {
+                catalog
+                    .lake()
+                    .delete(&catalog.lake().file_path(&rel, f))
+                    .await?;
+            }
+        }
+    }
     files_deleted.sort();
+    kept_for_envs.sort();
     Ok(VacuumReport {
         table: t.to_string(),
         dry_run,
         files_deleted,
+        kept_for_envs,
     })
 }

@@ -5,11 +5,13 @@
 //! layers below; none is used by them.
 
 pub mod docs;
+pub mod env;
 pub mod erasure;
 pub mod export;
 pub mod freshness;
 pub mod lineage;
 pub mod maintenance;
+pub mod notify;
 pub mod profile;
 pub mod query;
 pub mod roles;

@@ -37,6 +37,57 @@ pub struct ProjectFile {
     /// Values for `{{ var('name') }}` in models.
     #[serde(default)]
     pub vars: BTreeMap<String, toml::Value>,
+    /// Where environments (`silt env create`, `--env`) live.
+    #[serde(default)]
+    pub environments: RootSection,
+    /// Alerts: failed runs, failed or warning tests, freshness breaches, completed erasures.
+    #[serde(default)]
+    pub notify: NotifySection,
+}
+
+/// `[notify]`: where alerts go. Each event POSTs a JSON summary to `webhook` (its `text` is
+/// what Slack shows) and/or runs `command` with the summary on stdin. A notification that
+/// fails is logged and never fails the command that raised it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySection {
+    pub webhook: Option<String>,
+    /// A shell command (`sh -c`); the summary's JSON on its stdin, `SILT_EVENT` set.
+    pub command: Option<String>,
+    /// Events to send: run_failed, test_failed, test_warned, freshness, erasure (default: all).
+    #[serde(default = "all_events")]
+    pub on: Vec<String>,
+    /// Seconds a webhook call or command may take.
+    #[serde(default = "default_notify_timeout")]
+    pub timeout_secs: u64,
+}
+
+impl Default for NotifySection {
+    fn default() -> Self {
+        NotifySection {
+            webhook: None,
+            command: None,
+            on: all_events(),
+            timeout_secs: default_notify_timeout(),
+        }
+    }
+}
+
+/// Every event `[notify]` knows.
+pub const NOTIFY_EVENTS: [&str; 5] = [
+    "run_failed",
+    "test_failed",
+    "test_warned",
+    "freshness",
+    "erasure",
+];
+
+fn all_events() -> Vec<String> {
+    NOTIFY_EVENTS.iter().map(|e| e.to_string()).collect()
+}
+
+fn default_notify_timeout() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
@@ -766,6 +817,8 @@ pub struct Project {
     pub file: ProjectFile,
     pub lake_url: Url,
     pub landing_url: Url,
+    /// Where environments live: `[environments] root`, or `_envs/` under the lake root.
+    pub envs_url: Url,
     pub sources: BTreeMap<String, Source>,
 }
 
@@ -801,6 +854,27 @@ impl Project {
             .map_err(|m| Error::config(PROJECT_FILE, format!("lake.root: {m}")))?;
         let landing_url = resolve_root(&dir, file.landing.root.as_deref().unwrap_or("landing"))
             .map_err(|m| Error::config(PROJECT_FILE, format!("landing.root: {m}")))?;
+        let envs_url = match file.environments.root.as_deref() {
+            Some(r) => resolve_root(&dir, r)
+                .map_err(|m| Error::config(PROJECT_FILE, format!("environments.root: {m}")))?,
+            None => {
+                let mut u = lake_url.clone();
+                let p = format!("{}/_envs/", u.path().trim_end_matches('/'));
+                u.set_path(&p);
+                u
+            }
+        };
+        for e in &file.notify.on {
+            if !NOTIFY_EVENTS.contains(&e.as_str()) {
+                return Err(Error::config(
+                    path.display().to_string(),
+                    format!(
+                        "[notify] on: unknown event '{e}': use {}",
+                        NOTIFY_EVENTS.join(", ")
+                    ),
+                ));
+            }
+        }
         if let Some(mb) = file.engine.memory_limit_mb
             && mb < 16
         {
@@ -818,6 +892,7 @@ impl Project {
             file,
             lake_url,
             landing_url,
+            envs_url,
             sources,
         })
     }

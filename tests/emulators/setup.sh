@@ -25,12 +25,12 @@ else
   printf '#!/bin/sh\nPYTHONPATH="%s/site${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$dir" > "$dir/python"
   chmod +x "$dir/python"
 fi
-# bqemulator loads DuckDB's spatial and avro extensions from $HOME/.duckdb: give it a private
-# HOME that already holds them, so it never downloads one.
+# bqemulator loads DuckDB's spatial and avro extensions from $HOME/.duckdb (and the clone-reader
+# test the delta one): give them a private HOME that already holds them, so none is downloaded.
 mkdir -p "$dir/home/.duckdb/extensions/v1.5.5/linux_amd64"
 "$dir/python" - "$dir/home/.duckdb/extensions/v1.5.5/linux_amd64" <<'PY'
 import importlib, pathlib, shutil, sys
-for pkg in ("duckdb_extension_spatial", "duckdb_extension_avro"):
+for pkg in ("duckdb_extension_spatial", "duckdb_extension_avro", "duckdb_extension_delta"):
     root = pathlib.Path(importlib.import_module(pkg).__file__).parent
     for ext in root.rglob("*.duckdb_extension"):
         shutil.copy(ext, sys.argv[1])

@@ -39,7 +39,7 @@ fn run_and_count_ingested(p: &Project) -> (Value, u64) {
 }
 
 /// Every cell of a Parquet file, as text.
-fn parquet_cells(path: &Path) -> Vec<String> {
+pub(crate) fn parquet_cells(path: &Path) -> Vec<String> {
     let file = std::fs::File::open(path).unwrap();
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -59,7 +59,7 @@ fn parquet_cells(path: &Path) -> Vec<String> {
 }
 
 /// Files under `root` (decoded when Parquet, read as text otherwise) that hold any needle.
-fn files_holding(root: &Path, needles: &[String]) -> Vec<String> {
+pub(crate) fn files_holding(root: &Path, needles: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     walk(root, &mut |p| {
         let texts = if p.extension().is_some_and(|e| e == "parquet") {
@@ -92,7 +92,7 @@ fn live_files(dir: &Path) -> BTreeSet<String> {
     })
 }
 
-fn subject_pii(p: &Project, subject: &str) -> Vec<String> {
+pub(crate) fn subject_pii(p: &Project, subject: &str) -> Vec<String> {
     let rows = p.query(&format!(
         "select distinct full_name, email, nino from bronze.clients where client_id = '{subject}'"
     ));

@@ -605,3 +605,206 @@ fn ingest_and_forget_at_once_land_every_row_once_on_gcs() {
         assert!(!r.to_string().contains("computeMetadata"), "{r}");
     }
 }
+
+/// Names of the objects under `prefix`.
+fn object_names(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
+    rt().block_on(async {
+        futures::TryStreamExt::try_collect::<Vec<_>>(store.list(Some(&ObjPath::from(prefix))))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect()
+    })
+}
+
+#[test]
+fn environments_work_on_gs_roots() {
+    let gcs = Gcs::start(Faults::default());
+    let p = Project::empty_reference();
+    let (lake, landing) = ("gs://lake/adviser-fees", "gs://landing/incoming");
+    upload(
+        &gcs.store("landing"),
+        &repo().join("fixtures/landing"),
+        "incoming",
+    );
+    let run = |args: &[&str]| ok(on_gcs(&p, &gcs, lake, landing, args));
+    let lake_store = gcs.store("lake");
+    run(&["run"]);
+    let prod_parquet: BTreeSet<String> = object_names(&lake_store, "adviser-fees")
+        .into_iter()
+        .filter(|n| n.ends_with(".parquet"))
+        .collect();
+
+    // A zero-copy clone: logs only under the environment's prefix.
+    let created: Value = serde_json::from_str(&run(&["--json", "env", "create", "dev"])).unwrap();
+    assert_eq!(created["files_copied"], 0);
+    assert!(
+        created["root"]
+            .as_str()
+            .unwrap()
+            .starts_with("gs://lake/adviser-fees/_envs/dev")
+    );
+    let env_objects = object_names(&lake_store, "adviser-fees/_envs/dev");
+    assert!(!env_objects.is_empty());
+    assert!(
+        env_objects.iter().all(|n| !n.ends_with(".parquet")),
+        "{env_objects:?}"
+    );
+    assert_gold_is_golden_in(&p, &gcs, lake, landing, Some("dev"));
+
+    // A change to one silver model, built with its downstream in dev only.
+    let adv = p.path().join("sql/silver/advisers.sql");
+    let sql = std::fs::read_to_string(&adv).unwrap();
+    std::fs::write(&adv, sql.replacen(" team,", " upper(team) as team,", 1)).unwrap();
+    let built: Value = serde_json::from_str(&run(&[
+        "--json",
+        "--env",
+        "dev",
+        "build",
+        "--select",
+        "state:modified+",
+    ]))
+    .unwrap();
+    let tables: BTreeSet<&str> = built["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tables,
+        BTreeSet::from(["silver.advisers", "gold.rpt_adviser_ltv"])
+    );
+    let d: Value = serde_json::from_str(&run(&[
+        "--json",
+        "--env",
+        "dev",
+        "diff",
+        "silver.advisers",
+        "--against",
+        "prod",
+        "--key",
+        "adviser_id",
+    ]))
+    .unwrap();
+    assert_eq!(d["changed"].as_array().unwrap().len(), 8, "{d}");
+    assert_eq!(d["added"].as_array().unwrap().len(), 0);
+
+    // Promotion (after a second environment was cloned: it keeps prod's old files alive).
+    run(&["env", "create", "ci"]);
+    let promoted: Value = serde_json::from_str(&run(&["--json", "env", "promote", "dev"])).unwrap();
+    assert_eq!(
+        promoted["tables"].as_array().unwrap().len(),
+        2,
+        "{promoted}"
+    );
+    let teams = query(
+        &p,
+        &gcs,
+        lake,
+        landing,
+        "select distinct team from silver.advisers",
+    );
+    assert!(
+        teams.iter().all(|t| t["team"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .all(|c| !c.is_lowercase())),
+        "{teams:?}"
+    );
+    let v: Value = serde_json::from_str(&run(&[
+        "--json",
+        "vacuum",
+        "silver.advisers",
+        "--retain-hours",
+        "0",
+        "--force",
+    ]))
+    .unwrap();
+    assert_eq!(v[0]["files_deleted"], serde_json::json!([]), "{v}");
+    assert_eq!(v[0]["kept_for_envs"].as_array().unwrap().len(), 1, "{v}");
+    let in_ci = ok(on_gcs(
+        &p,
+        &gcs,
+        lake,
+        landing,
+        &[
+            "--env",
+            "ci",
+            "query",
+            "select count(*) from silver.advisers",
+            "--format",
+            "csv",
+        ],
+    ));
+    assert!(in_ci.contains('8'), "{in_ci}");
+
+    // Forget reaches both environments; an independent scan of the bucket finds nothing.
+    let subject = "C0085";
+    let pii = query(
+        &p,
+        &gcs,
+        lake,
+        landing,
+        &format!("select full_name, email, nino from bronze.clients where client_id = '{subject}'"),
+    );
+    let mut needles = vec![subject.to_string()];
+    needles.extend(
+        pii[0]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_string()),
+    );
+    run(&["forget", subject]);
+    assert_eq!(
+        objects_holding(&lake_store, "adviser-fees", &needles),
+        Vec::<String>::new()
+    );
+    let verify = run(&["forget", "--verify", subject]);
+    assert!(verify.contains(" 0 finding(s)"), "{verify}");
+
+    // Dropping both leaves no object of theirs and prod whole.
+    run(&["env", "drop", "ci"]);
+    run(&["env", "drop", "dev"]);
+    assert_eq!(
+        object_names(&lake_store, "adviser-fees/_envs"),
+        Vec::<String>::new()
+    );
+    let now: BTreeSet<String> = object_names(&lake_store, "adviser-fees")
+        .into_iter()
+        .filter(|n| n.ends_with(".parquet"))
+        .collect();
+    assert!(!now.is_empty() && now != prod_parquet);
+    let fees = query(
+        &p,
+        &gcs,
+        lake,
+        landing,
+        "select count(*) as n from silver.stg_fees",
+    );
+    assert!(fees[0]["n"].as_i64().unwrap() > 0);
+    for r in gcs.requests() {
+        assert_eq!(r["client"], "127.0.0.1", "{r}");
+    }
+}
+
+/// Every gold table in `env` on gs:// equals the golden file.
+fn assert_gold_is_golden_in(p: &Project, gcs: &Gcs, lake: &str, landing: &str, env: Option<&str>) {
+    for g in crate::support::golden::GOLD {
+        let sql = format!("select * from gold.{g}");
+        let mut args = Vec::new();
+        if let Some(e) = env {
+            args.extend(["--env", e]);
+        }
+        args.extend(["query", sql.as_str(), "--format", "csv"]);
+        let got = ok(on_gcs(p, gcs, lake, landing, &args));
+        assert_eq!(
+            crate::support::golden::sorted_csv(&got),
+            crate::support::golden::golden(g),
+            "gold.{g} on gs:// ({env:?}) differs from tests/golden/{g}.csv"
+        );
+    }
+}

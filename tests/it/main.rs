@@ -8,6 +8,7 @@ mod cluster;
 mod contract;
 mod dedupe;
 mod distinct;
+mod environments;
 mod erasure;
 mod files;
 mod gcs;

@@ -53,6 +53,9 @@ pub struct Materializer<'a> {
     pub hmac_key: Option<&'a str>,
     /// Upstream changes already worked out in this run (see [`Materializer::changes_of`]).
     pub changes: ChangeCache,
+    /// Build a model whose SQL or config changed since its last build in full, not
+    /// incrementally: in an environment, where the change is what one wants to see.
+    pub rebuild_changed: bool,
 }
 
 /// The values of a column on the rows that differ between two versions of a table, by
@@ -118,7 +121,7 @@ fn files_of(t: &DeltaTable) -> Result<FileMap> {
 }
 
 /// The hash of a model's template and config, as its build state records it.
-fn sql_hash(m: &Model) -> String {
+pub fn sql_hash(m: &Model) -> String {
     hex::encode(Sha256::digest(
         format!(
             "{}\0{}",
@@ -323,9 +326,18 @@ impl Materializer<'_> {
             return Ok(metrics);
         }
         // A changed model keeps building incrementally (as in dbt): `--full-refresh` applies new logic
-        // to old rows, and on_schema_change governs new columns.
-        let prev = state.filter(|_| !self.full_refresh);
-        let before = if target.version().is_some() {
+        // to old rows, and on_schema_change governs new columns. In an environment a changed
+        // model is built in full: its new logic over every row is what the environment is for.
+        let changed_sql = state
+            .as_ref()
+            .is_some_and(|s| s.sql_hash != new_state.sql_hash);
+        let rebuild = self.rebuild_changed && changed_sql;
+        if rebuild {
+            metrics.message =
+                Some("its SQL or config changed in this environment: built in full".to_string());
+        }
+        let prev = state.filter(|_| !self.full_refresh && !rebuild);
+        let mut before = if target.version().is_some() {
             files_of(&target)?
         } else {
             FileMap::new()
@@ -357,6 +369,24 @@ impl Materializer<'_> {
         let relations = chunks.unwrap_or_else(|| vec![std::mem::take(&mut inc.relations)]);
         metrics.chunks = relations.len() as u64;
         tracing::debug!(model = %m.name, ms = started.elapsed().as_millis() as u64, "planned");
+        // An environment's clone names its source's files; delta-rs rewrites only files under
+        // the table's root, so a write that rewrites files in place copies them in first.
+        let rewrites_in_place = incremental
+            || matches!(
+                m.config.materialized,
+                Materialized::PartitionOverwrite | Materialized::Snapshot
+            );
+        let target = if rewrites_in_place {
+            let (table, copied) =
+                crate::lake::env::localize(self.catalog.lake(), target, &t, prev.as_ref()).await?;
+            if copied > 0 {
+                tracing::info!(model = %m.name, files = copied, "cloned files copied into the environment before an in-place write");
+                before = files_of(&table)?;
+            }
+            table
+        } else {
+            target
+        };
         let result = self
             .write(
                 m,

@@ -148,6 +148,21 @@ impl Run<'_> {
         }
         ledger::record(&self.silt.lake, &group.entries, batch_id).await?;
         failpoint::hit("forget.landing_ledger");
+        if self.silt.env.is_some() {
+            // An environment shares the project's landing files: its ledger learns their
+            // erased content (the same bytes the project's own forget, which runs after it,
+            // writes), and the files are the project's to rewrite.
+            for (_, rel, rewritten) in group.files {
+                match rewritten {
+                    Some((_, dropped)) => {
+                        step.rows_deleted += dropped;
+                        step.files_rewritten.push(rel);
+                    }
+                    None => step.files_purged.push(rel),
+                }
+            }
+            return Ok(());
+        }
         for (location, rel, rewritten) in group.files {
             match rewritten {
                 Some((bytes, dropped)) => {

@@ -86,6 +86,7 @@ pub(super) struct FileRewrite {
     pub(super) target: Arc<Schema>,
     pub(super) writer_config: deltalake::datafile::writer::WriterConfig,
     pub(super) t: TableRef,
+    pub(super) lake: crate::lake::storage::Storage,
 }
 
 impl FileRewrite {
@@ -100,12 +101,29 @@ impl FileRewrite {
             target,
             writer_config,
             t,
+            lake,
         } = self;
-        let provider = table
-            .table_provider()
-            .with_file_selection(crate::lake::storage::select_files([path]))
-            .await
-            .map_err(Error::from_datafusion)?;
+        let provider: Arc<dyn datafusion::catalog::TableProvider> =
+            if crate::lake::storage::absolute_url(&path).is_some() {
+                // A clone's reference to another table's file: silt's own scan reads it
+                // (delta-rs selects only files under the table's root).
+                let one: HashSet<String> = [path.clone()].into_iter().collect();
+                Arc::new(
+                    crate::lake::snapshot_scan::SnapshotScan::try_new(
+                        &lake,
+                        &t.rel_path(),
+                        &table,
+                        Some(&one),
+                    )
+                    .await?,
+                )
+            } else {
+                table
+                    .table_provider()
+                    .with_file_selection(crate::lake::storage::select_files([path]))
+                    .await
+                    .map_err(Error::from_datafusion)?
+            };
         let mut stream = ctx.read_table(provider)?.execute_stream().await?;
         let mut writer = deltalake::datafile::writer::DeltaWriter::new(
             table.log_store().object_store(None),
@@ -174,7 +192,7 @@ impl Run<'_> {
         let cols = Arc::new(how.columns());
         step.files_scanned = files.len() as u64;
         let scans = files.iter().map(|(path, _)| {
-            let loc = lake.file_path(&t.rel_path(), path);
+            let loc = lake.data_file(&t.rel_path(), path);
             let (lake, path, n, how, cols) = (
                 lake.clone(),
                 path.clone(),
@@ -236,6 +254,7 @@ impl Run<'_> {
             stats_cols,
         );
         let ctx = SessionContext::new();
+        ctx.register_object_store(&lake.store_url(), lake.object_store());
         // Each file in its own task: one batch per file in memory, both cores busy.
         let jobs = hits.iter().map(|(path, _)| {
             FileRewrite {
@@ -247,6 +266,7 @@ impl Run<'_> {
                 target: target.clone(),
                 writer_config: writer_config.clone(),
                 t: t.clone(),
+                lake: lake.clone(),
             }
             .run()
         });
@@ -353,6 +373,7 @@ impl Run<'_> {
             pii: &pii,
             hmac_key: Some(key),
             changes: Default::default(),
+            rebuild_changed: false,
         };
         let mut rebuilt: Vec<ModelMetrics> = Vec::new();
         for (name, scope) in &plan.models {
