@@ -103,6 +103,16 @@ batch_bytes = 536870912
 # `silt forget` and config(pseudonymize=…) need an HMAC key. Set SILT_GDPR_HMAC_KEY rather than
 # writing it here.
 # hmac_key = "…"
+
+# Environments (`silt env create dev`, then `--env dev` on any command) are zero-copy clones of
+# the lake, kept under <lake>/_envs unless this names another root on the same store.
+# [environments]
+# root = "gs://bucket/envs"
+
+# Alerts on failed runs, failed or warning tests, freshness breaches and completed erasures.
+# [notify]
+# webhook = "https://hooks.slack.com/services/…"   # POSTs JSON with a `text` field
+# command = "logger -t silt"                        # the JSON on stdin, SILT_EVENT set
 "#)),
         ("sql/bronze/example.toml", r#"# A landing source: one bronze table, bronze.example. Edit the contract to fit your data,
 # or write a new one from a sample file: silt source new <name> --from <file>.
