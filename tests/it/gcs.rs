@@ -725,6 +725,24 @@ fn environments_work_on_gs_roots() {
     .unwrap();
     assert_eq!(v[0]["files_deleted"], serde_json::json!([]), "{v}");
     assert_eq!(v[0]["kept_for_envs"].as_array().unwrap().len(), 1, "{v}");
+    // ci was cloned before the promotion: a change there no longer promotes, and says why.
+    run(&[
+        "--env",
+        "ci",
+        "build",
+        "--full-refresh",
+        "--select",
+        "advisers",
+    ]);
+    let refused = on_gcs(&p, &gcs, lake, landing, &["env", "promote", "ci"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("silver.advisers moved"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     let in_ci = ok(on_gcs(
         &p,
         &gcs,
