@@ -704,8 +704,12 @@ async fn env(silt: &Silt, c: EnvCommand, json: bool) -> anyhow::Result<()> {
     match c {
         EnvCommand::Create { name, from } => {
             let source = e::open(silt, &from).await?;
-            let r = e::create(&source, &name).await?;
-            emit(&r, json)
+            // Under the source's lease: no forget or vacuum purges a file while it is cloned.
+            let work = async {
+                let r = e::create(&source, &name).await?;
+                emit(&r, json)
+            };
+            with_lease(&source, "clone", work).await
         }
         EnvCommand::List => emit(e::list(silt).await?.as_slice(), json),
         EnvCommand::Drop { name } => {

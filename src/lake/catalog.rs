@@ -270,8 +270,10 @@ impl Catalog {
         let pool = datafusion::execution::memory_pool::FairSpillPool::new(
             self.engine.memory_limit_bytes(),
         );
+        // Any bucket an environment's clone names is read with the lake's credentials.
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))
+            .with_object_store_registry(self.lake.registry())
             .build_arc()?;
         let cluster = self.cluster().await?;
         if cluster.is_some() {
@@ -439,7 +441,13 @@ impl Catalog {
         let Some(table) = self.open(t).await? else {
             return Ok(Vec::new());
         };
-        let ctx = SessionContext::new();
+        // An environment's clone of a bookkeeping table may name another bucket's files.
+        let ctx = SessionContext::new_with_config_rt(
+            SessionConfig::new(),
+            datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                .with_object_store_registry(self.lake.registry())
+                .build_arc()?,
+        );
         let provider = table.table_provider().await?;
         let df = ctx.read_table(provider)?;
         Ok(df.collect().await?)

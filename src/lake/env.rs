@@ -201,14 +201,19 @@ fn absolute(root: &Url, path: &str) -> String {
     if absolute_url(path).is_some() {
         return path.to_string();
     }
-    let mut base = root.clone();
-    if !base.path().ends_with('/') {
-        let p = format!("{}/", base.path());
-        base.set_path(&p);
+    // Concatenated, not joined: the relative path is the object's name as stored (partition
+    // directories already percent-encoded once), and must reach the URL unchanged.
+    format!("{}/{}", root.as_str().trim_end_matches('/'), path)
+}
+
+/// The part of an absolute file URL (as a log names it) after the table directory `rel`:
+/// the file's path relative to its table, as stored (`slot=T%201%3A00/part-….parquet`).
+fn relative_in_table(url: &str, rel: &str) -> String {
+    let marker = format!("/{rel}/");
+    match url.rfind(&marker) {
+        Some(i) => url[i + marker.len()..].to_string(),
+        None => url.rsplit('/').next().unwrap_or_default().to_string(),
     }
-    base.join(path)
-        .map(|u| u.to_string())
-        .unwrap_or_else(|_| format!("{base}{path}"))
 }
 
 /// Every data file the log of `t` in `lake` names by absolute URL, live or in any commit still
@@ -263,6 +268,7 @@ pub struct Promoted {
 /// The files `env_table` (of `env`, table `t`) would bring into `target` (of `prod`): each live
 /// file as (where it is, where it goes in the target relative to its table, size); a file
 /// already under the target table's root goes nowhere.
+#[allow(clippy::type_complexity)]
 pub fn promotion_files(
     env: &Storage,
     env_table: &DeltaTable,
@@ -270,7 +276,7 @@ pub fn promotion_files(
     t: &TableRef,
 ) -> Result<
     Vec<(
-        object_store::path::Path,
+        (Storage, object_store::path::Path),
         Option<String>,
         deltalake::kernel::Add,
     )>,
@@ -285,37 +291,18 @@ pub fn promotion_files(
         #[allow(deprecated)]
         let add = f.add_action();
         let path = add.path.clone();
-        match absolute_url(&path) {
-            Some(u) => {
-                let s = u.to_string();
-                match s.strip_prefix(&target_prefix) {
-                    // Already the target's own file (an unchanged file of the clone).
-                    Some(rel) => {
-                        let rel = same_path(rel);
-                        out.push((
-                            env.data_file(&t.rel_path(), &path),
-                            None,
-                            with_path(add, rel),
-                        ))
-                    }
-                    // Another lake's file (a clone of a clone): copied like the env's own.
-                    None => {
-                        let name = u
-                            .path_segments()
-                            .and_then(|mut s| s.next_back().map(String::from))
-                            .unwrap_or_default();
-                        out.push((
-                            env.data_file(&t.rel_path(), &path),
-                            Some(same_path(&name)),
-                            add,
-                        ))
-                    }
-                }
-            }
-            None => {
-                let rel = same_path(&path);
-                out.push((env.data_file(&t.rel_path(), &path), Some(rel), add))
-            }
+        let from = env.locate(&t.rel_path(), &path)?;
+        if absolute_url(&path).is_none() {
+            // The environment's own file: copied under the target's table, same name.
+            out.push((from, Some(path), add));
+        } else if let Some(rel) = path.strip_prefix(&target_prefix) {
+            // Already the target's own file (an unchanged file of the clone).
+            let rel = rel.to_string();
+            out.push((from, None, with_path(add, rel)));
+        } else {
+            // Another lake's file (a clone of a clone): copied like the env's own.
+            let rel = relative_in_table(&path, &t.rel_path());
+            out.push((from, Some(rel), add));
         }
     }
     Ok(out)
@@ -372,11 +359,11 @@ pub async fn stage(
     prod: &Storage,
     t: &TableRef,
 ) -> Result<Staged> {
-    for (from, to, _) in promotion_files(env, env_table, prod, t)? {
+    for ((store, from), to, _) in promotion_files(env, env_table, prod, t)? {
         if let Some(rel) = to {
-            let dest = prod.path(&format!("{}/{rel}", t.rel_path()));
+            let dest = prod.file_path(&t.rel_path(), &rel);
             if !prod.exists(&dest).await? {
-                prod.copy(&from, &dest).await?;
+                prod.copy_from(&store, &from, &dest).await?;
             }
         }
     }
@@ -402,17 +389,38 @@ pub async fn promote_table(
         return Err(moved(t, expected, target.version()));
     }
     let env_snap = env_table.snapshot().map_err(err)?;
+    let Staged {
+        adds,
+        files_copied,
+        bytes_copied,
+        files_referenced,
+    } = staged;
+    // A file the target already has under the same name (one the clone kept, one a localize
+    // copied from it, one an earlier promotion copied) stays: neither removed nor added again
+    // (a commit removing and adding one path would lose it).
+    let incoming: HashSet<String> = adds.iter().map(|a| same_path(&a.path)).collect();
+    let mut kept: HashSet<String> = HashSet::new();
     let mut actions: Vec<Action> = Vec::new();
     let snapshot = match target.version() {
         Some(_) => {
             let s = target.snapshot().map_err(err)?.clone();
-            actions.extend(
-                s.log_data()
-                    .iter()
-                    .map(|f| Action::Remove(f.remove_action(true))),
-            );
+            for f in s.log_data().iter() {
+                let p = same_path(f.path().as_ref());
+                if incoming.contains(&p) {
+                    kept.insert(p);
+                } else {
+                    actions.push(Action::Remove(f.remove_action(true)));
+                }
+            }
+            // The environment's table may need a newer protocol (never an older one).
+            let (pr, pw) = protocol_versions(s.protocol());
+            let (er, ew) = protocol_versions(env_snap.protocol());
+            if er > pr || ew > pw {
+                actions.push(Action::Protocol(env_snap.protocol().clone()));
+            }
             if s.metadata().schema_string() != env_snap.metadata().schema_string()
                 || s.metadata().partition_columns() != env_snap.metadata().partition_columns()
+                || s.metadata().configuration() != env_snap.metadata().configuration()
             {
                 actions.push(Action::Metadata(env_snap.metadata().clone()));
             }
@@ -425,13 +433,11 @@ pub async fn promote_table(
         }
     };
     let partition_columns = env_snap.metadata().partition_columns().to_vec();
-    let Staged {
-        adds,
-        files_copied,
-        bytes_copied,
-        files_referenced,
-    } = staged;
-    actions.extend(adds.into_iter().map(Action::Add));
+    actions.extend(
+        adds.into_iter()
+            .filter(|a| !kept.contains(&same_path(&a.path)))
+            .map(Action::Add),
+    );
     let mut meta: HashMap<String, serde_json::Value> = HashMap::new();
     meta.insert("silt.operation".into(), "promote".into());
     meta.insert(
@@ -494,26 +500,19 @@ pub async fn localize(
         return Ok((table, 0));
     }
     let snap = table.snapshot().map_err(err)?.clone();
-    let marker = format!("/{}/", t.rel_path());
     let mut actions = Vec::new();
     let mut copied = 0u64;
     for f in snap.log_data().iter() {
         #[allow(deprecated)]
         let add = f.add_action();
-        let Some(url) = absolute_url(&add.path) else {
+        if absolute_url(&add.path).is_none() {
             continue;
-        };
-        let path = same_path(url.path());
-        let rel = match path.rfind(&marker) {
-            Some(i) => path[i + marker.len()..].to_string(),
-            None => path.rsplit('/').next().unwrap_or_default().to_string(),
-        };
-        let from = lake
-            .object_of(&url)
-            .ok_or_else(|| Error::Usage(format!("{t}: {url} is not on the lake's store")))?;
-        let dest = lake.path(&format!("{}/{rel}", t.rel_path()));
+        }
+        let rel = relative_in_table(&add.path, &t.rel_path());
+        let (store, from) = lake.locate(&t.rel_path(), &add.path)?;
+        let dest = lake.file_path(&t.rel_path(), &rel);
         if !lake.exists(&dest).await? {
-            lake.copy(&from, &dest).await?;
+            lake.copy_from(&store, &from, &dest).await?;
         }
         actions.push(Action::Remove(f.remove_action(false)));
         let mut local = add;
@@ -551,4 +550,49 @@ pub async fn localize(
         .await
         .map_err(err)?;
     Ok((table, copied))
+}
+
+/// A protocol's (minReaderVersion, minWriterVersion).
+fn protocol_versions(p: &deltalake::kernel::Protocol) -> (i64, i64) {
+    let v = serde_json::to_value(p).unwrap_or_default();
+    (
+        v["minReaderVersion"].as_i64().unwrap_or(1),
+        v["minWriterVersion"].as_i64().unwrap_or(2),
+    )
+}
+
+/// Whether every commit of `t` from version `from` to `to` is one of `operations` (its
+/// `silt.operation`): `localize` (files copied in, rows unchanged), `erasure` (a GDPR forget,
+/// which reaches every environment first).
+pub async fn only_operations(
+    lake: &Storage,
+    t: &TableRef,
+    from: u64,
+    to: u64,
+    operations: &[&str],
+) -> Result<bool> {
+    for v in from..=to {
+        let p = lake.path(&format!("{}/_delta_log/{v:020}.json", t.rel_path()));
+        let Ok(data) = lake.get(&p).await else {
+            return Ok(false);
+        };
+        let ours = data
+            .split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+            .any(|a| {
+                let info = &a["commitInfo"];
+                info["silt.operation"]
+                    .as_str()
+                    .is_some_and(|o| operations.contains(&o))
+                    // A model an erasure rebuilt is a build of the erasure's run.
+                    || (operations.contains(&"erasure")
+                        && info["silt.run_id"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("erasure-")))
+            });
+        if !ours {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -33,6 +33,8 @@ use crate::lake::storage::Storage;
 /// One active data file of the snapshot.
 #[derive(Debug, Clone)]
 struct DataFile {
+    /// The store it is on: the lake's, or (an environment's clone) another bucket's.
+    store_url: ObjectStoreUrl,
     path: object_store::path::Path,
     size: u64,
     rows: Option<u64>,
@@ -137,8 +139,10 @@ impl SnapshotScan {
                     Some(v) => ScalarValue::try_from_string(v, field.data_type()),
                 })
                 .collect::<DfResult<Vec<_>>>()?;
+            let (store, object) = lake.locate(rel, &path)?;
             files.push(DataFile {
-                path: lake.data_file(rel, &path),
+                store_url: ObjectStoreUrl::parse(store.store_url().as_str())?,
+                path: object,
                 size: f.size().max(0) as u64,
                 rows: f.num_records().map(|n| n as u64),
                 partition_values,
@@ -257,6 +261,48 @@ impl TableProvider for SnapshotScan {
                 source = source.with_predicate(p);
             }
         }
+        // One scan per store the files are on (an environment's clone may name another
+        // bucket's files), unioned.
+        let mut stores: Vec<ObjectStoreUrl> = files.iter().map(|f| f.store_url.clone()).collect();
+        stores.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        stores.dedup();
+        if stores.is_empty() {
+            stores.push(self.store_url.clone());
+        }
+        let mut scans = Vec::new();
+        for store in stores {
+            let mine: Vec<&DataFile> = files
+                .iter()
+                .copied()
+                .filter(|f| f.store_url == store)
+                .collect();
+            scans.push(self.scan_files(
+                session,
+                store,
+                mine,
+                &source,
+                &scan_schema,
+                &indices,
+                limit,
+            )?);
+        }
+        datafusion::physical_plan::union::UnionExec::try_new(scans)
+    }
+}
+
+impl SnapshotScan {
+    /// A `DataSourceExec` over `files`, all on `store`.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_files(
+        &self,
+        session: &dyn Session,
+        store: ObjectStoreUrl,
+        files: Vec<&DataFile>,
+        source: &ParquetSource,
+        scan_schema: &SchemaRef,
+        indices: &[usize],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         // Files spread over the session's partitions, largest first onto the lightest group.
         let groups_wanted = session.config().target_partitions().max(1);
         let mut sorted = files.clone();
@@ -271,9 +317,17 @@ impl TableProvider for SnapshotScan {
                 .min_by_key(|(bytes, _)| *bytes)
                 .expect("at least one group");
             g.0 += f.size;
+            // From the object's path as it is (`PartitionedFile::new` would parse the name
+            // again and encode the `%` of an encoded partition directory).
             g.1.push(
-                PartitionedFile::new(f.path.to_string(), f.size)
-                    .with_partition_values(f.partition_values.clone()),
+                PartitionedFile::new_from_meta(object_store::ObjectMeta {
+                    location: f.path.clone(),
+                    last_modified: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+                    size: f.size,
+                    e_tag: None,
+                    version: None,
+                })
+                .with_partition_values(f.partition_values.clone()),
             );
         }
         let file_groups: Vec<FileGroup> = groups
@@ -283,17 +337,17 @@ impl TableProvider for SnapshotScan {
             .collect();
         let rows: Option<u64> = files.iter().map(|f| f.rows).sum();
         let bytes: u64 = files.iter().map(|f| f.size).sum();
-        let mut statistics = Statistics::new_unknown(&scan_schema);
+        let mut statistics = Statistics::new_unknown(scan_schema);
         statistics.num_rows = match rows {
             Some(n) => Precision::Exact(n as usize),
             None => Precision::Absent,
         };
         statistics.total_byte_size = Precision::Inexact(bytes as usize);
-        let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
+        let config = FileScanConfigBuilder::new(store, Arc::new(source.clone()))
             .with_file_groups(file_groups)
             .with_statistics(statistics)
             .with_limit(limit)
-            .with_projection_indices(Some(indices))?
+            .with_projection_indices(Some(indices.to_vec()))?
             .build();
         Ok(DataSourceExec::from_data_source(config))
     }

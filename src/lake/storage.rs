@@ -60,6 +60,9 @@ pub struct Storage {
     store: Arc<dyn ObjectStore>,
     root_url: Url,
     prefix: Path,
+    /// The credentials it was built with: stores of other buckets (an environment's clone
+    /// naming another bucket's files) are built with the same.
+    opts: CloudOptions,
 }
 
 /// Credentials and endpoints for cloud roots, taken from the project config and env.
@@ -377,6 +380,7 @@ impl Storage {
             store,
             root_url,
             prefix,
+            opts: opts.clone(),
         })
     }
 
@@ -435,12 +439,83 @@ impl Storage {
         }
     }
 
-    /// The object at `url` when it lies on this store (same scheme and bucket).
+    /// The object at `url` when it lies on this store (same scheme and bucket). The URL's
+    /// path is the object's name as stored, not decoded (as delta-rs reads a clone's
+    /// absolute paths: a partition directory `slot=T%201%3A00` is named so on disk).
     pub fn object_of(&self, url: &Url) -> Option<Path> {
         if url.scheme() != self.root_url.scheme() || url.host_str() != self.root_url.host_str() {
             return None;
         }
-        Path::from_url_path(url.path()).ok()
+        Path::parse(url.path()).ok()
+    }
+
+    /// Where a data file of the table at `rel` is, as its log names it: on this store, or (an
+    /// absolute URL on another bucket) on that bucket's store, built with this one's
+    /// credentials.
+    pub fn locate(&self, rel: &str, path: &str) -> Result<(Storage, Path)> {
+        if let Some(u) = absolute_url(path)
+            && self.object_of(&u).is_none()
+        {
+            let other = self.store_of(&u)?;
+            let p = Path::parse(u.path()).map_err(|e| Error::storage(u.as_str(), e.into()))?;
+            return Ok((other, p));
+        }
+        Ok((self.clone(), self.data_file(rel, path)))
+    }
+
+    /// The store at the bucket (or filesystem) root of `url`, with this store's credentials;
+    /// one per bucket per process.
+    pub fn store_of(&self, url: &Url) -> Result<Storage> {
+        static STORES: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<String, Storage>>,
+        > = std::sync::OnceLock::new();
+        let key = format!(
+            "{}://{}|{:?}",
+            url.scheme(),
+            url.host_str().unwrap_or(""),
+            self.opts.gcs_service_account_key
+        );
+        let cache = STORES.get_or_init(Default::default);
+        if let Some(s) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(s.clone());
+        }
+        let mut root = url.clone();
+        root.set_path("/");
+        root.set_query(None);
+        root.set_fragment(None);
+        let s = Storage::existing(&root, &self.opts)?;
+        cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, s.clone());
+        Ok(s)
+    }
+
+    /// The content of a data file of the table at `rel` (see [`Storage::locate`]).
+    pub async fn get_file(&self, rel: &str, path: &str) -> Result<Bytes> {
+        let (s, p) = self.locate(rel, path)?;
+        s.get(&p).await
+    }
+
+    /// Copy `from` of `src` (this store or another) to `to` on this store.
+    pub async fn copy_from(&self, src: &Storage, from: &Path, to: &Path) -> Result<()> {
+        if src.store_url() == self.store_url() {
+            return self.copy(from, to).await;
+        }
+        let data = src.get(from).await?;
+        self.put(to, data).await
+    }
+
+    /// An object store registry for a DataFusion runtime: this store, and any other bucket's
+    /// built on first use with the same credentials (never a metadata server).
+    pub fn registry(&self) -> Arc<LakeStores> {
+        let r = LakeStores::new(self.opts.clone());
+        datafusion::execution::object_store::ObjectStoreRegistry::register_store(
+            &r,
+            &self.store_url(),
+            self.object_store(),
+        );
+        Arc::new(r)
     }
 
     /// Copy one object on this store (server-side where the backend can).
@@ -502,10 +577,19 @@ impl Storage {
         paths: impl IntoIterator<Item = &'p str>,
     ) -> Result<usize> {
         let present = self.names_under(rel).await?;
-        Ok(paths
-            .into_iter()
-            .filter(|p| !present.contains(&same_path(p)))
-            .count())
+        let mut missing = 0;
+        for p in paths {
+            if absolute_url(p).is_some() {
+                // An environment's clone of another table's file: asked for by name.
+                let (store, object) = self.locate(rel, p)?;
+                if !store.exists(&object).await? {
+                    missing += 1;
+                }
+            } else if !present.contains(&same_path(p)) {
+                missing += 1;
+            }
+        }
+        Ok(missing)
     }
 
     /// Every landing file under the root, and what could not be listed or is refused, said
@@ -687,6 +771,14 @@ pub struct LakeStores {
 }
 
 impl LakeStores {
+    /// Stores built with these credentials.
+    pub fn new(opts: CloudOptions) -> Self {
+        LakeStores {
+            opts,
+            stores: Default::default(),
+        }
+    }
+
     /// Credentials from this process's environment.
     pub fn from_env() -> Self {
         LakeStores {

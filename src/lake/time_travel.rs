@@ -632,8 +632,12 @@ pub async fn diff_tables(
     b: &deltalake::DeltaTable,
     key: &[String],
 ) -> Result<Diff> {
-    let ctx = SessionContext::new();
-    ctx.register_object_store(&lake.store_url(), lake.object_store());
+    let ctx = SessionContext::new_with_config_rt(
+        datafusion::prelude::SessionConfig::new(),
+        datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_object_store_registry(lake.registry())
+            .build_arc()?,
+    );
     ctx.register_table(
         "a",
         a.table_provider().await.map_err(Error::from_datafusion)?,

@@ -59,17 +59,19 @@ pub async fn create(source: &Silt, name: &str) -> Result<CreateReport> {
     source.check_env().await?;
     let cloud = CloudOptions::from_project(&source.project);
     let root = lake_env::env_url(&source.project.envs_url, name);
-    let lake = &source.project.lake_url;
-    if root.scheme() != lake.scheme() || root.host_str() != lake.host_str() {
-        return Err(Error::config(
-            "silt.toml",
-            format!(
-                "[environments] root {root} is not on the lake's store ({}://{}): an environment's clones name the lake's files, so put it on the same bucket (e.g. gs://{}/envs)",
-                lake.scheme(),
-                lake.host_str().unwrap_or(""),
-                lake.host_str().unwrap_or("bucket")
-            ),
-        ));
+    for (what, url) in [
+        ("the lake root", source.lake.url()),
+        ("the environment root", &root),
+    ] {
+        let spelled = percent_encoding::percent_decode_str(url.path()).decode_utf8_lossy();
+        if spelled != url.path() {
+            return Err(Error::config(
+                "silt.toml",
+                format!(
+                    "{what} {spelled} has characters a URL encodes (a space, '%', …): a clone names its source's files by absolute URL, which delta-rs reads without decoding; use a root path without them ([lake] root, [environments] root)"
+                ),
+            ));
+        }
     }
     let dst = Storage::new(&root, &cloud)?;
     if lake_env::read_record(&dst).await?.is_some() {
@@ -223,7 +225,15 @@ async fn changed_tables(
             continue;
         };
         let base = rec.tables.get(&t.to_string()).copied();
-        if base.is_none_or(|b| v > b.env_version) {
+        let moved = match base {
+            None => true,
+            Some(b) if v > b.env_version => {
+                !lake_env::only_operations(&env.lake, &t, b.env_version + 1, v, &["localize"])
+                    .await?
+            }
+            Some(_) => false,
+        };
+        if moved {
             out.push((t, v, base));
         }
     }
@@ -366,11 +376,18 @@ pub async fn promote(env: &Silt, target: &Silt, dry_run: bool) -> Result<Promote
         }
         let expected = base.map(|b| b.source_version);
         let now = crate::lake::time_travel::latest_version(&target.catalog, &t).await?;
-        if now != expected {
+        // Moved only by GDPR erasures, which reached this environment first: not a conflict.
+        let erased_only = match (expected, now) {
+            (Some(e), Some(n)) if n > e => {
+                lake_env::only_operations(&target.lake, &t, e + 1, n, &["erasure"]).await?
+            }
+            _ => false,
+        };
+        if now != expected && !erased_only {
             moved.push(lake_env::moved(&t, expected, now).to_string());
             continue;
         }
-        todo.push((t, v, expected));
+        todo.push((t, v, now));
     }
     if !moved.is_empty() {
         return Err(Error::Usage(format!(

@@ -35,6 +35,9 @@ pub async fn optimize(
         .open(t)
         .await?
         .ok_or_else(|| Error::Usage(format!("{t} does not exist")))?;
+    // An environment's clone: delta-rs rewrites only files under the table's root.
+    let state = crate::build::materialize::last_state(&table).await?;
+    let (table, _) = crate::lake::env::localize(catalog.lake(), table, t, state.as_ref()).await?;
     if !zorder.is_empty() {
         let schema = table
             .snapshot()

@@ -207,17 +207,23 @@ fn command(
     data: &[u8],
     timeout: Duration,
 ) -> std::result::Result<(), String> {
+    use std::os::unix::process::CommandExt;
     let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .env("SILT_EVENT", event)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
+        // Its own process group: a timeout stops the command and whatever it started.
+        .process_group(0)
         .spawn()
         .map_err(|e| e.to_string())?;
     if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its stdin is no failure.
-        let _ = stdin.write_all(data);
+        // Written aside: a command that does not read its stdin neither blocks this nor fails.
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
     }
     let started = std::time::Instant::now();
     loop {
@@ -225,7 +231,11 @@ fn command(
             Some(s) if s.success() => return Ok(()),
             Some(s) => return Err(format!("exited with {s}")),
             None if started.elapsed() > timeout => {
-                let _ = child.kill();
+                // SAFETY: signals the process group this function started (its id is the
+                // child's pid); no memory is touched.
+                unsafe {
+                    libc::kill(-(child.id() as i32), libc::SIGKILL);
+                }
                 let _ = child.wait();
                 return Err(format!("did not finish within {} s", timeout.as_secs()));
             }

@@ -1036,6 +1036,8 @@ fn apply_env_overrides(value: &mut toml::Table, env: &dyn Fn(&str) -> Option<Str
         ),
         ("gcs", &["service_account_key", "timeout_secs"]),
         ("gdpr", &["hmac_key"]),
+        ("environments", &["root"]),
+        ("notify", &["webhook", "command", "timeout_secs"]),
         (
             "engine",
             &[

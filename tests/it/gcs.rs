@@ -40,7 +40,9 @@ impl Gcs {
         let log = dir.path().join("requests.jsonl");
         let mut child = Command::new(emulator_python())
             .arg(repo().join("tests/emulators/gcs_bridge.py"))
-            .args(["--bucket", "lake", "--bucket", "landing", "--log"])
+            .args([
+                "--bucket", "lake", "--bucket", "landing", "--bucket", "envs", "--log",
+            ])
             .arg(&log)
             .args(["--fail-rate", &faults.fail_rate.to_string()])
             .args(["--timeout-rate", &faults.timeout_rate.to_string()])
@@ -620,6 +622,16 @@ fn object_names(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
 
 #[test]
 fn environments_work_on_gs_roots() {
+    environments_on_gcs(None);
+}
+
+#[test]
+fn environments_on_another_bucket_reference_the_lake_bucket() {
+    environments_on_gcs(Some("gs://envs/adviser-fees"));
+}
+
+/// The environment flow on gs://: under the lake (`envs_root` None) or under another bucket.
+fn environments_on_gcs(envs_root: Option<&str>) {
     let gcs = Gcs::start(Faults::default());
     let p = Project::empty_reference();
     let (lake, landing) = ("gs://lake/adviser-fees", "gs://landing/incoming");
@@ -628,7 +640,25 @@ fn environments_work_on_gs_roots() {
         &repo().join("fixtures/landing"),
         "incoming",
     );
-    let run = |args: &[&str]| ok(on_gcs(&p, &gcs, lake, landing, args));
+    let cmd = |args: &[&str]| {
+        let mut c = on_gcs(&p, &gcs, lake, landing, args);
+        if let Some(r) = envs_root {
+            c.env("SILT_ENVIRONMENTS_ROOT", r);
+        }
+        c
+    };
+    let run = |args: &[&str]| ok(cmd(args));
+    // Where dev's objects are: its bucket's store and prefix.
+    let (env_store, env_prefix) = match envs_root {
+        None => (gcs.store("lake"), "adviser-fees/_envs".to_string()),
+        Some(r) => {
+            let u = url::Url::parse(r).unwrap();
+            (
+                gcs.store(u.host_str().unwrap()),
+                u.path().trim_matches('/').to_string(),
+            )
+        }
+    };
     let lake_store = gcs.store("lake");
     run(&["run"]);
     let prod_parquet: BTreeSet<String> = object_names(&lake_store, "adviser-fees")
@@ -643,15 +673,24 @@ fn environments_work_on_gs_roots() {
         created["root"]
             .as_str()
             .unwrap()
-            .starts_with("gs://lake/adviser-fees/_envs/dev")
+            .starts_with(envs_root.unwrap_or("gs://lake/adviser-fees/_envs")),
+        "{created}"
     );
-    let env_objects = object_names(&lake_store, "adviser-fees/_envs/dev");
+    let env_objects = object_names(&env_store, &format!("{env_prefix}/dev"));
     assert!(!env_objects.is_empty());
     assert!(
         env_objects.iter().all(|n| !n.ends_with(".parquet")),
         "{env_objects:?}"
     );
-    assert_gold_is_golden_in(&p, &gcs, lake, landing, Some("dev"));
+    for g in crate::support::golden::GOLD {
+        let sql = format!("select * from gold.{g}");
+        let got = ok(cmd(&["--env", "dev", "query", &sql, "--format", "csv"]));
+        assert_eq!(
+            crate::support::golden::sorted_csv(&got),
+            crate::support::golden::golden(g),
+            "gold.{g} in dev on gs:// differs from tests/golden/{g}.csv"
+        );
+    }
 
     // A change to one silver model, built with its downstream in dev only.
     let adv = p.path().join("sql/silver/advisers.sql");
@@ -734,30 +773,22 @@ fn environments_work_on_gs_roots() {
         "--select",
         "advisers",
     ]);
-    let refused = on_gcs(&p, &gcs, lake, landing, &["env", "promote", "ci"])
-        .output()
-        .unwrap();
+    let refused = cmd(&["env", "promote", "ci"]).output().unwrap();
     assert_eq!(refused.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("silver.advisers moved"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    let in_ci = ok(on_gcs(
-        &p,
-        &gcs,
-        lake,
-        landing,
-        &[
-            "--env",
-            "ci",
-            "query",
-            "select count(*) from silver.advisers",
-            "--format",
-            "csv",
-        ],
-    ));
-    assert!(in_ci.contains('8'), "{in_ci}");
+    let in_ci = ok(cmd(&[
+        "--env",
+        "ci",
+        "query",
+        "select count(*) as n from silver.advisers",
+        "--format",
+        "csv",
+    ]));
+    assert_eq!(in_ci.trim(), "n\n8", "{in_ci}");
 
     // Forget reaches both environments; an independent scan of the bucket finds nothing.
     let subject = "C0085";
@@ -781,16 +812,19 @@ fn environments_work_on_gs_roots() {
         objects_holding(&lake_store, "adviser-fees", &needles),
         Vec::<String>::new()
     );
+    if envs_root.is_some() {
+        assert_eq!(
+            objects_holding(&env_store, &env_prefix, &needles),
+            Vec::<String>::new()
+        );
+    }
     let verify = run(&["forget", "--verify", subject]);
     assert!(verify.contains(" 0 finding(s)"), "{verify}");
 
     // Dropping both leaves no object of theirs and prod whole.
     run(&["env", "drop", "ci"]);
     run(&["env", "drop", "dev"]);
-    assert_eq!(
-        object_names(&lake_store, "adviser-fees/_envs"),
-        Vec::<String>::new()
-    );
+    assert_eq!(object_names(&env_store, &env_prefix), Vec::<String>::new());
     let now: BTreeSet<String> = object_names(&lake_store, "adviser-fees")
         .into_iter()
         .filter(|n| n.ends_with(".parquet"))
@@ -806,23 +840,5 @@ fn environments_work_on_gs_roots() {
     assert!(fees[0]["n"].as_i64().unwrap() > 0);
     for r in gcs.requests() {
         assert_eq!(r["client"], "127.0.0.1", "{r}");
-    }
-}
-
-/// Every gold table in `env` on gs:// equals the golden file.
-fn assert_gold_is_golden_in(p: &Project, gcs: &Gcs, lake: &str, landing: &str, env: Option<&str>) {
-    for g in crate::support::golden::GOLD {
-        let sql = format!("select * from gold.{g}");
-        let mut args = Vec::new();
-        if let Some(e) = env {
-            args.extend(["--env", e]);
-        }
-        args.extend(["query", sql.as_str(), "--format", "csv"]);
-        let got = ok(on_gcs(p, gcs, lake, landing, &args));
-        assert_eq!(
-            crate::support::golden::sorted_csv(&got),
-            crate::support::golden::golden(g),
-            "gold.{g} on gs:// ({env:?}) differs from tests/golden/{g}.csv"
-        );
     }
 }

@@ -192,7 +192,7 @@ impl Run<'_> {
         let cols = Arc::new(how.columns());
         step.files_scanned = files.len() as u64;
         let scans = files.iter().map(|(path, _)| {
-            let loc = lake.data_file(&t.rel_path(), path);
+            let rel = t.rel_path();
             let (lake, path, n, how, cols) = (
                 lake.clone(),
                 path.clone(),
@@ -202,7 +202,8 @@ impl Run<'_> {
             );
             async move {
                 let mut hits = 0;
-                for b in decode_parquet_for(lake.get(&loc).await?, &path, Some(&cols))? {
+                for b in decode_parquet_for(lake.get_file(&rel, &path).await?, &path, Some(&cols))?
+                {
                     hits += how.mask(&b, &n).true_count();
                 }
                 Ok(hits)
@@ -253,8 +254,12 @@ impl Run<'_> {
             num_indexed,
             stats_cols,
         );
-        let ctx = SessionContext::new();
-        ctx.register_object_store(&lake.store_url(), lake.object_store());
+        let ctx = SessionContext::new_with_config_rt(
+            datafusion::prelude::SessionConfig::new(),
+            datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                .with_object_store_registry(lake.registry())
+                .build_arc()?,
+        );
         // Each file in its own task: one batch per file in memory, both cores busy.
         let jobs = hits.iter().map(|(path, _)| {
             FileRewrite {
