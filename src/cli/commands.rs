@@ -704,12 +704,18 @@ async fn env(silt: &Silt, c: EnvCommand, json: bool) -> anyhow::Result<()> {
     match c {
         EnvCommand::Create { name, from } => {
             let source = e::open(silt, &from).await?;
-            // Under the source's lease: no forget or vacuum purges a file while it is cloned.
+            // Under the source's lease, and the project lake's (a forget holds it while it
+            // erases every environment): no forget or vacuum purges a file while it is
+            // cloned, and no environment appears in the middle of a forget.
             let work = async {
                 let r = e::create(&source, &name).await?;
                 emit(&r, json)
             };
-            with_lease(&source, "clone", work).await
+            if source.env.is_some() {
+                with_lease(silt, "clone", with_lease(&source, "clone", work)).await
+            } else {
+                with_lease(&source, "clone", work).await
+            }
         }
         EnvCommand::List => emit(e::list(silt).await?.as_slice(), json),
         EnvCommand::Drop { name } => {

@@ -274,6 +274,7 @@ pub fn promotion_files(
     env_table: &DeltaTable,
     prod: &Storage,
     t: &TableRef,
+    target_live: &HashSet<String>,
 ) -> Result<
     Vec<(
         (Storage, object_store::path::Path),
@@ -299,8 +300,11 @@ pub fn promotion_files(
             // Already the target's own file (an unchanged file of the clone).
             let rel = rel.to_string();
             out.push((from, None, with_path(add, rel)));
+        } else if target_live.contains(&same_path(&path)) {
+            // A file the target names by the same URL (a clone of a clone): still shared.
+            out.push((from, None, add));
         } else {
-            // Another lake's file (a clone of a clone): copied like the env's own.
+            // Another lake's file the target does not name: copied like the env's own.
             let rel = relative_in_table(&path, &t.rel_path());
             out.push((from, Some(rel), add));
         }
@@ -328,6 +332,7 @@ pub fn plan_stage(
     env_table: &DeltaTable,
     prod: &Storage,
     t: &TableRef,
+    target_live: &HashSet<String>,
 ) -> Result<Staged> {
     let mut s = Staged {
         adds: Vec::new(),
@@ -335,7 +340,7 @@ pub fn plan_stage(
         bytes_copied: 0,
         files_referenced: 0,
     };
-    for (_, to, add) in promotion_files(env, env_table, prod, t)? {
+    for (_, to, add) in promotion_files(env, env_table, prod, t, target_live)? {
         match to {
             Some(rel) => {
                 s.files_copied += 1;
@@ -358,8 +363,9 @@ pub async fn stage(
     env_table: &DeltaTable,
     prod: &Storage,
     t: &TableRef,
+    target_live: &HashSet<String>,
 ) -> Result<Staged> {
-    for ((store, from), to, _) in promotion_files(env, env_table, prod, t)? {
+    for ((store, from), to, _) in promotion_files(env, env_table, prod, t, target_live)? {
         if let Some(rel) = to {
             let dest = prod.file_path(&t.rel_path(), &rel);
             if !prod.exists(&dest).await? {
@@ -367,7 +373,7 @@ pub async fn stage(
             }
         }
     }
-    plan_stage(env, env_table, prod, t)
+    plan_stage(env, env_table, prod, t, target_live)
 }
 
 /// Make `t` of `prod` hold what `env_table` holds (its files staged by [`stage`]), in one
@@ -412,10 +418,27 @@ pub async fn promote_table(
                     actions.push(Action::Remove(f.remove_action(true)));
                 }
             }
-            // The environment's table may need a newer protocol (never an older one).
-            let (pr, pw) = protocol_versions(s.protocol());
-            let (er, ew) = protocol_versions(env_snap.protocol());
-            if er > pr || ew > pw {
+            // The environment's table may need a newer protocol; one that would take a
+            // version or feature away from the target is refused.
+            if s.protocol() != env_snap.protocol() {
+                let (pr, pw) = protocol_versions(s.protocol());
+                let (er, ew) = protocol_versions(env_snap.protocol());
+                let features = |p: &deltalake::kernel::Protocol| -> HashSet<String> {
+                    let v = serde_json::to_value(p).unwrap_or_default();
+                    ["readerFeatures", "writerFeatures"]
+                        .iter()
+                        .flat_map(|k| v[*k].as_array().cloned().unwrap_or_default())
+                        .filter_map(|f| f.as_str().map(String::from))
+                        .collect()
+                };
+                if er < pr
+                    || ew < pw
+                    || !features(s.protocol()).is_subset(&features(env_snap.protocol()))
+                {
+                    return Err(Error::Usage(format!(
+                        "{t}: its Delta protocol in the environment does not include the target's (reader {er} / writer {ew} against {pr} / {pw}): rebuild the model in the target instead"
+                    )));
+                }
                 actions.push(Action::Protocol(env_snap.protocol().clone()));
             }
             if s.metadata().schema_string() != env_snap.metadata().schema_string()
@@ -584,7 +607,10 @@ pub async fn only_operations(
                 info["silt.operation"]
                     .as_str()
                     .is_some_and(|o| operations.contains(&o))
-                    // A model an erasure rebuilt is a build of the erasure's run.
+                    // A model an erasure rebuilt is a build of the erasure's run (it may
+                    // also have read upstream rows that came before the erasure; the
+                    // promoted state then names an older upstream, and the next run
+                    // builds it again).
                     || (operations.contains(&"erasure")
                         && info["silt.run_id"]
                             .as_str()

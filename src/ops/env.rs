@@ -64,11 +64,15 @@ pub async fn create(source: &Silt, name: &str) -> Result<CreateReport> {
         ("the environment root", &root),
     ] {
         let spelled = percent_encoding::percent_decode_str(url.path()).decode_utf8_lossy();
-        if spelled != url.path() {
+        let trimmed = spelled.trim_matches('/');
+        // Spelled alike in a URL, in a Delta log and as an object name (object_store encodes
+        // `~ [ ] | ^ *` and the like in names).
+        let as_object = object_store::path::Path::from(trimmed);
+        if spelled != url.path() || as_object.as_ref() != trimmed {
             return Err(Error::config(
                 "silt.toml",
                 format!(
-                    "{what} {spelled} has characters a URL encodes (a space, '%', …): a clone names its source's files by absolute URL, which delta-rs reads without decoding; use a root path without them ([lake] root, [environments] root)"
+                    "{what} {spelled} has characters a URL or an object name encodes (a space, '%', '~', …): a clone names its source's files by absolute URL, which delta-rs reads without decoding; use a root path without them ([lake] root, [environments] root)"
                 ),
             ));
         }
@@ -228,8 +232,16 @@ async fn changed_tables(
         let moved = match base {
             None => true,
             Some(b) if v > b.env_version => {
-                !lake_env::only_operations(&env.lake, &t, b.env_version + 1, v, &["localize"])
-                    .await?
+                // Copies of cloned files, and GDPR erasures (which the source received too),
+                // change nothing the environment would promote.
+                !lake_env::only_operations(
+                    &env.lake,
+                    &t,
+                    b.env_version + 1,
+                    v,
+                    &["localize", "erasure"],
+                )
+                .await?
             }
             Some(_) => false,
         };
@@ -406,10 +418,21 @@ pub async fn promote(env: &Silt, target: &Silt, dry_run: bool) -> Result<Promote
     let mut staged = Vec::new();
     for (t, v, expected) in &todo {
         let env_table = env.lake.delta_table(&t.rel_path()).await?;
+        let target_table = target.lake.delta_table(&t.rel_path()).await?;
+        let target_live: HashSet<String> = match target_table.version() {
+            Some(_) => target_table
+                .snapshot()
+                .map_err(|e| Error::delta(t.to_string(), e))?
+                .log_data()
+                .iter()
+                .map(|f| crate::lake::storage::same_path(f.path().as_ref()))
+                .collect(),
+            None => HashSet::new(),
+        };
         let s = if dry_run {
-            lake_env::plan_stage(&env.lake, &env_table, &target.lake, t)?
+            lake_env::plan_stage(&env.lake, &env_table, &target.lake, t, &target_live)?
         } else {
-            lake_env::stage(&env.lake, &env_table, &target.lake, t).await?
+            lake_env::stage(&env.lake, &env_table, &target.lake, t, &target_live).await?
         };
         report.tables.push(PromoteItem {
             table: t.to_string(),

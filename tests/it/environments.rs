@@ -207,6 +207,34 @@ fn an_environment_is_a_zero_copy_clone_and_its_builds_leave_prod_alone() {
         gold_csv(&p, Some("dev2"), "rpt_client_ltv"),
         golden("rpt_client_ltv")
     );
+    // A clone of a clone promotes to the environment it came from, not to prod.
+    p.ok(&[
+        "--env",
+        "dev2",
+        "build",
+        "--full-refresh",
+        "--select",
+        "rpt_cohort_ltv",
+    ]);
+    let out = p.exits(&["env", "promote", "dev2", "--to", "prod"], 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cloned from 'dev'"));
+    let r = json(&p, &["env", "promote", "dev2", "--to", "dev"]);
+    let promoted: Vec<&str> = r["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(promoted, vec!["gold.rpt_cohort_ltv"], "{r}");
+    assert_eq!(
+        gold_csv(&p, Some("dev"), "rpt_cohort_ltv"),
+        golden("rpt_cohort_ltv")
+    );
+    assert_eq!(
+        versions(&p, None),
+        prod_versions,
+        "a promotion to dev moved prod"
+    );
     let out = p.exits(&["env", "drop", "dev"], 2);
     assert!(String::from_utf8_lossy(&out.stderr).contains("dev2"));
     p.ok(&["env", "drop", "dev2"]);
@@ -566,6 +594,24 @@ fn forget_on_prod_erases_the_subject_from_every_environment() {
     }
     let v = json(&p, &["forget", "--verify", subject]);
     assert_eq!(v["findings"], serde_json::json!([]), "{v}");
+    // An erasure is no change to promote: ci (a pure clone) still has none, dev only what it
+    // built itself.
+    let list = json(&p, &["env", "list"]);
+    let changed = |name: &str| -> BTreeSet<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap()["changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(changed("ci"), BTreeSet::new(), "{list}");
+    assert!(changed("dev").contains("silver.stg_fees"), "{list}");
+    assert!(!changed("dev").contains("silver.clients"), "{list}");
     let alone = {
         // The same lake without environments (its verify finds the subject: exit 1).
         let q = Project::reference();
@@ -927,7 +973,7 @@ fn clones_of_encoded_partitions_build_erase_and_promote() {
     let out = refused(&["env", "create", "dev"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("characters a URL encodes"),
+        String::from_utf8_lossy(&out.stderr).contains("characters a URL or an object name encodes"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
