@@ -466,29 +466,7 @@ impl Storage {
     /// The store at the bucket (or filesystem) root of `url`, with this store's credentials;
     /// one per bucket per process.
     pub fn store_of(&self, url: &Url) -> Result<Storage> {
-        static STORES: std::sync::OnceLock<
-            std::sync::Mutex<std::collections::HashMap<String, Storage>>,
-        > = std::sync::OnceLock::new();
-        let key = format!(
-            "{}://{}|{:?}",
-            url.scheme(),
-            url.host_str().unwrap_or(""),
-            self.opts.gcs_service_account_key
-        );
-        let cache = STORES.get_or_init(Default::default);
-        if let Some(s) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(s.clone());
-        }
-        let mut root = url.clone();
-        root.set_path("/");
-        root.set_query(None);
-        root.set_fragment(None);
-        let s = Storage::existing(&root, &self.opts)?;
-        cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, s.clone());
-        Ok(s)
+        shared_store(url, &self.opts)
     }
 
     /// The content of a data file of the table at `rel` (see [`Storage::locate`]).
@@ -760,6 +738,35 @@ impl Storage {
     }
 }
 
+/// The store at the bucket (or filesystem) root of `url` built with `opts`, once per process
+/// for each bucket and credentials (sessions and scans of other buckets share it).
+fn shared_store(url: &Url, opts: &CloudOptions) -> Result<Storage> {
+    static STORES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Storage>>,
+    > = std::sync::OnceLock::new();
+    let key = format!(
+        "{}://{}|{:?}|{:?}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        opts.gcs_service_account_key,
+        opts.gcs_timeout_secs
+    );
+    let cache = STORES.get_or_init(Default::default);
+    if let Some(s) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(s.clone());
+    }
+    let mut root = url.clone();
+    root.set_path("/");
+    root.set_query(None);
+    root.set_fragment(None);
+    let s = Storage::existing(&root, opts)?;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, s.clone());
+    Ok(s)
+}
+
 /// The object stores a cluster executor reads from, built on first use by the same rules as
 /// the client's ([`Storage`]): `file://`, and `gs://` only with explicit credentials
 /// (`GOOGLE_APPLICATION_CREDENTIALS` or Application Default Credentials), never a metadata
@@ -819,9 +826,7 @@ impl datafusion::execution::object_store::ObjectStoreRegistry for LakeStores {
         {
             return Ok(Arc::clone(s));
         }
-        let mut root = url.clone();
-        root.set_path("/");
-        let store = Storage::existing(&root, &self.opts)
+        let store = shared_store(url, &self.opts)
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
             .object_store();
         self.stores
