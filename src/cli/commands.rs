@@ -309,9 +309,21 @@ async fn watch(silt: &Silt, a: WatchArgs, json: bool) -> anyhow::Result<()> {
         debounce: Duration::from_millis(a.debounce_ms),
         poll_interval: Duration::from_secs(a.poll_seconds),
     };
-    silt::ops::watch::watch(silt, opts, stop, |changed, report| match report {
-        Ok(r) => printers::watch_cycle(changed.len(), &r, json),
-        Err(e) => eprintln!("error: {e}"),
+    // Each cycle's alerts go out beside the next wait (a watch runs unattended).
+    let notifier = silt.clone();
+    silt::ops::watch::watch(silt, opts, stop, move |changed, report| {
+        let events = match &report {
+            Ok(r) => silt::ops::notify::run_events("watch", r),
+            Err(e) => vec![silt::ops::notify::failure_event("watch", &e.to_string())],
+        };
+        match report {
+            Ok(r) => printers::watch_cycle(changed.len(), &r, json),
+            Err(e) => eprintln!("error: {e}"),
+        }
+        if !events.is_empty() {
+            let s = notifier.clone();
+            tokio::spawn(async move { notify(&s, &events).await });
+        }
     })
     .await?;
     eprintln!("silt: stopped");

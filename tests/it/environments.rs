@@ -728,6 +728,43 @@ fn alerts_reach_a_webhook_and_a_command_and_never_fail_the_pipeline() {
             .collect::<Vec<_>>(),
         "the command and the webhook saw different events"
     );
+    // `silt watch` runs unattended: its cycles alert too.
+    let before = hook.events().len();
+    let mut watch = p
+        .cmd(&["watch", "--debounce-ms", "200", "--poll-seconds", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    write(
+        &p.landing(),
+        "fees/fees_2026_08.csv",
+        "fee_id,client_id,adviser_id,fee_date,fee_amount,currency,note\nF990001,C0001,A004,2026-08-03,500.00,GBP,ongoing advice\n",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let seen = loop {
+        let from_watch: Vec<Value> = hook.events()[before..]
+            .iter()
+            .filter(|e| e["text"].as_str().unwrap_or("").starts_with("silt watch"))
+            .cloned()
+            .collect();
+        if !from_watch.is_empty() || std::time::Instant::now() > deadline {
+            break from_watch;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(watch.id().to_string())
+        .status();
+    let _ = watch.wait();
+    assert!(
+        seen.iter()
+            .any(|e| e["event"] == "test_failed"
+                && e["text"].as_str().unwrap().contains("no_big_fees")),
+        "no alert from silt watch: {:?}",
+        hook.events()
+    );
     // A freshness breach (the fixtures' fees are months old against a 35-day threshold).
     let before = hook.events().len();
     p.run(&["freshness"]);
