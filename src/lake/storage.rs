@@ -677,6 +677,16 @@ impl Storage {
         }
     }
 
+    /// After every object under this root was deleted: a local root's directories go too (an
+    /// object store has none). Best effort.
+    pub fn remove_empty_root(&self) {
+        if self.root_url.scheme() == "file"
+            && let Ok(p) = self.root_url.to_file_path()
+        {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+
     /// Delete one object; a missing object is not an error (deletes are retried after crashes).
     pub async fn delete(&self, p: &Path) -> Result<()> {
         match self.store.delete(p).await {

@@ -99,7 +99,7 @@ pub async fn create(source: &Silt, name: &str) -> Result<CreateReport> {
             for o in dst.list("").await.unwrap_or_default() {
                 let _ = dst.delete(&o.location).await;
             }
-            remove_local_dirs(&dst);
+            dst.remove_empty_root();
             Err(e)
         }
     }
@@ -165,15 +165,6 @@ async fn clone_all(source: &Silt, dst: &Storage, name: &str) -> Result<CreateRep
     }
     lake_env::write_record(dst, &record).await?;
     Ok(report)
-}
-
-/// Local roots leave empty directories behind their deleted files.
-fn remove_local_dirs(s: &Storage) {
-    if s.url().scheme() == "file"
-        && let Ok(p) = s.url().to_file_path()
-    {
-        let _ = std::fs::remove_dir_all(p);
-    }
 }
 
 /// One environment as `silt env list` shows it.
@@ -314,7 +305,7 @@ pub async fn drop(silt: &Silt, name: &str) -> Result<DropReport> {
         r.objects_deleted += 1;
         r.bytes_deleted += o.size;
     }
-    remove_local_dirs(&env.lake);
+    env.lake.remove_empty_root();
     Ok(r)
 }
 
