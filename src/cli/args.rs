@@ -369,6 +369,7 @@ pub enum EnvCommand {
     /// Create NAME: every table of --from cloned at its current version; no data file is
     /// copied (the clones' logs name the source's files).
     Create {
+        /// The new environment's name: lower-case letters, digits, '-' and '_' (not prod).
         name: String,
         /// The lake to clone: `prod` (the project's own) or another environment.
         #[arg(long, default_value = "prod")]
@@ -377,10 +378,14 @@ pub enum EnvCommand {
     /// The environments, what each was cloned from, and the tables each changed.
     List,
     /// Delete NAME: its own files and logs; the files it referenced stay where they are.
-    Drop { name: String },
+    Drop {
+        /// The environment to delete.
+        name: String,
+    },
     /// Make NAME's changed model tables the next versions of the lake it was cloned from,
     /// one commit per table, only if none of those moved since.
     Promote {
+        /// The environment whose changed tables to promote.
         name: String,
         /// The lake to promote to (it must be the one NAME was cloned from).
         #[arg(long, default_value = "prod")]
@@ -392,6 +397,7 @@ pub enum EnvCommand {
     /// Copy the files NAME's tables (or one table) reference in another lake into NAME, for
     /// readers that cannot follow a shallow clone (DuckDB's delta extension, pyarrow).
     Localize {
+        /// The environment whose tables to make self-contained.
         name: String,
         /// One table (layer.name); default: every table.
         table: Option<String>,
