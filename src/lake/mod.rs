@@ -82,11 +82,17 @@ impl Silt {
     /// this handle's engine (a `--cluster` given on the command line, say); an error
     /// when that environment does not exist.
     pub async fn sibling(&self, name: &str) -> Result<Silt> {
+        Ok(self.sibling_with_record(name).await?.0)
+    }
+
+    /// [`Silt::sibling`] and that environment's registry (None for the project's lake), read
+    /// once.
+    pub async fn sibling_with_record(&self, name: &str) -> Result<(Silt, Option<env::EnvRecord>)> {
         let mut other = Silt::open_in(&self.project.dir, Some(name))?;
         other.project.file.engine = self.project.file.engine.clone();
         other.catalog = other.catalog.with_engine(self.project.file.engine.clone());
-        other.check_env().await?;
-        Ok(other)
+        let record = other.check_env().await?;
+        Ok((other, record))
     }
 
     /// The environment's registry; an error naming how to create it when the environment

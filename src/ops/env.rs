@@ -184,8 +184,7 @@ pub async fn list(silt: &Silt) -> Result<Vec<EnvSummary>> {
     let envs = envs_storage(silt)?;
     let mut out = Vec::new();
     for name in lake_env::list_names(&envs).await? {
-        let env = open(silt, &name).await?;
-        let Some(rec) = env.check_env().await? else {
+        let (env, Some(rec)) = silt.sibling_with_record(&name).await? else {
             continue;
         };
         let changed = changed_tables(&env, &rec)
@@ -250,8 +249,7 @@ pub async fn descendants(silt: &Silt) -> Result<Vec<Silt>> {
     let names = lake_env::list_names(&envs).await?;
     let mut records = Vec::new();
     for n in &names {
-        let env = open(silt, n).await?;
-        if let Some(r) = env.check_env().await? {
+        if let (env, Some(r)) = silt.sibling_with_record(n).await? {
             records.push((env, r));
         }
     }

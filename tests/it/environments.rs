@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::erasure::{files_holding, subject_pii};
+use crate::erasure::{files_holding, live_files, subject_pii};
 use crate::support::datasets::{orders_project, write};
 use crate::support::golden::{GOLD, golden, sorted_csv};
 use crate::support::{Project, SILT, json, repo, walk};
@@ -62,22 +62,6 @@ fn gold_csv(p: &Project, env: Option<&str>, table: &str) -> String {
     }
     args.extend(["query", &sql, "--format", "csv"]);
     sorted_csv(&p.ok(&args))
-}
-
-/// The add actions' paths of the latest snapshot of the table at `dir`, through delta-rs.
-fn log_paths(dir: &Path) -> Vec<String> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let t = deltalake::open_table(url::Url::from_directory_path(dir).unwrap())
-            .await
-            .unwrap();
-        t.snapshot()
-            .unwrap()
-            .log_data()
-            .iter()
-            .map(|f| f.path().to_string())
-            .collect()
-    })
 }
 
 fn model_statuses(report: &Value) -> BTreeMap<String, String> {
@@ -292,7 +276,7 @@ fn state_modified_builds_exactly_the_changed_model_and_its_downstream() {
     for t in ["silver.products", "silver.order_amounts", "bronze.lineitem"] {
         assert_eq!(dev[t], 0, "{t}");
         let (layer, name) = t.split_once('.').unwrap();
-        let paths = log_paths(&envs_dir(&p).join("dev").join(layer).join(name));
+        let paths = live_files(&envs_dir(&p).join("dev").join(layer).join(name));
         assert!(!paths.is_empty());
         for f in paths {
             assert!(
@@ -488,7 +472,9 @@ fn vacuum_keeps_what_a_live_environment_references_and_drop_lets_it_go() {
     let p = Project::reference();
     p.ok(&["run"]);
     p.ok(&["env", "create", "dev"]);
-    let old = log_paths(&p.lake().join("silver/advisers"));
+    let old: Vec<String> = live_files(&p.lake().join("silver/advisers"))
+        .into_iter()
+        .collect();
     assert_eq!(old.len(), 1);
     let old_file = p.lake().join("silver/advisers").join(&old[0]);
     // Prod replaces the table's file: the old one is only a tombstone in prod, but dev's
@@ -968,25 +954,7 @@ fn delta_rs_reads_a_clone_and_duckdb_reads_it_once_localized() {
 /// encode (a space) cannot hold clones: refused, saying why.
 #[test]
 fn clones_of_encoded_partitions_build_erase_and_promote() {
-    let p = crate::support::datasets::project(&[
-        (
-            "sql/bronze/people.toml",
-            "glob = \"people/*.csv\"\nformat = \"csv\"\nprimary_key = [\"pid\"]\nsubject_key = \"pid\"\npii = [\"email\"]\n\n\
-             [[columns]]\nname = \"pid\"\ntype = \"int64\"\nnullable = false\n\n\
-             [[columns]]\nname = \"email\"\ntype = \"string\"\n\n\
-             [[columns]]\nname = \"slot\"\ntype = \"string\"\n",
-        ),
-        (
-            "sql/silver/stg_people.sql",
-            "{{ config(materialized='incremental', unique_key='pid', partition_by='slot', pii=['email']) }}\n\
-             select pid, email, slot from {{ source('people') }}\n",
-        ),
-        (
-            "sql/gold/by_slot.sql",
-            "{{ config(materialized='incremental', unique_key='slot', recompute_by='slot') }}\n\
-             select slot, count(*) as people from {{ ref('stg_people') }} group by slot\n",
-        ),
-    ]);
+    let p = crate::support::datasets::slots_project();
     let spaced = p.path().join("my lake");
     let refused = |args: &[&str]| {
         std::process::Command::new(SILT)

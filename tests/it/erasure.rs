@@ -77,7 +77,7 @@ pub(crate) fn files_holding(root: &Path, needles: &[String]) -> Vec<String> {
 }
 
 /// Live data files of a Delta table, through deltalake itself.
-fn live_files(dir: &Path) -> BTreeSet<String> {
+pub(crate) fn live_files(dir: &Path) -> BTreeSet<String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let t = deltalake::open_table(url::Url::from_directory_path(dir).unwrap())

@@ -239,6 +239,32 @@ fn query(p: &Project, gcs: &Gcs, lake: &str, landing: &str, sql: &str) -> Vec<Va
         .clone()
 }
 
+/// A subject's id and its PII values in bronze.clients: what an erasure must leave nowhere.
+fn subject_needles(
+    p: &Project,
+    gcs: &Gcs,
+    lake: &str,
+    landing: &str,
+    subject: &str,
+) -> Vec<String> {
+    let pii = query(
+        p,
+        gcs,
+        lake,
+        landing,
+        &format!("select full_name, email, nino from bronze.clients where client_id = '{subject}'"),
+    );
+    let mut needles = vec![subject.to_string()];
+    needles.extend(
+        pii[0]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_string()),
+    );
+    needles
+}
+
 /// Every gold table on gs:// equals the golden file the local test checks.
 fn assert_gold_is_golden(p: &Project, gcs: &Gcs, lake: &str, landing: &str) {
     for g in crate::support::golden::GOLD {
@@ -307,21 +333,7 @@ fn reference_pipeline_runs_unchanged_on_gs_roots() {
     assert_eq!(v0, now);
     // GDPR on gs://.
     let subject = "C0085";
-    let pii = query(
-        &p,
-        &gcs,
-        lake,
-        landing,
-        &format!("select full_name, email, nino from bronze.clients where client_id = '{subject}'"),
-    );
-    let mut needles = vec![subject.to_string()];
-    needles.extend(
-        pii[0]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_str().unwrap().to_string()),
-    );
+    let needles = subject_needles(&p, &gcs, lake, landing, subject);
     assert!(!objects_holding(&gcs.store("lake"), "adviser-fees", &needles).is_empty());
     let report: Value = serde_json::from_str(&run(&["--json", "forget", subject])).unwrap();
     assert!(report["rows_deleted"].as_u64().unwrap() > 0);
@@ -792,21 +804,7 @@ fn environments_on_gcs(envs_root: Option<&str>) {
 
     // Forget reaches both environments; an independent scan of the bucket finds nothing.
     let subject = "C0085";
-    let pii = query(
-        &p,
-        &gcs,
-        lake,
-        landing,
-        &format!("select full_name, email, nino from bronze.clients where client_id = '{subject}'"),
-    );
-    let mut needles = vec![subject.to_string()];
-    needles.extend(
-        pii[0]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_str().unwrap().to_string()),
-    );
+    let needles = subject_needles(&p, &gcs, lake, landing, subject);
     run(&["forget", subject]);
     assert_eq!(
         objects_holding(&lake_store, "adviser-fees", &needles),

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use crate::support::datasets::{csv, files_under, flights, month, orders_project, project, write};
+use crate::support::datasets::{csv, files_under, flights, month, orders_project, write};
 use crate::support::{Project, json, model};
 
 /// The gold table as a full rebuild from silver would make it.
@@ -312,25 +312,7 @@ fn a_source_holding_subject_data_without_a_path_stops_forget_before_any_write() 
 /// vacuum and time travel count them right.
 #[test]
 fn partition_values_that_need_encoding_survive_erasure_builds_and_vacuum() {
-    let p = project(&[
-        (
-            "sql/bronze/people.toml",
-            "glob = \"people/*.csv\"\nformat = \"csv\"\nprimary_key = [\"pid\"]\nsubject_key = \"pid\"\npii = [\"email\"]\n\n\
-             [[columns]]\nname = \"pid\"\ntype = \"int64\"\nnullable = false\n\n\
-             [[columns]]\nname = \"email\"\ntype = \"string\"\n\n\
-             [[columns]]\nname = \"slot\"\ntype = \"string\"\n",
-        ),
-        (
-            "sql/silver/stg_people.sql",
-            "{{ config(materialized='incremental', unique_key='pid', partition_by='slot', pii=['email']) }}\n\
-             select pid, email, slot from {{ source('people') }}\n",
-        ),
-        (
-            "sql/gold/by_slot.sql",
-            "{{ config(materialized='incremental', unique_key='slot', recompute_by='slot') }}\n\
-             select slot, count(*) as people from {{ ref('stg_people') }} group by slot\n",
-        ),
-    ]);
+    let p = crate::support::datasets::slots_project();
     write(
         &p.landing(),
         "people/p1.csv",

@@ -262,6 +262,31 @@ pub fn orders_project() -> Project {
     p
 }
 
+/// People in partitions whose values need encoding in object names (`slot`, e.g.
+/// `T 1:00/a%2B`): a source with a subject key and PII, an incremental silver model
+/// partitioned by it, and a gold model recomputed by it. No landing files.
+pub fn slots_project() -> Project {
+    project(&[
+        (
+            "sql/bronze/people.toml",
+            "glob = \"people/*.csv\"\nformat = \"csv\"\nprimary_key = [\"pid\"]\nsubject_key = \"pid\"\npii = [\"email\"]\n\n\
+             [[columns]]\nname = \"pid\"\ntype = \"int64\"\nnullable = false\n\n\
+             [[columns]]\nname = \"email\"\ntype = \"string\"\n\n\
+             [[columns]]\nname = \"slot\"\ntype = \"string\"\n",
+        ),
+        (
+            "sql/silver/stg_people.sql",
+            "{{ config(materialized='incremental', unique_key='pid', partition_by='slot', pii=['email']) }}\n\
+             select pid, email, slot from {{ source('people') }}\n",
+        ),
+        (
+            "sql/gold/by_slot.sql",
+            "{{ config(materialized='incremental', unique_key='slot', recompute_by='slot') }}\n\
+             select slot, count(*) as people from {{ ref('stg_people') }} group by slot\n",
+        ),
+    ])
+}
+
 pub fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     walk(dir, &mut |f| out.push(f.display().to_string()));
