@@ -230,7 +230,7 @@ pub(super) fn partition_period(day: i32, g: Granularity) -> Option<(i32, i32, St
 /// line number), where a dictionary only costs hashing. Those two are delta-encoded instead:
 /// line numbers rise by one, and ids share long prefixes, so a few bits per value replace
 /// plain 8-byte integers and whole strings, at the same CPU (docs/decisions/0002).
-pub(super) fn writer_properties(src: &Source) -> parquet::file::properties::WriterProperties {
+pub(crate) fn writer_properties(src: &Source) -> parquet::file::properties::WriterProperties {
     use parquet::basic::Encoding;
     let mut b = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::LZ4_RAW)

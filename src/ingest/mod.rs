@@ -14,7 +14,9 @@ pub mod parse;
 mod source;
 mod units;
 
-use bronze::{Parsed, Stamp, same_columns, writer_properties};
+/// The Parquet settings of a source's bronze files (an erasure rewrites them alike).
+pub(crate) use bronze::writer_properties;
+use bronze::{Parsed, Stamp, same_columns};
 pub use bronze::{bronze_schema_of, quarantine_schema};
 use source::{Candidate, SourceRun, sha256};
 use units::{UnitStarter, Units, WriterSetup, read_candidate};

@@ -92,6 +92,30 @@ pub(crate) fn live_files(dir: &Path) -> BTreeSet<String> {
     })
 }
 
+/// The compression codecs of a Parquet file's column chunks, and its largest row group's rows.
+fn parquet_layout(path: &Path) -> (BTreeSet<String>, i64) {
+    use parquet::file::reader::FileReader;
+    let r = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(path).unwrap())
+        .unwrap();
+    let md = r.metadata();
+    let codecs = md
+        .row_groups()
+        .iter()
+        .flat_map(|rg| {
+            rg.columns()
+                .iter()
+                .map(|c| format!("{:?}", c.compression()))
+        })
+        .collect();
+    let largest = md
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows())
+        .max()
+        .unwrap_or(0);
+    (codecs, largest)
+}
+
 pub(crate) fn subject_pii(p: &Project, subject: &str) -> Vec<String> {
     let rows = p.query(&format!(
         "select distinct full_name, email, nino from bronze.clients where client_id = '{subject}'"
@@ -207,6 +231,29 @@ fn forget_removes_a_client_everywhere_and_gold_equals_a_rebuild_without_it() {
         assert_eq!(revenue_after.contains(f), untouched, "{f}");
     }
     assert!(fee_rows_before > p.count("select count(*) from bronze.fees"));
+    // The rewritten files are encoded as their table's writer encodes them: bronze LZ4 (raw),
+    // models Snappy in row groups of at most 32k rows; every step reports its wall time.
+    for (t, codec) in [("bronze/fees", "LZ4_RAW"), ("silver/stg_fees", "SNAPPY")] {
+        let dir = p.lake().join(t);
+        let rewritten: Vec<String> = live_files(&dir)
+            .into_iter()
+            .filter(|f| !holding[&t.replace('/', ".")].contains(f))
+            .collect();
+        assert!(!rewritten.is_empty(), "{t}: new files after the erasure");
+        for f in rewritten {
+            let (codecs, largest) = parquet_layout(&dir.join(&f));
+            assert_eq!(codecs, BTreeSet::from([codec.to_string()]), "{t}/{f}");
+            assert!(largest <= 32 * 1024, "{t}/{f}: row group of {largest} rows");
+        }
+    }
+    let step_ms: u64 = steps
+        .iter()
+        .map(|s| s["elapsed_ms"].as_u64().unwrap())
+        .sum();
+    assert!(
+        step_ms <= report["elapsed_ms"].as_u64().unwrap(),
+        "{report}"
+    );
 
     // verify finds nothing, and neither does an independent scan of every file.
     let v = p.ok(&["forget", "--verify", SUBJECT]);

@@ -15,6 +15,8 @@ mod write;
 use guard::check_contract;
 use increment::{FullBuild, Increment, Recompute, in_partitions};
 use merge::merge_metrics;
+/// The Parquet settings of model files (an erasure rewrites them alike).
+pub(crate) use write::writer_properties as model_writer_properties;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use super::*;
 /// Parquet settings of model files: delta-rs's (Snappy), with row groups of at most 32k rows.
 /// A partitioned write keeps one open file per partition; each holds its current row group
 /// encoded in memory, so smaller row groups keep a many-partition write's memory flat.
-pub(super) fn writer_properties() -> parquet::file::properties::WriterProperties {
+pub(crate) fn writer_properties() -> parquet::file::properties::WriterProperties {
     parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
         .set_max_row_group_row_count(Some(32 * 1024))

@@ -83,7 +83,9 @@ impl Run<'_> {
                 Ok(Some((location, rel, rewritten, sha)))
             }
         });
-        let mut found = Box::pin(in_tasks(jobs, "landing erasure"));
+        // Twice as many files in flight as cores: the searches go on while this loop lands a
+        // group (ledger commit, then the files).
+        let mut found = Box::pin(in_tasks_ahead(jobs, "landing erasure", 2 * FILES_AT_ONCE));
         while let Some(r) = found.next().await {
             let Some((location, rel, rewritten, sha)) = r? else {
                 continue;
@@ -129,7 +131,7 @@ impl Run<'_> {
         if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
             self.step_audit(&step).await?;
         }
-        self.steps.push(step);
+        self.push_step(step);
         Ok(())
     }
 
@@ -163,17 +165,34 @@ impl Run<'_> {
             }
             return Ok(());
         }
-        for (location, rel, rewritten) in group.files {
-            match rewritten {
-                Some((bytes, dropped)) => {
-                    landing.put(&location, Bytes::from(bytes)).await?;
+        // The group's files land side by side (each put or delete is independent once the
+        // ledger knows them); reported in the group's order.
+        let writes = group.files.into_iter().map(|(location, rel, rewritten)| {
+            let landing = landing.clone();
+            async move {
+                match rewritten {
+                    Some((bytes, dropped)) => {
+                        landing.put(&location, Bytes::from(bytes)).await?;
+                        Ok::<_, Error>((rel, Some(dropped)))
+                    }
+                    None => {
+                        landing.delete(&location).await?;
+                        Ok((rel, None))
+                    }
+                }
+            }
+        });
+        let landed: Vec<Result<_>> = futures::stream::iter(writes)
+            .buffered(2 * FILES_AT_ONCE)
+            .collect()
+            .await;
+        for r in landed {
+            match r? {
+                (rel, Some(dropped)) => {
                     step.rows_deleted += dropped;
                     step.files_rewritten.push(rel);
                 }
-                None => {
-                    landing.delete(&location).await?;
-                    step.files_purged.push(rel);
-                }
+                (rel, None) => step.files_purged.push(rel),
             }
         }
         Ok(())

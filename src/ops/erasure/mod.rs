@@ -19,7 +19,7 @@ use needles::{Matcher, RawScope, cells};
 pub use plan::Plan;
 use purge::{erasure_caught_up, log_mentions};
 use records::{Records, csv_header, without_subjects};
-use tables::{decode_parquet, decode_parquet_for, in_tasks};
+use tables::{FILES_AT_ONCE, decode_parquet, decode_parquet_for, in_tasks_ahead};
 pub use verify::verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -74,6 +74,10 @@ pub struct TableErasure {
     pub unreadable: Option<(u64, u64)>,
     pub partitions: Vec<String>,
     pub warnings: Vec<String>,
+    /// Wall time of the step.
+    pub elapsed_ms: u64,
+    #[serde(skip)]
+    started: Instant,
 }
 
 impl TableErasure {
@@ -91,6 +95,8 @@ impl TableErasure {
             unreadable: None,
             partitions: Vec::new(),
             warnings: Vec::new(),
+            elapsed_ms: 0,
+            started: Instant::now(),
         }
     }
 }
@@ -405,6 +411,12 @@ struct SeenFiles {
 }
 
 impl Run<'_> {
+    /// Record a finished step (its wall time measured from its creation).
+    fn push_step(&mut self, mut step: TableErasure) {
+        step.elapsed_ms = step.started.elapsed().as_millis() as u64;
+        self.steps.push(step);
+    }
+
     async fn step_audit(&self, s: &TableErasure) -> Result<()> {
         audit(
             &self.silt.lake,

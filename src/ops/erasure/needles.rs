@@ -268,7 +268,7 @@ impl KeySet {
     }
 
     pub fn matches_int(&self, i: i64) -> bool {
-        self.ints.contains(&i) || self.has_hmac(&i.to_string())
+        self.ints.contains(&i) || (!self.hmacs.is_empty() && self.has_hmac(&i.to_string()))
     }
 
     /// For each cell of `a`: `None` when it holds no key (NULL or blank), else whether the key

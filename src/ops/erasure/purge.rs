@@ -197,7 +197,7 @@ impl Run<'_> {
         }
         if doomed.is_empty() {
             if !step.warnings.is_empty() {
-                self.steps.push(step);
+                self.push_step(step);
             }
             return Ok(());
         }
@@ -245,7 +245,7 @@ impl Run<'_> {
         for (_, loc) in &doomed {
             lake.delete(loc).await?;
         }
-        self.steps.push(step);
+        self.push_step(step);
         Ok(())
     }
 }

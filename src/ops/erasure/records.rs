@@ -19,6 +19,14 @@ pub(super) struct Records<'a> {
     pub(super) pii_fields: Vec<String>,
 }
 
+/// Where a CSV file's key field and PII fields are (by its header, or the contract's order).
+pub(super) struct CsvFields {
+    key: Option<usize>,
+    pii: Vec<usize>,
+    /// The file should have a header but it is not known: fields cannot be told apart.
+    header_unknown: bool,
+}
+
 impl<'a> Records<'a> {
     pub(super) fn new(src: &'a Source, keys: &'a KeySet, pii: &'a Needles) -> Self {
         let file_name = |c: &str| {
@@ -68,23 +76,37 @@ impl<'a> Records<'a> {
         }
     }
 
+    /// Where the key and PII fields sit in the records of a file with this header (worked out
+    /// once per file, not per record).
+    pub(super) fn csv_fields(&self, header: Option<&[String]>) -> CsvFields {
+        CsvFields {
+            key: self
+                .key_field
+                .as_deref()
+                .and_then(|k| self.csv_index(k, header)),
+            pii: self
+                .pii_fields
+                .iter()
+                .filter_map(|p| self.csv_index(p, header))
+                .collect(),
+            header_unknown: header.is_none() && self.src.parse.header,
+        }
+    }
+
     pub(super) fn csv(&self, rec: &csv::ByteRecord, header: Option<&[String]>) -> bool {
-        let field = |i: usize| rec.get(i).map(|f| String::from_utf8_lossy(f).into_owned());
-        let key_idx = self
-            .key_field
-            .as_deref()
-            .and_then(|k| self.csv_index(k, header));
-        if let Some(v) = key_idx.and_then(field)
+        self.csv_at(rec, &self.csv_fields(header))
+    }
+
+    /// Whether a CSV record belongs to a subject, its fields located by [`Records::csv_fields`].
+    pub(super) fn csv_at(&self, rec: &csv::ByteRecord, at: &CsvFields) -> bool {
+        // Borrowed, not copied, when the field is valid UTF-8 (nearly always).
+        let field = |i: usize| rec.get(i).map(String::from_utf8_lossy);
+        if let Some(v) = at.key.and_then(field)
             && !v.trim().is_empty()
         {
             return self.keys.matches_field(&v, self.key_int);
         }
-        let pii_idx: Vec<usize> = self
-            .pii_fields
-            .iter()
-            .filter_map(|p| self.csv_index(p, header))
-            .collect();
-        if header.is_none() && self.src.parse.header {
+        if at.header_unknown {
             // The file's header is unknown (a quarantined row of a file no longer in the
             // landing root): no field can be told apart, so the record's text is searched.
             let text: Vec<String> = rec
@@ -93,9 +115,9 @@ impl<'a> Records<'a> {
                 .collect();
             return self.text(&text.join(","));
         }
-        pii_idx
-            .into_iter()
-            .filter_map(field)
+        at.pii
+            .iter()
+            .filter_map(|&i| field(i))
             .any(|v| self.pii.find_pii(&v))
     }
 
@@ -268,11 +290,15 @@ impl<'a> Records<'a> {
 }
 
 /// A landing file without the subjects' records, and how many it dropped; `None` when it
-/// holds none. A file in whose text no key value or PII value stands alone is not parsed.
+/// holds none. A JSON file in whose text no key value or PII value stands alone is not parsed
+/// (parsing JSON costs many times that search); a CSV file is split straight away (the split
+/// costs about what the search does, and the search would be wasted on a file with a hit).
 pub(super) fn without_subjects(data: &[u8], rec: &Records) -> Option<(Vec<u8>, u64)> {
-    let text = String::from_utf8_lossy(data);
-    if rec.keys.hmacs.is_empty() && !rec.keys.find_in(&text) && !rec.pii.find_pii(&text) {
-        return None;
+    if rec.src.format != Format::Csv {
+        let text = String::from_utf8_lossy(data);
+        if rec.keys.hmacs.is_empty() && !rec.keys.find_in(&text) && !rec.pii.find_pii(&text) {
+            return None;
+        }
     }
     let (bytes, dropped) = match rec.src.format {
         Format::Csv => drop_csv_records(data, rec),
@@ -321,7 +347,7 @@ pub(super) fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64
     )
     .with_quote_limit(src.parse.max_quoted_lines);
     let mut out = Vec::with_capacity(data.len());
-    let mut header: Option<Vec<String>> = None;
+    let mut fields = rec_test.csv_fields(None);
     let mut first = src.parse.header;
     let mut cursor = 0usize;
     let mut dropped = 0;
@@ -333,12 +359,12 @@ pub(super) fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64
         }
         if first {
             first = false;
-            header = Some(header_fields(&rec));
+            fields = rec_test.csv_fields(Some(&header_fields(&rec)));
             continue;
         }
         let hit = match &at.broken {
             Some(_) => rec_test.text(&String::from_utf8_lossy(&data[at.start..at.end])),
-            None => rec_test.csv(&rec, header.as_deref()),
+            None => rec_test.csv_at(&rec, &fields),
         };
         if hit {
             // Everything before the record stays; the record and its line ending go.

@@ -68,12 +68,26 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
 {
+    in_tasks_ahead(jobs, what, FILES_AT_ONCE)
+}
+
+/// [`in_tasks`] with `ahead` jobs in flight: more than the cores when the consumer does slow
+/// work of its own between results (the tasks go on while it writes).
+pub(super) fn in_tasks_ahead<'w, T, F>(
+    jobs: impl Iterator<Item = F> + 'w,
+    what: &'w str,
+    ahead: usize,
+) -> impl futures::Stream<Item = Result<T>> + 'w
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
     futures::stream::iter(
         jobs.map(
             move |job| async move { tokio::spawn(job).await.map_err(|e| Error::task(what, e))? },
         ),
     )
-    .buffered(FILES_AT_ONCE)
+    .buffered(ahead.max(1))
 }
 
 /// One data file of an in-place erasure: its rows without the subjects' go to new files.
@@ -120,6 +134,7 @@ impl FileRewrite {
             } else {
                 table
                     .table_provider()
+                    .with_session(Arc::new(ctx.state()))
                     .with_file_selection(crate::lake::storage::select_files([path]))
                     .await
                     .map_err(Error::from_datafusion)?
@@ -227,7 +242,7 @@ impl Run<'_> {
             {
                 let v = self.commit(&table, t, vec![], 0, Some((model, st))).await?;
                 step.version = Some(v);
-                self.steps.push(step);
+                self.push_step(step);
                 return Ok(Some(v));
             }
             return Ok(None);
@@ -245,17 +260,38 @@ impl Run<'_> {
         config.retain(|k, _| k.starts_with("delta.dataSkipping"));
         let (num_indexed, stats_cols) =
             deltalake::operations::get_num_idx_cols_and_stats_columns(None, config);
+        // The rewritten files are encoded as the table's own writer encodes them (bronze: LZ4
+        // and its encodings; models: Snappy, 32k-row groups), not with delta-rs's defaults.
+        let props = match t.layer {
+            Layer::Bronze => self
+                .silt
+                .project
+                .sources
+                .get(&t.name)
+                .map(crate::ingest::writer_properties),
+            Layer::Silver | Layer::Gold => {
+                Some(crate::build::materialize::model_writer_properties())
+            }
+            Layer::Quarantine | Layer::Silt => None,
+        };
         let writer_config = deltalake::datafile::writer::WriterConfig::new(
             target.clone(),
             snapshot.metadata().partition_columns().to_vec(),
-            None,
+            props,
             None,
             None,
             num_indexed,
             stats_cols,
         );
+        // Strings read as the files store them (no view types to cast back before writing).
+        let mut session = datafusion::prelude::SessionConfig::new();
+        session
+            .options_mut()
+            .execution
+            .parquet
+            .schema_force_view_types = false;
         let ctx = SessionContext::new_with_config_rt(
-            datafusion::prelude::SessionConfig::new(),
+            session,
             datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
                 .with_object_store_registry(lake.registry())
                 .build_arc()?,
@@ -296,7 +332,7 @@ impl Run<'_> {
         let _ = version;
         step.version = Some(v);
         self.step_audit(&step).await?;
-        self.steps.push(step);
+        self.push_step(step);
         Ok(Some(v))
     }
 
@@ -436,6 +472,7 @@ impl Run<'_> {
                 // Rebuilt from upstream (which no longer holds the subjects). History-keeping
                 // models without the key carry the subjects inside aggregates: from scratch.
                 let mat = mk(keeps_history);
+                let fresh = TableErasure::new(t.to_string(), Step::Rebuild);
                 let mm = mat.build(m).await?;
                 if mm.status != ModelStatus::UpToDate {
                     let step = TableErasure {
@@ -443,10 +480,10 @@ impl Run<'_> {
                         files_added: mm.counts.files_added,
                         version: mm.version,
                         partitions: mm.partitions.clone(),
-                        ..TableErasure::new(t.to_string(), Step::Rebuild)
+                        ..fresh
                     };
                     self.step_audit(&step).await?;
-                    self.steps.push(step);
+                    self.push_step(step);
                     rebuilt.push(mm);
                 }
                 failpoint::hit("forget.table");
