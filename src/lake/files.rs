@@ -500,7 +500,7 @@ pub struct Group {
 
 /// The partition values of a group's rows (its first row's), typed as the table's columns, as
 /// the file's add action records them (generic: delta-rs does not export its scalar type).
-fn partition_values<S: deltalake::kernel::scalars::ScalarExt>(
+pub(crate) fn partition_values<S: deltalake::kernel::scalars::ScalarExt>(
     batch: &RecordBatch,
     partition_columns: &[String],
 ) -> Result<IndexMap<String, S>> {

@@ -8,6 +8,11 @@ use super::*;
 /// would make the landing step mostly ledger writes).
 pub(super) const LANDING_GROUP_BYTES: usize = 32 << 20;
 
+/// A landing task's outcome.
+async fn joined<T>(h: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
+    h.await.map_err(|e| Error::task("landing erasure", e))?
+}
+
 /// A landing file's location, its path relative to the landing root, and its rewrite.
 pub(super) type LandingFile = (object_store::path::Path, String, Option<(Vec<u8>, u64)>);
 
@@ -86,6 +91,8 @@ impl Run<'_> {
         // Twice as many files in flight as cores: the searches go on while this loop lands a
         // group (ledger commit, then the files).
         let mut found = Box::pin(in_tasks_ahead(jobs, "landing erasure", 2 * FILES_AT_ONCE));
+        let mut landing_now: Option<tokio::task::JoinHandle<Result<Vec<(String, Option<u64>)>>>> =
+            None;
         while let Some(r) = found.next().await {
             let Some((location, rel, rewritten, sha)) = r? else {
                 continue;
@@ -120,12 +127,33 @@ impl Run<'_> {
             group.entries.extend(entry);
             group.files.push((location, rel, rewritten));
             if group.bytes >= LANDING_GROUP_BYTES {
-                self.land(std::mem::take(&mut group), &batch_id, &mut step)
-                    .await?;
+                // One group lands (in its own task) while the next one is searched; groups
+                // land one after the other, each ledger commit after the files before it.
+                if let Some(before) = landing_now.take() {
+                    landed(&mut step, joined(before).await?);
+                }
+                landing_now = Some(tokio::spawn(land(
+                    landing.clone(),
+                    self.silt.lake.clone(),
+                    self.silt.env.is_some(),
+                    std::mem::take(&mut group),
+                    batch_id.clone(),
+                )));
             }
         }
         drop(found);
-        self.land(group, &batch_id, &mut step).await?;
+        if let Some(before) = landing_now.take() {
+            landed(&mut step, joined(before).await?);
+        }
+        let last = land(
+            landing.clone(),
+            self.silt.lake.clone(),
+            self.silt.env.is_some(),
+            group,
+            batch_id.clone(),
+        )
+        .await?;
+        landed(&mut step, last);
         let headers = std::mem::take(&mut *headers.lock().unwrap());
         self.headers.insert(src.name.clone(), headers);
         if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
@@ -134,67 +162,69 @@ impl Run<'_> {
         self.push_step(step);
         Ok(())
     }
+}
 
-    /// Land one group of landing rewrites: ledger first, in one commit for the group (the new
-    /// content is known as ingested before it lands, and the old one stays known, so a crash
-    /// in between never re-ingests a file), then each file's new content or its deletion.
-    pub(super) async fn land(
-        &self,
-        group: LandingGroup,
-        batch_id: &str,
-        step: &mut TableErasure,
-    ) -> Result<()> {
-        let landing = &self.silt.landing;
-        if group.files.is_empty() {
-            return Ok(());
-        }
-        ledger::record(&self.silt.lake, &group.entries, batch_id).await?;
-        failpoint::hit("forget.landing_ledger");
-        if self.silt.env.is_some() {
-            // An environment shares the project's landing files: its ledger learns their
-            // erased content (the same bytes the project's own forget, which runs after it,
-            // writes), and the files are the project's to rewrite.
-            for (_, rel, rewritten) in group.files {
-                match rewritten {
-                    Some((_, dropped)) => {
-                        step.rows_deleted += dropped;
-                        step.files_rewritten.push(rel);
-                    }
-                    None => step.files_purged.push(rel),
+/// Land one group of landing rewrites: ledger first, in one commit for the group (the new
+/// content is known as ingested before it lands, and the old one stays known, so a crash in
+/// between never re-ingests a file), then each file's new content or its deletion. Owned
+/// arguments: it runs in a task of its own while the next group is searched. Returns each
+/// file's path and the records it dropped (`None`: the file was removed).
+async fn land(
+    landing: Storage,
+    lake: Storage,
+    in_env: bool,
+    group: LandingGroup,
+    batch_id: String,
+) -> Result<Vec<(String, Option<u64>)>> {
+    if group.files.is_empty() {
+        return Ok(Vec::new());
+    }
+    ledger::record(&lake, &group.entries, &batch_id).await?;
+    failpoint::hit("forget.landing_ledger");
+    if in_env {
+        // An environment shares the project's landing files: its ledger learns their erased
+        // content (the same bytes the project's own forget, which runs after it, writes), and
+        // the files are the project's to rewrite.
+        return Ok(group
+            .files
+            .into_iter()
+            .map(|(_, rel, rewritten)| (rel, rewritten.map(|(_, dropped)| dropped)))
+            .collect());
+    }
+    // The group's files land side by side (each put or delete is independent once the ledger
+    // knows them); reported in the group's order.
+    let writes = group.files.into_iter().map(|(location, rel, rewritten)| {
+        let landing = landing.clone();
+        async move {
+            match rewritten {
+                Some((bytes, dropped)) => {
+                    landing.put(&location, Bytes::from(bytes)).await?;
+                    Ok::<_, Error>((rel, Some(dropped)))
+                }
+                None => {
+                    landing.delete(&location).await?;
+                    Ok((rel, None))
                 }
             }
-            return Ok(());
         }
-        // The group's files land side by side (each put or delete is independent once the
-        // ledger knows them); reported in the group's order.
-        let writes = group.files.into_iter().map(|(location, rel, rewritten)| {
-            let landing = landing.clone();
-            async move {
-                match rewritten {
-                    Some((bytes, dropped)) => {
-                        landing.put(&location, Bytes::from(bytes)).await?;
-                        Ok::<_, Error>((rel, Some(dropped)))
-                    }
-                    None => {
-                        landing.delete(&location).await?;
-                        Ok((rel, None))
-                    }
-                }
+    });
+    futures::stream::iter(writes)
+        .buffered(2 * FILES_AT_ONCE)
+        .collect::<Vec<Result<_>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Count what a landed group did in the step.
+fn landed(step: &mut TableErasure, files: Vec<(String, Option<u64>)>) {
+    for (rel, dropped) in files {
+        match dropped {
+            Some(n) => {
+                step.rows_deleted += n;
+                step.files_rewritten.push(rel);
             }
-        });
-        let landed: Vec<Result<_>> = futures::stream::iter(writes)
-            .buffered(2 * FILES_AT_ONCE)
-            .collect()
-            .await;
-        for r in landed {
-            match r? {
-                (rel, Some(dropped)) => {
-                    step.rows_deleted += dropped;
-                    step.files_rewritten.push(rel);
-                }
-                (rel, None) => step.files_purged.push(rel),
-            }
+            None => step.files_purged.push(rel),
         }
-        Ok(())
     }
 }

@@ -52,7 +52,7 @@ use crate::lake::failpoint;
 use crate::lake::meta::erasures::{AuditRow, AuditStatus, Step, audit, audit_entries};
 use crate::lake::meta::ledger::{self, FileStatus, LedgerEntry};
 use crate::lake::meta::runs::RunRecord;
-use crate::lake::storage::same_path;
+use crate::lake::storage::{Storage, same_path};
 use crate::project::config::{ErasurePolicy, Format, Source};
 
 /// The entry of the `started` audit row's `key_hmacs` that holds the subjects' PII values as

@@ -19,6 +19,31 @@ pub(super) struct Records<'a> {
     pub(super) pii_fields: Vec<String>,
 }
 
+/// A CSV record's fields, however it was split: the csv crate's record (quarantined raw
+/// rows) or ingest's splitter positioned on a record (landing files, no copy of the fields).
+pub(super) trait CsvRecord {
+    fn field(&self, i: usize) -> Option<&[u8]>;
+    fn fields(&self) -> Vec<&[u8]>;
+}
+
+impl CsvRecord for csv::ByteRecord {
+    fn field(&self, i: usize) -> Option<&[u8]> {
+        self.get(i)
+    }
+    fn fields(&self) -> Vec<&[u8]> {
+        self.iter().collect()
+    }
+}
+
+impl CsvRecord for crate::ingest::parse::csv_records::Records<'_> {
+    fn field(&self, i: usize) -> Option<&[u8]> {
+        self.get(i)
+    }
+    fn fields(&self) -> Vec<&[u8]> {
+        self.iter().collect()
+    }
+}
+
 /// Where a CSV file's key field and PII fields are (by its header, or the contract's order).
 pub(super) struct CsvFields {
     key: Option<usize>,
@@ -98,9 +123,9 @@ impl<'a> Records<'a> {
     }
 
     /// Whether a CSV record belongs to a subject, its fields located by [`Records::csv_fields`].
-    pub(super) fn csv_at(&self, rec: &csv::ByteRecord, at: &CsvFields) -> bool {
+    pub(super) fn csv_at(&self, rec: &impl CsvRecord, at: &CsvFields) -> bool {
         // Borrowed, not copied, when the field is valid UTF-8 (nearly always).
-        let field = |i: usize| rec.get(i).map(String::from_utf8_lossy);
+        let field = |i: usize| rec.field(i).map(String::from_utf8_lossy);
         if let Some(v) = at.key.and_then(field)
             && !v.trim().is_empty()
         {
@@ -110,7 +135,8 @@ impl<'a> Records<'a> {
             // The file's header is unknown (a quarantined row of a file no longer in the
             // landing root): no field can be told apart, so the record's text is searched.
             let text: Vec<String> = rec
-                .iter()
+                .fields()
+                .into_iter()
                 .map(|f| String::from_utf8_lossy(f).into_owned())
                 .collect();
             return self.text(&text.join(","));
@@ -351,20 +377,16 @@ pub(super) fn drop_csv_records(data: &[u8], rec_test: &Records) -> (Vec<u8>, u64
     let mut first = src.parse.header;
     let mut cursor = 0usize;
     let mut dropped = 0;
-    let mut rec = csv::ByteRecord::new();
     while let Some(at) = split.next_record() {
-        rec.clear();
-        for f in split.iter() {
-            rec.push_field(f);
-        }
         if first {
             first = false;
+            let rec: csv::ByteRecord = split.iter().collect();
             fields = rec_test.csv_fields(Some(&header_fields(&rec)));
             continue;
         }
         let hit = match &at.broken {
             Some(_) => rec_test.text(&String::from_utf8_lossy(&data[at.start..at.end])),
-            None => rec_test.csv_at(&rec, &fields),
+            None => rec_test.csv_at(&split, &fields),
         };
         if hit {
             // Everything before the record stays; the record and its line ending go.

@@ -101,6 +101,7 @@ pub(super) struct FileRewrite {
     pub(super) writer_config: deltalake::datafile::writer::WriterConfig,
     pub(super) t: TableRef,
     pub(super) lake: crate::lake::storage::Storage,
+    pub(super) partition_columns: Arc<Vec<String>>,
 }
 
 impl FileRewrite {
@@ -116,6 +117,7 @@ impl FileRewrite {
             writer_config,
             t,
             lake,
+            partition_columns,
         } = self;
         let provider: Arc<dyn datafusion::catalog::TableProvider> =
             if crate::lake::storage::absolute_url(&path).is_some() {
@@ -165,10 +167,15 @@ impl FileRewrite {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let kept = RecordBatch::try_new(target.clone(), cols)?;
-            writer
-                .write(&kept)
-                .await
-                .map_err(|e| Error::delta(t.to_string(), e))?;
+            // One file's rows share its partition: written straight to it, without delta-rs
+            // sorting and copying every batch to split it by partition values.
+            let written = if partition_columns.is_empty() {
+                writer.write(&kept).await
+            } else {
+                let values = crate::lake::files::partition_values(&kept, &partition_columns)?;
+                writer.write_partition(kept, &values).await
+            };
+            written.map_err(|e| Error::delta(t.to_string(), e))?;
         }
         let adds = writer
             .close()
@@ -274,9 +281,10 @@ impl Run<'_> {
             }
             Layer::Quarantine | Layer::Silt => None,
         };
+        let partition_columns = Arc::new(snapshot.metadata().partition_columns().to_vec());
         let writer_config = deltalake::datafile::writer::WriterConfig::new(
             target.clone(),
-            snapshot.metadata().partition_columns().to_vec(),
+            partition_columns.to_vec(),
             props,
             None,
             None,
@@ -308,6 +316,7 @@ impl Run<'_> {
                 writer_config: writer_config.clone(),
                 t: t.clone(),
                 lake: lake.clone(),
+                partition_columns: partition_columns.clone(),
             }
             .run()
         });
