@@ -218,7 +218,9 @@ pub(super) fn cells(a: &ArrayRef) -> Option<Vec<Option<String>>> {
 #[derive(Debug, Default)]
 pub struct KeySet {
     pub(super) text: HashSet<String>,
-    pub(super) ints: HashSet<i64>,
+    /// Hashed with foldhash (DataFusion's default), not SipHash: every key cell of every file
+    /// an erasure reads is looked up here.
+    pub(super) ints: datafusion::common::HashSet<i64>,
     /// HMACs (under the `[gdpr]` key) of values an earlier run of this request derived: the rows
     /// they came from may be purged by now, so they are matched by their HMAC.
     pub(super) hmacs: HashSet<String>,
