@@ -53,8 +53,8 @@ impl Run<'_> {
             }
         }
         step.files_scanned = files.len() as u64;
-        // Each file is read, searched and rewritten in its own task, two at a time; the
-        // results come back in listing order, so the ledger groups are as before.
+        // Each file is read, searched and rewritten in its own task; the results come back in
+        // listing order, so the ledger groups are as before.
         let shared = Arc::new(src.clone());
         let headers: Arc<std::sync::Mutex<HashMap<String, Vec<String>>>> = Default::default();
         let jobs = files.into_iter().map(|(location, rel)| {
@@ -88,13 +88,23 @@ impl Run<'_> {
                 Ok(Some((location, rel, rewritten, sha)))
             }
         });
-        // Twice as many files in flight as cores: the searches go on while this loop lands a
-        // group (ledger commit, then the files).
+        // Twice as many files in flight as cores: the searches go on while a group lands
+        // (ledger commit, then the files).
         let mut found = Box::pin(in_tasks_ahead(jobs, "landing erasure", 2 * FILES_AT_ONCE));
         let mut landing_now: Option<tokio::task::JoinHandle<Result<Vec<(String, Option<u64>)>>>> =
             None;
+        // A failed search stops the step, but only after the group in flight has landed (or
+        // failed): no write of this step outlives it.
+        let mut failed: Option<Error> = None;
         while let Some(r) = found.next().await {
-            let Some((location, rel, rewritten, sha)) = r? else {
+            let searched = match r {
+                Ok(s) => s,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let Some((location, rel, rewritten, sha)) = searched else {
                 continue;
             };
             let now = chrono::Utc::now().timestamp_micros();
@@ -143,7 +153,14 @@ impl Run<'_> {
         }
         drop(found);
         if let Some(before) = landing_now.take() {
-            landed(&mut step, joined(before).await?);
+            let done = joined(before).await;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            landed(&mut step, done?);
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let last = land(
             landing.clone(),

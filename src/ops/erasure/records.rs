@@ -317,12 +317,14 @@ impl<'a> Records<'a> {
 
 /// A landing file without the subjects' records, and how many it dropped; `None` when it
 /// holds none. A JSON file in whose text no key value or PII value stands alone is not parsed
-/// (parsing JSON costs many times that search); a CSV file is split straight away (the split
-/// costs about what the search does, and the search would be wasted on a file with a hit).
+/// (parsing JSON costs many times that search), unless some keys or PII values are known only
+/// as HMACs (no text search finds those: every record is judged); a CSV file is always split
+/// straight away (the split costs about what the search does, and the search would be wasted
+/// on a file with a hit).
 pub(super) fn without_subjects(data: &[u8], rec: &Records) -> Option<(Vec<u8>, u64)> {
-    if rec.src.format != Format::Csv {
+    if rec.src.format != Format::Csv && rec.keys.hmacs.is_empty() && rec.pii.pii_hmacs.is_empty() {
         let text = String::from_utf8_lossy(data);
-        if rec.keys.hmacs.is_empty() && !rec.keys.find_in(&text) && !rec.pii.find_pii(&text) {
+        if !rec.keys.find_in(&text) && !rec.pii.find_pii(&text) {
             return None;
         }
     }

@@ -90,6 +90,23 @@ where
     .buffered(ahead.max(1))
 }
 
+/// Ingest's Parquet settings for a source's bronze files, while its key columns still have
+/// the contract's types (a contract changed since the last ingest keeps delta-rs's defaults: a
+/// key encoding chosen for the new type cannot write the old one).
+fn bronze_properties(
+    src: &Source,
+    table: &Schema,
+) -> Option<parquet::file::properties::WriterProperties> {
+    let contract = crate::ingest::bronze_schema_of(src);
+    let same = src.primary_key.iter().all(|k| {
+        match (contract.field_with_name(k), table.field_with_name(k)) {
+            (Ok(a), Ok(b)) => a.data_type() == b.data_type(),
+            _ => false,
+        }
+    });
+    same.then(|| crate::ingest::writer_properties(src))
+}
+
 /// One data file of an in-place erasure: its rows without the subjects' go to new files.
 pub(super) struct FileRewrite {
     pub(super) table: DeltaTable,
@@ -275,7 +292,7 @@ impl Run<'_> {
                 .project
                 .sources
                 .get(&t.name)
-                .map(crate::ingest::writer_properties),
+                .and_then(|src| bronze_properties(src, &target)),
             Layer::Silver | Layer::Gold => {
                 Some(crate::build::materialize::model_writer_properties())
             }
