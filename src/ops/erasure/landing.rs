@@ -8,6 +8,9 @@ use super::*;
 /// would make the landing step mostly ledger writes).
 pub(super) const LANDING_GROUP_BYTES: usize = 32 << 20;
 
+/// Each landed file's path and the records it dropped (`None`: the file was removed).
+type Landed = Vec<(String, Option<u64>)>;
+
 /// A landing task's outcome.
 async fn joined<T>(h: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
     h.await.map_err(|e| Error::task("landing erasure", e))?
@@ -91,8 +94,7 @@ impl Run<'_> {
         // Twice as many files in flight as cores: the searches go on while a group lands
         // (ledger commit, then the files).
         let mut found = Box::pin(in_tasks_ahead(jobs, "landing erasure", 2 * FILES_AT_ONCE));
-        let mut landing_now: Option<tokio::task::JoinHandle<Result<Vec<(String, Option<u64>)>>>> =
-            None;
+        let mut landing_now: Option<tokio::task::JoinHandle<Result<Landed>>> = None;
         // A failed search stops the step, but only after the group in flight has landed (or
         // failed): no write of this step outlives it.
         let mut failed: Option<Error> = None;
@@ -192,7 +194,7 @@ async fn land(
     in_env: bool,
     group: LandingGroup,
     batch_id: String,
-) -> Result<Vec<(String, Option<u64>)>> {
+) -> Result<Landed> {
     if group.files.is_empty() {
         return Ok(Vec::new());
     }
@@ -234,7 +236,7 @@ async fn land(
 }
 
 /// Count what a landed group did in the step.
-fn landed(step: &mut TableErasure, files: Vec<(String, Option<u64>)>) {
+fn landed(step: &mut TableErasure, files: Landed) {
     for (rel, dropped) in files {
         match dropped {
             Some(n) => {
