@@ -298,17 +298,7 @@ pub async fn commit_files(
             Err(e) => lost_creation(&mut table, t, &app_ids, e).await?,
         }
     }
-    let snapshot = table.snapshot().map_err(err)?.clone();
-    let done = CommitBuilder::from(props())
-        .with_actions(actions)
-        .build(Some(&snapshot), table.log_store(), operation)
-        .await
-        .map_err(&err)?;
-    table
-        .update_incremental(Some(done.version()))
-        .await
-        .map_err(err)?;
-    Ok(table)
+    commit_actions(table, t, actions, props(), operation).await
 }
 
 /// A table replaced whole by data files written elsewhere (lake/files.rs), as one commit: every
@@ -330,7 +320,6 @@ pub async fn commit_overwrite(
     description: Option<&str>,
 ) -> Result<DeltaTable> {
     use deltalake::kernel::Action;
-    use deltalake::kernel::transaction::CommitBuilder;
     use deltalake::protocol::DeltaOperation;
     let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
     let mut actions: Vec<Action> = Vec::new();
@@ -393,7 +382,31 @@ pub async fn commit_overwrite(
             "num_added_rows": rows,
         }),
     ));
-    let done = CommitBuilder::from(CommitProperties::default().with_metadata(metadata))
+    commit_actions(
+        table,
+        t,
+        actions,
+        CommitProperties::default().with_metadata(metadata),
+        operation,
+    )
+    .await
+}
+
+/// Commit `actions` to `table` on top of its current version (the table's creation when it has
+/// none) with `props` (commit info, retries), and bring the handle to the version written.
+pub async fn commit_actions(
+    table: DeltaTable,
+    t: &TableRef,
+    actions: Vec<deltalake::kernel::Action>,
+    props: CommitProperties,
+    operation: deltalake::protocol::DeltaOperation,
+) -> Result<DeltaTable> {
+    let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
+    let snapshot = match table.version() {
+        Some(_) => Some(table.snapshot().map_err(err)?.clone()),
+        None => None,
+    };
+    let done = deltalake::kernel::transaction::CommitBuilder::from(props)
         .with_actions(actions)
         .build(
             snapshot

@@ -553,25 +553,18 @@ pub async fn localize(
         meta.insert("silt.state".into(), serde_json::to_value(s)?);
     }
     let partition_columns = snap.metadata().partition_columns().to_vec();
-    let done = CommitBuilder::from(CommitProperties::default())
-        .with_actions(actions)
-        .with_app_metadata(meta)
-        .build(
-            Some(&snap),
-            table.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Append,
-                partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
-                predicate: Some("copy cloned files into the environment".into()),
-            },
-        )
-        .await
-        .map_err(err)?;
-    let mut table = table;
-    table
-        .update_incremental(Some(done.version()))
-        .await
-        .map_err(err)?;
+    let table = crate::lake::commit::commit_actions(
+        table,
+        t,
+        actions,
+        CommitProperties::default().with_metadata(meta),
+        DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
+            predicate: Some("copy cloned files into the environment".into()),
+        },
+    )
+    .await?;
     Ok((table, copied))
 }
 

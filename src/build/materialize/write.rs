@@ -250,31 +250,21 @@ impl Materializer<'_> {
         target: DeltaTable,
         state: &ModelState,
     ) -> Result<DeltaTable> {
-        use deltalake::kernel::transaction::CommitBuilder;
         use deltalake::protocol::DeltaOperation;
-        let err = |e: deltalake::DeltaTableError| Error::delta(t.to_string(), e);
-        let mut target = target;
-        let snapshot = target.snapshot().map_err(err)?.clone();
         // No actions but the commit info carrying the state (delta-rs's write refuses an
         // empty input).
-        let done = CommitBuilder::from(self.props(m, state))
-            .with_actions(Vec::new())
-            .build(
-                Some(&snapshot),
-                target.log_store(),
-                DeltaOperation::Write {
-                    mode: SaveMode::Append,
-                    partition_by: None,
-                    predicate: None,
-                },
-            )
-            .await
-            .map_err(err)?;
-        target
-            .update_incremental(Some(done.version()))
-            .await
-            .map_err(err)?;
-        Ok(target)
+        crate::lake::commit::commit_actions(
+            target,
+            t,
+            Vec::new(),
+            self.props(m, state),
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+        )
+        .await
     }
 
     /// A new model table's configuration: `delta.dataSkippingStatsColumns`, every column but
