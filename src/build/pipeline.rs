@@ -1,8 +1,8 @@
 //! `silt build`, `silt run` and `silt test`: ingest (for `run`), source tests, then models in
-//! dag order, each followed by its tests; a failed model or an error-severity test failure skips
-//! the downstream while independent branches still build; then singular tests and one
-//! `_silt/runs` entry. It must not write data tables itself (materialize.rs and ingest do) nor
-//! print.
+//! dag order (independent ones side by side, up to `[engine] threads`), each followed by its
+//! tests; a failed model or an error-severity test failure skips the downstream while
+//! independent branches still build; then singular tests and one `_silt/runs` entry. It must
+//! not write data tables itself (materialize.rs and ingest do) nor print.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -442,6 +442,42 @@ async fn model_tests(
     ok
 }
 
+/// What a build running in a task of its own needs, owned (the task outlives no borrow).
+#[derive(Clone)]
+struct BuildInputs {
+    catalog: crate::lake::catalog::Catalog,
+    dag: std::sync::Arc<Dag>,
+    run_id: String,
+    full_refresh: bool,
+    pii: std::sync::Arc<BTreeSet<String>>,
+    hmac_key: Option<String>,
+    changes: std::sync::Arc<crate::build::materialize::ChangeCache>,
+    rebuild_changed: bool,
+}
+
+impl BuildInputs {
+    /// Build `name` in a session of its own over `ctx`'s engine and lake schemas.
+    async fn build(self, ctx: SessionContext, name: String) -> Result<ModelMetrics> {
+        let ctx = crate::lake::catalog::scratch_session(&ctx)?;
+        let mat = Materializer {
+            catalog: &self.catalog,
+            dag: &self.dag,
+            ctx: &ctx,
+            run_id: &self.run_id,
+            full_refresh: self.full_refresh,
+            pii: &self.pii,
+            hmac_key: self.hmac_key.as_deref(),
+            changes: self.changes.clone(),
+            rebuild_changed: self.rebuild_changed,
+        };
+        mat.build(&self.dag.models[&name]).await
+    }
+}
+
+/// Build the selected models: each as soon as every selected model it reads is built and
+/// tested, up to `[engine] threads` at once, each in a task and a session of its own. What
+/// decides (tests, skips, the report) happens here, one model at a time; the report lists the
+/// models in dag order whatever order they finished in.
 #[allow(clippy::too_many_arguments)]
 async fn build_models(
     silt: &Silt,
@@ -456,6 +492,17 @@ async fn build_models(
 ) -> Result<()> {
     let run_id = report.run_id.clone();
     let pii: BTreeSet<String> = silt.project.no_stats_columns();
+    let inputs = BuildInputs {
+        catalog: silt.catalog.clone(),
+        dag: std::sync::Arc::new(dag.clone()),
+        run_id: run_id.clone(),
+        full_refresh,
+        pii: std::sync::Arc::new(pii.clone()),
+        hmac_key: silt.project.file.gdpr.hmac_key.clone(),
+        changes: Default::default(),
+        rebuild_changed: silt.env.is_some(),
+    };
+    let first_model = report.models.len();
     let mut run = ModelRun {
         silt,
         dag,
@@ -468,7 +515,7 @@ async fn build_models(
             full_refresh,
             pii: &pii,
             hmac_key: silt.project.file.gdpr.hmac_key.as_deref(),
-            changes: Default::default(),
+            changes: inputs.changes.clone(),
             rebuild_changed: silt.env.is_some(),
         },
         broken_sources,
@@ -480,25 +527,94 @@ async fn build_models(
     if let Some(p) = progress {
         p.start(selected.len() as u64);
     }
-    for (done, name) in selected.iter().enumerate() {
-        if let Some(p) = progress {
-            p.working_on(&dag.models[name].table().to_string());
-        }
-        run.model(name).await?;
+    let threads = silt.catalog.engine().model_threads().max(1);
+    let in_selection: BTreeSet<&String> = selected.iter().collect();
+    let mut waiting: Vec<&String> = selected.iter().collect();
+    let mut settled: BTreeSet<String> = BTreeSet::new();
+    let mut running: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut tasks: tokio::task::JoinSet<(String, Result<ModelMetrics>)> =
+        tokio::task::JoinSet::new();
+    let mut failure: Option<Error> = None;
+    let mut done = 0u64;
+    let tell = |run: &ModelRun<'_>, name: &String, done: u64| {
         if let Some(p) = progress {
             p.advance(1);
         }
         if let (Some(f), Some(mm)) = (
             on_model,
-            run.report.models.last().filter(|mm| mm.model == *name),
+            run.report.models.iter().rev().find(|mm| mm.model == *name),
         ) {
-            f(mm, done as u64 + 1, selected.len());
+            f(mm, done, selected.len());
         }
+    };
+    loop {
+        // Start what can start, in dag order: every selected model it reads is settled.
+        let mut i = 0;
+        while failure.is_none() && running.len() < threads && i < waiting.len() {
+            let name = waiting[i];
+            let ready = dag.models[name]
+                .refs
+                .iter()
+                .all(|r| !in_selection.contains(r) || settled.contains(r));
+            if !ready {
+                i += 1;
+                continue;
+            }
+            waiting.remove(i);
+            match run.prepare(name).await {
+                Ok(true) => {
+                    running.insert(name.clone(), Instant::now());
+                    if let Some(p) = progress {
+                        let now: Vec<String> = running
+                            .keys()
+                            .map(|n| dag.models[n].table().to_string())
+                            .collect();
+                        p.working_on(&now.join(", "));
+                    }
+                    let (inputs, ctx, name) = (inputs.clone(), ctx.clone(), name.clone());
+                    tasks.spawn(async move {
+                        let r = inputs.build(ctx, name.clone()).await;
+                        (name, r)
+                    });
+                }
+                Ok(false) => {
+                    settled.insert(name.clone());
+                    done += 1;
+                    tell(&run, name, done);
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        let (name, result) = match joined {
+            Ok(r) => r,
+            Err(e) => {
+                // A build that panicked: what it read and wrote is unknown, so nothing more
+                // starts; the builds still running finish first.
+                failure.get_or_insert(Error::Internal(format!("a model build stopped: {e}")));
+                continue;
+            }
+        };
+        let began = running.remove(&name).unwrap_or_else(Instant::now);
+        run.finish(&name, began, result).await;
+        settled.insert(name.clone());
+        done += 1;
+        tell(&run, &name, done);
     }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    // Dag order in the report, as a run one model at a time would list them.
+    let position: BTreeMap<&String, usize> =
+        selected.iter().enumerate().map(|(i, n)| (n, i)).collect();
+    run.report.models[first_model..]
+        .sort_by_key(|mm| position.get(&mm.model).copied().unwrap_or(usize::MAX));
     run.singular_tests(selected).await
 }
 
-/// The models of one run, built in dag order, each followed by its tests.
+/// What a run decides about its models, one at a time: deferred tests, skips, the report.
 struct ModelRun<'a> {
     silt: &'a Silt,
     dag: &'a Dag,
@@ -517,8 +633,10 @@ struct ModelRun<'a> {
 }
 
 impl ModelRun<'_> {
-    /// Build `name` (or skip it when an upstream failed), then test it.
-    async fn model(&mut self, name: &String) -> Result<()> {
+    /// Before `name` builds: the deferred tests of the up-to-date models it reads run (when it
+    /// is not up to date itself), and it is skipped when an upstream failed. True when it is
+    /// to be built.
+    async fn prepare(&mut self, name: &String) -> Result<bool> {
         let m = &self.dag.models[name];
         let waiting: Vec<String> = m
             .refs
@@ -555,12 +673,20 @@ impl ModelRun<'_> {
                 message: Some(format!("upstream {up} failed")),
                 ..Default::default()
             });
-            return Ok(());
+            return Ok(false);
         }
-        let began = Instant::now();
-        match self.mat.build(m).await {
+        Ok(true)
+    }
+
+    /// After `name`'s build (begun at `began`): record it, then test it.
+    async fn finish(&mut self, name: &String, began: Instant, result: Result<ModelMetrics>) {
+        let m = &self.dag.models[name];
+        match result {
             Ok(metrics) if metrics.status == ModelStatus::UpToDate => {
-                self.up_to_date(m, metrics).await?
+                if let Err(e) = self.up_to_date(m, metrics).await {
+                    self.broken.insert(name.clone());
+                    self.report.errors.push((name.clone(), e));
+                }
             }
             Ok(metrics) => self.built(m, metrics).await,
             Err(e) => {
@@ -577,7 +703,6 @@ impl ModelRun<'_> {
                 self.report.errors.push((name.clone(), e));
             }
         }
-        Ok(())
     }
 
     /// An up-to-date model: its tests wait for a model reading it, unless its build was never

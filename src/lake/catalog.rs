@@ -165,6 +165,11 @@ impl Catalog {
         &self.lake
     }
 
+    /// The engine settings every session of this catalog gets.
+    pub fn engine(&self) -> &crate::project::config::EngineSection {
+        &self.engine
+    }
+
     /// A scan of some data files (`LogicalFileView::path`s) of `table` at the version it is
     /// loaded at: delta-rs's own scan, or on a cluster the plain Parquet scan executors run.
     pub async fn files_scan<S: AsRef<str>>(
@@ -265,11 +270,10 @@ impl Catalog {
         }
         // Sorts, aggregates and joins hold at most this much before spilling to disk (the OS
         // temp dir), so a model's memory does not grow with its input.
-        // A fair pool: every spilling operator (sorts, aggregates) gets its share and spills
-        // beyond it; the rest (merges, hash join build sides) draws from what is left.
-        let pool = datafusion::execution::memory_pool::FairSpillPool::new(
-            self.engine.memory_limit_bytes(),
-        );
+        // A fair pool: every spilling operator (sorts, aggregates) keeps half its share and
+        // may borrow what the others leave idle; the rest (merges, hash join build sides)
+        // draws from what is left (`lake/memory.rs`).
+        let pool = crate::lake::memory::SharePool::new(self.engine.memory_limit_bytes());
         // Any bucket an environment's clone names is read with the lake's credentials.
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))
@@ -350,6 +354,39 @@ impl Catalog {
         }
         Ok(ctx)
     }
+}
+
+/// A session for one build among others running side by side: `ctx`'s engine (settings, plan
+/// rules, the one memory pool) and its lake schemas, but a default schema and a scratch
+/// schema ([`NEW_SCHEMA`]) of its own, so the relations a build registers there (its MERGE
+/// source, an upstream's increment) are not another build's.
+pub fn scratch_session(ctx: &SessionContext) -> Result<SessionContext> {
+    use datafusion::catalog::{
+        CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+        MemorySchemaProvider,
+    };
+    let state = ctx.state();
+    let default = state.config().options().catalog.default_catalog.clone();
+    let default_schema = state.config().options().catalog.default_schema.clone();
+    let shared = ctx
+        .catalog(&default)
+        .ok_or_else(|| Error::Internal("DataFusion has no default catalog".into()))?;
+    let own = MemoryCatalogProvider::new();
+    for name in shared.schema_names() {
+        if name == default_schema || name == NEW_SCHEMA {
+            continue;
+        }
+        if let Some(schema) = shared.schema(&name) {
+            own.register_schema(&name, schema)?;
+        }
+    }
+    own.register_schema(&default_schema, Arc::new(MemorySchemaProvider::new()))?;
+    let list = MemoryCatalogProviderList::new();
+    list.register_catalog(default, Arc::new(own));
+    let state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
+        .with_catalog_list(Arc::new(list))
+        .build();
+    Ok(SessionContext::new_with_state(state))
 }
 
 #[derive(Debug)]

@@ -13,6 +13,7 @@ pub mod env;
 pub mod failpoint;
 pub mod files;
 pub mod lease;
+pub mod memory;
 pub mod meta;
 pub mod snapshot_scan;
 pub mod sql_text;

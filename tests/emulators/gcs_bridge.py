@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -388,6 +389,8 @@ def main():
     finally:
         httpd.shutdown()
         server.kill()
+        server.wait()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -706,6 +706,8 @@ fn the_docs_site_works_in_a_real_browser() {
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("about:blank")
+        // Chromium's own scratch directories go where the profile goes, and leave with it.
+        .env("TMPDIR", profile.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -17,6 +17,7 @@ mod ingest;
 mod lease;
 mod lineage;
 mod maintenance;
+mod memory;
 mod models;
 mod outside;
 mod quality;

@@ -1077,3 +1077,155 @@ fn a_partition_overwrite_build_beyond_one_chunk_runs_a_query_per_chunk_in_one_co
     assert_eq!(model(&r, "per_day")["chunks"], 1);
     assert_eq!(table_csv(&p, "gold.per_day"), expected(&p));
 }
+
+/// Builds that run side by side each get a session of their own: a scratch relation one
+/// registers (a MERGE's source, an upstream's increment, both under fixed names) is not the
+/// other's, while both read the lake's tables and share the engine's memory pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_side_by_side_keep_their_scratch_relations_apart() {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use silt::lake::catalog::{Catalog, NEW_SCHEMA, scratch_session};
+    use silt::lake::storage::{CloudOptions, Storage};
+    use std::sync::Arc;
+
+    let p = crate::support::datasets::orders_project();
+    p.ok(&["run"]);
+    let lake = Storage::new(
+        &url::Url::from_directory_path(p.lake()).unwrap(),
+        &CloudOptions::default(),
+    )
+    .unwrap();
+    let ctx = Catalog::new(lake).session().await.unwrap();
+    let (a, b) = (
+        scratch_session(&ctx).unwrap(),
+        scratch_session(&ctx).unwrap(),
+    );
+    let batch = |v: i64| {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
+    };
+    a.register_batch("__silt_src", batch(1)).unwrap();
+    b.register_batch("__silt_src", batch(2)).unwrap();
+    for (s, v) in [(&a, 1), (&b, 2)] {
+        let cat = s.catalog("datafusion").unwrap();
+        let scratch: Arc<dyn datafusion::catalog::SchemaProvider> =
+            Arc::new(datafusion::catalog::MemorySchemaProvider::new());
+        cat.register_schema(NEW_SCHEMA, scratch.clone()).unwrap();
+        scratch
+            .register_table(
+                "increment".into(),
+                Arc::new(
+                    datafusion::datasource::MemTable::try_new(
+                        batch(v * 10).schema(),
+                        vec![vec![batch(v * 10)]],
+                    )
+                    .unwrap(),
+                ),
+            )
+            .unwrap();
+    }
+    for (s, v) in [(&a, 1i64), (&b, 2)] {
+        let sql = format!(
+            "select (select v from __silt_src) as src, (select v from {NEW_SCHEMA}.increment) as inc, \
+             (select count(*) from silver.stg_lineitem) as lines"
+        );
+        let rows = s.sql(&sql).await.unwrap().collect().await.unwrap();
+        let col = |i: usize| {
+            rows[0]
+                .column(i)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        assert_eq!((col(0), col(1), col(2)), (v, v * 10, 6), "session {v}");
+    }
+    // The session they came from has neither relation, and shares their memory pool.
+    assert!(ctx.table("__silt_src").await.is_err());
+    assert!(
+        ctx.catalog("datafusion")
+            .unwrap()
+            .schema(NEW_SCHEMA)
+            .is_none()
+    );
+    assert!(Arc::ptr_eq(
+        &ctx.runtime_env().memory_pool,
+        &a.runtime_env().memory_pool
+    ));
+}
+
+/// A run on four threads builds the same tables as a run on one: three independent
+/// incremental MERGEs side by side, a gold model after the one it reads, then a second
+/// delivery (changed and new keys) merged incrementally; the report lists models in dag order.
+#[test]
+fn a_run_on_four_threads_builds_what_one_thread_builds() {
+    use crate::support::datasets::{orders_project, write};
+    let tables = [
+        "silver.stg_lineitem",
+        "silver.products",
+        "silver.order_amounts",
+        "gold.order_volume",
+    ];
+    let mut results = Vec::new();
+    for threads in ["1", "4"] {
+        let p = orders_project();
+        let run = |p: &Project| {
+            let out = p
+                .cmd(&["run", "--json"])
+                .env("SILT_ENGINE_THREADS", threads)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        };
+        let first = run(&p);
+        write(
+            &p.landing(),
+            "lineitem/lineitem_2.csv",
+            "l_orderkey,l_linenumber,l_quantity\n1,1,43\n4,2,8\n5,1,9\n",
+        );
+        write(
+            &p.landing(),
+            "orders/orders_2.ndjson",
+            "{\"o_orderkey\": 2, \"o_custkey\": 42, \"o_totalprice\": \"21.00\"}\n\
+             {\"o_orderkey\": 5, \"o_custkey\": 41, \"o_totalprice\": \"50.00\"}\n",
+        );
+        write(
+            &p.landing(),
+            "products/products_2.csv",
+            "p_partkey,p_name,qty\n2,nut,40\n7,pin,1\n",
+        );
+        let second = run(&p);
+        let order = |r: &Value| -> Vec<String> {
+            r["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["model"].as_str().unwrap().to_string())
+                .collect()
+        };
+        for m in ["stg_lineitem", "products", "order_amounts"] {
+            assert_eq!(model(&second, m)["mode"], "incremental", "{m} on {threads}");
+        }
+        let gold_after = |r: &Value| {
+            let o = order(r);
+            o.iter().position(|m| m == "order_volume") > o.iter().position(|m| m == "stg_lineitem")
+        };
+        assert!(gold_after(&first) && gold_after(&second), "{first}");
+        let mut content: Vec<String> = tables.iter().map(|t| table_csv(&p, t)).collect();
+        content.push(order(&first).join(","));
+        content.push(order(&second).join(","));
+        results.push(content);
+    }
+    assert_eq!(results[0], results[1]);
+    // The second delivery is in: line (1,1) changed, order 5 and product 7 are new.
+    assert!(results[1][0].contains("1,1,43"), "{}", results[1][0]);
+    assert!(results[1][1].contains("7,pin,1"), "{}", results[1][1]);
+    assert!(results[1][2].contains("5,50.00"), "{}", results[1][2]);
+}

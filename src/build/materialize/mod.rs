@@ -53,8 +53,9 @@ pub struct Materializer<'a> {
     pub pii: &'a BTreeSet<String>,
     /// `[gdpr] hmac_key`, for `pseudonymize` columns.
     pub hmac_key: Option<&'a str>,
-    /// Upstream changes already worked out in this run (see [`Materializer::changes_of`]).
-    pub changes: ChangeCache,
+    /// Upstream changes already worked out in this run (see [`Materializer::changes_of`]),
+    /// shared by the builds of a run that run side by side.
+    pub changes: Arc<ChangeCache>,
     /// Build a model whose SQL or config changed since its last build in full, not
     /// incrementally: in an environment, where the change is what one wants to see.
     pub rebuild_changed: bool,

@@ -380,7 +380,7 @@ impl Materializer<'_> {
         src: &str,
         stale: Option<&str>,
         old: &str,
-        old_of: &dyn Fn(&str) -> String,
+        old_of: &(dyn Fn(&str) -> String + Sync),
     ) -> Result<Vec<(String, Arc<dyn datafusion::catalog::TableProvider>)>> {
         let mut out = Vec::new();
         for c in consumers {

@@ -1,0 +1,50 @@
+//! The engine's memory pool (`lake/memory.rs`): a large spilling operator borrows what idle
+//! ones leave, every other spilling operator keeps half its fair share, and the total stays
+//! within the pool. (Builds in small pools, where operators must spill, are in dedupe.rs,
+//! files.rs and models.rs; what the pool gains is measured in benches/RESULTS.md.)
+
+use std::sync::Arc;
+
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+use silt::lake::memory::SharePool;
+
+const MB: usize = 1 << 20;
+
+#[test]
+fn large_operators_borrow_what_idle_ones_leave_and_they_keep_half_their_share() {
+    let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(120 * MB));
+    let spilling = |name: &str| {
+        MemoryConsumer::new(name)
+            .with_can_spill(true)
+            .register(&pool)
+    };
+    let mut idle: Vec<_> = (0..10).map(|i| spilling(&format!("idle {i}"))).collect();
+    let (big, second) = (spilling("big"), spilling("second"));
+    // Twelve spilling consumers: a fair share is 10 MiB, half of it (5 MiB) is owed to each.
+    // A large one may borrow up to a quarter of the pool (30 MiB), three times its share.
+    big.try_grow(30 * MB).unwrap();
+    assert!(big.try_grow(1).is_err(), "{pool}");
+    second.try_grow(30 * MB).unwrap();
+    assert!(second.try_grow(1).is_err(), "{pool}");
+    assert_eq!(pool.reserved(), 60 * MB);
+    // Each idle one still gets its half share; then one borrows what is left, and no more.
+    for r in &mut idle {
+        r.try_grow(5 * MB).unwrap();
+    }
+    idle[0].try_grow(10 * MB).unwrap();
+    assert_eq!(pool.reserved(), 120 * MB);
+    assert!(idle[1].try_grow(1).is_err());
+    // An operator that cannot spill gets only what is left; freed memory comes back.
+    let join = MemoryConsumer::new("join build").register(&pool);
+    assert!(join.try_grow(1).is_err());
+    big.shrink(20 * MB);
+    join.try_grow(20 * MB).unwrap();
+    assert!(join.try_grow(1).is_err());
+    // Alone, an operator may take the whole pool, as in the fair pool.
+    drop((idle, join, second));
+    assert_eq!(pool.reserved(), 10 * MB);
+    big.try_grow(110 * MB).unwrap();
+    assert!(big.try_grow(1).is_err());
+    drop(big);
+    assert_eq!(pool.reserved(), 0);
+}
