@@ -548,14 +548,21 @@ async fn build_models(
         }
     };
     loop {
-        // Start what can start, in dag order: every selected model it reads is settled.
+        // Start what can start, in dag order: every selected model it reads is settled, and
+        // so is every selected model of an earlier layer (silver before gold, as one build at
+        // a time had it: a relationships test or SQL naming `silver.x` without `ref` sees `x`
+        // built).
         let mut i = 0;
         while failure.is_none() && running.len() < threads && i < waiting.len() {
             let name = waiting[i];
-            let ready = dag.models[name]
+            let m = &dag.models[name];
+            let ready = m
                 .refs
                 .iter()
-                .all(|r| !in_selection.contains(r) || settled.contains(r));
+                .all(|r| !in_selection.contains(r) || settled.contains(r))
+                && selected
+                    .iter()
+                    .all(|o| dag.models[o].layer >= m.layer || settled.contains(o));
             if !ready {
                 i += 1;
                 continue;
@@ -598,7 +605,18 @@ async fn build_models(
             }
         };
         let began = running.remove(&name).unwrap_or_else(Instant::now);
-        run.finish(&name, began, result).await;
+        if let Some(p) = progress
+            && !running.is_empty()
+        {
+            let now: Vec<String> = running
+                .keys()
+                .map(|n| dag.models[n].table().to_string())
+                .collect();
+            p.working_on(&now.join(", "));
+        }
+        if let Err(e) = run.finish(&name, began, result).await {
+            failure.get_or_insert(e);
+        }
         settled.insert(name.clone());
         done += 1;
         tell(&run, &name, done);
@@ -678,15 +696,18 @@ impl ModelRun<'_> {
         Ok(true)
     }
 
-    /// After `name`'s build (begun at `began`): record it, then test it.
-    async fn finish(&mut self, name: &String, began: Instant, result: Result<ModelMetrics>) {
+    /// After `name`'s build (begun at `began`): record it, then test it. An error here (the
+    /// test log unreadable) stops the run, as it did before builds ran side by side.
+    async fn finish(
+        &mut self,
+        name: &String,
+        began: Instant,
+        result: Result<ModelMetrics>,
+    ) -> Result<()> {
         let m = &self.dag.models[name];
         match result {
             Ok(metrics) if metrics.status == ModelStatus::UpToDate => {
-                if let Err(e) = self.up_to_date(m, metrics).await {
-                    self.broken.insert(name.clone());
-                    self.report.errors.push((name.clone(), e));
-                }
+                self.up_to_date(m, metrics).await?
             }
             Ok(metrics) => self.built(m, metrics).await,
             Err(e) => {
@@ -703,6 +724,7 @@ impl ModelRun<'_> {
                 self.report.errors.push((name.clone(), e));
             }
         }
+        Ok(())
     }
 
     /// An up-to-date model: its tests wait for a model reading it, unless its build was never

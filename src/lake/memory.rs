@@ -1,7 +1,8 @@
 //! The engine's memory pool: DataFusion's fair spill pool, except that a spilling operator
-//! (sort, aggregate, repartition buffer) may use memory the others leave idle. It must not
-//! let the pool's total exceed its size, nor take from any other spilling operator the half
-//! of its fair share that stays guaranteed to it.
+//! (sort, aggregate, repartition buffer) may borrow memory the others leave idle. A loan must
+//! never take the pool past its size, nor from any other spilling operator the half of its
+//! fair share that stays guaranteed to it, nor leave less than half the pool to what cannot
+//! spill.
 //!
 //! DataFusion's `FairSpillPool` caps every spilling consumer at (pool − unspillable) / n, n the
 //! registered spilling consumers. A plan registers many that hold little (one per repartition
@@ -18,10 +19,12 @@ use datafusion::execution::memory_pool::{
 
 /// A fair spill pool whose spilling consumers may borrow what the others leave idle.
 ///
-/// A spilling consumer may grow to half its fair share while the pool has room; beyond that,
-/// up to its fair share or a quarter of the pool (whichever is more), only while the pool after the growth still holds what every
-/// other spilling consumer needs to reach half its fair share. Consumers that cannot spill (hash join build sides)
-/// take what is left, as in `FairSpillPool`. The total never exceeds the pool's size.
+/// A spilling consumer always gets up to half its fair share (the fair pool grants up to the
+/// whole share alike). Beyond that it borrows: up to its fair share or a quarter of the pool
+/// (whichever is more), while the pool after the loan still holds what every other spilling
+/// consumer needs to reach half its fair share, and while all loans together stay within
+/// half the pool. Consumers that cannot spill (hash join build sides) take what is left, as
+/// in `FairSpillPool`.
 #[derive(Debug)]
 pub struct SharePool {
     size: usize,
@@ -119,44 +122,45 @@ impl MemoryPool for SharePool {
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
         let mut s = self.state();
         let c = reservation.consumer();
-        let used = s.unspillable + s.spillable;
         if c.can_spill() {
             let me = c.id();
             let held = s.spillers.get(&me).copied().unwrap_or(0);
             let floor = s.floor(self.size);
-            // Up to its guaranteed half share: what the pool has. Beyond it: only what the pool
-            // has beyond what the other spilling consumers are owed up to theirs.
-            let owed: usize = if held + additional > floor {
-                s.spillers
-                    .iter()
-                    .filter(|(id, _)| **id != me)
-                    .map(|(_, h)| floor.saturating_sub(*h))
-                    .sum()
-            } else {
-                0
-            };
-            let mut free = self.size.saturating_sub(used + owed);
-            if held + additional > floor {
-                // And no more than its fair share or a quarter of the pool, whichever is more:
-                // a second large operator (the other partition of an aggregate) finds room
-                // too, and one that would hold most of the pool spills as in the fair pool.
-                let fair = 2 * floor;
-                free = free.min(fair.max(self.size / 4).saturating_sub(held));
-            }
-            if additional > free {
-                return Err(resources_datafusion_err!(
-                    "Failed to allocate additional {} for {} with {} already allocated - {} remain available beyond what other operators are owed in the engine pool of {}",
-                    human_readable_size(additional),
-                    c.name(),
-                    human_readable_size(held),
-                    human_readable_size(free),
-                    human_readable_size(self.size)
-                ));
+            let want = held + additional;
+            // Up to half its fair share it is never refused (as the fair pool never refuses a
+            // consumer within its share: a sort with nothing buffered must get its first
+            // batch). Beyond that, a loan.
+            if want > floor {
+                let (mut owed, mut lent) = (0usize, 0usize);
+                for (id, h) in &s.spillers {
+                    if *id != me {
+                        owed += floor.saturating_sub(*h);
+                        lent += h.saturating_sub(floor);
+                    }
+                }
+                // From what the pool holds beyond what the others are owed up to their half
+                // shares; for one operator no more than its fair share or a quarter of the pool
+                // (a second large one, the other partition of an aggregate, finds room too);
+                // and loans in all at most half the pool, which keeps room for what cannot
+                // spill (a join's build side).
+                let room = self.size.saturating_sub(s.unspillable + s.spillable + owed);
+                let cap = (2 * floor).max(self.size / 4);
+                let loans_left = (self.size / 2).saturating_sub(lent);
+                if additional > room || want > cap || want - floor > loans_left {
+                    return Err(resources_datafusion_err!(
+                        "Failed to allocate additional {} for {} with {} already allocated - the engine pool of {} lends no more ({} free beyond what other operators are owed)",
+                        human_readable_size(additional),
+                        c.name(),
+                        human_readable_size(held),
+                        human_readable_size(self.size),
+                        human_readable_size(room)
+                    ));
+                }
             }
             s.spillable += additional;
             *s.spillers.entry(me).or_default() += additional;
         } else {
-            let free = self.size.saturating_sub(used);
+            let free = self.size.saturating_sub(s.unspillable + s.spillable);
             if additional > free {
                 return Err(resources_datafusion_err!(
                     "Failed to allocate additional {} for {} with {} already allocated - {} remain available in the engine pool of {}",

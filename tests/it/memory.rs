@@ -48,3 +48,48 @@ fn large_operators_borrow_what_idle_ones_leave_and_they_keep_half_their_share() 
     drop(big);
     assert_eq!(pool.reserved(), 0);
 }
+
+#[test]
+fn loans_leave_half_the_pool_to_what_cannot_spill_and_a_half_share_is_never_refused() {
+    let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(120 * MB));
+    let spilling = |name: &str| {
+        MemoryConsumer::new(name)
+            .with_can_spill(true)
+            .register(&pool)
+    };
+    // Three spilling consumers: a fair share is 40 MiB, half of it 20 MiB; a loan goes up to
+    // the share.
+    let (a, b, c) = (spilling("a"), spilling("b"), spilling("c"));
+    a.try_grow(40 * MB).unwrap();
+    b.try_grow(40 * MB).unwrap();
+    assert!(a.try_grow(1).is_err(), "{pool}");
+    // A join's build side takes what is left.
+    let join = MemoryConsumer::new("join build").register(&pool);
+    join.try_grow(40 * MB).unwrap();
+    assert!(join.try_grow(1).is_err(), "{pool}");
+    // c still gets its half share (now 13.3 MiB, the join counted) with the pool full: as in
+    // the fair pool, a consumer within its guaranteed share is not refused (a sort's first
+    // batch must fit); beyond it, nothing.
+    c.try_grow(13 * MB).unwrap();
+    assert!(c.try_grow(MB).is_err());
+    drop((a, b, c, join));
+    assert_eq!(pool.reserved(), 0);
+    // One idle and four large consumers: a half share is 12 MiB, a loan goes up to a quarter
+    // of the pool (30 MiB), and all loans together stop at half the pool (60 MiB).
+    let idle = spilling("idle");
+    let large: Vec<_> = (0..4).map(|i| spilling(&format!("large {i}"))).collect();
+    let mut held = Vec::new();
+    for l in &large {
+        let mut n = 0;
+        while l.try_grow(MB).is_ok() {
+            n += 1;
+        }
+        held.push(n);
+    }
+    assert_eq!(held, [30, 30, 30, 18], "{pool}");
+    let loans: usize = held.iter().map(|h| h - 12).sum();
+    assert_eq!(loans, 60);
+    // The idle one's half share is still there.
+    idle.try_grow(12 * MB).unwrap();
+    assert_eq!(pool.reserved(), 120 * MB);
+}
