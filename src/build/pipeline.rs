@@ -456,21 +456,25 @@ struct BuildInputs {
 }
 
 impl BuildInputs {
-    /// Build `name` in a session of its own over `ctx`'s engine and lake schemas.
-    async fn build(self, ctx: SessionContext, name: String) -> Result<ModelMetrics> {
-        let ctx = crate::lake::catalog::scratch_session(&ctx)?;
-        let mat = Materializer {
+    /// A materializer of this run working in `ctx`.
+    fn materializer<'a>(&'a self, ctx: &'a SessionContext) -> Materializer<'a> {
+        Materializer {
             catalog: &self.catalog,
             dag: &self.dag,
-            ctx: &ctx,
+            ctx,
             run_id: &self.run_id,
             full_refresh: self.full_refresh,
             pii: &self.pii,
             hmac_key: self.hmac_key.as_deref(),
             changes: self.changes.clone(),
             rebuild_changed: self.rebuild_changed,
-        };
-        mat.build(&self.dag.models[&name]).await
+        }
+    }
+
+    /// Build `name` in a session of its own over `ctx`'s engine and lake schemas.
+    async fn build(self, ctx: SessionContext, name: String) -> Result<ModelMetrics> {
+        let ctx = crate::lake::catalog::scratch_session(&ctx)?;
+        self.materializer(&ctx).build(&self.dag.models[&name]).await
     }
 }
 
@@ -490,14 +494,12 @@ async fn build_models(
     broken_sources: &BTreeSet<String>,
     report: &mut RunReport,
 ) -> Result<()> {
-    let run_id = report.run_id.clone();
-    let pii: BTreeSet<String> = silt.project.no_stats_columns();
     let inputs = BuildInputs {
         catalog: silt.catalog.clone(),
         dag: std::sync::Arc::new(dag.clone()),
-        run_id: run_id.clone(),
+        run_id: report.run_id.clone(),
         full_refresh,
-        pii: std::sync::Arc::new(pii.clone()),
+        pii: std::sync::Arc::new(silt.project.no_stats_columns()),
         hmac_key: silt.project.file.gdpr.hmac_key.clone(),
         changes: Default::default(),
         rebuild_changed: silt.env.is_some(),
@@ -507,17 +509,7 @@ async fn build_models(
         silt,
         dag,
         ctx,
-        mat: Materializer {
-            catalog: &silt.catalog,
-            dag,
-            ctx,
-            run_id: &run_id,
-            full_refresh,
-            pii: &pii,
-            hmac_key: silt.project.file.gdpr.hmac_key.as_deref(),
-            changes: inputs.changes.clone(),
-            rebuild_changed: silt.env.is_some(),
-        },
+        mat: inputs.materializer(ctx),
         broken_sources,
         report,
         broken: BTreeSet::new(),
@@ -547,6 +539,16 @@ async fn build_models(
             f(mm, done, selected.len());
         }
     };
+    // The progress label: the tables being built now.
+    let show_running = |running: &BTreeMap<String, Instant>| {
+        if let Some(p) = progress {
+            let now: Vec<String> = running
+                .keys()
+                .map(|n| dag.models[n].table().to_string())
+                .collect();
+            p.working_on(&now.join(", "));
+        }
+    };
     loop {
         // Start what can start, in dag order: every selected model it reads is settled, and
         // so is every selected model of an earlier layer (silver before gold, as one build at
@@ -571,13 +573,7 @@ async fn build_models(
             match run.prepare(name).await {
                 Ok(true) => {
                     running.insert(name.clone(), Instant::now());
-                    if let Some(p) = progress {
-                        let now: Vec<String> = running
-                            .keys()
-                            .map(|n| dag.models[n].table().to_string())
-                            .collect();
-                        p.working_on(&now.join(", "));
-                    }
+                    show_running(&running);
                     let (inputs, ctx, name) = (inputs.clone(), ctx.clone(), name.clone());
                     tasks.spawn(async move {
                         let r = inputs.build(ctx, name.clone()).await;
@@ -605,14 +601,8 @@ async fn build_models(
             }
         };
         let began = running.remove(&name).unwrap_or_else(Instant::now);
-        if let Some(p) = progress
-            && !running.is_empty()
-        {
-            let now: Vec<String> = running
-                .keys()
-                .map(|n| dag.models[n].table().to_string())
-                .collect();
-            p.working_on(&now.join(", "));
+        if !running.is_empty() {
+            show_running(&running);
         }
         if let Err(e) = run.finish(&name, began, result).await {
             failure.get_or_insert(e);

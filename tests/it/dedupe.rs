@@ -343,16 +343,7 @@ fn a_dedupe_model_over_a_delta_table_builds_in_a_small_pool() {
     write(&p.landing(), "events/a.csv", &first);
     write(&p.landing(), "events/b.csv", &second);
     p.ok(&["ingest"]);
-    let out = p
-        .cmd(&["build"])
-        .env("SILT_ENGINE_MEMORY_LIMIT_MB", "32")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    p.ok_with_env(&["build"], &[("SILT_ENGINE_MEMORY_LIMIT_MB", "32")]);
     assert_eq!(
         p.count("select count(*) from silver.latest_events"),
         240_000

@@ -5,19 +5,22 @@
 
 use std::sync::Arc;
 
-use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use silt::lake::memory::SharePool;
 
 const MB: usize = 1 << 20;
 
+/// A consumer that can spill, as sorts and aggregates register.
+fn spilling(pool: &Arc<dyn MemoryPool>, name: &str) -> MemoryReservation {
+    MemoryConsumer::new(name)
+        .with_can_spill(true)
+        .register(pool)
+}
+
 #[test]
 fn large_operators_borrow_what_idle_ones_leave_and_they_keep_half_their_share() {
     let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(120 * MB));
-    let spilling = |name: &str| {
-        MemoryConsumer::new(name)
-            .with_can_spill(true)
-            .register(&pool)
-    };
+    let spilling = |name: &str| spilling(&pool, name);
     let mut idle: Vec<_> = (0..10).map(|i| spilling(&format!("idle {i}"))).collect();
     let (big, second) = (spilling("big"), spilling("second"));
     // Twelve spilling consumers: a fair share is 10 MiB, half of it (5 MiB) is owed to each.
@@ -52,11 +55,7 @@ fn large_operators_borrow_what_idle_ones_leave_and_they_keep_half_their_share() 
 #[test]
 fn loans_leave_half_the_pool_to_what_cannot_spill_and_a_half_share_is_never_refused() {
     let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(120 * MB));
-    let spilling = |name: &str| {
-        MemoryConsumer::new(name)
-            .with_can_spill(true)
-            .register(&pool)
-    };
+    let spilling = |name: &str| spilling(&pool, name);
     // Three spilling consumers: a fair share is 40 MiB, half of it 20 MiB; a loan goes up to
     // the share.
     let (a, b, c) = (spilling("a"), spilling("b"), spilling("c"));

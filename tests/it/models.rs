@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::support::golden::{GOLD, sorted_csv};
-use crate::support::{Manifest, Project, copy_dir, json, model, repo};
+use crate::support::{Manifest, Project, copy_dir, json, model, model_names, repo};
 
 const SILVER: [&str; 3] = ["stg_fees", "clients", "advisers"];
 
@@ -458,14 +458,7 @@ fn a_failed_model_skips_its_downstream_and_independent_branches_build() {
 fn selectors_pick_models_and_their_neighbours() {
     let p = Project::reference();
     p.ok(&["run"]);
-    let names = |r: &Value| -> Vec<String> {
-        r["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["model"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let names = model_names;
     let r = json(&p, &["build", "--select", "+rpt_cohort_ltv"]);
     assert_eq!(
         names(&r),
@@ -1172,17 +1165,8 @@ fn a_run_on_four_threads_builds_what_one_thread_builds() {
     for threads in ["1", "4"] {
         let p = orders_project();
         let run = |p: &Project| {
-            let out = p
-                .cmd(&["run", "--json"])
-                .env("SILT_ENGINE_THREADS", threads)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+            let out = p.ok_with_env(&["run", "--json"], &[("SILT_ENGINE_THREADS", threads)]);
+            serde_json::from_str::<Value>(&out).unwrap()
         };
         let first = run(&p);
         write(
@@ -1202,14 +1186,7 @@ fn a_run_on_four_threads_builds_what_one_thread_builds() {
             "p_partkey,p_name,qty\n2,nut,40\n7,pin,1\n",
         );
         let second = run(&p);
-        let order = |r: &Value| -> Vec<String> {
-            r["models"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["model"].as_str().unwrap().to_string())
-                .collect()
-        };
+        let order = model_names;
         for m in ["stg_lineitem", "products", "order_amounts"] {
             assert_eq!(model(&second, m)["mode"], "incremental", "{m} on {threads}");
         }

@@ -74,7 +74,16 @@ impl Project {
 
     /// Run silt and insist on exit code 0.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
+        self.ok_with_env(args, &[])
+    }
+
+    /// Run silt with these extra environment variables and insist on exit code 0.
+    pub fn ok_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self
+            .cmd(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run silt");
         assert!(
             out.status.success(),
             "silt {args:?} failed with {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -150,6 +159,16 @@ pub fn model<'a>(report: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|m| m["model"] == name)
         .unwrap_or_else(|| panic!("{name} in {report}"))
+}
+
+/// The models of a run report, in its order.
+pub fn model_names(report: &Value) -> Vec<String> {
+    report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Start `cmd` with `SILT_FAILPOINT=failpoint`, wait until it stops there, SIGKILL it.
