@@ -13,6 +13,84 @@ pub(super) const MERGE_STALE: &str = "__silt_stale";
 /// The target's current partition (and recompute columns) of each key of the increment.
 pub(super) const MERGE_OLD: &str = "__silt_old";
 
+/// The increment's row numbers, while [`Materializer::not_yet_held`] compares it with the target.
+const ROW: &str = "__silt_row";
+const FOUND: &str = "__silt_found";
+const PLACED: &str = "__silt_placed";
+
+/// The increment's rows that change the target, and of those, the ones whose key the target
+/// does not hold in the row's own partition (`None`: not known, look every key up).
+pub(super) struct NotYetHeld {
+    pub(super) changed: Vec<RecordBatch>,
+    pub(super) unplaced: Option<Vec<RecordBatch>>,
+}
+
+/// `batch` with row numbers in a last column [`ROW`].
+fn with_row_index(batch: RecordBatch) -> Result<RecordBatch> {
+    let n = batch.num_rows() as u64;
+    let mut fields: Vec<arrow::datatypes::FieldRef> =
+        batch.schema().fields().iter().cloned().collect();
+    fields.push(Arc::new(arrow::datatypes::Field::new(
+        ROW,
+        DataType::UInt64,
+        false,
+    )));
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(arrow::array::UInt64Array::from_iter_values(0..n)));
+    Ok(RecordBatch::try_new(
+        Arc::new(arrow::datatypes::Schema::new(fields)),
+        columns,
+    )?)
+}
+
+/// `batches` without the bookkeeping columns ([`ROW`], [`PLACED`]).
+fn without_row_index(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    batches
+        .into_iter()
+        .map(|b| {
+            let keep: Vec<usize> = (0..b.num_columns())
+                .filter(|&i| ![ROW, PLACED].contains(&b.schema().field(i).name().as_str()))
+                .collect();
+            Ok(b.project(&keep)?)
+        })
+        .collect()
+}
+
+/// The placed pass's rows split into changed and unplaced rows; `None` when a row came out
+/// twice (the target holds its key twice).
+fn split_placed(rows: Vec<RecordBatch>) -> Result<Option<NotYetHeld>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut unplaced = Vec::new();
+    for b in &rows {
+        let (Ok(r), Ok(pl)) = (b.schema().index_of(ROW), b.schema().index_of(PLACED)) else {
+            return Ok(None);
+        };
+        let r = b
+            .column(r)
+            .as_any()
+            .downcast_ref::<arrow::array::UInt64Array>();
+        let pl = b
+            .column(pl)
+            .as_any()
+            .downcast_ref::<arrow::array::BooleanArray>();
+        let (Some(r), Some(pl)) = (r, pl) else {
+            return Ok(None);
+        };
+        if pl.null_count() > 0 || !r.values().iter().all(|&i| seen.insert(i)) {
+            return Ok(None);
+        }
+        let not_placed = arrow::compute::not(pl)?;
+        unplaced.push(arrow::compute::filter_record_batch(b, &not_placed)?);
+    }
+    Ok(Some(NotYetHeld {
+        changed: without_row_index(rows)?,
+        unplaced: Some(without_row_index(unplaced)?),
+    }))
+}
+
+/// The increment's rows whose old partition is looked up (the others keep theirs).
+const MERGE_LOOKUP: &str = "__silt_lookup";
+
 /// The column of [`MERGE_OLD`] holding the target's current value of `c`.
 pub(super) fn old_of(c: &str) -> String {
     format!("__silt_old_{}", c.replace('"', ""))
@@ -217,10 +295,17 @@ impl Materializer<'_> {
             .map_err(|e| Error::delta(t.to_string(), e))?
             .schema();
         let evolve = new_columns_allowed(m, t, &cols, |c| target_schema.field(c).is_some())?;
+        // Keys that keep their partition need no lookup of their old one; only when nothing
+        // downstream recomputes from this table's old values (those need every key's).
+        let consumers = self.recompute_consumers(m, &cols);
+        let placed = consumers.is_empty() && m.config.partition_by.is_some();
         let _ = self.ctx.deregister_table(MERGE_SRC);
         self.ctx.register_batch(
             MERGE_SRC,
-            arrow::compute::concat_batches(&batches[0].schema(), &batches)?,
+            with_row_index(arrow::compute::concat_batches(
+                &batches[0].schema(),
+                &batches,
+            )?)?,
         )?;
         // The target's columns in the increment's order (NULL for the ones it gains).
         let target_cols = cols
@@ -234,10 +319,16 @@ impl Materializer<'_> {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let changed = self
-            .not_yet_held(m, t, &target, &cols, &target_cols, |c| {
-                target_schema.field(c).is_some()
-            })
+        let NotYetHeld { changed, unplaced } = self
+            .not_yet_held(
+                m,
+                t,
+                &target,
+                &cols,
+                &target_cols,
+                |c| target_schema.field(c).is_some(),
+                placed,
+            )
             .await?;
         let _ = self.ctx.deregister_table(MERGE_STALE);
         let stale_rows = match recompute {
@@ -284,9 +375,8 @@ impl Materializer<'_> {
         // its partition (a move leaves it) and the columns downstream `recompute_by` models
         // recompute by (the values this MERGE changes, published below).
         let from_version = target.version();
-        let consumers = self.recompute_consumers(m, &cols);
         let _ = self.ctx.deregister_table(MERGE_OLD);
-        self.register_old(m, t, &consumers).await?;
+        self.register_old(m, t, &consumers, unplaced).await?;
         let changes = self
             .changed_values(
                 m,
@@ -297,13 +387,37 @@ impl Materializer<'_> {
                 &old_of,
             )
             .await;
-        let (staged_sql, predicate) = staged_sql(m, &cols, stale_rows > 0);
+        let (staged_sql, mut predicate) = staged_sql(m, &cols, stale_rows > 0);
         let staged = self
             .ctx
             .sql(&staged_sql)
             .await
             .map_err(|e| sql_error(m, e))?;
-        let staged = self.ctx.read_batches(staged.collect().await?)?;
+        let staged = staged.collect().await?;
+        if let Some(p) = &m.config.partition_by
+            && staged.iter().any(|b| {
+                b.column_by_name(p)
+                    .is_some_and(|c| c.logical_null_count() > 0)
+            })
+        {
+            // Rows of the NULL partition (to write, or to delete from it): `=` would never
+            // match them, and each would be inserted again beside its old version. delta-rs
+            // still prunes the target's files by the source's partition values.
+            let null_safe = |k: &String| {
+                if k == p {
+                    format!("t.{c} is not distinct from s.{c}", c = q(k))
+                } else {
+                    format!("t.{c} = s.{c}", c = q(k))
+                }
+            };
+            let keys = &m.config.unique_key;
+            let mut on: Vec<String> = keys.iter().map(null_safe).collect();
+            if !keys.contains(p) {
+                on.push(null_safe(p));
+            }
+            predicate = on.join(" AND ");
+        }
+        let staged = self.ctx.read_batches(staged)?;
         tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: staged");
         for name in [MERGE_SRC, MERGE_STALE, MERGE_OLD] {
             let _ = self.ctx.deregister_table(name);
@@ -338,6 +452,10 @@ impl Materializer<'_> {
     /// The increment's rows that the target does not already hold exactly (lookback context
     /// and re-deliveries are dropped), so the MERGE rewrites only files that really change.
     /// With partition_by, only the increment's partitions of the target are read for this.
+    /// With `placed` (partition_by, a unique key), the same pass also tells which changed rows
+    /// replace a key held in their own partition: only the others (new keys, moved keys) need
+    /// [`Materializer::register_old`]'s lookup over the table.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn not_yet_held(
         &self,
         m: &Model,
@@ -346,46 +464,99 @@ impl Materializer<'_> {
         cols: &[String],
         target_cols: &str,
         in_target: impl Fn(&str) -> bool,
-    ) -> Result<Vec<RecordBatch>> {
+        placed: bool,
+    ) -> Result<NotYetHeld> {
         // The increment's partitions as literals: a subquery would not prune the target's files.
         let existing = match &m.config.partition_by {
             Some(p) if in_target(p.as_str()) => {
                 let pq = q(p);
-                let parts = self.collect(m, &format!(
-                        "select distinct cast({pq} as varchar) from {MERGE_SRC} where {pq} is not null"
-                    )).await?;
+                let parts = self
+                    .collect(
+                        m,
+                        &format!("select distinct cast({pq} as varchar) from {MERGE_SRC}"),
+                    )
+                    .await?;
                 let mut list = Vec::new();
+                let mut null = false;
                 for b in &parts {
                     let c = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
                     let c = c.as_any().downcast_ref::<arrow::array::StringArray>();
-                    for v in c.into_iter().flatten().flatten() {
-                        list.push(literal(v));
+                    for v in c.into_iter().flatten() {
+                        match v {
+                            Some(v) => list.push(literal(v)),
+                            None => null = true,
+                        }
                     }
                 }
-                if list.is_empty() {
+                // The NULL partition too, when the increment has rows for it.
+                let mut wheres = Vec::new();
+                if !list.is_empty() {
+                    wheres.push(partition_in(p, string_column(target, p), &list.join(", ")));
+                }
+                if null {
+                    wheres.push(format!("{pq} is null"));
+                }
+                if wheres.is_empty() {
                     format!("select {target_cols} from {t} where false")
                 } else {
                     format!(
                         "select {target_cols} from {t} where {}",
-                        partition_in(p, string_column(target, p), &list.join(", "))
+                        wheres.join(" or ")
                     )
                 }
             }
             _ => format!("select {target_cols} from {t}"),
         };
-        // An anti join on every column (NULL matching NULL) rather than EXCEPT: the increment's
-        // rows are unique by key (checked above), so EXCEPT's deduplication of every row, a
-        // hash aggregate over all columns, buys nothing.
-        let same = cols
-            .iter()
-            .map(|c| format!("(s.{c} is not distinct from e.{c})", c = q(c)))
-            .collect::<Vec<_>>()
-            .join(" and ");
-        self.collect(
-            m,
-            &format!("select s.* from {MERGE_SRC} s left anti join ({existing}) e on {same}"),
-        )
-        .await
+        // A join rather than EXCEPT: the increment's rows are unique by key (checked above), so
+        // EXCEPT's deduplication of every row, a hash aggregate over all columns, buys nothing.
+        let keys = &m.config.unique_key;
+        let same = |c: &String| format!("(s.{c} is not distinct from e.{c})", c = q(c));
+        let all_same = cols.iter().map(same).collect::<Vec<_>>().join(" and ");
+        if !keys.is_empty() && keys.iter().all(|k| cols.contains(k)) {
+            // One left join hashed on the key alone (only `is not distinct from` in its ON
+            // clause: DataFusion makes those the hash keys); the other columns are compared
+            // above the join, on rows of equal keys. A row is held when every column equals
+            // (NULL matching NULL) its key's target row, placed when that row lies in the
+            // row's own partition. The target holds each key once (MERGEs upsert by key, full
+            // builds are checked for it), so a row finds at most one; `__silt_row` checks it,
+            // and a second find falls back to the anti join on every column below.
+            let placed_expr = match &m.config.partition_by {
+                Some(p) if placed && cols.contains(p) && in_target(p.as_str()) => {
+                    format!("(e.{FOUND} is not null and {})", same(p))
+                }
+                _ => "false".to_string(),
+            };
+            let want_placed = placed_expr != "false";
+            let on = keys.iter().map(same).collect::<Vec<_>>().join(" and ");
+            let df = self
+                .ctx
+                .sql(&format!(
+                    "select s.*, {placed_expr} as {PLACED} \
+                     from {MERGE_SRC} s left join (select *, true as {FOUND} from ({existing}) x) e on {on} \
+                     where e.{FOUND} is null or not ({all_same})"
+                ))
+                .await
+                .map_err(|e| sql_error(m, e))?;
+            let rows = collect_nonempty(df).await?;
+            if let Some(held) = split_placed(rows)? {
+                return Ok(NotYetHeld {
+                    unplaced: held.unplaced.filter(|_| want_placed),
+                    changed: held.changed,
+                });
+            }
+            tracing::warn!(model = %m.name, "{t} holds a key twice in the rows read; comparing every column instead");
+        }
+        let df = self
+            .ctx
+            .sql(&format!(
+                "select s.* from {MERGE_SRC} s left anti join ({existing}) e on {all_same}"
+            ))
+            .await
+            .map_err(|e| sql_error(m, e))?;
+        Ok(NotYetHeld {
+            changed: without_row_index(collect_nonempty(df).await?)?,
+            unplaced: None,
+        })
     }
 
     /// Recompute: the target rows of the recomputed values whose key the new result lacks,
@@ -422,12 +593,14 @@ impl Materializer<'_> {
 
     /// The target's current partition and `consumers` columns of each key of the increment,
     /// registered as [`MERGE_OLD`] (their columns named by [`old_of`]); nothing when neither
-    /// is needed.
+    /// is needed. With `only`, the keys of those rows alone are looked up (the others are
+    /// known to keep their partition).
     pub(super) async fn register_old(
         &self,
         m: &Model,
         t: &TableRef,
         consumers: &[String],
+        only: Option<Vec<RecordBatch>>,
     ) -> Result<()> {
         let keys = &m.config.unique_key;
         let old_cols: Vec<String> = m
@@ -452,12 +625,39 @@ impl Materializer<'_> {
             )
             .collect::<Vec<_>>()
             .join(", ");
-        let in_range = self.in_key_range(m, t, MERGE_SRC).await?;
+        let _ = self.ctx.deregister_table(MERGE_LOOKUP);
+        let (src, in_range) = match only {
+            None => (MERGE_SRC, self.in_key_range(m, t, MERGE_SRC).await?),
+            Some(rows) => {
+                let none = rows.iter().all(|b| b.num_rows() == 0);
+                if let Some(b) = rows.first() {
+                    self.ctx.register_batch(
+                        MERGE_LOOKUP,
+                        arrow::compute::concat_batches(&b.schema(), &rows)?,
+                    )?;
+                } else {
+                    self.ctx.register_table(
+                        MERGE_LOOKUP,
+                        self.ctx
+                            .table(MERGE_SRC)
+                            .await?
+                            .limit(0, Some(0))?
+                            .into_view(),
+                    )?;
+                }
+                let in_range = if none {
+                    format!("(select * from {t} where false)")
+                } else {
+                    self.in_key_range(m, t, MERGE_LOOKUP).await?
+                };
+                (MERGE_LOOKUP, in_range)
+            }
+        };
         let old = async {
             let df = self
                 .ctx
                 .sql(&format!(
-                    "select {picked} from {MERGE_SRC} s join {in_range} t on {}",
+                    "select {picked} from {src} s join {in_range} t on {}",
                     key_eq(keys)
                 ))
                 .await?;
@@ -466,6 +666,7 @@ impl Materializer<'_> {
         .await
         .map_err(|e| sql_error(m, e));
         let _ = self.ctx.deregister_table(KEY_RANGE);
+        let _ = self.ctx.deregister_table(MERGE_LOOKUP);
         let old = old?;
         self.ctx.register_table(
             MERGE_OLD,
@@ -519,6 +720,7 @@ impl Materializer<'_> {
     ) -> Result<(DeltaTable, deltalake::operations::merge::MergeMetrics)> {
         target
             .merge(staged, predicate)
+            .with_writer_properties(model_writer_properties())
             .with_merge_schema(evolve)
             .with_source_alias("s")
             .with_target_alias("t")

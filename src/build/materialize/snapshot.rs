@@ -149,6 +149,7 @@ impl Materializer<'_> {
             .join(" AND ");
         let (table, mm) = target
             .merge(staged, format!("{key_eq} AND t.valid_from = s.valid_from"))
+            .with_writer_properties(model_writer_properties())
             .with_source_alias("s")
             .with_target_alias("t")
             .with_commit_properties(self.props(m, state))

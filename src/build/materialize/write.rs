@@ -7,7 +7,9 @@ use super::*;
 
 /// Parquet settings of model files: delta-rs's (Snappy), with row groups of at most 32k rows.
 /// A partitioned write keeps one open file per partition; each holds its current row group
-/// encoded in memory, so smaller row groups keep a many-partition write's memory flat.
+/// encoded in memory, so smaller row groups keep a many-partition write's memory flat. The
+/// builds' delta-rs writes and MERGEs take them too: with delta-rs's default row group (1 M
+/// rows) a MERGE held each partition file it rewrote whole in memory until the end.
 pub(crate) fn writer_properties() -> parquet::file::properties::WriterProperties {
     parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
