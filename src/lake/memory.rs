@@ -19,8 +19,8 @@ use datafusion::execution::memory_pool::{
 
 /// A fair spill pool whose spilling consumers may borrow what the others leave idle.
 ///
-/// A spilling consumer always gets up to half its fair share (the fair pool grants up to the
-/// whole share alike). Beyond that it borrows: up to its fair share or a quarter of the pool
+/// A spilling consumer always gets up to half its fair share, and a first allocation up to its
+/// whole share (the fair pool grants up to the whole share alike). Beyond that it borrows: up to its fair share or a quarter of the pool
 /// (whichever is more), while the pool after the loan still holds what every other spilling
 /// consumer needs to reach half its fair share, and while all loans together stay within
 /// half the pool. Consumers that cannot spill (hash join build sides) take what is left, as
@@ -67,9 +67,9 @@ impl std::fmt::Display for SharePool {
 }
 
 impl State {
-    /// What each spilling consumer may count on: half its fair share.
-    fn floor(&self, size: usize) -> usize {
-        size.saturating_sub(self.unspillable) / self.spillers.len().max(1) / 2
+    /// A spilling consumer's fair share, as `FairSpillPool` computes it.
+    fn share(&self, size: usize) -> usize {
+        size.saturating_sub(self.unspillable) / self.spillers.len().max(1)
     }
 }
 
@@ -125,12 +125,14 @@ impl MemoryPool for SharePool {
         if c.can_spill() {
             let me = c.id();
             let held = s.spillers.get(&me).copied().unwrap_or(0);
-            let floor = s.floor(self.size);
+            let share = s.share(self.size);
+            let floor = share / 2;
             let want = held + additional;
-            // Up to half its fair share it is never refused (as the fair pool never refuses a
-            // consumer within its share: a sort with nothing buffered must get its first
-            // batch). Beyond that, a loan.
-            if want > floor {
+            // Up to half its fair share it is never refused, nor is a first allocation within
+            // its whole share (as the fair pool never refuses a consumer within its share): a
+            // sort or an aggregate holding nothing has nothing to spill, and must get its
+            // first batch. Beyond that, a loan.
+            if want > floor && !(held == 0 && want <= share) {
                 let (mut owed, mut lent) = (0usize, 0usize);
                 for (id, h) in &s.spillers {
                     if *id != me {

@@ -92,3 +92,30 @@ fn loans_leave_half_the_pool_to_what_cannot_spill_and_a_half_share_is_never_refu
     idle.try_grow(12 * MB).unwrap();
     assert_eq!(pool.reserved(), 120 * MB);
 }
+
+/// A sort or an aggregate holding nothing has nothing to spill: its first allocation is
+/// granted up to its whole fair share, as the fair pool grants it, even once loans took what
+/// the others' half shares leave. (Refused, a sort's first batch fails the build: seen once in
+/// the 32 MiB dedupe build of `dedupe.rs`.)
+#[test]
+fn a_first_allocation_within_the_fair_share_is_granted_when_loans_took_the_rest() {
+    let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(120 * MB));
+    let spilling = |name: &str| spilling(&pool, name);
+    let idle: Vec<_> = (0..9).map(|i| spilling(&format!("idle {i}"))).collect();
+    let (big, second, third) = (spilling("big"), spilling("second"), spilling("third"));
+    // Twelve spilling consumers: a fair share is 10 MiB, half of it 5 MiB. Three large ones
+    // borrow 25 + 25 + 10 MiB: loans in all reach half the pool.
+    big.try_grow(30 * MB).unwrap();
+    second.try_grow(30 * MB).unwrap();
+    third.try_grow(15 * MB).unwrap();
+    assert!(third.try_grow(1).is_err(), "{pool}");
+    // A first batch beyond the half share, within the share: granted; more would be a loan.
+    idle[0].try_grow(8 * MB).unwrap();
+    assert!(idle[0].try_grow(1).is_err(), "{pool}");
+    // A first allocation beyond the share is a loan, and there is none left; the half share is
+    // still there.
+    assert!(idle[1].try_grow(11 * MB).is_err(), "{pool}");
+    idle[1].try_grow(5 * MB).unwrap();
+    drop((idle, big, second, third));
+    assert_eq!(pool.reserved(), 0);
+}
