@@ -656,11 +656,18 @@ impl Storage {
     }
 
     pub async fn put(&self, p: &Path, data: Bytes) -> Result<()> {
-        self.store
+        self.put_e_tag(p, data).await?;
+        Ok(())
+    }
+
+    /// Write `p`; the object's new etag, when the store gives one.
+    pub async fn put_e_tag(&self, p: &Path, data: Bytes) -> Result<Option<String>> {
+        let r = self
+            .store
             .put(p, PutPayload::from(data))
             .await
             .map_err(|e| Error::storage(p.as_ref(), e))?;
-        Ok(())
+        Ok(r.e_tag)
     }
 
     /// Create `p` only if no object is there: false when one already is. Every backend does

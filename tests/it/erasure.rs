@@ -485,3 +485,35 @@ fn needles_match_whole_words_and_a_subject_key_wins() {
     }
     assert_eq!(Needles::default().find_in("C0042"), None);
 }
+
+/// The landing files a forget rewrote are known by path, size and etag afterwards: the next
+/// ingest reads none of them again (before, it hashed each to find its content already known).
+#[test]
+fn after_a_forget_the_next_ingest_reads_no_rewritten_landing_file() {
+    let p = pipeline();
+    let out = p.ok(&["--json", "forget", SUBJECT, "--reason", "client request"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let landing_rewritten: usize = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["table"].as_str().unwrap_or("").starts_with("landing"))
+        .map(|s| s["files_rewritten"].as_array().map_or(0, |a| a.len()))
+        .sum();
+    assert!(
+        landing_rewritten > 0,
+        "the forget rewrote landing files: {report}"
+    );
+    let run = p.cmd(&["-v", "--json", "ingest"]).output().unwrap();
+    assert!(run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let ingest: Value = serde_json::from_slice(&run.stdout).unwrap();
+    for s in ingest["sources"].as_array().unwrap() {
+        assert_eq!(s["files_ingested"], 0, "{s}");
+        assert_eq!(s["files_already_ingested"], s["files_listed"], "{s}");
+    }
+    assert!(
+        !stderr.contains("hashed and classified"),
+        "a landing file was read again:\n{stderr}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The landing step of an erasure: every landing file of a source in scope rewritten without
 //! the subjects' records (or deleted when nothing else is left), the ledger told first so the
-//! rewrite is never taken for new content. It must not touch lake tables other than the ledger.
+//! rewrite is never taken for new content, and told the new files' etags after, so the next
+//! ingest does not read them again. It must not touch lake tables other than the ledger.
 
 use super::*;
 
@@ -217,22 +218,47 @@ async fn land(
         async move {
             match rewritten {
                 Some((bytes, dropped)) => {
-                    landing.put(&location, Bytes::from(bytes)).await?;
-                    Ok::<_, Error>((rel, Some(dropped)))
+                    let e_tag = landing.put_e_tag(&location, Bytes::from(bytes)).await?;
+                    Ok::<_, Error>((rel, Some(dropped), e_tag))
                 }
                 None => {
                     landing.delete(&location).await?;
-                    Ok((rel, None))
+                    Ok((rel, None, None))
                 }
             }
         }
     });
-    futures::stream::iter(writes)
+    let written: Vec<(String, Option<u64>, Option<String>)> = futures::stream::iter(writes)
         .buffered(2 * FILES_AT_ONCE)
         .collect::<Vec<Result<_>>>()
         .await
         .into_iter()
-        .collect()
+        .collect::<Result<_>>()?;
+    // The new files' etags, in a second ledger commit: the next ingest then knows them by path,
+    // size and etag without reading them again. (A crash before it costs only that read.)
+    let tags: HashMap<&str, &str> = written
+        .iter()
+        .filter_map(|(rel, _, tag)| Some((rel.as_str(), tag.as_deref()?)))
+        .collect();
+    let tagged: Vec<LedgerEntry> = group
+        .entries
+        .iter()
+        .filter(|e| e.status == FileStatus::Rewritten)
+        .filter_map(|e| {
+            Some(LedgerEntry {
+                e_tag: Some(tags.get(e.path.as_str())?.to_string()),
+                ingested_at: e.ingested_at + 1,
+                ..e.clone()
+            })
+        })
+        .collect();
+    if !tagged.is_empty() {
+        ledger::record(&lake, &tagged, &batch_id).await?;
+    }
+    Ok(written
+        .into_iter()
+        .map(|(rel, dropped, _)| (rel, dropped))
+        .collect())
 }
 
 /// Count what a landed group did in the step.
