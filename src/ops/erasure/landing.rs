@@ -9,8 +9,13 @@ use super::*;
 /// would make the landing step mostly ledger writes).
 pub(super) const LANDING_GROUP_BYTES: usize = 32 << 20;
 
-/// Each landed file's path and the records it dropped (`None`: the file was removed).
-type Landed = Vec<(String, Option<u64>)>;
+/// A landed group: each file's path and the records it dropped (`None`: the file was removed),
+/// and the ledger entries that give the rewritten files their new etags (recorded with the
+/// next group's, or after the last group).
+struct Landed {
+    files: Vec<(String, Option<u64>)>,
+    tagged: Vec<LedgerEntry>,
+}
 
 /// A landing task's outcome.
 async fn joined<T>(h: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
@@ -96,6 +101,7 @@ impl Run<'_> {
         // (ledger commit, then the files).
         let mut found = Box::pin(in_tasks_ahead(jobs, "landing erasure", 2 * FILES_AT_ONCE));
         let mut landing_now: Option<tokio::task::JoinHandle<Result<Landed>>> = None;
+        let mut tags: Vec<LedgerEntry> = Vec::new();
         // A failed search stops the step, but only after the group in flight has landed (or
         // failed): no write of this step outlives it.
         let mut failed: Option<Error> = None;
@@ -143,13 +149,14 @@ impl Run<'_> {
                 // One group lands (in its own task) while the next one is searched; groups
                 // land one after the other, each ledger commit after the files before it.
                 if let Some(before) = landing_now.take() {
-                    landed(&mut step, joined(before).await?);
+                    tags = landed(&mut step, joined(before).await?);
                 }
                 landing_now = Some(tokio::spawn(land(
                     landing.clone(),
                     self.silt.lake.clone(),
                     self.silt.env.is_some(),
                     std::mem::take(&mut group),
+                    std::mem::take(&mut tags),
                     batch_id.clone(),
                 )));
             }
@@ -160,7 +167,7 @@ impl Run<'_> {
             if let Some(e) = failed {
                 return Err(e);
             }
-            landed(&mut step, done?);
+            tags = landed(&mut step, done?);
         }
         if let Some(e) = failed {
             return Err(e);
@@ -170,10 +177,14 @@ impl Run<'_> {
             self.silt.lake.clone(),
             self.silt.env.is_some(),
             group,
+            std::mem::take(&mut tags),
             batch_id.clone(),
         )
         .await?;
-        landed(&mut step, last);
+        let tagged = landed(&mut step, last);
+        if !tagged.is_empty() {
+            ledger::record(&self.silt.lake, &tagged, &batch_id).await?;
+        }
         let headers = std::mem::take(&mut *headers.lock().unwrap());
         self.headers.insert(src.name.clone(), headers);
         if !step.files_rewritten.is_empty() || !step.files_purged.is_empty() {
@@ -186,30 +197,42 @@ impl Run<'_> {
 
 /// Land one group of landing rewrites: ledger first, in one commit for the group (the new
 /// content is known as ingested before it lands, and the old one stays known, so a crash in
-/// between never re-ingests a file), then each file's new content or its deletion. Owned
-/// arguments: it runs in a task of its own while the next group is searched. Returns each
-/// file's path and the records it dropped (`None`: the file was removed).
+/// between never re-ingests a file), with the etags of the group before (`carried`, its files
+/// all written), then each file's new content or its deletion. Owned arguments: it runs in a
+/// task of its own while the next group is searched.
 async fn land(
     landing: Storage,
     lake: Storage,
     in_env: bool,
     group: LandingGroup,
+    carried: Vec<LedgerEntry>,
     batch_id: String,
 ) -> Result<Landed> {
-    if group.files.is_empty() {
-        return Ok(Vec::new());
+    let mut entries = group.entries;
+    entries.extend(carried);
+    if !entries.is_empty() {
+        ledger::record(&lake, &entries, &batch_id).await?;
     }
-    ledger::record(&lake, &group.entries, &batch_id).await?;
+    let group_entries = &entries;
+    if group.files.is_empty() {
+        return Ok(Landed {
+            files: Vec::new(),
+            tagged: Vec::new(),
+        });
+    }
     failpoint::hit("forget.landing_ledger");
     if in_env {
         // An environment shares the project's landing files: its ledger learns their erased
         // content (the same bytes the project's own forget, which runs after it, writes), and
         // the files are the project's to rewrite.
-        return Ok(group
-            .files
-            .into_iter()
-            .map(|(_, rel, rewritten)| (rel, rewritten.map(|(_, dropped)| dropped)))
-            .collect());
+        return Ok(Landed {
+            files: group
+                .files
+                .into_iter()
+                .map(|(_, rel, rewritten)| (rel, rewritten.map(|(_, dropped)| dropped)))
+                .collect(),
+            tagged: Vec::new(),
+        });
     }
     // The group's files land side by side (each put or delete is independent once the ledger
     // knows them); reported in the group's order.
@@ -234,16 +257,15 @@ async fn land(
         .await
         .into_iter()
         .collect::<Result<_>>()?;
-    // The new files' etags, in a second ledger commit: the next ingest then knows them by path,
-    // size and etag without reading them again. (A crash before it costs only that read.)
+    // The new files' etags, recorded with the next group: the next ingest then knows them by
+    // path, size and etag without reading them again. (A crash before that costs that read.)
     let tags: HashMap<&str, &str> = written
         .iter()
         .filter_map(|(rel, _, tag)| Some((rel.as_str(), tag.as_deref()?)))
         .collect();
-    let tagged: Vec<LedgerEntry> = group
-        .entries
+    let tagged: Vec<LedgerEntry> = group_entries
         .iter()
-        .filter(|e| e.status == FileStatus::Rewritten)
+        .filter(|e| e.status == FileStatus::Rewritten && e.e_tag.is_none())
         .filter_map(|e| {
             Some(LedgerEntry {
                 e_tag: Some(tags.get(e.path.as_str())?.to_string()),
@@ -252,18 +274,18 @@ async fn land(
             })
         })
         .collect();
-    if !tagged.is_empty() {
-        ledger::record(&lake, &tagged, &batch_id).await?;
-    }
-    Ok(written
-        .into_iter()
-        .map(|(rel, dropped, _)| (rel, dropped))
-        .collect())
+    Ok(Landed {
+        files: written
+            .into_iter()
+            .map(|(rel, dropped, _)| (rel, dropped))
+            .collect(),
+        tagged,
+    })
 }
 
-/// Count what a landed group did in the step.
-fn landed(step: &mut TableErasure, files: Landed) {
-    for (rel, dropped) in files {
+/// Count what a landed group did in the step; its etag entries, still to record.
+fn landed(step: &mut TableErasure, group: Landed) -> Vec<LedgerEntry> {
+    for (rel, dropped) in group.files {
         match dropped {
             Some(n) => {
                 step.rows_deleted += n;
@@ -272,4 +294,5 @@ fn landed(step: &mut TableErasure, files: Landed) {
             None => step.files_purged.push(rel),
         }
     }
+    group.tagged
 }
