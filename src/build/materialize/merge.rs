@@ -22,7 +22,7 @@ const PLACED: &str = "__silt_placed";
 /// does not hold in the row's own partition (`None`: not known, look every key up).
 pub(super) struct NotYetHeld {
     pub(super) changed: Vec<RecordBatch>,
-    pub(super) unplaced: Option<Vec<RecordBatch>>,
+    pub(super) unplaced: Option<RecordBatch>,
 }
 
 /// `batch` with row numbers in a last column [`ROW`].
@@ -82,9 +82,13 @@ fn split_placed(rows: Vec<RecordBatch>) -> Result<Option<NotYetHeld>> {
         let not_placed = arrow::compute::not(pl)?;
         unplaced.push(arrow::compute::filter_record_batch(b, &not_placed)?);
     }
+    let unplaced = without_row_index(unplaced)?;
+    let Some(first) = unplaced.first() else {
+        return Ok(None);
+    };
     Ok(Some(NotYetHeld {
+        unplaced: Some(arrow::compute::concat_batches(&first.schema(), &unplaced)?),
         changed: without_row_index(rows)?,
-        unplaced: Some(without_row_index(unplaced)?),
     }))
 }
 
@@ -520,13 +524,15 @@ impl Materializer<'_> {
             // row's own partition. The target holds each key once (MERGEs upsert by key, full
             // builds are checked for it), so a row finds at most one; `__silt_row` checks it,
             // and a second find falls back to the anti join on every column below.
-            let placed_expr = match &m.config.partition_by {
-                Some(p) if placed && cols.contains(p) && in_target(p.as_str()) => {
-                    format!("(e.{FOUND} is not null and {})", same(p))
-                }
-                _ => "false".to_string(),
+            let placed_by = m
+                .config
+                .partition_by
+                .as_ref()
+                .filter(|p| placed && cols.contains(p) && in_target(p.as_str()));
+            let placed_expr = match placed_by {
+                Some(p) => format!("(e.{FOUND} is not null and {})", same(p)),
+                None => "false".to_string(),
             };
-            let want_placed = placed_expr != "false";
             let on = keys.iter().map(same).collect::<Vec<_>>().join(" and ");
             let df = self
                 .ctx
@@ -540,7 +546,7 @@ impl Materializer<'_> {
             let rows = collect_nonempty(df).await?;
             if let Some(held) = split_placed(rows)? {
                 return Ok(NotYetHeld {
-                    unplaced: held.unplaced.filter(|_| want_placed),
+                    unplaced: held.unplaced.filter(|_| placed_by.is_some()),
                     changed: held.changed,
                 });
             }
@@ -600,7 +606,7 @@ impl Materializer<'_> {
         m: &Model,
         t: &TableRef,
         consumers: &[String],
-        only: Option<Vec<RecordBatch>>,
+        only: Option<RecordBatch>,
     ) -> Result<()> {
         let keys = &m.config.unique_key;
         let old_cols: Vec<String> = m
@@ -629,22 +635,8 @@ impl Materializer<'_> {
         let (src, in_range) = match only {
             None => (MERGE_SRC, self.in_key_range(m, t, MERGE_SRC).await?),
             Some(rows) => {
-                let none = rows.iter().all(|b| b.num_rows() == 0);
-                if let Some(b) = rows.first() {
-                    self.ctx.register_batch(
-                        MERGE_LOOKUP,
-                        arrow::compute::concat_batches(&b.schema(), &rows)?,
-                    )?;
-                } else {
-                    self.ctx.register_table(
-                        MERGE_LOOKUP,
-                        self.ctx
-                            .table(MERGE_SRC)
-                            .await?
-                            .limit(0, Some(0))?
-                            .into_view(),
-                    )?;
-                }
+                let none = rows.num_rows() == 0;
+                self.ctx.register_batch(MERGE_LOOKUP, rows)?;
                 let in_range = if none {
                     format!("(select * from {t} where false)")
                 } else {
