@@ -174,8 +174,14 @@ async fn execute(silt: &Silt, command: Command, json: bool) -> anyhow::Result<()
         }) => export(silt, &select, json).await,
         Command::Optimize(a) => {
             let t = TableRef::parse(&a.table)?;
-            let r = silt::ops::maintenance::optimize(&silt.catalog, &t, &a.zorder, a.target_size)
-                .await?;
+            let r = silt::ops::maintenance::optimize(
+                &silt.catalog,
+                &silt.project,
+                &t,
+                &a.zorder,
+                a.target_size,
+            )
+            .await?;
             emit(&r, json)
         }
         Command::Vacuum(a) => vacuum(silt, a, json).await,

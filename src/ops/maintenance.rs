@@ -1,7 +1,8 @@
 //! Table upkeep: `silt optimize` (compaction, optionally Z-ordered) and `silt vacuum` (delete
 //! files no version within the retention period needs), both through delta-rs operations, each
-//! returning metrics. It must not change table content (optimize rewrites files with the same
-//! rows) nor decide which tables exist (catalog.rs does).
+//! returning metrics, and the Parquet settings silt writes each table's files with (which an
+//! optimize and an erasure's rewrites keep). It must not change table content (optimize
+//! rewrites files with the same rows) nor decide which tables exist (catalog.rs does).
 
 use std::collections::HashSet;
 use std::num::NonZeroU64;
@@ -11,8 +12,10 @@ use deltalake::operations::optimize::OptimizeType;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::lake::catalog::{Catalog, TableRef};
+use crate::lake::catalog::{Catalog, Layer, TableRef};
 use crate::lake::storage::same_path;
+use crate::project::config::Project;
+use crate::project::config::Source;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OptimizeReport {
@@ -23,9 +26,49 @@ pub struct OptimizeReport {
     pub partitions_optimized: u64,
 }
 
-/// Compact `t`'s small files (bin-packing to `target_size`), or Z-order them by `zorder`.
+/// The Parquet settings silt writes `t`'s files with, so that files rewritten later (an
+/// optimize, an erasure) are encoded as the ones they replace: a bronze table as ingest writes
+/// it (LZ4, its key encodings), a model as builds write it (Snappy, 32k-row groups). `table` is
+/// the table's schema. None (delta-rs's settings) for silt's own tables and quarantine, and for
+/// a bronze table whose key columns no longer have the contract's types (a contract changed
+/// since the last ingest: a key encoding chosen for the new type cannot write the old one).
+pub(crate) fn own_writer_properties(
+    project: &Project,
+    t: &TableRef,
+    table: &arrow::datatypes::Schema,
+) -> Option<parquet::file::properties::WriterProperties> {
+    match t.layer {
+        Layer::Bronze => project
+            .sources
+            .get(&t.name)
+            .and_then(|src| bronze_properties(src, table)),
+        Layer::Silver | Layer::Gold => Some(crate::build::materialize::model_writer_properties()),
+        Layer::Quarantine | Layer::Silt => None,
+    }
+}
+
+/// Ingest's Parquet settings for a source's bronze files, while its key columns still have
+/// the contract's types.
+fn bronze_properties(
+    src: &Source,
+    table: &arrow::datatypes::Schema,
+) -> Option<parquet::file::properties::WriterProperties> {
+    let contract = crate::ingest::bronze_schema_of(src);
+    let same = src.primary_key.iter().all(|k| {
+        match (contract.field_with_name(k), table.field_with_name(k)) {
+            (Ok(a), Ok(b)) => a.data_type() == b.data_type(),
+            _ => false,
+        }
+    });
+    same.then(|| crate::ingest::writer_properties(src))
+}
+
+/// Compact `t`'s small files (bin-packing to `target_size`), or Z-order them by `zorder`. The
+/// new files are written with the table's own Parquet settings (delta-rs's optimize would
+/// write ZSTD in row groups of a million rows, held whole in memory while they are written).
 pub async fn optimize(
     catalog: &Catalog,
+    project: &Project,
     t: &TableRef,
     zorder: &[String],
     target_size: Option<u64>,
@@ -68,12 +111,20 @@ pub async fn optimize(
             }
         }
     }
+    let schema = table
+        .snapshot()
+        .map_err(|e| Error::delta(t.to_string(), e))?
+        .snapshot()
+        .arrow_schema();
     let mut b = table
         .optimize()
         .with_commit_properties(CommitProperties::default().with_metadata([(
             "silt.operation".to_string(),
             serde_json::Value::from("optimize"),
         )]));
+    if let Some(props) = own_writer_properties(project, t, &schema) {
+        b = b.with_writer_properties(props);
+    }
     if !zorder.is_empty() {
         b = b.with_type(OptimizeType::ZOrder(zorder.to_vec()));
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde_json::Value;
 
-use crate::support::{Project, copy_dir, repo, walk};
+use crate::support::{Project, copy_dir, parquet_layout, repo, walk};
 
 /// C0085 has fees in several months, a profile in the truncated clients file, a quarantined
 /// fee row (extra column) and a name no other client shares.
@@ -90,30 +90,6 @@ pub(crate) fn live_files(dir: &Path) -> BTreeSet<String> {
             .map(|f| f.path().to_string())
             .collect()
     })
-}
-
-/// The compression codecs of a Parquet file's column chunks, and its largest row group's rows.
-fn parquet_layout(path: &Path) -> (BTreeSet<String>, i64) {
-    use parquet::file::reader::FileReader;
-    let r = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(path).unwrap())
-        .unwrap();
-    let md = r.metadata();
-    let codecs = md
-        .row_groups()
-        .iter()
-        .flat_map(|rg| {
-            rg.columns()
-                .iter()
-                .map(|c| format!("{:?}", c.compression()))
-        })
-        .collect();
-    let largest = md
-        .row_groups()
-        .iter()
-        .map(|rg| rg.num_rows())
-        .max()
-        .unwrap_or(0);
-    (codecs, largest)
 }
 
 pub(crate) fn subject_pii(p: &Project, subject: &str) -> Vec<String> {

@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
+use crate::erasure::live_files;
 use crate::support::datasets::{csv, files_under, flights, month, orders_project, write};
-use crate::support::{Project, json, model};
+use crate::support::{Project, json, model, parquet_layout};
 
 /// The gold table as a full rebuild from silver would make it.
 fn expected_fct(p: &Project) -> String {
@@ -72,9 +73,18 @@ fn a_changed_file_then_optimize_and_vacuum_leave_the_next_runs_whole() {
     let silver = csv(&p, "select * from silver.stg_flights");
     let gold = csv(&p, "select * from gold.fct_origin_month");
 
-    // Compaction adds no rows: the next run finds nothing new in its files.
+    // Compaction adds no rows: the next run finds nothing new in its files. The compacted file
+    // is encoded as ingest writes bronze (LZ4), not with delta-rs's optimize settings (ZSTD).
+    let bronze = p.lake().join("bronze/flights");
+    let before = live_files(&bronze);
     let o = json(&p, &["optimize", "bronze.flights"]);
     assert!(o["files_removed"].as_u64().unwrap() > 1, "{o}");
+    let compacted: Vec<String> = live_files(&bronze).difference(&before).cloned().collect();
+    assert!(!compacted.is_empty(), "{o}");
+    for f in compacted {
+        let (codecs, _) = parquet_layout(&bronze.join(&f));
+        assert_eq!(codecs, BTreeSet::from(["LZ4_RAW".to_string()]), "{f}");
+    }
     let r = json(&p, &["run"]);
     let stg = model(&r, "stg_flights");
     assert_eq!(stg["rows_inserted"], 0, "{r}");
@@ -94,6 +104,13 @@ fn a_changed_file_then_optimize_and_vacuum_leave_the_next_runs_whole() {
         &["optimize", "silver.stg_flights", "--zorder", "origin"],
     );
     assert!(z["files_removed"].as_u64().unwrap() > 0, "{z}");
+    // A model's Z-ordered files: Snappy, as its builds write them.
+    let stg = p.lake().join("silver/stg_flights");
+    for f in live_files(&stg) {
+        let (codecs, largest) = parquet_layout(&stg.join(&f));
+        assert_eq!(codecs, BTreeSet::from(["SNAPPY".to_string()]), "{f}");
+        assert!(largest <= 32 * 1024, "{f}: a row group of {largest} rows");
+    }
     let v = json(
         &p,
         &[

@@ -90,23 +90,6 @@ where
     .buffered(ahead.max(1))
 }
 
-/// Ingest's Parquet settings for a source's bronze files, while its key columns still have
-/// the contract's types (a contract changed since the last ingest keeps delta-rs's defaults: a
-/// key encoding chosen for the new type cannot write the old one).
-fn bronze_properties(
-    src: &Source,
-    table: &Schema,
-) -> Option<parquet::file::properties::WriterProperties> {
-    let contract = crate::ingest::bronze_schema_of(src);
-    let same = src.primary_key.iter().all(|k| {
-        match (contract.field_with_name(k), table.field_with_name(k)) {
-            (Ok(a), Ok(b)) => a.data_type() == b.data_type(),
-            _ => false,
-        }
-    });
-    same.then(|| crate::ingest::writer_properties(src))
-}
-
 /// One data file of an in-place erasure: its rows without the subjects' go to new files.
 pub(super) struct FileRewrite {
     pub(super) table: DeltaTable,
@@ -286,18 +269,7 @@ impl Run<'_> {
             deltalake::operations::get_num_idx_cols_and_stats_columns(None, config);
         // The rewritten files are encoded as the table's own writer encodes them (bronze: LZ4
         // and its encodings; models: Snappy, 32k-row groups), not with delta-rs's defaults.
-        let props = match t.layer {
-            Layer::Bronze => self
-                .silt
-                .project
-                .sources
-                .get(&t.name)
-                .and_then(|src| bronze_properties(src, &target)),
-            Layer::Silver | Layer::Gold => {
-                Some(crate::build::materialize::model_writer_properties())
-            }
-            Layer::Quarantine | Layer::Silt => None,
-        };
+        let props = crate::ops::maintenance::own_writer_properties(&self.silt.project, t, &target);
         let partition_columns = Arc::new(snapshot.metadata().partition_columns().to_vec());
         let writer_config = deltalake::datafile::writer::WriterConfig::new(
             target.clone(),

@@ -6,6 +6,7 @@ pub mod datasets;
 pub mod emulators;
 pub mod golden;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -270,4 +271,28 @@ impl Manifest {
             .map(|(_, v)| v["good_rows"].as_i64().unwrap())
             .sum()
     }
+}
+
+/// The compression codecs of a Parquet file's column chunks, and its largest row group's rows.
+pub fn parquet_layout(path: &Path) -> (BTreeSet<String>, i64) {
+    use parquet::file::reader::FileReader;
+    let r = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(path).unwrap())
+        .unwrap();
+    let md = r.metadata();
+    let codecs = md
+        .row_groups()
+        .iter()
+        .flat_map(|rg| {
+            rg.columns()
+                .iter()
+                .map(|c| format!("{:?}", c.compression()))
+        })
+        .collect();
+    let largest = md
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows())
+        .max()
+        .unwrap_or(0);
+    (codecs, largest)
 }
