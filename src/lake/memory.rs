@@ -17,10 +17,14 @@ use datafusion::execution::memory_pool::{
     MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, human_readable_size,
 };
 
+/// The most a spilling consumer holding nothing is granted beyond half its fair share without a
+/// loan: one large batch (a sort's first batch of wide rows).
+const FIRST_BATCH: usize = 16 << 20;
+
 /// A fair spill pool whose spilling consumers may borrow what the others leave idle.
 ///
 /// A spilling consumer always gets up to half its fair share, and a first allocation up to its
-/// whole share (the fair pool grants up to the whole share alike). Beyond that it borrows: up to its fair share or a quarter of the pool
+/// whole share or one large batch, whichever is less. Beyond that it borrows: up to its fair share or a quarter of the pool
 /// (whichever is more), while the pool after the loan still holds what every other spilling
 /// consumer needs to reach half its fair share, and while all loans together stay within
 /// half the pool. Consumers that cannot spill (hash join build sides) take what is left, as
@@ -128,11 +132,12 @@ impl MemoryPool for SharePool {
             let share = s.share(self.size);
             let floor = share / 2;
             let want = held + additional;
-            // Up to half its fair share it is never refused, nor is a first allocation within
-            // its whole share (as the fair pool never refuses a consumer within its share): a
-            // sort or an aggregate holding nothing has nothing to spill, and must get its
-            // first batch. Beyond that, a loan.
-            if want > floor && !(held == 0 && want <= share) {
+            // Up to half its fair share it is never refused, nor is a first allocation of a
+            // batch's size within its whole share: a sort or an aggregate holding nothing has
+            // nothing to spill, and must get its first batch. Beyond that, a loan. (A first
+            // allocation of the whole share, granted past the loans, could reserve more than
+            // the pool holds; a batch per operator bounds that.)
+            if want > floor && !(held == 0 && want <= share.min(FIRST_BATCH)) {
                 let (mut owed, mut lent) = (0usize, 0usize);
                 for (id, h) in &s.spillers {
                     if *id != me {

@@ -29,9 +29,10 @@ pub struct OptimizeReport {
 /// The Parquet settings silt writes `t`'s files with, so that files rewritten later (an
 /// optimize, an erasure) are encoded as the ones they replace: a bronze table as ingest writes
 /// it (LZ4, its key encodings), a model as builds write it (Snappy, 32k-row groups). `table` is
-/// the table's schema. None (delta-rs's settings) for silt's own tables and quarantine, and for
-/// a bronze table whose key columns no longer have the contract's types (a contract changed
-/// since the last ingest: a key encoding chosen for the new type cannot write the old one).
+/// the table's schema. None (the delta-rs operation's own settings) for silt's own tables and
+/// quarantine, for a bronze table whose source is no longer in the project, and for one whose
+/// key columns no longer have the contract's types (a contract changed since the last ingest:
+/// a key encoding chosen for the new type cannot write the old one).
 pub(crate) fn own_writer_properties(
     project: &Project,
     t: &TableRef,
@@ -64,8 +65,9 @@ fn bronze_properties(
 }
 
 /// Compact `t`'s small files (bin-packing to `target_size`), or Z-order them by `zorder`. The
-/// new files are written with the table's own Parquet settings (delta-rs's optimize would
-/// write ZSTD in row groups of a million rows, held whole in memory while they are written).
+/// new files are written with the table's own Parquet settings: delta-rs's optimize would
+/// write ZSTD, and a model's files in row groups of a million rows instead of 32k, each held
+/// whole in memory while it is written.
 pub async fn optimize(
     catalog: &Catalog,
     project: &Project,
@@ -81,12 +83,12 @@ pub async fn optimize(
     // An environment's clone: delta-rs rewrites only files under the table's root.
     let state = crate::build::materialize::last_state(&table).await?;
     let (table, _) = crate::lake::env::localize(catalog.lake(), table, t, state.as_ref()).await?;
+    let schema = table
+        .snapshot()
+        .map_err(|e| Error::delta(t.to_string(), e))?
+        .snapshot()
+        .arrow_schema();
     if !zorder.is_empty() {
-        let schema = table
-            .snapshot()
-            .map_err(|e| Error::delta(t.to_string(), e))?
-            .snapshot()
-            .arrow_schema();
         let partitions = table
             .snapshot()
             .map(|s| s.metadata().partition_columns().to_vec())
@@ -111,11 +113,6 @@ pub async fn optimize(
             }
         }
     }
-    let schema = table
-        .snapshot()
-        .map_err(|e| Error::delta(t.to_string(), e))?
-        .snapshot()
-        .arrow_schema();
     let mut b = table
         .optimize()
         .with_commit_properties(CommitProperties::default().with_metadata([(

@@ -119,3 +119,26 @@ fn a_first_allocation_within_the_fair_share_is_granted_when_loans_took_the_rest(
     drop((idle, big, second, third));
     assert_eq!(pool.reserved(), 0);
 }
+
+/// In a large pool, a first allocation beyond half the share and beyond a batch's size is a
+/// loan like any other: it is refused when the loans took the rest, so the pool is not overrun.
+#[test]
+fn a_large_first_allocation_is_a_loan_and_does_not_overrun_the_pool() {
+    let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(1200 * MB));
+    let spilling = |name: &str| spilling(&pool, name);
+    let idle: Vec<_> = (0..9).map(|i| spilling(&format!("idle {i}"))).collect();
+    let (big, second, third) = (spilling("big"), spilling("second"), spilling("third"));
+    // A fair share is 100 MiB, half of it 50 MiB; loans in all reach half the pool.
+    big.try_grow(300 * MB).unwrap();
+    second.try_grow(300 * MB).unwrap();
+    third.try_grow(150 * MB).unwrap();
+    // Beyond its half share and a batch, a first allocation is a loan, and none is left...
+    assert!(idle[0].try_grow(60 * MB).is_err(), "{pool}");
+    // ...so every other consumer still gets its half share, and the pool is not overrun.
+    for c in &idle {
+        c.try_grow(50 * MB).unwrap();
+    }
+    assert!(pool.reserved() <= 1200 * MB, "{pool}");
+    drop((idle, big, second, third));
+    assert_eq!(pool.reserved(), 0);
+}

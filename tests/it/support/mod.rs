@@ -296,3 +296,17 @@ pub fn parquet_layout(path: &Path) -> (BTreeSet<String>, i64) {
         .unwrap_or(0);
     (codecs, largest)
 }
+
+/// The encodings of one column's chunks in a Parquet file.
+pub fn column_encodings(path: &Path, column: &str) -> BTreeSet<String> {
+    use parquet::file::reader::FileReader;
+    let r = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(path).unwrap())
+        .unwrap();
+    r.metadata()
+        .row_groups()
+        .iter()
+        .flat_map(|rg| rg.columns().iter())
+        .filter(|c| c.column_path().string() == column)
+        .flat_map(|c| c.encodings().map(|e| format!("{e:?}")).collect::<Vec<_>>())
+        .collect()
+}
