@@ -24,11 +24,11 @@ const FIRST_BATCH: usize = 16 << 20;
 /// A fair spill pool whose spilling consumers may borrow what the others leave idle.
 ///
 /// A spilling consumer always gets up to half its fair share, and a first allocation up to its
-/// whole share or one large batch, whichever is less. Beyond that it borrows: up to its fair share or a quarter of the pool
-/// (whichever is more), while the pool after the loan still holds what every other spilling
-/// consumer needs to reach half its fair share, and while all loans together stay within
-/// half the pool. Consumers that cannot spill (hash join build sides) take what is left, as
-/// in `FairSpillPool`.
+/// whole share or one large batch, whichever is less. Beyond that it borrows: up to its fair
+/// share or a quarter of the pool (whichever is more), while the pool after the loan still
+/// holds what every other spilling consumer needs to reach half its fair share, and while all
+/// loans together stay within half the pool. Consumers that cannot spill (hash join build
+/// sides) take what is left, as in `FairSpillPool`.
 #[derive(Debug)]
 pub struct SharePool {
     size: usize,

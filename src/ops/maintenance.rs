@@ -14,8 +14,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::lake::catalog::{Catalog, Layer, TableRef};
 use crate::lake::storage::same_path;
-use crate::project::config::Project;
-use crate::project::config::Source;
+use crate::project::config::{Project, Source};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OptimizeReport {

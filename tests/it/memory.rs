@@ -93,21 +93,34 @@ fn loans_leave_half_the_pool_to_what_cannot_spill_and_a_half_share_is_never_refu
     assert_eq!(pool.reserved(), 120 * MB);
 }
 
-/// A sort or an aggregate holding nothing has nothing to spill: its first allocation is
-/// granted up to its whole fair share, as the fair pool grants it, even once loans took what
-/// the others' half shares leave. (Refused, a sort's first batch fails the build: seen once in
-/// the 32 MiB dedupe build of `dedupe.rs`.)
-#[test]
-fn a_first_allocation_within_the_fair_share_is_granted_when_loans_took_the_rest() {
-    let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(120 * MB));
+/// Twelve spilling consumers in a pool of `size`: nine idle ones, and three large ones that
+/// grew to a quarter, a quarter and an eighth of the pool, borrowing until loans in all reach
+/// half of it (a fair share is a twelfth of the pool).
+fn loans_took_the_rest(
+    size: usize,
+) -> (
+    Arc<dyn MemoryPool>,
+    Vec<MemoryReservation>,
+    (MemoryReservation, MemoryReservation, MemoryReservation),
+) {
+    let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(size));
     let spilling = |name: &str| spilling(&pool, name);
     let idle: Vec<_> = (0..9).map(|i| spilling(&format!("idle {i}"))).collect();
     let (big, second, third) = (spilling("big"), spilling("second"), spilling("third"));
-    // Twelve spilling consumers: a fair share is 10 MiB, half of it 5 MiB. Three large ones
-    // borrow 25 + 25 + 10 MiB: loans in all reach half the pool.
-    big.try_grow(30 * MB).unwrap();
-    second.try_grow(30 * MB).unwrap();
-    third.try_grow(15 * MB).unwrap();
+    big.try_grow(size / 4).unwrap();
+    second.try_grow(size / 4).unwrap();
+    third.try_grow(size / 8).unwrap();
+    (pool, idle, (big, second, third))
+}
+
+/// A sort or an aggregate holding nothing has nothing to spill: its first allocation is
+/// granted up to its whole fair share or a batch (16 MiB), whichever is less, even once loans
+/// took what the others' half shares leave. (Refused, a sort's first batch fails the build:
+/// seen once in the 32 MiB dedupe build of `dedupe.rs`.)
+#[test]
+fn a_first_allocation_within_the_fair_share_is_granted_when_loans_took_the_rest() {
+    // A fair share is 10 MiB, half of it 5 MiB; the three large ones borrowed 25 + 25 + 10 MiB.
+    let (pool, idle, (big, second, third)) = loans_took_the_rest(120 * MB);
     assert!(third.try_grow(1).is_err(), "{pool}");
     // A first batch beyond the half share, within the share: granted; more would be a loan.
     idle[0].try_grow(8 * MB).unwrap();
@@ -124,14 +137,8 @@ fn a_first_allocation_within_the_fair_share_is_granted_when_loans_took_the_rest(
 /// loan like any other: it is refused when the loans took the rest, so the pool is not overrun.
 #[test]
 fn a_large_first_allocation_is_a_loan_and_does_not_overrun_the_pool() {
-    let pool: Arc<dyn MemoryPool> = Arc::new(SharePool::new(1200 * MB));
-    let spilling = |name: &str| spilling(&pool, name);
-    let idle: Vec<_> = (0..9).map(|i| spilling(&format!("idle {i}"))).collect();
-    let (big, second, third) = (spilling("big"), spilling("second"), spilling("third"));
     // A fair share is 100 MiB, half of it 50 MiB; loans in all reach half the pool.
-    big.try_grow(300 * MB).unwrap();
-    second.try_grow(300 * MB).unwrap();
-    third.try_grow(150 * MB).unwrap();
+    let (pool, idle, (big, second, third)) = loans_took_the_rest(1200 * MB);
     // Beyond its half share and a batch, a first allocation is a loan, and none is left...
     assert!(idle[0].try_grow(60 * MB).is_err(), "{pool}");
     // ...so every other consumer still gets its half share, and the pool is not overrun.
