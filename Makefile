@@ -4,7 +4,7 @@ SILT = $(CARGO) run --quiet --bin silt --
 # DataFusion plans recurse deeply in debug builds.
 export RUST_MIN_STACK ?= 16777216
 
-.PHONY: run test build fixtures fmt clean-lake bench bench-cluster emulators cluster-demo
+.PHONY: run test build fixtures fmt clean-lake bench bench-cluster bench-deliveries emulators cluster-demo
 
 ## Run the reference pipeline on fixtures/landing into ./lake.
 run:
@@ -50,6 +50,13 @@ bench-cluster:
 	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check duckdb pyarrow numpy
 	$(BENCH_VENV)/bin/python benches/lineitem.py --scale $(SCALE) --repeat $(REPEAT) --cluster --silt $${CARGO_TARGET_DIR:-target}/release/silt --python $(BENCH_VENV)/bin/python
+
+## CDC deliveries landed one after another into the line-item lake, a run each, for two silt
+## builds side by side (time and peak RSS per delivery): make bench-deliveries OLD=a NEW=b SCALE=2
+bench-deliveries:
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check duckdb pyarrow numpy
+	$(BENCH_VENV)/bin/python benches/cdc_deliveries.py --scale $(SCALE) --repeat $(REPEAT) --silt $(OLD) --silt $(NEW) --python $(BENCH_VENV)/bin/python
 
 ## Regenerate the reference landing files and their MANIFEST.json.
 fixtures:

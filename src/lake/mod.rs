@@ -15,6 +15,7 @@ pub mod files;
 pub mod lease;
 pub mod memory;
 pub mod meta;
+pub mod rewrite;
 pub mod snapshot_scan;
 pub mod sql_text;
 pub mod storage;

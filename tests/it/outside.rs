@@ -394,3 +394,105 @@ fn partition_values_that_need_encoding_survive_erasure_builds_and_vacuum() {
     }
     assert_eq!(p.count("select count(*) from silver.stg_people"), 3);
 }
+
+/// Silver as MERGEs of every delivery make it: the latest delivery of each flight.
+fn latest_flights(p: &Project) -> String {
+    csv(
+        p,
+        "select flight_id, flight_date, carrier, origin, dep_delay, to_char(flight_date, '%Y-%m') as flight_month \
+         from (select *, row_number() over (partition by flight_id \
+         order by _ingested_at desc, _source_file desc, _source_line desc) as r from bronze.flights) d \
+         where r = 1",
+    )
+}
+
+#[test]
+fn an_incremental_merge_rewrites_only_the_files_that_hold_a_changed_key() {
+    let p = flights();
+    write(
+        &p.landing(),
+        "flights/2024_03.csv",
+        &month(201, "2024-03", 40, 0),
+    );
+    let stg = p.lake().join("silver/stg_flights");
+    let jan = |files: &BTreeSet<String>| -> BTreeSet<String> {
+        files
+            .iter()
+            .filter(|f| f.starts_with("flight_month=2024-01/"))
+            .cloned()
+            .collect()
+    };
+    p.ok(&["run"]);
+    let first = live_files(&stg);
+    // Two more deliveries of new January flights: January holds three files, one per run.
+    let mut runs = vec![first.clone()];
+    for (name, first_id) in [("flights/2024_01_b.csv", 41), ("flights/2024_01_c.csv", 61)] {
+        write(&p.landing(), name, &month(first_id, "2024-01", 20, 0));
+        p.ok(&["run"]);
+        runs.push(live_files(&stg));
+    }
+    let (second, before) = (runs[1].clone(), runs[2].clone());
+    let (a, b, c) = (
+        jan(&first),
+        jan(&second)
+            .difference(&jan(&first))
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        jan(&before)
+            .difference(&jan(&second))
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+    );
+    assert_eq!((a.len(), b.len(), c.len()), (1, 1, 1), "{before:?}");
+    // A correction: flight 5 (first January file) delayed more, flight 45 (second file) moved
+    // to February, and a new flight in a new month. The third January file, February's and
+    // March's hold no changed key.
+    write(
+        &p.landing(),
+        "flights/2024_fix.csv",
+        "flight_id,flight_date,carrier,origin,dep_delay\n\
+         5,2024-01-05,AA,SFO,99\n45,2024-02-03,AA,JFK,7\n300,2024-04-01,UA,ORD,3\n",
+    );
+    let r = json(&p, &["run"]);
+    let m = model(&r, "stg_flights");
+    assert_eq!(m["mode"], "incremental", "{r}");
+    assert_eq!(
+        (&m["rows_updated"], &m["rows_inserted"], &m["rows_deleted"]),
+        (&Value::from(1), &Value::from(2), &Value::from(1)),
+        "{m}"
+    );
+    // Only the first two January files are read: the third's flight ids (statistics) lie
+    // outside the staged January keys, February's outside flight 45, and March has no staged
+    // row at all.
+    assert_eq!(
+        (&m["files_scanned"], &m["files_skipped"]),
+        (&Value::from(2), &Value::from(3)),
+        "{m}"
+    );
+    assert_eq!(m["files_removed"], 2, "{m}");
+    // The first file (1 of 40 rows replaced) and the second (1 of 20 moved out) are rewritten.
+    assert_eq!(m["rows_copied"], 39 + 19, "{m}");
+    let after = live_files(&stg);
+    let removed: BTreeSet<String> = before.difference(&after).cloned().collect();
+    assert_eq!(removed, a.union(&b).cloned().collect(), "{m}");
+    assert!(
+        c.is_subset(&after),
+        "the third January file is kept: {after:?}"
+    );
+    assert_eq!(
+        csv(&p, "select * from silver.stg_flights"),
+        latest_flights(&p)
+    );
+    assert_eq!(
+        csv(
+            &p,
+            "select origin, flight_month, flights, total_delay from gold.fct_origin_month"
+        ),
+        expected_fct(&p)
+    );
+    let h: Value =
+        serde_json::from_str(&p.ok(&["--json", "history", "silver.stg_flights"])).unwrap();
+    assert_eq!(h[0]["operation"], "MERGE", "{h}");
+    assert_eq!(h[0]["metrics"]["num_target_rows_updated"], 1, "{h}");
+    assert_eq!(h[0]["metrics"]["num_target_files_removed"], 2, "{h}");
+}

@@ -265,9 +265,10 @@ impl Materializer<'_> {
         Ok(table)
     }
 
-    /// Incremental MERGE on unique_key. With partition_by, the join carries the partition
-    /// column (`t.p = s.p`) so delta-rs prunes target files to the source's partitions, and a
-    /// row whose partition changed is deleted from its old partition in the same commit.
+    /// Incremental MERGE on unique_key, run file by file (merge_files.rs; delta-rs's MERGE
+    /// where that does not apply). With partition_by, a key matches within its partition
+    /// (`t.p = s.p`), so only the files of the staged rows' partitions are read, and a row
+    /// whose partition changed is deleted from its old partition in the same commit.
     /// With `recompute`, the increment is every output row of the recomputed values, and
     /// target rows of those values that it no longer holds are deleted in the same commit.
     #[allow(clippy::too_many_arguments)]
@@ -421,15 +422,23 @@ impl Materializer<'_> {
             }
             predicate = on.join(" AND ");
         }
-        let staged = self.ctx.read_batches(staged)?;
         tracing::debug!(model = %m.name, ms = phase.elapsed().as_millis() as u64, "merge: staged");
         for name in [MERGE_SRC, MERGE_STALE, MERGE_OLD] {
             let _ = self.ctx.deregister_table(name);
         }
         let changes = changes.map_err(|e| self.changed_values_error(m, &consumers, e))?;
-        let (table, mm) = self
-            .run_merge(m, t, target, staged, predicate, evolve, &cols, state)
-            .await?;
+        let (table, mm) = match super::merge_files::own_merge_blocker(&target, m, &cols, evolve) {
+            None => {
+                self.merge_files(m, t, target, staged, &predicate, state)
+                    .await?
+            }
+            Some(why) => {
+                tracing::debug!(model = %m.name, why, "merge: delta-rs's MERGE");
+                let staged = self.ctx.read_batches(staged)?;
+                self.run_merge(m, t, target, staged, predicate, evolve, &cols, state)
+                    .await?
+            }
+        };
         tracing::debug!(
             model = %m.name,
             ms = phase.elapsed().as_millis() as u64,

@@ -8,6 +8,7 @@
 mod guard;
 mod increment;
 mod merge;
+mod merge_files;
 mod recompute;
 mod snapshot;
 mod write;

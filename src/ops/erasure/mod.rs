@@ -14,12 +14,14 @@ mod records;
 mod tables;
 mod verify;
 
+use crate::lake::rewrite::{
+    self, FILES_AT_ONCE, decode_parquet, decode_parquet_for, each_in_a_task, in_tasks_ahead,
+};
 pub use needles::{KeySet, Needles, Scope};
 use needles::{Matcher, RawScope, cells};
 pub use plan::Plan;
 use purge::{erasure_caught_up, log_mentions};
 use records::{Records, csv_header, without_subjects};
-use tables::{FILES_AT_ONCE, decode_parquet, decode_parquet_for, in_tasks_ahead};
 pub use verify::verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -31,7 +33,6 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type, Schema};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use bytes::Bytes;
-use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
 use deltalake::kernel::Action;
 use deltalake::kernel::transaction::CommitBuilder;
