@@ -496,3 +496,48 @@ fn an_incremental_merge_rewrites_only_the_files_that_hold_a_changed_key() {
     assert_eq!(h[0]["metrics"]["num_target_rows_updated"], 1, "{h}");
     assert_eq!(h[0]["metrics"]["num_target_files_removed"], 2, "{h}");
 }
+
+#[test]
+fn a_merge_on_a_wide_decimal_key_does_not_trust_its_float_statistics() {
+    // delta-rs writes decimal statistics as floating point (a decimal(38,0) above 2^63 as
+    // i64::MAX): a file whose statistics seem to lie below the staged key still holds it.
+    let p = crate::support::datasets::project(&[
+        (
+            "sql/bronze/accounts.toml",
+            "glob = \"accounts/*.csv\"\nformat = \"csv\"\nprimary_key = [\"account\"]\n\n\
+             [[columns]]\nname = \"account\"\ntype = \"decimal(38,0)\"\nnullable = false\n\n\
+             [[columns]]\nname = \"status\"\ntype = \"string\"\n",
+        ),
+        (
+            "sql/silver/accounts.sql",
+            "{{ config(materialized='incremental', unique_key='account') }}\n\
+             select account, status from {{ source('accounts') }}\n",
+        ),
+    ]);
+    write(
+        &p.landing(),
+        "accounts/a.csv",
+        "account,status\n100000000000000000001,open\n100000000000000000002,open\n100000000000000000003,open\n",
+    );
+    p.ok(&["run"]);
+    write(
+        &p.landing(),
+        "accounts/b.csv",
+        "account,status\n100000000000000000003,closed\n",
+    );
+    let r = json(&p, &["run"]);
+    let m = model(&r, "accounts");
+    assert_eq!(m["mode"], "incremental", "{r}");
+    assert_eq!(
+        (&m["rows_updated"], &m["rows_inserted"]),
+        (&Value::from(1), &Value::from(0)),
+        "{m}"
+    );
+    assert_eq!(
+        csv(
+            &p,
+            "select cast(account as varchar) as account, status from silver.accounts"
+        ),
+        "account,status\n100000000000000000001,open\n100000000000000000002,open\n100000000000000000003,closed\n"
+    );
+}
