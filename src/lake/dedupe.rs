@@ -37,7 +37,6 @@ use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
 use datafusion::physical_expr::window::StandardWindowExpr;
 use datafusion::physical_expr::{OrderingRequirements, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
-use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::distribution_requirements::InputDistributionRequirements;
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
 use datafusion::physical_plan::filter::FilterExec;
@@ -48,6 +47,7 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, InputOrderMode, PlanProperties,
     SendableRecordBatchStream,
 };
+use datafusion::physical_plan::{ExecutionPlanProperties, Partitioning};
 use futures::{StreamExt, TryStreamExt};
 
 /// The rule, appended after DataFusion's own physical optimizers (so sorts and repartitions are
@@ -59,7 +59,7 @@ impl PhysicalOptimizerRule for FirstOfKeyRule {
     fn optimize(
         &self,
         plan: Arc<dyn ExecutionPlan>,
-        _config: &ConfigOptions,
+        config: &ConfigOptions,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let plan = plan
             .transform_down(|node| {
@@ -69,7 +69,8 @@ impl PhysicalOptimizerRule for FirstOfKeyRule {
                 })
             })
             .data()?;
-        share_duplicated_keys(keys_on_the_build_side(plan)?)
+        let plan = share_duplicated_keys(keys_on_the_build_side(plan)?)?;
+        unshuffled_input(plan, config)
     }
 
     fn name(&self) -> &str {
@@ -577,6 +578,144 @@ fn keys_on_the_build_side(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn Exec
         Ok(Transformed::yes(Arc::new(new) as Arc<dyn ExecutionPlan>))
     })
     .data()
+}
+
+/// The joins of [`DuplicatedKeysRule`] hash both sides on the key, so every input row (all its
+/// columns) went through a repartition twice: once for the anti join, once for the semi join
+/// ahead of its filter. The duplicated keys are few, so both joins take them whole instead
+/// (`CollectLeft`, one hash table shared by the partitions) and read the input as it is
+/// scanned; only the semi join's output, the duplicated rows, is hashed on the key for the
+/// sort and [`FirstOfKeyExec`]. The anti join's rows then arrive in scan order (a month
+/// after another for a month-partitioned bronze table), which a partitioned write keeps fewer
+/// files open for. The plan is kept only if DataFusion's sanity check still holds, i.e. no
+/// operator above relied on the rows being hashed on the key (a grouping by it, say).
+fn unshuffled_input(
+    plan: Arc<dyn ExecutionPlan>,
+    config: &ConfigOptions,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let (rewritten, changed) = without_key_shuffles(Arc::clone(&plan))?;
+    if !changed {
+        return Ok(plan);
+    }
+    match datafusion::physical_optimizer::sanity_checker::SanityCheckPlan::new()
+        .optimize(Arc::clone(&rewritten), config)
+    {
+        Ok(_) => Ok(rewritten),
+        Err(e) => {
+            tracing::debug!(error = %e, "duplicated keys: the input stays hashed on the key");
+            Ok(plan)
+        }
+    }
+}
+
+/// `node` with [`collect_keys`] applied bottom-up, and whether anything changed. (By hand, not
+/// `transform_up`: a union DataFusion planned as an `InterleaveExec` of inputs hashed alike
+/// must become a plain `UnionExec` once one input is not, and rebuilding it with new children
+/// fails first.)
+fn without_key_shuffles(node: Arc<dyn ExecutionPlan>) -> DfResult<(Arc<dyn ExecutionPlan>, bool)> {
+    use datafusion::physical_plan::union::{InterleaveExec, UnionExec, can_interleave};
+    let mut changed = false;
+    let mut children = Vec::new();
+    for child in node.children() {
+        let (c, ch) = without_key_shuffles(Arc::clone(child))?;
+        changed |= ch;
+        children.push(c);
+    }
+    let node = if !changed {
+        node
+    } else if node.downcast_ref::<InterleaveExec>().is_some() && !can_interleave(children.iter()) {
+        UnionExec::try_new(children)?
+    } else {
+        replace_children_if_necessary(node, children)?
+    };
+    Ok(match collect_keys(&node)? {
+        Some(new) => (new, true),
+        None => (node, changed),
+    })
+}
+
+/// A partitioned anti or semi join of the duplicated keys (left) against the input hashed on
+/// the key (right) as a collect-left join over the unhashed input; the semi join's output is
+/// hashed and sorted as its input was. None for any other node.
+fn collect_keys(node: &Arc<dyn ExecutionPlan>) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+    use datafusion::common::JoinType;
+    use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    use datafusion::physical_plan::sorts::sort::SortExec;
+    let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+        return Ok(None);
+    };
+    let semi = match join.join_type() {
+        JoinType::RightAnti => false,
+        JoinType::RightSemi => true,
+        _ => return Ok(None),
+    };
+    let keys_side = join
+        .left()
+        .schema()
+        .fields()
+        .iter()
+        .next()
+        .is_some_and(|f| f.name().starts_with(KEY_PREFIX));
+    if *join.partition_mode() != PartitionMode::Partitioned
+        || !keys_side
+        || join.filter().is_some()
+        || (semi && join.projection.is_some())
+    {
+        return Ok(None);
+    }
+    // The probe side: [sort →] [dynamic filter →] repartition on the key → input.
+    let mut probe = Arc::clone(join.right());
+    let sort = match probe.downcast_ref::<SortExec>() {
+        Some(s) if s.fetch().is_none() && s.preserve_partitioning() => {
+            let expr = s.expr().clone();
+            probe = Arc::clone(s.input());
+            Some(expr)
+        }
+        Some(_) => return Ok(None),
+        None => None,
+    };
+    if let Some(f) = probe.downcast_ref::<FilterExec>()
+        && f.projection().is_none()
+        && f.predicate()
+            .downcast_ref::<DynamicFilterPhysicalExpr>()
+            .is_some()
+    {
+        // The join itself drops the rows this filter would (its bounds are the join's).
+        probe = Arc::clone(f.input());
+    }
+    let Some(repartition) = probe.downcast_ref::<RepartitionExec>() else {
+        return Ok(None);
+    };
+    if !matches!(repartition.partitioning(), Partitioning::Hash(..))
+        || repartition.preserve_order()
+        || (sort.is_some() && !semi)
+    {
+        return Ok(None);
+    }
+    let partitioning = repartition.partitioning().clone();
+    let input = Arc::clone(repartition.input());
+    let joined: Arc<dyn ExecutionPlan> = Arc::new(HashJoinExec::try_new(
+        Arc::new(CoalescePartitionsExec::new(Arc::clone(join.left()))),
+        input,
+        join.on().to_vec(),
+        None,
+        join.join_type(),
+        join.projection.as_ref().map(|p| p.to_vec()),
+        PartitionMode::CollectLeft,
+        join.null_equality(),
+        false,
+    )?);
+    if !semi {
+        return Ok(Some(joined));
+    }
+    let hashed: Arc<dyn ExecutionPlan> = Arc::new(RepartitionExec::try_new(joined, partitioning)?);
+    Ok(Some(match sort {
+        Some(expr) => Arc::new(SortExec::new(expr, hashed).with_preserve_partitioning(true)),
+        None => hashed,
+    }))
 }
 
 /// The duplicated keys of [`DuplicatedKeysRule`] feed both branches of its union, and DataFusion

@@ -208,6 +208,13 @@ async fn first_of_key_keeps_exactly_the_rows_the_window_keeps() {
             "{filter}: {text}"
         );
         assert!(text.contains("FirstOfKeyExec"), "{filter}: {text}");
+        // Both joins hold the few duplicated keys whole and read the input as scanned: only
+        // the duplicated rows are hashed on the key (for their sort), not every input row.
+        assert!(
+            text.contains("mode=CollectLeft, join_type=RightAnti")
+                && text.contains("mode=CollectLeft, join_type=RightSemi"),
+            "{filter}: {text}"
+        );
         // The duplicated keys are counted once and read by both joins.
         assert_eq!(
             text.matches("SharedOnceExec").count(),
@@ -270,6 +277,45 @@ async fn first_of_key_keeps_exactly_the_rows_the_window_keeps() {
         assert!(!text.contains("FirstOfKeyExec") && !text.contains("Anti, on"), "{sql}: {text}");
         same(&got, &expected, &sql);
     }
+}
+
+/// Where the plan above the dedupe joins on the key and counts on its rows being hashed by it
+/// (a partitioned join that reuses the union's hashing), the input is hashed as before; rows
+/// of a key sent to the wrong partition would find no match there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_on_the_key_above_the_dedupe_still_finds_every_match() {
+    let data = deliveries(60_000, 6);
+    let window = session(Rules::Window, None, &data);
+    let fast = session(Rules::Silt, None, &data);
+    let sql = format!(
+        "select d.orderkey, d.linenumber, d.seq, a.qty as again \
+         from ({}) d join t a on a.orderkey = d.orderkey and a.linenumber = d.linenumber",
+        latest("rn = 1")
+    );
+    for ctx in [&window, &fast] {
+        for knob in [
+            "hash_join_single_partition_threshold",
+            "hash_join_single_partition_threshold_rows",
+        ] {
+            ctx.sql(&format!("set datafusion.optimizer.{knob} = 0"))
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+        }
+    }
+    let (expected, _) = run(&window, &sql).await;
+    let (got, plan) = run(&fast, &sql).await;
+    let text = plan_text(&plan);
+    assert!(
+        text.contains("FirstOfKeyExec") && text.contains("Anti, on"),
+        "{text}"
+    );
+    same(&got, &expected, &sql);
+    // Every delivered row finds its key's latest row, once.
+    let delivered: usize = data.iter().flatten().map(|b| b.num_rows()).sum();
+    assert_eq!(got.lines().count() - 4, delivered);
 }
 
 async fn run_scalar(ctx: &SessionContext, sql: &str) -> String {
