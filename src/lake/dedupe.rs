@@ -593,7 +593,13 @@ fn unshuffled_input(
     plan: Arc<dyn ExecutionPlan>,
     config: &ConfigOptions,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
-    let (rewritten, changed) = without_key_shuffles(Arc::clone(&plan))?;
+    let (rewritten, changed) = match without_key_shuffles(Arc::clone(&plan)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "duplicated keys: the input stays hashed on the key");
+            return Ok(plan);
+        }
+    };
     if !changed {
         return Ok(plan);
     }

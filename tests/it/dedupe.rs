@@ -280,8 +280,9 @@ async fn first_of_key_keeps_exactly_the_rows_the_window_keeps() {
 }
 
 /// Where the plan above the dedupe joins on the key and counts on its rows being hashed by it
-/// (a partitioned join that reuses the union's hashing), the input is hashed as before; rows
-/// of a key sent to the wrong partition would find no match there.
+/// (a partitioned join that reuses the union's hashing), the input is hashed as before. With
+/// the rewrite kept there, the join's sides would not be partitioned alike and the query
+/// would fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_on_the_key_above_the_dedupe_still_finds_every_match() {
     let data = deliveries(60_000, 6);
@@ -310,6 +311,11 @@ async fn a_join_on_the_key_above_the_dedupe_still_finds_every_match() {
     let text = plan_text(&plan);
     assert!(
         text.contains("FirstOfKeyExec") && text.contains("Anti, on"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mode=Partitioned, join_type=Inner")
+            && !text.contains("mode=CollectLeft, join_type=RightAnti"),
         "{text}"
     );
     same(&got, &expected, &sql);
