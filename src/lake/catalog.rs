@@ -268,6 +268,12 @@ impl Catalog {
         if self.engine.target_partitions > 0 {
             config = config.with_target_partitions(self.engine.target_partitions);
         }
+        // Rows already hashed on some of a grouping's keys (a join's output on the order key,
+        // grouped by customer and order for a `count(distinct)`) are aggregated where they
+        // are. DataFusion repartitions them anyway below 4 partitions, for parallelism that
+        // fewer cores cannot give; at most the engine's own partition count keeps it from that.
+        let partitions = config.target_partitions().clamp(1, 4);
+        config.options_mut().optimizer.subset_repartition_threshold = partitions;
         // Sorts, aggregates and joins hold at most this much before spilling to disk (the OS
         // temp dir), so a model's memory does not grow with its input.
         // A fair pool: every spilling operator (sorts, aggregates) keeps half its share and

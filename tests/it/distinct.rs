@@ -128,3 +128,60 @@ async fn count_distinct_beside_coerced_sums_runs_as_two_group_bys_with_the_same_
         assert_eq!(got, want, "{sql}");
     }
 }
+
+/// Rows already hashed on one of a grouping's keys are grouped where they are, on an engine of
+/// two partitions (a 2-core machine) too: the `count(distinct)` per customer over rows hashed on
+/// the order is one aggregate per partition, not a partial one, a repartition of every group
+/// and a final one (DataFusion's default does that below four partitions). Same rows as
+/// DataFusion's plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grouping_on_rows_hashed_by_one_of_its_keys_is_not_repartitioned_on_two_cores() {
+    use silt::lake::catalog::Catalog;
+    use silt::lake::storage::{CloudOptions, Storage};
+    use silt::project::config::EngineSection;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Storage::new(
+        &url::Url::from_directory_path(dir.path()).unwrap(),
+        &CloudOptions::default(),
+    )
+    .unwrap();
+    let engine = EngineSection {
+        target_partitions: 2,
+        ..Default::default()
+    };
+    let silt = Catalog::new(lake)
+        .with_engine(engine)
+        .session()
+        .await
+        .unwrap();
+    silt.register_table("lines", Arc::new(lines())).unwrap();
+    let plain = session(true);
+    // Per order (hashed on it), then per customer with its orders counted.
+    let sql = "select customer, count(distinct order_id) as orders, sum(total) as revenue \
+               from (select order_id, max(customer) as customer, sum(price) as total \
+                     from lines group by order_id) o \
+               group by customer";
+    let physical = |ctx: SessionContext| async move {
+        let plan = ctx
+            .sql(sql)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(false)
+            .to_string()
+    };
+    let (ours, theirs) = (physical(silt.clone()).await, physical(plain.clone()).await);
+    let in_place = |p: &str| {
+        p.lines()
+            .any(|l| l.contains("mode=SinglePartitioned") && l.contains("order_id"))
+    };
+    assert!(in_place(&ours), "{ours}");
+    assert!(!in_place(&theirs), "{theirs}");
+    let (want, _) = run(&plain, sql).await;
+    let (got, _) = run(&silt, sql).await;
+    assert_eq!(got, want);
+    assert!(got.lines().count() > 50, "{got}");
+}
