@@ -524,14 +524,19 @@ fn split_window(window: &datafusion::logical_expr::Window) -> DfResult<Option<Lo
     ))
 }
 
-/// Whether a plan is the duplicated-keys side of [`DuplicatedKeysRule`]'s joins.
+/// Whether a plan yields the duplicated keys of [`DuplicatedKeysRule`] (its columns are named
+/// for them), as planned or wrapped in [`SharedOnceExec`].
+fn yields_duplicated_keys(p: &Arc<dyn ExecutionPlan>) -> bool {
+    p.schema()
+        .fields()
+        .iter()
+        .next()
+        .is_some_and(|f| f.name().starts_with(KEY_PREFIX))
+}
+
+/// Whether a plan is the duplicated-keys side of [`DuplicatedKeysRule`]'s joins, as planned.
 fn is_duplicated_keys(p: &Arc<dyn ExecutionPlan>) -> bool {
-    p.downcast_ref::<ProjectionExec>().is_some()
-        && p.schema()
-            .fields()
-            .iter()
-            .next()
-            .is_some_and(|f| f.name().starts_with(KEY_PREFIX))
+    p.downcast_ref::<ProjectionExec>().is_some() && yields_duplicated_keys(p)
 }
 
 /// DataFusion's join selection weighs the sides by statistics: a Delta scan has row counts,
@@ -658,15 +663,8 @@ fn collect_keys(node: &Arc<dyn ExecutionPlan>) -> DfResult<Option<Arc<dyn Execut
         JoinType::RightSemi => true,
         _ => return Ok(None),
     };
-    let keys_side = join
-        .left()
-        .schema()
-        .fields()
-        .iter()
-        .next()
-        .is_some_and(|f| f.name().starts_with(KEY_PREFIX));
     if *join.partition_mode() != PartitionMode::Partitioned
-        || !keys_side
+        || !yields_duplicated_keys(join.left())
         || join.filter().is_some()
         || (semi && join.projection.is_some())
     {
@@ -730,14 +728,6 @@ fn collect_keys(node: &Arc<dyn ExecutionPlan>) -> DfResult<Option<Arc<dyn Execut
 /// second join reads its result.
 fn share_duplicated_keys(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
     use std::collections::HashMap;
-    let is_keys = |p: &Arc<dyn ExecutionPlan>| {
-        p.downcast_ref::<ProjectionExec>().is_some()
-            && p.schema()
-                .fields()
-                .iter()
-                .next()
-                .is_some_and(|f| f.name().starts_with(KEY_PREFIX))
-    };
     let text = |p: &Arc<dyn ExecutionPlan>| {
         datafusion::physical_plan::displayable(p.as_ref())
             .indent(true)
@@ -745,7 +735,7 @@ fn share_duplicated_keys(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn Execu
     };
     let mut uses: HashMap<String, usize> = HashMap::new();
     plan.apply(|node| {
-        if is_keys(node) {
+        if is_duplicated_keys(node) {
             *uses.entry(text(node)).or_default() += 1;
         }
         Ok(TreeNodeRecursion::Continue)
@@ -755,7 +745,7 @@ fn share_duplicated_keys(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn Execu
     }
     let mut caches: HashMap<String, Arc<SharedCache>> = HashMap::new();
     plan.transform_up(|node| {
-        if !is_keys(&node) {
+        if !is_duplicated_keys(&node) {
             return Ok(Transformed::no(node));
         }
         let key = text(&node);

@@ -140,13 +140,7 @@ fn session(rules: Rules, pool_bytes: Option<usize>, data: &[Vec<RecordBatch>]) -
 
 /// The query's rows in a fixed order, as text, and its physical plan.
 async fn run(ctx: &SessionContext, sql: &str) -> (String, Arc<dyn ExecutionPlan>) {
-    let plan = ctx
-        .sql(sql)
-        .await
-        .unwrap()
-        .create_physical_plan()
-        .await
-        .unwrap();
+    let plan = crate::support::physical_plan(ctx, sql).await;
     let batches = collect(plan.clone(), ctx.task_ctx())
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));

@@ -162,13 +162,7 @@ async fn a_grouping_on_rows_hashed_by_one_of_its_keys_is_not_repartitioned_on_tw
                      from lines group by order_id) o \
                group by customer";
     let physical = |ctx: SessionContext| async move {
-        let plan = ctx
-            .sql(sql)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
+        let plan = crate::support::physical_plan(&ctx, sql).await;
         datafusion::physical_plan::displayable(plan.as_ref())
             .indent(false)
             .to_string()

@@ -310,3 +310,16 @@ pub fn column_encodings(path: &Path, column: &str) -> BTreeSet<String> {
         .flat_map(|c| c.encodings().map(|e| format!("{e:?}")).collect::<Vec<_>>())
         .collect()
 }
+
+/// The physical plan a session makes of `sql` (panics on a planning error).
+pub async fn physical_plan(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> std::sync::Arc<dyn datafusion::physical_plan::ExecutionPlan> {
+    ctx.sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .create_physical_plan()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
