@@ -310,8 +310,10 @@ impl Catalog {
             .with_config(config)
             .with_runtime_env(runtime)
             .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
+            // A partitioned table's files read partition after partition, not in log order.
+            .with_physical_optimizer_rule(Arc::new(crate::lake::scan_order::PartitionOrderRule))
             // `row_number() … = 1` (the latest row per key) as a streaming pass over the sort.
-            .with_physical_optimizer_rule(Arc::new(crate::lake::dedupe::FirstOfKeyRule))
+            .with_physical_optimizer_rule(Arc::new(crate::lake::dedupe::FirstOfKeyRule::default()))
             // `count(distinct x)` beside sums as two group-bys, also when coercion aliased a sum.
             .with_optimizer_rule(Arc::new(
                 crate::lake::distinct::UnaliasDistinctAggregatesRule,

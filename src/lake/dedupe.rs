@@ -8,13 +8,15 @@
 //!   once; every other row passes through an anti join with `rn = 1`, and only the duplicated
 //!   rows go to the window. The physical half keeps those few keys on the joins' build side
 //!   (DataFusion's join selection would hash the whole input there) and computes them once
-//!   for both joins ([`SharedOnceExec`]).
+//!   for both joins ([`SharedOnceExec`]); then, where the shape allows, replaces the count
+//!   and both joins with a split by a bitmap of key hashes (`lake/duplicate_hashes.rs`),
+//!   whose memory does not grow with the number of keys.
 //! - [`FirstOfKeyRule`] (physical): a window whose input arrives sorted on (K, O) and whose only
 //!   use is `rn = 1` becomes [`FirstOfKeyExec`], which keeps the first row of each run of equal
 //!   keys (the key carried across batches) instead of building window partitions.
 //!
 //! The sort, the count and the joins are DataFusion's own: they spill and stay within the
-//! session's memory pool. This module must not change results: the rules fire only for that one
+//! session's memory pool; the bitmap is reserved in it. This module must not change results: the rules fire only for that one
 //! `row_number` over plain key columns under a filter that keeps exactly rank 1 (`= 1`, `<= 1`,
 //! `< 2`), NULL keys match NULL keys as they share a window partition, and ties in O are broken
 //! as the sort leaves them, as the window would. Any other shape is left alone.
@@ -50,10 +52,25 @@ use datafusion::physical_plan::{
 use datafusion::physical_plan::{ExecutionPlanProperties, Partitioning};
 use futures::{StreamExt, TryStreamExt};
 
+use crate::lake::duplicate_hashes::DuplicateFilterExec;
+
 /// The rule, appended after DataFusion's own physical optimizers (so sorts and repartitions are
 /// already in place and it only has to look at `FilterExec → BoundedWindowAggExec`).
 #[derive(Debug, Default)]
-pub struct FirstOfKeyRule;
+pub struct FirstOfKeyRule {
+    /// The most bits of [`DuplicateFilterExec`]'s bitmap; None: its own limit.
+    max_bitmap_bits: Option<u64>,
+}
+
+impl FirstOfKeyRule {
+    /// The rule with a smaller bitmap for the duplicated keys than it would choose (more keys
+    /// share a bit and go the exact way): for tests of that path.
+    pub fn with_max_bitmap_bits(bits: u64) -> Self {
+        FirstOfKeyRule {
+            max_bitmap_bits: Some(bits),
+        }
+    }
+}
 
 impl PhysicalOptimizerRule for FirstOfKeyRule {
     fn optimize(
@@ -70,7 +87,8 @@ impl PhysicalOptimizerRule for FirstOfKeyRule {
             })
             .data()?;
         let plan = share_duplicated_keys(keys_on_the_build_side(plan)?)?;
-        unshuffled_input(plan, config)
+        let plan = unshuffled_input(plan, config)?;
+        hashed_duplicates(plan, config, self.max_bitmap_bits)
     }
 
     fn name(&self) -> &str {
@@ -720,6 +738,259 @@ fn collect_keys(node: &Arc<dyn ExecutionPlan>) -> DfResult<Option<Arc<dyn Execut
         Some(expr) => Arc::new(SortExec::new(expr, hashed).with_preserve_partitioning(true)),
         None => hashed,
     }))
+}
+
+/// The collect-left joins of [`unshuffled_input`] as [`DuplicateFilterExec`]s: instead of a
+/// grouped count holding every distinct key (and growing with the table) and two hash joins
+/// probing it, one pass sets a bit per key hash and records the hashes seen again, and each
+/// side filters the rows by those hashes (`lake/duplicate_hashes.rs`). A few keys seen once
+/// share a bit with another and go the exact way; the rows kept are the same. The plan is
+/// kept only if DataFusion's sanity check holds; any other shape is left as it is.
+fn hashed_duplicates(
+    plan: Arc<dyn ExecutionPlan>,
+    config: &ConfigOptions,
+    max_bits: Option<u64>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    use std::collections::HashMap;
+    let text = |p: &Arc<dyn ExecutionPlan>| {
+        datafusion::physical_plan::displayable(p.as_ref())
+            .indent(true)
+            .to_string()
+    };
+    // Both sides of a dedupe must split by the same count, or a key seen once that shares a
+    // bit would pass both sides or neither: only a pair (one anti, one semi join over the same
+    // keys, both of the shape handled) is rewritten, and nothing when any join over the
+    // duplicated keys is of another shape.
+    let mut pairs: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut other_shape = false;
+    plan.apply(|node| {
+        if joins_duplicated_keys(node) {
+            match hashed_join_parts(node) {
+                Some((_, _, keys_plan, duplicated, _)) if counted_input(&keys_plan).is_some() => {
+                    let e = pairs.entry(text(&keys_plan)).or_default();
+                    if duplicated { e.1 += 1 } else { e.0 += 1 }
+                }
+                _ => other_shape = true,
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if other_shape || pairs.is_empty() || pairs.values().any(|&n| n != (1, 1)) {
+        return Ok(plan);
+    }
+    // One count per pair, shared by its two sides.
+    let mut counts: HashMap<String, Arc<DuplicateFilterExec>> = HashMap::new();
+    let rewritten = Arc::clone(&plan)
+        .transform_up(|node| {
+            let Some((input, keys, keys_plan, duplicated, projection)) = hashed_join_parts(&node)
+            else {
+                return Ok(Transformed::no(node));
+            };
+            let text = text(&keys_plan);
+            let filter = match counts.get(&text) {
+                Some(other) => {
+                    let mut f = DuplicateFilterExec::try_new(
+                        input,
+                        Arc::clone(other.counted()),
+                        keys,
+                        other.counted_keys().to_vec(),
+                        duplicated,
+                        max_bits,
+                    )?;
+                    f.share_count(other);
+                    f
+                }
+                None => {
+                    let Some((counted, counted_keys)) = counted_input(&keys_plan) else {
+                        return Ok(Transformed::no(node));
+                    };
+                    DuplicateFilterExec::try_new(
+                        input,
+                        counted,
+                        keys,
+                        counted_keys,
+                        duplicated,
+                        max_bits,
+                    )?
+                }
+            };
+            let filter = Arc::new(filter);
+            counts.entry(text).or_insert_with(|| Arc::clone(&filter));
+            let out: Arc<dyn ExecutionPlan> = match projection {
+                None => filter,
+                Some(columns) => {
+                    let schema = filter.schema();
+                    let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = columns
+                        .iter()
+                        .map(|&i| {
+                            let name = schema.field(i).name().clone();
+                            (
+                                Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
+                                name,
+                            )
+                        })
+                        .collect();
+                    Arc::new(ProjectionExec::try_new(exprs, filter)?)
+                }
+            };
+            Ok(Transformed::yes(out))
+        })
+        .data();
+    let rewritten = match rewritten {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "duplicated keys: the joins stay");
+            return Ok(plan);
+        }
+    };
+    if counts.is_empty() {
+        return Ok(plan);
+    }
+    match datafusion::physical_optimizer::sanity_checker::SanityCheckPlan::new()
+        .optimize(Arc::clone(&rewritten), config)
+    {
+        Ok(_) => Ok(rewritten),
+        Err(e) => {
+            tracing::debug!(error = %e, "duplicated keys: the joins stay");
+            Ok(plan)
+        }
+    }
+}
+
+/// Whether `node` is a hash join with the duplicated keys of [`DuplicatedKeysRule`] on either
+/// side (under a coalesce, a repartition or [`SharedOnceExec`]), in whatever mode.
+fn joins_duplicated_keys(node: &Arc<dyn ExecutionPlan>) -> bool {
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::physical_plan::joins::HashJoinExec;
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+        return false;
+    };
+    [join.left(), join.right()].into_iter().any(|side| {
+        let mut p = side;
+        loop {
+            if let Some(c) = p.downcast_ref::<CoalescePartitionsExec>() {
+                p = c.input();
+            } else if let Some(r) = p.downcast_ref::<RepartitionExec>() {
+                p = r.input();
+            } else if let Some(s) = p.downcast_ref::<SharedOnceExec>() {
+                p = &s.input;
+            } else {
+                return is_duplicated_keys(p);
+            }
+        }
+    })
+}
+
+/// A collect-left anti or semi join of the duplicated keys against the input, on plain key
+/// columns: the input, its key columns in the order of the keys, the keys' plan, whether it
+/// keeps the duplicated rows, and the join's output columns. None for any other node.
+#[allow(clippy::type_complexity)]
+fn hashed_join_parts(
+    node: &Arc<dyn ExecutionPlan>,
+) -> Option<(
+    Arc<dyn ExecutionPlan>,
+    Vec<usize>,
+    Arc<dyn ExecutionPlan>,
+    bool,
+    Option<Vec<usize>>,
+)> {
+    use datafusion::common::JoinType;
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+    let join = node.downcast_ref::<HashJoinExec>()?;
+    let duplicated = match join.join_type() {
+        JoinType::RightAnti => false,
+        JoinType::RightSemi => true,
+        _ => return None,
+    };
+    if *join.partition_mode() != PartitionMode::CollectLeft
+        || join.filter().is_some()
+        || node.fetch().is_some()
+        || join.null_equality() != datafusion::common::NullEquality::NullEqualsNull
+    {
+        return None;
+    }
+    let mut keys_plan = join
+        .left()
+        .downcast_ref::<CoalescePartitionsExec>()?
+        .input();
+    if let Some(shared) = keys_plan.downcast_ref::<SharedOnceExec>() {
+        keys_plan = &shared.input;
+    }
+    if !is_duplicated_keys(keys_plan) {
+        return None;
+    }
+    // The i-th pair joins the i-th duplicated key column with a plain column of the input.
+    let mut keys = Vec::new();
+    for (i, (l, r)) in join.on().iter().enumerate() {
+        if l.downcast_ref::<Column>()?.index() != i {
+            return None;
+        }
+        keys.push(r.downcast_ref::<Column>()?.index());
+    }
+    Some((
+        Arc::clone(join.right()),
+        keys,
+        Arc::clone(keys_plan),
+        duplicated,
+        join.projection.as_ref().map(|p| p.to_vec()),
+    ))
+}
+
+/// Under the duplicated keys' plan (projection → filter on the count → aggregate →
+/// [repartition] → partial aggregate → rows), the rows counted and their key columns, in the
+/// order of the duplicated key columns. None for any other shape.
+fn counted_input(
+    keys_plan: &Arc<dyn ExecutionPlan>,
+) -> Option<(Arc<dyn ExecutionPlan>, Vec<usize>)> {
+    use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    let projection = keys_plan.downcast_ref::<ProjectionExec>()?;
+    // Key column i is the filter's column i, which is the count's group column i.
+    for (i, e) in projection.expr().iter().enumerate() {
+        if e.expr.downcast_ref::<Column>()?.index() != i {
+            return None;
+        }
+    }
+    let filter = projection.input().downcast_ref::<FilterExec>()?;
+    if let Some(p) = filter.projection()
+        && !p.iter().enumerate().all(|(i, &c)| i == c)
+    {
+        return None;
+    }
+    let mut node = filter.input();
+    loop {
+        if let Some(agg) = node.downcast_ref::<AggregateExec>() {
+            if !agg.group_expr().is_single() || agg.aggr_expr().len() != 1 {
+                return None;
+            }
+            match agg.mode() {
+                AggregateMode::Partial
+                | AggregateMode::Single
+                | AggregateMode::SinglePartitioned => {
+                    let keys = agg
+                        .group_expr()
+                        .expr()
+                        .iter()
+                        .map(|(e, _)| e.downcast_ref::<Column>().map(|c| c.index()))
+                        .collect::<Option<Vec<_>>>()?;
+                    if keys.len() != projection.expr().len() {
+                        return None;
+                    }
+                    return Some((Arc::clone(agg.input()), keys));
+                }
+                _ => node = agg.input(),
+            }
+        } else if let Some(r) = node.downcast_ref::<RepartitionExec>() {
+            node = r.input();
+        } else if let Some(c) = node.downcast_ref::<CoalescePartitionsExec>() {
+            node = c.input();
+        } else {
+            return None;
+        }
+    }
 }
 
 /// The duplicated keys of [`DuplicatedKeysRule`] feed both branches of its union, and DataFusion
