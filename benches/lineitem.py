@@ -145,6 +145,8 @@ class Duck:
         shutil.rmtree(self.landing, ignore_errors=True)
         shutil.copytree(os.path.join(data, "landing"), self.landing)
         shutil.rmtree(self.dir, ignore_errors=True)
+        # An interrupted run's dev copy would make the environment stage fail.
+        shutil.rmtree(self.dir + "-dev", ignore_errors=True)
         for layer in ("bronze", "silver", "gold"):
             os.makedirs(os.path.join(self.dir, layer))
 
