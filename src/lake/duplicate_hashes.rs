@@ -17,6 +17,8 @@
 //! spill). The grouped count it replaces held every distinct key (60-odd bytes each) and grew
 //! with the table. This module must not decide which rows a dedupe keeps: it only splits the
 //! input. Its node does not travel to a cluster (the dedupe's split is not planned there).
+//! A full build's unique-key check (`build/materialize/guard.rs`) uses the same split to find
+//! the few rows whose key may repeat before it counts keys exactly.
 
 use std::fmt;
 use std::sync::Arc;

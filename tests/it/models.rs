@@ -1000,6 +1000,42 @@ fn a_full_build_that_breaks_its_unique_key_is_rolled_back() {
     assert_eq!(table_csv(&p, "gold.adviser_fee_keys"), good);
 }
 
+/// The check after a full build reads only the rows whose key hash shares a bit with another
+/// row's, then counts those exactly: 200 k unique keys (some sharing bits) pass, and a single
+/// repeated key among them is found and named.
+#[test]
+fn the_unique_key_check_of_a_full_build_finds_one_repeated_key_among_many() {
+    let p = Project::reference();
+    let file = p.path().join("sql/gold/many_keys.sql");
+    let write = |sql: &str| std::fs::write(&file, sql).unwrap();
+    write(
+        "{{ config(materialized='incremental', unique_key=['k', 'part']) }}\n\
+         select value as k, value % 7 as part from generate_series(1, 200000)\n",
+    );
+    let report = json(&p, &["build", "--select", "many_keys"]);
+    assert_eq!(model(&report, "many_keys")["status"], "built", "{report}");
+    assert_eq!(p.count("select count(*) from gold.many_keys"), 200_000);
+    // value % 199999 over 1..=200000: every key once, but 1 (from 1 and from 200000).
+    write(
+        "{{ config(materialized='incremental', unique_key=['k']) }}\n\
+         select value % 199999 as k, value as part from generate_series(1, 200000)\n",
+    );
+    let out = p.run(&["build", "--full-refresh", "--select", "many_keys"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unique_key (k) is not unique"), "{err}");
+    // The one repeated key (1) and its count (2), and no other key.
+    let shown: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with('│') || l.starts_with('|'))
+        .collect();
+    assert!(
+        shown.iter().any(|l| l.contains(" 1 ") && l.contains(" 2 ")),
+        "{err}"
+    );
+    assert_eq!(shown.len(), 2, "a header and one key: {err}");
+}
+
 /// A partition_overwrite build over more upstream rows than one chunk of the memory pool holds
 /// runs one query per chunk of partitions, in one commit, and writes what one query would:
 /// in a full build and in an incremental one that touches every partition.

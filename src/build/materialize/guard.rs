@@ -69,7 +69,54 @@ pub(super) fn check_contract(
     ))
 }
 
+/// The most bytes of candidate rows [`Materializer::keys_that_may_repeat`] holds before it
+/// leaves the check to the grouped count over every key (which spills).
+const CANDIDATES_BYTES: usize = 64 << 20;
+
 impl Materializer<'_> {
+    /// The key columns of the rows of `df` whose key may occur more than once: every row of a
+    /// repeated key, and the rows of keys seen once whose hash shares a bit with another
+    /// (`lake/duplicate_hashes.rs`), a few percent. None when they hold more than
+    /// `CANDIDATES_BYTES` (the table is far from unique): check every key.
+    async fn keys_that_may_repeat(
+        &self,
+        m: &Model,
+        df: &DataFrame,
+    ) -> Result<Option<Vec<RecordBatch>>> {
+        use crate::lake::duplicate_hashes::DuplicateFilterExec;
+        let keys: Vec<&str> = m.config.unique_key.iter().map(String::as_str).collect();
+        let keys_df = df
+            .clone()
+            .select_columns(&keys)
+            .map_err(|e| sql_error(m, e))?;
+        // Two plans of the same rows: one counted, one split (a plan's operators keep state
+        // per execution, so one plan cannot be read twice).
+        let counted = keys_df
+            .clone()
+            .create_physical_plan()
+            .await
+            .map_err(|e| sql_error(m, e))?;
+        let rows_plan = keys_df
+            .create_physical_plan()
+            .await
+            .map_err(|e| sql_error(m, e))?;
+        let columns: Vec<usize> = (0..keys.len()).collect();
+        let split =
+            DuplicateFilterExec::try_new(rows_plan, counted, columns.clone(), columns, true, None)?;
+        let mut rows =
+            datafusion::physical_plan::execute_stream(Arc::new(split), self.ctx.task_ctx())?;
+        let (mut batches, mut bytes) = (Vec::new(), 0);
+        while let Some(b) = rows.next().await {
+            let b = b.map_err(|e| sql_error(m, e))?;
+            bytes += b.get_array_memory_size();
+            if bytes > CANDIDATES_BYTES {
+                return Ok(None);
+            }
+            batches.push(b);
+        }
+        Ok(Some(batches))
+    }
+
     pub(super) async fn check_unique(
         &self,
         m: &Model,
@@ -89,8 +136,19 @@ impl Materializer<'_> {
             .collect::<Vec<_>>()
             .join(", ");
         let name = "__silt_check";
+        // A full build's check reads the whole table: first only the rows whose key may
+        // repeat (their key hash shares a bit with another row's), which are few.
+        let checked = if incremental {
+            df.clone()
+        } else {
+            match self.keys_that_may_repeat(m, df).await? {
+                Some(rows) if rows.is_empty() => return Ok(()),
+                Some(rows) => self.ctx.read_batches(rows)?,
+                None => df.clone(),
+            }
+        };
         let _ = self.ctx.deregister_table(name);
-        self.ctx.register_table(name, df.clone().into_view())?;
+        self.ctx.register_table(name, checked.into_view())?;
         let dup = self
             .ctx
             .sql(&format!("select {keys}, count(*) as n from {name} group by {keys} having count(*) > 1 limit 5"))
