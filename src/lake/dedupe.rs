@@ -100,6 +100,26 @@ impl PhysicalOptimizerRule for FirstOfKeyRule {
     }
 }
 
+/// `input`'s columns at `indices`, under their own names: an operator's folded-in projection
+/// as a node of its own.
+fn columns_of(
+    input: Arc<dyn ExecutionPlan>,
+    indices: &[usize],
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let schema = input.schema();
+    let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = indices
+        .iter()
+        .map(|&i| {
+            let name = schema.field(i).name().clone();
+            (
+                Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
+                name,
+            )
+        })
+        .collect();
+    Ok(Arc::new(ProjectionExec::try_new(exprs, input)?))
+}
+
 /// `FilterExec(rn = 1) → [ProjectionExec] → BoundedWindowAggExec(row_number() partition by K
 /// order by O) → input` becomes `[ProjectionExec] → FirstOfKeyExec(K) → input`; None for any
 /// other shape. (DataFusion's projection pushdown puts a projection between filter and window,
@@ -149,20 +169,7 @@ fn rewrite(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
     // A projection folded into the filter becomes a projection of its own.
     match filter.projection() {
         None => Some(unfiltered),
-        Some(indices) => {
-            let schema = unfiltered.schema();
-            let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = indices
-                .iter()
-                .map(|&i| {
-                    let name = schema.field(i).name().clone();
-                    (
-                        Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
-                        name,
-                    )
-                })
-                .collect();
-            Some(Arc::new(ProjectionExec::try_new(exprs, unfiltered).ok()?))
-        }
+        Some(indices) => columns_of(unfiltered, indices).ok(),
     }
 }
 
@@ -818,20 +825,7 @@ fn hashed_duplicates(
             counts.entry(text).or_insert_with(|| Arc::clone(&filter));
             let out: Arc<dyn ExecutionPlan> = match projection {
                 None => filter,
-                Some(columns) => {
-                    let schema = filter.schema();
-                    let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = columns
-                        .iter()
-                        .map(|&i| {
-                            let name = schema.field(i).name().clone();
-                            (
-                                Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
-                                name,
-                            )
-                        })
-                        .collect();
-                    Arc::new(ProjectionExec::try_new(exprs, filter)?)
-                }
+                Some(columns) => columns_of(filter, &columns)?,
             };
             Ok(Transformed::yes(out))
         })

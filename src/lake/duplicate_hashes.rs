@@ -68,6 +68,8 @@ pub struct DuplicateFilterExec {
     duplicated: bool,
     /// The most bits a bitmap may have (tests set it low to force shared bits).
     max_bits: u64,
+    /// The rows `counted` holds, as its statistics estimate them.
+    expected_rows: u64,
     shared: Arc<tokio::sync::OnceCell<Arc<SeenAgain>>>,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
@@ -113,6 +115,7 @@ impl DuplicateFilterExec {
             );
         }
         Ok(DuplicateFilterExec {
+            expected_rows: expected_rows(counted.as_ref()),
             properties: Arc::clone(input.properties()),
             input,
             counted,
@@ -227,7 +230,7 @@ impl ExecutionPlan for DuplicateFilterExec {
         context: Arc<TaskContext>,
     ) -> DfResult<SendableRecordBatchStream> {
         let input = self.input.execute(partition, Arc::clone(&context))?;
-        let rows = expected_rows(self.counted.as_ref());
+        let rows = self.expected_rows;
         let (counted, counted_keys, shared, max_bits) = (
             Arc::clone(&self.counted),
             self.counted_keys.clone(),
