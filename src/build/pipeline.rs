@@ -600,6 +600,7 @@ async fn build_models(
                 continue;
             }
         };
+        crate::lake::memory::release_freed_memory();
         let began = running.remove(&name).unwrap_or_else(Instant::now);
         if !running.is_empty() {
             show_running(&running);

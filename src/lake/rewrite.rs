@@ -59,21 +59,36 @@ pub fn decode_parquet_for(
         })
 }
 
-/// How many files a rewrite scans or rewrites at once: one per core of the 2-core machine it is
-/// measured on, each holding one batch.
-pub const FILES_AT_ONCE: usize = 2;
+/// How many files a rewrite scans or rewrites at once: one per core (at least two, at most
+/// eight: each holds a batch outside the engine's pool).
+pub fn files_at_once() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
 
-/// Each job in its own tokio task, `FILES_AT_ONCE` at a time; the results in the jobs' order.
+/// Each job in its own tokio task, [`files_at_once`] at a time; the results in the jobs' order.
+///
+/// A new job starts as soon as any running one is done, not when the oldest is: files differ
+/// in size, and waiting for the oldest left a core idle behind every large file (an erasure's
+/// steps ran at about 1.5 of 2 cores).
 pub async fn each_in_a_task<T, F>(jobs: impl Iterator<Item = F>, what: &str) -> Vec<Result<T>>
 where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
 {
-    in_tasks(jobs, what).collect().await
+    let mut done: Vec<(usize, Result<T>)> =
+        futures::stream::iter(jobs.enumerate().map(move |(i, job)| async move {
+            let r = tokio::spawn(job).await.map_err(|e| Error::task(what, e));
+            (i, r.and_then(|r| r))
+        }))
+        .buffer_unordered(files_at_once())
+        .collect()
+        .await;
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Like [`each_in_a_task`], as a stream: a result is handed over as soon as it and the ones
-/// before it are done, so at most `FILES_AT_ONCE` jobs (and what they hold) are in flight.
+/// before it are done, so at most [`files_at_once`] jobs (and what they hold) are in flight.
 pub fn in_tasks<'w, T, F>(
     jobs: impl Iterator<Item = F> + 'w,
     what: &'w str,
@@ -82,7 +97,7 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
 {
-    in_tasks_ahead(jobs, what, FILES_AT_ONCE)
+    in_tasks_ahead(jobs, what, files_at_once())
 }
 
 /// [`in_tasks`] with `ahead` jobs in flight: more than the cores when the consumer does slow

@@ -493,3 +493,35 @@ fn after_a_forget_the_next_ingest_reads_no_rewritten_landing_file() {
         "a landing file was read again:\n{stderr}"
     );
 }
+
+/// An erasure's (and a MERGE's) file jobs: a new one starts as soon as any running one ends,
+/// not when the oldest does, and the results come in the jobs' order. The first job waits for
+/// the last one, which can only start once the ones after the first have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_jobs_start_when_any_running_one_ends_and_keep_their_order() {
+    use silt::lake::rewrite::{each_in_a_task, files_at_once};
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let quick = files_at_once() - 1;
+    let mut jobs: Vec<
+        std::pin::Pin<Box<dyn std::future::Future<Output = silt::Result<usize>> + Send>>,
+    > = vec![Box::pin(async move {
+        tokio::time::timeout(std::time::Duration::from_secs(20), rx)
+            .await
+            .map_err(|_| silt::Error::Internal("the last job never started".into()))?
+            .map_err(|_| silt::Error::Internal("the last job dropped its signal".into()))?;
+        Ok(0)
+    })];
+    for i in 1..=quick {
+        jobs.push(Box::pin(async move { Ok(i) }));
+    }
+    jobs.push(Box::pin(async move {
+        tx.send(()).ok();
+        Ok(quick + 1)
+    }));
+    let got: Vec<usize> = each_in_a_task(jobs.into_iter(), "test jobs")
+        .await
+        .into_iter()
+        .collect::<silt::Result<_>>()
+        .unwrap();
+    assert_eq!(got, (0..=quick + 1).collect::<Vec<_>>());
+}

@@ -99,7 +99,11 @@ impl Run<'_> {
         });
         // Twice as many files in flight as cores: the searches go on while a group lands
         // (ledger commit, then the files).
-        let mut found = Box::pin(in_tasks_ahead(jobs, "landing erasure", 2 * FILES_AT_ONCE));
+        let mut found = Box::pin(in_tasks_ahead(
+            jobs,
+            "landing erasure",
+            2 * rewrite::files_at_once(),
+        ));
         let mut landing_now: Option<tokio::task::JoinHandle<Result<Landed>>> = None;
         let mut tags: Vec<LedgerEntry> = Vec::new();
         // A failed search stops the step, but only after the group in flight has landed (or
@@ -252,7 +256,7 @@ async fn land(
         }
     });
     let written: Vec<(String, Option<u64>, Option<String>)> = futures::stream::iter(writes)
-        .buffered(2 * FILES_AT_ONCE)
+        .buffered(2 * rewrite::files_at_once())
         .collect::<Vec<Result<_>>>()
         .await
         .into_iter()

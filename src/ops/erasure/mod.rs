@@ -15,7 +15,7 @@ mod tables;
 mod verify;
 
 use crate::lake::rewrite::{
-    self, FILES_AT_ONCE, decode_parquet, decode_parquet_for, each_in_a_task, in_tasks_ahead,
+    self, decode_parquet, decode_parquet_for, each_in_a_task, in_tasks_ahead,
 };
 pub use needles::{KeySet, Needles, Scope};
 use needles::{Matcher, RawScope, cells};

@@ -28,36 +28,69 @@ impl Run<'_> {
             .iter()
             .map(|f| (f.path().to_string(), f.remove_action(true)))
             .collect();
-        // The scan decodes the matched columns of every file, `FILES_AT_ONCE` files at a time.
+        // Each file in its own task, `files_at_once()` at a time: the matched columns decoded,
+        // and a file holding a subject rewritten right away (its bytes are still in the page
+        // cache, and no core waits for the slowest scan before the rewrites start). The
+        // rewrite reads the whole rows (partition columns included) and writes the others to
+        // a new file: memory holds one batch per task, not the table. The rewritten files are
+        // encoded as the table's own writer encodes them (bronze: LZ4 and its encodings;
+        // models: Snappy, 32k-row groups), not with delta-rs's defaults.
         let needles = self.n.clone();
         let cols = Arc::new(how.columns());
         step.files_scanned = files.len() as u64;
-        let scans = files.iter().map(|(path, _)| {
+        let target = Arc::new(schema);
+        let snapshot = snap.snapshot().clone();
+        let props = crate::ops::maintenance::own_writer_properties(&self.silt.project, t, &target);
+        let partition_columns = Arc::new(snapshot.metadata().partition_columns().to_vec());
+        let writer_config = rewrite::writer_config(&snapshot, target.clone(), props);
+        let ctx = rewrite::reading_session(lake)?;
+        let drop: rewrite::DropRows = {
+            let (how, needles) = (how.clone(), needles.clone());
+            Arc::new(move |b: &RecordBatch| Ok(how.mask(b, &needles)))
+        };
+        let jobs = files.iter().map(|(path, _)| {
             let rel = t.rel_path();
-            let (lake, path, n, how, cols) = (
-                lake.clone(),
-                path.clone(),
-                needles.clone(),
-                how.clone(),
-                cols.clone(),
-            );
+            let (n, how, cols) = (needles.clone(), how.clone(), cols.clone());
+            let job = rewrite::FileRewrite {
+                table: table.clone(),
+                ctx: ctx.clone(),
+                path: path.clone(),
+                drop: drop.clone(),
+                target: target.clone(),
+                writer_config: writer_config.clone(),
+                t: t.clone(),
+                lake: lake.clone(),
+                partition_columns: partition_columns.clone(),
+            };
             async move {
                 let mut hits = 0;
-                for b in decode_parquet_for(lake.get_file(&rel, &path).await?, &path, Some(&cols))?
-                {
+                for b in decode_parquet_for(
+                    job.lake.get_file(&rel, &job.path).await?,
+                    &job.path,
+                    Some(&cols),
+                )? {
                     hits += how.mask(&b, &n).true_count();
                 }
-                Ok(hits)
+                if hits == 0 {
+                    return Ok(None);
+                }
+                job.run().await.map(Some)
             }
         });
-        let counts = each_in_a_task(scans, "erasure scan").await;
+        let outcomes = each_in_a_task(jobs, "erasure rewrite").await;
         let mut hits = Vec::new();
+        let mut adds = Vec::new();
         let mut seen = SeenFiles::default();
-        for ((path, remove), n) in files.into_iter().zip(counts) {
-            if n? > 0 {
-                hits.push((path, remove));
-            } else {
-                seen.clean.insert(same_path(&path));
+        for ((path, remove), outcome) in files.into_iter().zip(outcomes) {
+            match outcome? {
+                Some(w) => {
+                    adds.extend(w.adds);
+                    step.rows_deleted += w.dropped;
+                    hits.push((path, remove));
+                }
+                None => {
+                    seen.clean.insert(same_path(&path));
+                }
             }
         }
         if hits.is_empty() {
@@ -72,42 +105,6 @@ impl Run<'_> {
                 return Ok(Some(v));
             }
             return Ok(None);
-        }
-        // Read the whole rows of each such file (partition columns included) and write the
-        // others to a new file, one file at a time: memory holds one batch, not the table.
-        let target = Arc::new(schema);
-        let snapshot = snap.snapshot().clone();
-        // The rewritten files are encoded as the table's own writer encodes them (bronze: LZ4
-        // and its encodings; models: Snappy, 32k-row groups), not with delta-rs's defaults.
-        let props = crate::ops::maintenance::own_writer_properties(&self.silt.project, t, &target);
-        let partition_columns = Arc::new(snapshot.metadata().partition_columns().to_vec());
-        let writer_config = rewrite::writer_config(&snapshot, target.clone(), props);
-        let ctx = rewrite::reading_session(lake)?;
-        let drop: rewrite::DropRows = {
-            let (how, needles) = (how.clone(), needles.clone());
-            Arc::new(move |b: &RecordBatch| Ok(how.mask(b, &needles)))
-        };
-        // Each file in its own task: one batch per file in memory, both cores busy.
-        let jobs = hits.iter().map(|(path, _)| {
-            rewrite::FileRewrite {
-                table: table.clone(),
-                ctx: ctx.clone(),
-                path: path.clone(),
-                drop: drop.clone(),
-                target: target.clone(),
-                writer_config: writer_config.clone(),
-                t: t.clone(),
-                lake: lake.clone(),
-                partition_columns: partition_columns.clone(),
-            }
-            .run()
-        });
-        let written = each_in_a_task(jobs, "erasure rewrite").await;
-        let mut adds = Vec::new();
-        for w in written {
-            let w = w?;
-            adds.extend(w.adds);
-            step.rows_deleted += w.dropped;
         }
         step.files_added = adds.len() as u64;
         step.files_rewritten = hits.iter().map(|h| h.0.clone()).collect();
