@@ -1303,6 +1303,14 @@ fn a_redelivery_merges_only_rows_that_differ_nulls_included() {
     assert_eq!(by_grp["rows_updated"], 3, "{by_grp}");
     assert_eq!(by_grp["rows_inserted"], 5, "{by_grp}");
     assert_eq!(by_grp["rows_deleted"], 4, "{by_grp}");
+    // The report names the groups the MERGE wrote to or removed rows from (the NULL group
+    // is left out, as partition_overwrite's list leaves it out); the plain model has none.
+    assert_eq!(
+        by_grp["partitions"],
+        serde_json::json!(["u", "v", "w", "x", "y", "z"]),
+        "{by_grp}"
+    );
+    assert_eq!(items["partitions"], serde_json::json!([]), "{items}");
     let expected = sorted_csv(&format!("{header}{now}"));
     assert_eq!(table_csv(&p, "silver.items"), expected);
     assert_eq!(table_csv(&p, "silver.items_by_grp"), expected);
@@ -1314,5 +1322,6 @@ fn a_redelivery_merges_only_rows_that_differ_nulls_included() {
         assert_eq!(m["rows_updated"], 0, "{m}");
         assert_eq!(m["rows_inserted"], 0, "{m}");
         assert_eq!(m["files_removed"], 0, "{m}");
+        assert_eq!(m["partitions"], serde_json::json!([]), "{m}");
     }
 }

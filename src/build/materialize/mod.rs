@@ -98,6 +98,20 @@ fn count_files(metrics: &mut ModelMetrics, before: &FileMap, after: &FileMap, me
     }
 }
 
+/// The partitions (values of `pcol`) a MERGE wrote to or removed files from, sorted; a NULL
+/// partition is left out, as a partition_overwrite build's list leaves it out.
+fn merged_partitions(before: &FileMap, after: &FileMap, pcol: &str) -> Vec<String> {
+    let changed = |a: &FileMap, b: &FileMap| {
+        a.iter()
+            .filter(|(p, _)| !b.contains_key(*p))
+            .filter_map(|(_, (_, _, values))| values.get(pcol).cloned().flatten())
+            .collect::<Vec<_>>()
+    };
+    let mut out: BTreeSet<String> = changed(after, before).into_iter().collect();
+    out.extend(changed(before, after));
+    out.into_iter().collect()
+}
+
 /// Active files of a table: path → (size, rows, partition values).
 type FileMap = HashMap<String, (u64, u64, HashMap<String, Option<String>>)>;
 
@@ -415,8 +429,12 @@ impl Materializer<'_> {
                 m.config.materialized,
                 Materialized::Incremental | Materialized::Snapshot
             );
-        count_files(&mut metrics, &before, &files_of(&target)?, merged);
+        let after = files_of(&target)?;
+        count_files(&mut metrics, &before, &after, merged);
         metrics.partitions = std::mem::take(&mut inc.touched).into_iter().collect();
+        if merged && let Some(pcol) = m.config.partition_by.as_deref() {
+            metrics.partitions = merged_partitions(&before, &after, pcol);
+        }
         if let Some(f) = inc.fallback.filter(|_| !incremental) {
             tracing::info!(model = %m.name, "{}", f.why);
             metrics.message = Some(f.why.clone());
