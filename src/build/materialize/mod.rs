@@ -101,15 +101,13 @@ fn count_files(metrics: &mut ModelMetrics, before: &FileMap, after: &FileMap, me
 /// The partitions (values of `pcol`) a MERGE wrote to or removed files from, sorted; a NULL
 /// partition is left out, as a partition_overwrite build's list leaves it out.
 fn merged_partitions(before: &FileMap, after: &FileMap, pcol: &str) -> Vec<String> {
-    let changed = |a: &FileMap, b: &FileMap| {
-        a.iter()
-            .filter(|(p, _)| !b.contains_key(*p))
-            .filter_map(|(_, (_, _, values))| values.get(pcol).cloned().flatten())
-            .collect::<Vec<_>>()
-    };
-    let mut out: BTreeSet<String> = changed(after, before).into_iter().collect();
-    out.extend(changed(before, after));
-    out.into_iter().collect()
+    let added = after.iter().filter(|(p, _)| !before.contains_key(*p));
+    let removed = before.iter().filter(|(p, _)| !after.contains_key(*p));
+    let values: BTreeSet<String> = added
+        .chain(removed)
+        .filter_map(|(_, (_, _, values))| values.get(pcol).cloned().flatten())
+        .collect();
+    values.into_iter().collect()
 }
 
 /// Active files of a table: path → (size, rows, partition values).
