@@ -234,11 +234,11 @@ pub(crate) fn writer_properties(src: &Source) -> parquet::file::properties::Writ
     use parquet::basic::Encoding;
     let mut b = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::LZ4_RAW)
-        // A column whose dictionary outgrows 64 KiB (ids, amounts: most values distinct) falls
-        // back to plain encoding early instead of interning every value into a 1 MiB
-        // dictionary: less CPU, and smaller files. Categories (currencies, notes, adviser
-        // ids) stay dictionary-encoded.
-        .set_dictionary_page_size_limit(64 * 1024)
+        // A column whose dictionary outgrows 8 KiB (ids, amounts, comments: most values
+        // distinct) falls back to plain encoding early instead of interning values into a
+        // 1 MiB dictionary: less CPU, and smaller files. Categories (currencies, adviser ids,
+        // ship modes, the days of a month) stay dictionary-encoded (docs/decisions/0002).
+        .set_dictionary_page_size_limit(8 * 1024)
         .set_column_dictionary_enabled("_source_line".into(), false)
         .set_column_encoding("_source_line".into(), Encoding::DELTA_BINARY_PACKED);
     if let [pk] = src.primary_key.as_slice() {

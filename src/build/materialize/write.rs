@@ -15,7 +15,7 @@ pub(crate) fn writer_properties() -> parquet::file::properties::WriterProperties
         .set_compression(parquet::basic::Compression::SNAPPY)
         .set_max_row_group_row_count(Some(32 * 1024))
         // As in bronze: high-cardinality columns fall back to plain encoding early.
-        .set_dictionary_page_size_limit(64 * 1024)
+        .set_dictionary_page_size_limit(8 * 1024)
         .build()
 }
 
